@@ -1,0 +1,74 @@
+"""Elementwise and normalisation ops of the decoder layer: one entry point each.
+
+Each function here is the plain-torch reference and the dispatch point: on CUDA a Triton kernel
+(registered beside it in this package) takes over; on the CPU the reference runs. The engine calls
+only these names, so a kernel plugs in without touching the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as Hugging Face Llama does, cast back to the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` then RMSNorm; returns (normed, new residual)."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation on a fused ``[gate | up]`` projection: ``silu(gate) * up``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, Llama's half-split layout; x (N, H, D), cos/sin (N, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :].float(), sin[:, None, :].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul_ref(gate_up)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by their positions' cos/sin, store k and v in the paged cache.
+
+    Returns the rotated (q, k). One entry point so a fused kernel can do it in one pass.
+    """
+    from splitserve.kernels.attention import write_kv
+
+    q = rotate_ref(q, cos, sin)
+    k = rotate_ref(k, cos, sin)
+    write_kv(kv_cache_layer, k, v, slot_mapping)
+    return q, k
