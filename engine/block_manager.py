@@ -1,0 +1,148 @@
+"""Paged KV-cache block allocation with reference counts and prefix reuse.
+
+Every full block of a sequence gets a chained hash (the hash of the previous block plus this
+block's tokens), so two prompts that share a prefix share its blocks: a hash hit also checks the
+block's tokens, so a hash collision can never hand out the wrong cache. A freed block keeps its
+contents and hash until it is handed out again, which is what makes a later hit possible.
+
+Single-threaded by design: only the engine thread calls it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from splitserve.engine.sequence import Sequence
+
+
+def block_hash(prev_hash: bytes, token_ids: list[int]) -> bytes:
+    """Chained, process-independent hash of one full block (the router computes the same)."""
+    h = hashlib.blake2b(prev_hash, digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids))
+    return h.digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: bytes | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class NoFreeBlocks(RuntimeError):
+    """Raised when an allocation cannot be served; callers check ``can_allocate`` first."""
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in least-recently-freed order; values unused (an ordered set).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._by_hash: dict[bytes, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _take(self, block_id: int) -> Block:
+        block = self.blocks[block_id]
+        del self._free[block_id]
+        block.ref_count = 1
+        return block
+
+    def _take_fresh(self) -> Block:
+        if not self._free:
+            raise NoFreeBlocks("no free KV-cache blocks")
+        block = self._take(next(iter(self._free)))
+        if block.hash is not None and self._by_hash.get(block.hash) == block.block_id:
+            del self._by_hash[block.hash]
+        block.hash, block.token_ids = None, []
+        return block
+
+    def _register(self, block: Block, h: bytes, token_ids: list[int]) -> None:
+        block.hash, block.token_ids = h, list(token_ids)
+        self._by_hash[h] = block.block_id
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of cached blocks matching the prompt's leading full blocks (never the whole prompt:
+        the last prompt token must be computed to produce logits)."""
+        bs, hits, prev = self.block_size, [], b""
+        for i in range((seq.num_prompt_tokens - 1) // bs):
+            tokens = seq.block_tokens(i, bs)
+            prev = block_hash(prev, tokens)
+            block_id = self._by_hash.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> bool:
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
+        reusable_free = sum(1 for b in hits if b in self._free)
+        needed = seq.num_blocks(self.block_size) - len(hits)
+        return needed <= len(self._free) - reusable_free
+
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks when allowed.
+
+        With ``use_prefix_cache=False`` the blocks stay private (no hashes): used for blocks that a
+        KV transfer will fill, which no other sequence may read before the data lands.
+        """
+        if seq.block_table:
+            raise ValueError(f"sequence {seq.request_id} already has blocks")
+        if not self.can_allocate(seq, use_prefix_cache):
+            raise NoFreeBlocks(f"not enough free blocks for {len(seq)} tokens")
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
+        for block_id in hits:
+            if block_id in self._free:
+                self._take(block_id)
+            else:
+                self.blocks[block_id].ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_cached_tokens = len(hits) * self.block_size
+        prev = self.blocks[hits[-1]].hash if hits else b""
+        for i in range(len(hits), seq.num_blocks(self.block_size)):
+            block = self._take_fresh()
+            tokens = seq.block_tokens(i, self.block_size)
+            if use_prefix_cache and len(tokens) == self.block_size:
+                prev = block_hash(prev, tokens)
+                self._register(block, prev, tokens)
+            seq.block_table.append(block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references; blocks that reach zero return to the free list."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Room for the token that the next step will write (a new block when one is full)."""
+        needs_block = len(seq) > len(seq.block_table) * self.block_size
+        return not needs_block or bool(self._free)
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Before a decode step: make sure the last token has a block; hash blocks that filled."""
+        bs = self.block_size
+        if len(seq) > len(seq.block_table) * bs:
+            seq.block_table.append(self._take_fresh().block_id)
+        n_full = (len(seq) - 1) // bs  # blocks completely filled by tokens already computed
+        last = n_full - 1
+        if last >= 0 and self.blocks[seq.block_table[last]].hash is None:
+            prev = self.blocks[seq.block_table[last - 1]].hash if last > 0 else b""
+            if prev is not None:
+                tokens = seq.block_tokens(last, bs)
+                self._register(self.blocks[seq.block_table[last]], block_hash(prev, tokens), tokens)

@@ -1,0 +1,158 @@
+"""The engine: scheduler + model runner + stop rules, one step at a time.
+
+Three roles share it. A *colocated* engine prefills and decodes (the baseline, and the decode
+worker's recompute path). A *prefill* engine stops each sequence after its first token and keeps
+its blocks until the worker has shipped the KV (``release``). A *decode* engine also takes
+sequences whose prompt KV arrived from a prefill worker (``reserve`` then ``activate``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitserve.engine.block_manager import BlockManager, NoFreeBlocks
+from splitserve.engine.runner import ModelRunner, RunnerConfig
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.scheduler import Scheduler, SchedulerConfig
+from splitserve.engine.sequence import Sequence
+from splitserve.engine.stopping import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    runner: RunnerConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    seq: Sequence
+    token_id: int
+    finished: bool
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room in the context for a generated token."""
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The model's fast tokenizer, or None when the folder has no tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config.runner)
+        self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.tokenizer = load_tokenizer(config.runner.model_dir)
+        self.stopper = StopChecker(self.tokenizer, self.eos_token_ids(), self.runner.max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.runner.model_config.eos_token_ids)
+        gen = Path(self.config.runner.model_dir) / "generation_config.json"
+        if gen.is_file():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return tuple(sorted(ids))
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {len(token_ids)} tokens; the context is {self.max_model_len} "
+                "tokens and needs room for at least one generated token"
+            )
+        vocab = self.runner.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (size {vocab}): {bad[:5]}")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence for prefill (then decode, unless it is prefill-only)."""
+        self.check_prompt(seq.prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def reserve(self, seq: Sequence) -> list[int]:
+        """Allocate private blocks for a prompt whose KV a transfer will fill; returns the table."""
+        self.check_prompt(seq.prompt_token_ids)
+        if not self.blocks.can_allocate(seq, use_prefix_cache=False):
+            raise NoFreeBlocks(
+                f"no room for {len(seq)} tokens: {self.blocks.num_free_blocks} free blocks of "
+                f"{self.blocks.block_size}"
+            )
+        self.blocks.allocate(seq, use_prefix_cache=False)
+        return list(seq.block_table)
+
+    def activate(self, seq: Sequence, first_token: int) -> StepOutput:
+        """The prompt KV has landed: append the prefill worker's first token and start decoding."""
+        seq.token_ids.append(first_token)
+        self.scheduler.add_running(seq)
+        return self._after_token(seq, first_token)
+
+    def release(self, seq: Sequence) -> None:
+        self.scheduler.release(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.abort(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        tokens = self.runner.run(seqs, is_prefill)
+        outputs = []
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+            outputs.append(self._after_token(seq, token))
+        return outputs
+
+    def _after_token(self, seq: Sequence, token: int) -> StepOutput:
+        if seq.prefill_only:
+            self.scheduler.finish(seq, "prefilled")
+            return StepOutput(seq, token, True)
+        decision = self.stopper.check(seq)
+        if decision is None:
+            return StepOutput(seq, token, False)
+        seq.stop_string = decision.stop_string
+        self.scheduler.finish(seq, decision.reason)
+        return StepOutput(seq, token, True)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion, batched; returns each one's generated token ids."""
+        seqs = [Sequence(f"gen-{i}", list(p), sampling) for i, p in enumerate(prompts)]
+        for seq in seqs:
+            self.add(seq)
+        while self.has_work():
+            self.step()
+        return [s.output_token_ids for s in seqs]
+
+    def load(self) -> dict:
+        """Live load, as workers report it on ``GET /load``."""
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "queued_prompt_tokens": self.scheduler.queued_prompt_tokens,
+            "free_blocks": self.blocks.num_free_blocks,
+            "total_blocks": self.blocks.num_blocks,
+            "block_size": self.blocks.block_size,
+            "max_model_len": self.max_model_len,
+        }

@@ -1,0 +1,148 @@
+"""The model runner: owns the model, the paged KV cache and every tensor of a step.
+
+It turns a scheduled batch into input tensors (token ids, positions, cache slots, block tables),
+runs the model, and samples one token per sequence. It also sizes the KV cache, and hands out a
+request's per-layer KV for transfer. Nothing else in the engine touches device memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from splitserve.engine.config import ModelConfig, dtype_from_name
+from splitserve.engine.loader import load_model, random_model
+from splitserve.engine.model import AttentionMetadata
+from splitserve.engine.sampling import make_generator, sample
+from splitserve.engine.sequence import Sequence
+from splitserve.kernels.attention import gather_kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: str
+    dtype: str | None = None  # default: the checkpoint's torch_dtype
+    device: str | None = None  # default: cuda if available, else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb / GPU memory
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    random_weights: bool = False  # timing runs on shapes whose weights are not here
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+class ModelRunner:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model_dir)
+        mc = self.model_config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype_from_name(config.dtype or mc.torch_dtype)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.block_size = config.block_size
+        torch.manual_seed(config.seed)
+        if config.random_weights:
+            self.model = random_model(mc, self.dtype, self.device, config.seed)
+        else:
+            self.model = load_model(Path(config.model_dir), self.dtype, self.device, mc)
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        self.kv_cache = torch.zeros(
+            mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB) on %s",
+            self.num_blocks, self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+            self.device,
+        )
+
+    @property
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+
+    def _blocks_that_fit(self) -> int:
+        if self.config.kv_cache_memory_gb is not None:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - self.config.gpu_memory_utilization) * total
+        else:  # CPU: enough for 64 full-length sequences, at most 1 GiB
+            budget = min(2**30, 64 * self.max_model_len * self.bytes_per_block / self.block_size)
+        blocks = int(budget // self.bytes_per_block)
+        if blocks < self.max_model_len // self.block_size + 1:
+            raise RuntimeError(
+                f"KV cache budget of {budget / 2**30:.2f} GiB holds {blocks} blocks, "
+                f"too few for one {self.max_model_len}-token sequence"
+            )
+        return blocks
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids, positions, slots, cu, last = [], [], [], [0], []
+        for seq in seqs:
+            start = seq.num_cached_tokens
+            ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, len(seq)))
+            slots.extend(self._slot(seq, p) for p in range(start, len(seq)))
+            cu.append(cu[-1] + len(seq) - start)
+            last.append(cu[-1] - 1)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            last_token_index=self._tensor(last),
+        )
+        return self._tensor(ids), self._tensor(positions), meta
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        n = len(seqs)
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs]),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+            cu_seqlens_q=self._tensor(list(range(n + 1)), torch.int32),
+            last_token_index=self._tensor(list(range(n))),
+        )
+        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """Compute one step for ``seqs`` and return the next token of each."""
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, meta = prepare(seqs)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        logits = self.model.logits(hidden[meta.last_token_index])
+        for seq in seqs:
+            if seq.generator is None and seq.sampling.seed is not None:
+                seq.generator = make_generator(seq.sampling, self.device)
+        return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+
+    def layer_kv(self, block_table: list[int], num_tokens: int, layer: int) -> torch.Tensor:
+        """One layer of a request's cached KV, token-major ``(2, num_tokens, kv_heads, head_dim)``:
+        the layout on the transfer wire, independent of either side's block size."""
+        k, v = gather_kv(self.kv_cache[layer], self._tensor(block_table, torch.int32), num_tokens)
+        return torch.stack((k, v))

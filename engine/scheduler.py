@@ -1,0 +1,124 @@
+"""Continuous-batching scheduler: decides which sequences run in the next step; never touches
+tensors.
+
+Each step is either a prefill batch (waiting prompts, up to a token budget) or a decode batch
+(every running sequence advances one token). Prefill goes first so new requests start quickly;
+when the cache runs out during decode, the most recently started sequence is preempted back to
+the queue and recomputed later, so running requests always make progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV is already in its blocks (received from a prefill worker)."""
+        if not seq.block_table:
+            raise ValueError("add_running needs a sequence with allocated blocks")
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        return sum(len(s) for s in self.waiting)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """The next batch and whether it is a prefill batch; empty when nothing can run."""
+        batch = self._schedule_prefill()
+        if batch:
+            return batch, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # An over-budget prompt still runs alone, so no prompt can starve.
+            if batch and tokens + len(seq) > self.config.max_num_batched_tokens:
+                break
+            if not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            tokens += len(seq) - seq.num_cached_tokens
+            seq.status = SeqStatus.RUNNING
+            batch.append(self.waiting.popleft())
+        self.running.extend(batch)
+        return batch
+
+    def _schedule_decode(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        while self.running and len(batch) < self.config.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.blocks.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.blocks.append_slot(seq)
+                batch.append(seq)
+        self.running.extendleft(reversed(batch))
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Leave the batch; blocks are freed unless the sequence is prefill-only (the worker frees
+        them once its KV has been handed over)."""
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.prefill_only and reason != "abort":
+            seq.status = SeqStatus.PREFILLED
+            return
+        self.blocks.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def release(self, seq: Sequence) -> None:
+        """Free a PREFILLED sequence's blocks after its transfer succeeded or failed."""
+        self.blocks.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        elif seq.status in (SeqStatus.RUNNING, SeqStatus.PREFILLED):
+            if seq in self.running:
+                self.running.remove(seq)
+            self.blocks.free(seq)
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
