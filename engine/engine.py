@@ -120,7 +120,7 @@ class LLMEngine:
             return []
         tokens = self.runner.run(seqs, is_prefill)
         outputs = []
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(seqs, tokens, strict=True):
             seq.token_ids.append(token)
             outputs.append(self._after_token(seq, token))
         return outputs
