@@ -9,6 +9,8 @@ sequences whose prompt KV arrived from a prefill worker (``reserve`` then ``acti
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,17 @@ class StepOutput:
     finished: bool
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did and how long it took: feeds metrics and the latency profile."""
+
+    is_prefill: bool
+    num_seqs: int
+    num_tokens: int  # tokens computed (prefill: uncached prompt tokens; decode: one per sequence)
+    context_tokens: int  # tokens attended over, summed over the batch
+    seconds: float
+
+
 class PromptTooLong(ValueError):
     """The prompt leaves no room in the context for a generated token."""
 
@@ -55,6 +68,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.tokenizer = load_tokenizer(config.runner.model_dir)
         self.stopper = StopChecker(self.tokenizer, self.eos_token_ids(), self.runner.max_model_len)
+        self.step_observers: list[Callable[[StepStats], None]] = []
 
     @property
     def max_model_len(self) -> int:
@@ -118,7 +132,12 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
+        started = time.perf_counter()
+        computed = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
         tokens = self.runner.run(seqs, is_prefill)
+        stats = StepStats(is_prefill, len(seqs), computed, sum(len(s) for s in seqs), time.perf_counter() - started)
+        for observe in self.step_observers:
+            observe(stats)
         outputs = []
         for seq, token in zip(seqs, tokens, strict=True):
             seq.token_ids.append(token)

@@ -114,11 +114,12 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (queued, running, prefilled, or holding blocks reserved
+        for a transfer) and free whatever it holds."""
         if seq in self.waiting:
             self.waiting.remove(seq)
-            seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
-        elif seq.status in (SeqStatus.RUNNING, SeqStatus.PREFILLED):
-            if seq in self.running:
-                self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.block_table:
             self.blocks.free(seq)
-            seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"

@@ -1,0 +1,89 @@
+"""``splitserve up``: serve a model locally with a router, prefill and decode workers."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="serve a model on this machine: router + prefill + decode workers (no cluster needed)",
+        description=(
+            "Start a router (OpenAI-compatible API), --prefill prefill workers and --decode decode "
+            "workers as separate processes, wait until all are ready, print the endpoint, and stop "
+            "them all on Ctrl-C. Without --model, a small random-weight demo model is made first "
+            "(its output is random text)."
+        ),
+    )
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: make/use the demo model)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
+    p.add_argument("--policy", default="round_robin", help="routing policy (default round_robin)")
+    p.add_argument("--devices", default="", help="comma-separated devices assigned round robin, prefill first (e.g. cuda:0,cuda:1)")
+    p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
+    p.add_argument("--router-args", default="", help="extra arguments for the router")
+    p.add_argument("--log-dir", default=None, help="write each process's log here (default: this terminal)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import time
+    from pathlib import Path
+
+    from splitserve.launcher.up import DEMO_MODEL_DIR, Deployment, UpConfig
+
+    log = logging.getLogger("splitserve.up")
+    model = args.model
+    if model is None:
+        model = str(DEMO_MODEL_DIR)
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            from splitserve.engine.demo_model import init_demo_model
+
+            init_demo_model(DEMO_MODEL_DIR)
+        log.warning("no --model given: serving the demo model at %s; its weights are random, so "
+                    "it answers with random text", model)
+    cfg = UpConfig(
+        model=model,
+        served_model_name=args.served_model_name or Path(model).name,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        devices=tuple(d for d in args.devices.split(",") if d),
+        worker_args=tuple(shlex.split(args.worker_args)),
+        router_args=tuple(shlex.split(args.router_args)),
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )
+    deployment = Deployment(cfg)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM as on Ctrl-C
+    try:
+        deployment.start()
+        print(f"splitserve is up: {deployment.base_url} (model {cfg.served_model_name!r}, "
+              f"{cfg.num_prefill} prefill + {cfg.num_decode} decode workers)", flush=True)
+        print(f"try: curl {deployment.base_url}/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{cfg.served_model_name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+              flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        while True:
+            dead = deployment.group.dead()
+            if dead:
+                log.error("%s exited (code %s); stopping everything", dead[0].name, dead[0].process.returncode)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping...", flush=True)
+        return 0
+    finally:
+        deployment.stop()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,103 @@
+"""Start, watch and stop the processes of a local deployment.
+
+Each component is a real process running a ``splitserve`` subcommand; readiness is its HTTP
+``/health`` answering. If any process dies while starting or serving, the group says which and
+stops the rest, rather than leaving a half-working system behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Component:
+    name: str
+    args: list[str]
+    health_url: str
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "splitserve.cli", *self.args]
+
+
+class ProcessGroup:
+    def __init__(self, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.components: list[Component] = []
+        self.log_dir = log_dir
+        self.env = {**os.environ, **(env or {})}
+
+    def start(self, component: Component) -> Component:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            component.log_path = self.log_dir / f"{component.name}.log"
+            out = component.log_path.open("ab")
+        component.process = subprocess.Popen(
+            component.command, stdout=out, stderr=subprocess.STDOUT if out else None, env=self.env
+        )
+        if out is not None:
+            out.close()
+        self.components.append(component)
+        log.info("started %s (pid %d): %s", component.name, component.process.pid, " ".join(component.args))
+        return component
+
+    def _tail(self, component: Component, lines: int = 20) -> str:
+        if component.log_path is None or not component.log_path.exists():
+            return ""
+        return "\n".join(component.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, components: list[Component], timeout: float = 300.0) -> None:
+        """Block until every component's /health answers 200; raise if one exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        pending = list(components)
+        with httpx.Client(timeout=2.0) as client:
+            while pending:
+                for c in list(pending):
+                    if c.process.poll() is not None:
+                        raise RuntimeError(
+                            f"{c.name} exited with code {c.process.returncode} while starting\n{self._tail(c)}"
+                        )
+                    try:
+                        if client.get(c.health_url).status_code == 200:
+                            pending.remove(c)
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(c.name for c in pending)
+                    raise TimeoutError(f"not ready after {timeout:.0f}s: {names}")
+                if pending:
+                    time.sleep(0.2)
+
+    def dead(self) -> list[Component]:
+        return [c for c in self.components if c.process and c.process.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM everyone (router first, so no new work arrives), then SIGKILL stragglers."""
+        for c in reversed(self.components):
+            if c.process and c.process.poll() is None:
+                c.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for c in self.components:
+            if c.process is None:
+                continue
+            try:
+                c.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs; killing it", c.name, timeout)
+                c.process.kill()
+                c.process.wait()
+        self.components.clear()

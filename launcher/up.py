@@ -1,0 +1,107 @@
+"""``splitserve up``: a router, prefill workers and decode workers on this machine.
+
+The plan (which processes, with which arguments and ports) is a pure function so tests can read
+it without starting anything; ``run`` starts it, waits for readiness and tears it down.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitserve.launcher.processes import Component, ProcessGroup
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path.home() / ".cache" / "splitserve" / "demo-model"
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    model: str
+    served_model_name: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "round_robin"
+    devices: tuple[str, ...] = ()  # assigned round robin: prefill workers first, then decode
+    worker_args: tuple[str, ...] = ()  # passed to every worker (e.g. --dtype, --num-kv-blocks)
+    router_args: tuple[str, ...] = ()
+    log_dir: Path | None = None
+    worker_ports: tuple[int, ...] = field(default=())  # default: free ports
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("need at least one prefill and one decode worker")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def plan(cfg: UpConfig) -> list[Component]:
+    """Every process of the deployment, router last (it needs the workers' URLs)."""
+    n = cfg.num_prefill + cfg.num_decode
+    ports = list(cfg.worker_ports) or [free_port() for _ in range(n)]
+    if len(ports) != n:
+        raise ValueError(f"need {n} worker ports, got {len(ports)}")
+    components, urls = [], {"prefill": [], "decode": []}
+    for i in range(n):
+        role = "prefill" if i < cfg.num_prefill else "decode"
+        index = i if role == "prefill" else i - cfg.num_prefill
+        url = f"http://127.0.0.1:{ports[i]}"
+        args = [role, "--model", cfg.model, "--host", "127.0.0.1", "--port", str(ports[i]), *cfg.worker_args]
+        if cfg.devices:
+            args += ["--device", cfg.devices[i % len(cfg.devices)]]
+        components.append(Component(f"{role}-{index}", args, f"{url}/health"))
+        urls[role].append(url)
+    router = ["router", "--model", cfg.model, "--served-model-name", cfg.served_model_name,
+              "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
+    for role in ("prefill", "decode"):
+        for url in urls[role]:
+            router += [f"--{role}", url]
+    health_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    components.append(Component("router", [*router, *cfg.router_args], f"http://{health_host}:{cfg.port}/health"))
+    return components
+
+
+class Deployment:
+    """A started deployment; a context manager that always stops what it started."""
+
+    def __init__(self, cfg: UpConfig) -> None:
+        self.cfg = cfg
+        self.group = ProcessGroup(cfg.log_dir)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
+        return f"http://{host}:{self.cfg.port}/v1"
+
+    def start(self, timeout: float = 300.0) -> Deployment:
+        components = plan(self.cfg)
+        try:
+            workers = [self.group.start(c) for c in components[:-1]]
+            self.group.wait_ready(workers, timeout)
+            router = self.group.start(components[-1])
+            self.group.wait_ready([router], timeout)
+        except BaseException:
+            self.group.stop()
+            raise
+        return self
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.group.components if c.name == name)
+
+    def stop(self) -> None:
+        self.group.stop()
+
+    def __enter__(self) -> Deployment:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
