@@ -3,14 +3,16 @@
 Both phases read keys and values from the paged cache (``kv_cache_layer`` has shape
 ``(2, num_blocks, block_size, num_kv_heads, head_dim)``), addressed by per-sequence block tables,
 so prefill with a cached prefix and decode share one layout. Each function dispatches to a Triton
-kernel when one is registered for the device, and otherwise to the plain-torch reference here,
-which is also what the kernels are tested against.
+kernel (``triton_*_attention.py`` beside this file) by the rule in ``_launch.py``: on CUDA when
+Triton imports, forced either way by ``SPLITSERVE_KERNELS=torch|triton``; otherwise the
+plain-torch reference here runs, which is also what the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from splitserve.kernels._launch import use_triton
 
 
 def write_kv(
@@ -99,6 +101,12 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """Dispatch: the Triton kernel on CUDA when available, else the torch reference."""
+    if use_triton(q):
+        from splitserve.kernels.triton_prefill_attention import prefill_attention_triton
+
+        return prefill_attention_triton(
+            q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, scale
+        )
     return prefill_attention_ref(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, scale)
 
 
@@ -110,4 +118,8 @@ def decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Dispatch: the Triton kernel on CUDA when available, else the torch reference."""
+    if use_triton(q):
+        from splitserve.kernels.triton_decode_attention import decode_attention_triton
+
+        return decode_attention_triton(q, kv_cache_layer, block_tables, context_lens, scale)
     return decode_attention_ref(q, kv_cache_layer, block_tables, context_lens, scale)

@@ -1,14 +1,16 @@
 """Elementwise and normalisation ops of the decoder layer: one entry point each.
 
 Each function here is the plain-torch reference and the dispatch point: on CUDA a Triton kernel
-(registered beside it in this package) takes over; on the CPU the reference runs. The engine calls
-only these names, so a kernel plugs in without touching the model.
+(``triton_norm.py``, ``triton_swiglu.py``, ``triton_rope_kv.py`` beside this file) takes over; on
+the CPU the reference runs; ``SPLITSERVE_KERNELS=torch|triton`` forces either (rule in
+``_launch.py``). The engine calls only these names, so a kernel plugs in without touching the model.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from splitserve.kernels._launch import use_triton
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,16 +42,28 @@ def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from splitserve.kernels.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        from splitserve.kernels.triton_norm import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate_up):
+        from splitserve.kernels.triton_swiglu import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate_up)
     return silu_and_mul_ref(gate_up)
 
 
@@ -66,6 +80,10 @@ def rope_and_write_kv(
 
     Returns the rotated (q, k). One entry point so a fused kernel can do it in one pass.
     """
+    if use_triton(q):
+        from splitserve.kernels.triton_rope_kv import rope_and_write_kv_triton
+
+        return rope_and_write_kv_triton(q, k, v, cos, sin, kv_cache_layer, slot_mapping)
     from splitserve.kernels.attention import write_kv
 
     q = rotate_ref(q, cos, sin)
