@@ -1,0 +1,140 @@
+"""Measure this hardware's latency model: prefill time vs batched prompt tokens, decode step
+time vs batch size and context, KV transfer time vs tokens.
+
+The router's goodput policy and the planner predict TTFT and TPOT from these points (the JSON
+format is ``splitserve.router.policy.latency``'s). Each point is the median of a few timed steps
+of the real engine, on random prompts that share no prefix.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import statistics
+from collections.abc import Callable, Iterator
+
+import torch
+from splitserve.engine.engine import EngineConfig, LLMEngine, StepStats
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.sequence import Sequence
+
+REPEATS = 3
+
+
+def _powers(start: int, stop: int) -> list[int]:
+    out, n = [], start
+    while n <= stop:
+        out.append(n)
+        n *= 2
+    return out
+
+
+class Profiler:
+    def __init__(self, engine: LLMEngine, seed: int = 0) -> None:
+        self.engine = engine
+        self.rng = random.Random(seed)
+        self._last: StepStats | None = None
+        engine.step_observers.append(self._record)
+
+    def _record(self, stats: StepStats) -> None:
+        self._last = stats
+
+    def _prompt(self, n: int) -> list[int]:
+        vocab = self.engine.runner.model_config.vocab_size
+        return [self.rng.randrange(vocab) for _ in range(n)]
+
+    def _timed_step(self) -> float:
+        self.engine.step()
+        return self._last.seconds * 1e3
+
+    def _drain(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.engine.abort(seq)
+
+    def prefill_points(self, sizes: list[int]) -> Iterator[list[float]]:
+        params = SamplingParams(max_tokens=1, temperature=0)
+        for n in sizes:
+            times = []
+            for _ in range(REPEATS):
+                seq = Sequence("profile", self._prompt(n), params, prefill_only=True)
+                self.engine.add(seq)
+                times.append(self._timed_step())
+                self.engine.release(seq)
+            yield [n, statistics.median(times)]
+
+    def decode_points(self, batches: list[int], contexts: list[int]) -> Iterator[list[float]]:
+        params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+        for batch in batches:
+            for ctx in contexts:
+                seqs = [Sequence("profile", self._prompt(ctx), params) for _ in range(batch)]
+                needed = batch * (ctx // self.engine.blocks.block_size + 2)
+                if needed > self.engine.blocks.num_free_blocks:
+                    continue
+                for seq in seqs:
+                    self.engine.add(seq)
+                while self.engine.scheduler.waiting:
+                    self.engine.step()
+                times = [self._timed_step() for _ in range(REPEATS + 1)][1:]
+                self._drain(seqs)
+                yield [batch, batch * ctx, statistics.median(times)]
+
+
+def transfer_points(engine: LLMEngine, sizes: list[int], backend: str = "tcp") -> Iterator[list[float]]:
+    """Loopback KV transfer of ``n`` prompt tokens through the real connector."""
+    import time
+    import uuid
+
+    from splitserve.engine.worker import kv_spec
+    from splitserve.kvtransfer import create_receiver, create_sender
+
+    spec = kv_spec(engine, backend, "profile")
+    runner = engine.runner
+    receiver = create_receiver(backend, spec, runner.kv_cache, host="127.0.0.1", port=0)
+    sender = create_sender(backend, spec)
+    try:
+        for n in sizes:
+            blocks = list(range(-(-n // runner.block_size)))
+            times = []
+            for _ in range(REPEATS):
+                rid = uuid.uuid4().hex
+                fut = receiver.expect(rid, n, blocks, timeout=60)
+                layers = (runner.layer_kv(blocks, n, i) for i in range(runner.model_config.num_layers))
+                started = time.perf_counter()
+                sender.send(rid, receiver.endpoint, layers, 0, {})
+                fut.result(timeout=60)
+                times.append((time.perf_counter() - started) * 1e3)
+            yield [n, statistics.median(times)]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def profile(config: EngineConfig, progress: Callable[[str], None] = lambda _: None, with_transfer: bool = True) -> dict:
+    """Run every measurement and return the latency-model JSON document."""
+    engine = LLMEngine(config)
+    prof = Profiler(engine)
+    top = min(engine.max_model_len - 1, config.scheduler.max_num_batched_tokens)
+    sizes = _powers(16, top)
+    batches = _powers(1, min(64, config.scheduler.max_num_seqs))
+    contexts = [c for c in (64, 256, 1024, 4096) if c < engine.max_model_len]
+    doc: dict = {"prefill": {"points": []}, "decode": {"points": []}}
+    for point in prof.prefill_points(sizes):
+        doc["prefill"]["points"].append(point)
+        progress(f"prefill {point[0]:>6} tokens: {point[1]:8.2f} ms")
+    for point in prof.decode_points(batches, contexts):
+        doc["decode"]["points"].append(point)
+        progress(f"decode batch {point[0]:>3}, context {point[1]:>7}: {point[2]:8.2f} ms")
+    if with_transfer:
+        doc["transfer"] = {"points": []}
+        for point in transfer_points(engine, sizes):
+            doc["transfer"]["points"].append(point)
+            progress(f"transfer {point[0]:>6} tokens: {point[1]:8.2f} ms")
+    runner = engine.runner
+    doc["meta"] = {
+        "model": config.runner.model_dir,
+        "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "block_size": runner.block_size,
+        "torch": torch.__version__,
+    }
+    return doc
