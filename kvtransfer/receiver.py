@@ -1,0 +1,413 @@
+"""The decode-side engine shared by the socket backends (TCP, shared memory).
+
+One listening socket, served by a background thread; each arriving sender gets its own handler
+thread and connection (one connection per transfer). A backend only says where a layer's bytes
+come from (:class:`LayerSource`): inline on the socket (TCP) or from shared memory (shm).
+
+Life cycle of one connection: read HELLO -> check the spec -> wait (bounded) for expect() of that
+request -> ACCEPT -> per layer: read, scatter into the blocks -> END -> resolve the future -> DONE.
+
+Fast, certain failure: a dropped connection ends the handler's ``recv`` at once; cancel, timeout
+and close shut the connection's read side, which wakes the handler the same way. The handler is
+the only one that resolves a transfer that is streaming, after its last write into the blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from . import metrics
+from .base import FailureReason, KVReceiver, KVSpec, TransferError, TransferResult, TransferState
+from .layout import check_cache, scatter_layer, token_slots
+from .wire import (
+    Frame,
+    FrameType,
+    error_meta,
+    expect_frame,
+    send_frame,
+    tune_socket,
+)
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_PERIOD_S = 0.05
+MAX_TOMBSTONES = 10_000
+
+
+class LayerSource(ABC):
+    """Where one connection's layer bytes come from (backend-specific)."""
+
+    @abstractmethod
+    def read(self, sock: socket.socket, frame: Frame, nbytes: int) -> torch.Tensor:
+        """The ``nbytes`` of the layer announced by ``frame``, as a uint8 tensor."""
+
+    def release(self, sock: socket.socket, frame: Frame) -> None:
+        """Called after the layer was scattered (shm: hand the slot back)."""
+        return None
+
+    def close(self) -> None:
+        """Drop buffers / mappings."""
+        return None
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    request_id: str
+    num_tokens: int
+    slots: torch.Tensor
+    future: concurrent.futures.Future
+    deadline: float
+    state: TransferState = TransferState.PENDING
+    conn: socket.socket | None = None
+    abort: TransferError | None = None
+
+
+class SocketReceiver(KVReceiver):
+    """Receiver over one TCP listening socket; subclasses provide :meth:`open_source`."""
+
+    backend: ClassVar[str]
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        kv_cache: torch.Tensor,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        registration_wait: float = 10.0,
+        io_timeout: float = 30.0,
+        backlog: int = 256,
+    ) -> None:
+        if spec.backend != self.backend:
+            raise ValueError(f"spec.backend is {spec.backend!r}, this receiver is {self.backend!r}")
+        check_cache(spec, kv_cache)
+        if registration_wait < 0 or io_timeout <= 0:
+            raise ValueError("registration_wait must be >= 0 and io_timeout > 0")
+        self.spec = spec
+        self.kv_cache = kv_cache
+        self.registration_wait = registration_wait
+        self.io_timeout = io_timeout
+        self._num_blocks = kv_cache.shape[2]
+        self._cond = threading.Condition()
+        self._entries: dict[str, _Entry] = {}
+        self._tombstones: collections.OrderedDict[str, tuple[float, TransferError]] = (
+            collections.OrderedDict()
+        )
+        self._conns: set[socket.socket] = set()
+        self._handlers: set[threading.Thread] = set()
+        self._closed = False
+        self._listener = socket.create_server((host, port), backlog=backlog)
+        self._listener.settimeout(WATCHDOG_PERIOD_S)
+        bound_port = self._listener.getsockname()[1]
+        self._endpoint = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+        self._thread = threading.Thread(
+            target=self._serve, name=f"kv-{self.backend}-recv-{bound_port}", daemon=True
+        )
+        self._thread.start()
+
+    # ----------------------------------------------------------------- backend hook
+    @abstractmethod
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        """The layer source for one connection, from the sender's HELLO (raise TransferError)."""
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def expect(
+        self,
+        request_id: str,
+        num_tokens: int,
+        block_table: Sequence[int],
+        timeout: float = 30.0,
+    ) -> concurrent.futures.Future[TransferResult]:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        slots = token_slots(block_table, num_tokens, self.spec.block_size, self._num_blocks)
+        slots = slots.to(self.kv_cache.device)
+        future: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # only the receiver resolves it
+        with self._cond:
+            if request_id in self._entries:
+                raise ValueError(f"request {request_id!r} is already expected")
+            tomb = self._tombstones.pop(request_id, None)
+            if self._closed or tomb is not None:
+                err = TransferError(FailureReason.CLOSED, "receiver is closed")
+                self._fail_future(future, (tomb[1] if tomb else err).with_request(request_id))
+                return future
+            self._entries[request_id] = _Entry(
+                request_id, num_tokens, slots, future, time.monotonic() + timeout
+            )
+            self._cond.notify_all()
+        return future
+
+    def cancel(self, request_id: str) -> bool:
+        return self.reject(request_id, FailureReason.CANCELLED, "cancelled by the receiver")
+
+    def reject(self, request_id: str, reason: FailureReason | str, message: str = "") -> bool:
+        err = TransferError(reason, message, request_id=request_id)
+        with self._cond:
+            entry = self._entries.get(request_id)
+            if entry is None:
+                self._add_tombstone(request_id, err)
+                self._cond.notify_all()
+                return False
+            self._abort_locked(entry, err)
+            return True
+
+    def close(self) -> None:
+        err = TransferError(FailureReason.CLOSED, "receiver closed")
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for entry in list(self._entries.values()):
+                self._abort_locked(entry, err.with_request(entry.request_id))
+            for conn in self._conns:  # senders still in the handshake
+                _shutdown(conn, socket.SHUT_RD)
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+        self._listener.close()
+        deadline = time.monotonic() + 5.0
+        for thread in list(self._handlers):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "pending": len(self._entries),
+                "connections": len(self._conns),
+                "handlers": len(self._handlers),
+                "tombstones": len(self._tombstones),
+            }
+
+    # ----------------------------------------------------------------- bookkeeping
+    def _add_tombstone(self, request_id: str, err: TransferError) -> None:
+        """Remember a refusal so a sender (or expect) arriving later fails at once."""
+        self._tombstones[request_id] = (time.monotonic() + 2 * self.registration_wait + 1, err)
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    def _abort_locked(self, entry: _Entry, err: TransferError) -> None:
+        """Fail ``entry``: at once if no sender streams into it, else via its handler."""
+        if entry.state == TransferState.PENDING:
+            del self._entries[entry.request_id]
+            self._add_tombstone(entry.request_id, err)
+            self._fail_future(entry.future, err)
+            self._cond.notify_all()
+        elif entry.abort is None:
+            entry.abort = err
+            if entry.conn is not None:
+                _shutdown(entry.conn, socket.SHUT_RD)  # wakes the handler's recv
+
+    def _fail_future(self, future: concurrent.futures.Future, err: TransferError) -> None:
+        if not future.done():
+            metrics.record_failure("receive", self.backend, err.reason)
+            future.set_exception(err)
+
+    # ----------------------------------------------------------------- threads
+    def _serve(self) -> None:
+        """Accept loop; between accepts it also expires timed-out entries and tombstones."""
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                conn = None
+            except OSError as exc:
+                if self._closed:
+                    break
+                log.warning("kv receiver accept failed: %s", exc)
+                time.sleep(WATCHDOG_PERIOD_S)
+                conn = None
+            if conn is not None:
+                self._start_handler(conn)
+            self._expire()
+
+    def _start_handler(self, conn: socket.socket) -> None:
+        with self._cond:
+            if self._closed:
+                conn.close()
+                return
+            self._conns.add(conn)
+            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._handlers.add(thread)
+        thread.start()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for entry in list(self._entries.values()):
+                if entry.deadline <= now:
+                    self._abort_locked(
+                        entry,
+                        TransferError(
+                            FailureReason.TIMEOUT,
+                            f"transfer not complete within its timeout ({entry.state.value})",
+                            request_id=entry.request_id,
+                        ),
+                    )
+            while self._tombstones:
+                rid, (expiry, _) = next(iter(self._tombstones.items()))
+                if expiry > now:
+                    break
+                del self._tombstones[rid]
+
+    def _handle(self, conn: socket.socket) -> None:
+        entry: _Entry | None = None
+        request_id = "?"
+        try:
+            tune_socket(conn, self.io_timeout)
+            hello = expect_frame(conn, FrameType.HELLO).meta
+            request_id = str(hello.get("request_id", "?"))
+            entry = self._handshake(conn, hello)
+            self._receive(conn, entry, hello)
+        except TransferError as err:
+            self._finish_failed(conn, entry, err.with_request(request_id))
+        except TimeoutError:
+            err = TransferError(FailureReason.TIMEOUT, "sender stalled", request_id=request_id)
+            self._finish_failed(conn, entry, err)
+        except OSError as exc:  # PeerClosed, reset, shut down by cancel/close
+            err = TransferError(
+                FailureReason.CONNECTION_LOST, f"sender connection lost: {exc}",
+                request_id=request_id,
+            )
+            self._finish_failed(conn, entry, err)
+        finally:
+            with self._cond:
+                if entry is not None:
+                    entry.conn = None
+                    if self._entries.get(entry.request_id) is entry:
+                        del self._entries[entry.request_id]
+                self._conns.discard(conn)
+                self._handlers.discard(threading.current_thread())
+            conn.close()
+
+    def _handshake(self, conn: socket.socket, hello: dict[str, Any]) -> _Entry:
+        request_id = hello.get("request_id")
+        num_tokens = hello.get("num_tokens")
+        if not isinstance(request_id, str) or not isinstance(num_tokens, int):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO needs request_id, num_tokens")
+        try:
+            theirs = KVSpec.from_dict(hello.get("spec") or {})
+        except (TypeError, ValueError) as exc:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad spec in HELLO: {exc}") from exc
+        try:
+            self.spec.check_compatible(theirs)
+        except TransferError as err:
+            self.reject(request_id, err.reason, err.message)  # fail it now or when expected
+            raise
+        return self._claim(request_id, num_tokens, conn)
+
+    def _claim(self, request_id: str, num_tokens: int, conn: socket.socket) -> _Entry:
+        """Wait (bounded) for expect(request_id), then mark the entry as streaming."""
+        deadline = time.monotonic() + self.registration_wait
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise TransferError(FailureReason.CLOSED, "receiver closed")
+                tomb = self._tombstones.pop(request_id, None)
+                if tomb is not None:
+                    raise tomb[1]
+                entry = self._entries.get(request_id)
+                if entry is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransferError(
+                        FailureReason.UNKNOWN_REQUEST,
+                        f"no expect() for this request within {self.registration_wait:g}s",
+                    )
+                self._cond.wait(remaining)
+            if entry.state != TransferState.PENDING:
+                raise TransferError(FailureReason.PROTOCOL_ERROR, "another sender is streaming it")
+            if entry.num_tokens != num_tokens:
+                err = TransferError(
+                    FailureReason.HANDSHAKE_MISMATCH,
+                    f"num_tokens: receiver expects {entry.num_tokens}, sender has {num_tokens}",
+                    field="num_tokens", request_id=request_id,
+                )
+                self._abort_locked(entry, err)
+                raise err
+            entry.state = TransferState.TRANSFERRING
+            entry.conn = conn
+            return entry
+
+    def _receive(self, conn: socket.socket, entry: _Entry, hello: dict[str, Any]) -> None:
+        start = time.monotonic()
+        nbytes = self.spec.layer_nbytes(entry.num_tokens)
+        shape = self.spec.layer_shape(entry.num_tokens)
+        dtype = getattr(torch, self.spec.dtype)
+        source = self.open_source(hello, nbytes)
+        try:
+            send_frame(conn, FrameType.ACCEPT)
+            for layer in range(self.spec.num_layers):
+                frame = expect_frame(conn, FrameType.LAYER)
+                if frame.meta.get("layer") != layer:
+                    raise TransferError(
+                        FailureReason.PROTOCOL_ERROR,
+                        f"expected layer {layer}, got {frame.meta.get('layer')}",
+                    )
+                data = source.read(conn, frame, nbytes)
+                if entry.abort is not None:
+                    raise entry.abort
+                scatter_layer(self.kv_cache, layer, entry.slots, data.view(dtype).view(shape))
+                del data
+                source.release(conn, frame)
+                metrics.record_bytes("receive", self.backend, nbytes)
+            end = expect_frame(conn, FrameType.END).meta
+        finally:
+            source.close()
+        if self.kv_cache.is_cuda:
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        first_token = end.get("first_token")
+        seconds = time.monotonic() - start
+        total = nbytes * self.spec.num_layers
+        result = TransferResult(
+            TransferState.DONE, entry.request_id, first_token, entry.num_tokens, total, seconds,
+            meta=dict(hello.get("meta") or {}),
+        )
+        with self._cond:  # resolve under the lock so a racing timeout cannot fail it
+            abort = entry.abort
+            if abort is None:
+                entry.state = TransferState.DONE
+                metrics.record_success("receive", self.backend, seconds)
+                entry.future.set_result(result)
+        if abort is not None:
+            raise abort
+        send_frame(conn, FrameType.DONE, {"bytes": total})
+
+    def _finish_failed(
+        self, conn: socket.socket, entry: _Entry | None, err: TransferError
+    ) -> None:
+        """Fail the entry (if this connection had claimed one) and tell the sender why."""
+        if entry is not None:
+            if entry.abort is not None:
+                err = entry.abort  # cancel / timeout / close caused the socket error
+            with self._cond:
+                self._fail_future(entry.future, err)
+        try:
+            send_frame(conn, FrameType.ERROR, error_meta(err))
+        except OSError as exc:  # the sender is gone; nobody left to tell
+            log.debug("could not send ERROR to sender of %s: %s", err.request_id, exc)
+
+
+def _shutdown(conn: socket.socket, how: int) -> None:
+    try:
+        conn.shutdown(how)
+    except OSError as exc:  # already closed by its handler: nothing left to wake
+        log.debug("shutdown of kv connection failed: %s", exc)
+

@@ -1,0 +1,160 @@
+"""Wire format shared by every socket-based backend.
+
+Every frame is a fixed header, a JSON metadata object and an optional raw payload::
+
+    !4s B B H I Q  = magic b"SSKV", version, frame type, reserved, meta length, payload length
+
+Conversation (sender -> receiver unless marked <-)::
+
+    HELLO {request_id, spec, num_tokens, meta, ...backend fields}
+    <- ACCEPT {}            or  <- ERROR {reason, message, field}
+    LAYER {layer: i} + payload (T*2*H*D elements, token-major), i = 0 .. num_layers-1
+    (shm: LAYER {layer, slot} without payload, <- CREDIT {slot} when the slot may be reused)
+    END {first_token}
+    <- DONE {bytes}
+    Either side may send ERROR at any point and close.
+
+Tensors never go through Python objects element by element: the sender hands the socket a
+memoryview of the tensor's bytes, the receiver ``recv_into``\\s a preallocated buffer and views
+it as the dtype (works for bfloat16, which numpy cannot represent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import socket
+import struct
+from typing import Any
+
+import torch
+
+from .base import FailureReason, TransferError
+
+MAGIC = b"SSKV"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHIQ")
+MAX_META_BYTES = 1 << 20
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    ACCEPT = 2
+    LAYER = 3
+    END = 4
+    DONE = 5
+    ERROR = 6
+    CREDIT = 7
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (EOF) where more bytes were due."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    meta: dict[str, Any]
+    payload_len: int
+
+
+def send_frame(
+    sock: socket.socket,
+    ftype: FrameType,
+    meta: dict[str, Any] | None = None,
+    payload: memoryview | None = None,
+) -> None:
+    """Write one frame; the payload (if any) goes to the kernel without an extra copy."""
+    body = json.dumps(meta or {}, separators=(",", ":")).encode()
+    plen = 0 if payload is None else payload.nbytes
+    sock.sendall(HEADER.pack(MAGIC, VERSION, int(ftype), 0, len(body), plen) + body)
+    if plen:
+        sock.sendall(payload)
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket or raise PeerClosed."""
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise PeerClosed("peer closed the connection")
+        view = view[n:]
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> Frame:
+    """Read one frame's header and metadata (the caller reads ``payload_len`` bytes after)."""
+    magic, version, ftype, _, meta_len, payload_len = HEADER.unpack(recv_exact(sock, HEADER.size))
+    if magic != MAGIC or version != VERSION:
+        raise TransferError(
+            FailureReason.PROTOCOL_ERROR, f"bad frame header (magic {magic!r}, version {version})"
+        )
+    if meta_len > MAX_META_BYTES:
+        raise TransferError(FailureReason.PROTOCOL_ERROR, f"frame metadata too large: {meta_len}")
+    try:
+        kind = FrameType(ftype)
+        meta = json.loads(recv_exact(sock, meta_len)) if meta_len else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad frame: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "frame metadata must be a JSON object")
+    return Frame(kind, meta, payload_len)
+
+
+def expect_frame(sock: socket.socket, *kinds: FrameType) -> Frame:
+    """Read a frame of one of ``kinds``; an ERROR frame becomes the peer's TransferError."""
+    frame = recv_frame(sock)
+    if frame.type == FrameType.ERROR:
+        raise error_from_meta(frame.meta)
+    if frame.type not in kinds:
+        raise TransferError(
+            FailureReason.PROTOCOL_ERROR,
+            f"expected {'/'.join(k.name for k in kinds)} frame, got {frame.type.name}",
+        )
+    return frame
+
+
+def error_meta(err: TransferError) -> dict[str, Any]:
+    return {"reason": err.reason.value, "message": err.message, "field": err.field}
+
+
+def error_from_meta(meta: dict[str, Any]) -> TransferError:
+    """Rebuild the peer's error; an unknown reason is kept readable as a protocol error."""
+    message = str(meta.get("message", ""))
+    try:
+        reason = FailureReason(meta.get("reason"))
+    except ValueError:
+        reason, message = FailureReason.PROTOCOL_ERROR, f"{meta.get('reason')}: {message}"
+    field = meta.get("field")
+    return TransferError(reason, f"peer: {message}", field=field if isinstance(field, str) else None)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bfloat16 included)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def byte_buffer(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """A preallocated receive buffer and a writable memoryview on it."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf, memoryview(buf.numpy())
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port"); raise ValueError on anything else."""
+    host, sep, port = str(endpoint).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint must be 'host:port', got {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+def tune_socket(sock: socket.socket, timeout: float) -> None:
+    """No Nagle delay on the small control frames; bounded blocking everywhere."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
