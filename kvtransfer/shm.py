@@ -1,0 +1,125 @@
+"""Shared-memory backend (two processes on one host, CPU): bulk bytes skip the socket.
+
+Control frames use the same TCP connection and handshake as the TCP backend. The sender creates
+one file in ``/dev/shm`` per transfer holding a ring of ``SLOTS`` layer-sized slots, names it in
+HELLO; the receiver maps it before ACCEPT, and the sender unlinks it right after ACCEPT (so a
+crash of either process afterwards leaves nothing behind: the memory goes with the last mapping).
+
+Per layer the sender copies the tensor into a free slot and sends LAYER {layer, slot} without a
+payload; the receiver scatters from the slot and answers CREDIT {slot}. The ring bounds memory and
+gives backpressure: with no free slot the sender waits for a credit (with the I/O timeout).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import tempfile
+import uuid
+from typing import Any
+
+import torch
+
+from .base import FailureReason, TransferError
+from .receiver import LayerSource, SocketReceiver
+from .sender import LayerSink, SocketSender
+from .wire import Frame, FrameType, expect_frame, send_frame
+
+SLOTS = 2
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _map(path: str, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor backed by the shared file (MAP_SHARED), released with the tensor."""
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+
+class ShmSource(LayerSource):
+    """Receiver side: reads layers from the sender's slots and hands slots back."""
+
+    def __init__(self, hello: dict[str, Any], nbytes: int) -> None:
+        path, slots = hello.get("shm_path"), hello.get("shm_slots")
+        if not isinstance(path, str) or not isinstance(slots, int) or slots < 1:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks shm_path / shm_slots")
+        if os.path.dirname(os.path.abspath(path)) != SHM_DIR or not os.path.isfile(path):
+            raise TransferError(
+                FailureReason.BACKEND_UNAVAILABLE,
+                f"shared memory {path!r} is not visible here (sender on another host?)",
+            )
+        if os.path.getsize(path) != slots * nbytes:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "shared memory segment has the wrong size")
+        self._slots = slots
+        self._nbytes = nbytes
+        self._mem: torch.Tensor | None = _map(path, slots * nbytes)
+
+    def read(self, sock: socket.socket, frame: Frame, nbytes: int) -> torch.Tensor:
+        slot = frame.meta.get("slot")
+        if frame.payload_len or not isinstance(slot, int) or not 0 <= slot < self._slots:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad shm LAYER frame {frame.meta}")
+        return self._mem[slot * nbytes : (slot + 1) * nbytes]
+
+    def release(self, sock: socket.socket, frame: Frame) -> None:
+        send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
+
+    def close(self) -> None:
+        self._mem = None
+
+
+class ShmSink(LayerSink):
+    """Sender side: owns the segment for one transfer; copies layers into free slots."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._nbytes = nbytes
+        self._path = os.path.join(SHM_DIR, f"splitserve-kv-{os.getpid()}-{uuid.uuid4().hex}")
+        fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, SLOTS * nbytes)
+        finally:
+            os.close(fd)
+        self._mem: torch.Tensor | None = _map(self._path, SLOTS * nbytes)
+        self._free = collections.deque(range(SLOTS))
+
+    def hello_fields(self) -> dict[str, Any]:
+        return {"shm_path": self._path, "shm_slots": SLOTS}
+
+    def accepted(self) -> None:
+        self._unlink()
+
+    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
+        while not self._free:  # ring full: wait for the receiver to hand a slot back
+            self.on_frame(expect_frame(sock, FrameType.CREDIT))
+        slot = self._free.popleft()
+        n = self._nbytes
+        self._mem[slot * n : (slot + 1) * n].copy_(tensor.reshape(-1).view(torch.uint8))
+        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
+
+    def on_frame(self, frame: Frame) -> None:
+        slot = frame.meta.get("slot")
+        if frame.type != FrameType.CREDIT or not isinstance(slot, int) or slot in self._free:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected frame {frame}")
+        self._free.append(slot)
+
+    def close(self) -> None:
+        self._mem = None
+        self._unlink()
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            return  # already unlinked after ACCEPT
+
+
+class ShmReceiver(SocketReceiver):
+    backend = "shm"
+
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        return ShmSource(hello, nbytes)
+
+
+class ShmSender(SocketSender):
+    backend = "shm"
+
+    def open_sink(self, nbytes: int) -> LayerSink:
+        return ShmSink(nbytes)
