@@ -96,6 +96,8 @@ class Workload:
 
     ``prefix_reuse`` is the probability that a request continues an earlier one (its prompt
     starts with that earlier prompt, as a multi-turn conversation does), for prefix caches.
+    ``slo_ms`` is the default (TTFT, TPOT) target, from DistServe's artifact where it has one
+    for this kind of workload (A100, 13B-class model): tighten or loosen it per model/hardware.
     """
 
     name: str
@@ -103,6 +105,7 @@ class Workload:
     source: str
     input: LengthDist
     output: LengthDist
+    slo_ms: tuple[float, float]
     prefix_reuse: float = 0.0
 
 
@@ -116,6 +119,7 @@ WORKLOADS: dict[str, Workload] = {
             "not published there: sigma 1.0 (input) and 0.9 (output) are assumptions.",
             LengthDist.assumed(215, 1.0),
             LengthDist.assumed(197, 0.9),
+            (250.0, 100.0),
         ),
         Workload(
             "conversation",
@@ -124,6 +128,7 @@ WORKLOADS: dict[str, Workload] = {
             "(mean/median/p90), output max 1000.",
             LengthDist.fit(1155, 1020, 2734),
             LengthDist.fit(211, 129, 424, hard_max=1000),
+            (250.0, 100.0),
         ),
         Workload(
             "code",
@@ -132,6 +137,7 @@ WORKLOADS: dict[str, Workload] = {
             "(mean/median/p90).",
             LengthDist.fit(2048, 1469, 5186),
             LengthDist.fit(28, 13, 55),
+            (125.0, 200.0),
         ),
         Workload(
             "summarisation",
@@ -141,6 +147,7 @@ WORKLOADS: dict[str, Workload] = {
             "TPOT 0.15 s.",
             LengthDist.fit(1800, 1500, 3500),
             LengthDist.fit(90, 75, 170),
+            (15000.0, 150.0),
         ),
         Workload(
             "long_conversation",
@@ -150,6 +157,7 @@ WORKLOADS: dict[str, Workload] = {
             "of prefix blocks reused, modelled as prefix_reuse=0.37.",
             LengthDist.fit(12035, 6909, 27367),
             LengthDist(350, 0.25, 343),
+            (15000.0, 150.0),
             prefix_reuse=0.37,
         ),
     )
