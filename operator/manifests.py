@@ -1,0 +1,457 @@
+"""Pure renderers: an ``InferenceService`` (name, namespace, spec) -> the child manifests.
+
+Nothing here talks to a cluster, so unit tests call these directly. The operator adopts the
+results (owner references) and server-side-applies them.
+
+Children of ``<name>``:
+  ``<name>-config``   ConfigMap with the serving config every pod mounts
+  ``<name>-prefill``  Deployment + headless Service (HTTP 8100)
+  ``<name>-decode``   Deployment + headless Service (HTTP 8200, KV 8300)
+  ``<name>-router``   Deployment + Service (HTTP 8000): the endpoint clients use
+  ``<name>-redis``    Deployment + Service, when ``spec.redis.managed`` (workers register there)
+  PodDisruptionBudgets for prefill, decode and router.
+
+Rollouts: prefill and decode pods carry the same ``splitserve.io/serving-generation`` label, a
+hash of everything the two must agree on (image, model, KV backend, serving config). Changing any
+of it changes both pod templates at once, and workers get the hash in ``SPLITSERVE_GENERATION`` so
+the KV handshake can refuse to pair an old prefill pod with a new decode pod. Replica counts are
+not part of it: resizing one pool touches only that pool's Deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from splitserve.operator import crd
+
+Manifest = dict[str, Any]
+
+PREFILL_PORT = 8100
+DECODE_PORT = 8200
+DECODE_KV_PORT = 8300
+ROUTER_PORT = 8000
+REDIS_PORT = 6379
+MODEL_MOUNT = "/models"
+CONFIG_MOUNT = "/etc/splitserve"
+RUN_AS_USER = 10001  # the image's `splitserve` user (docker/Dockerfile)
+REDIS_USER = 999  # the redis image's own user
+DRAIN_SECONDS = 120  # how long a pod's preStop waits for its sequences to finish
+
+MANAGED_BY = "splitserve-operator"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_GENERATION = "splitserve.io/serving-generation"
+DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
+    "prefill": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}},
+    "decode": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}},
+    "router": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
+    "redis": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+}
+
+
+class SpecError(ValueError):
+    """The spec cannot be rendered (the CRD schema should have refused it); names the field."""
+
+
+def child_name(name: str, component: str) -> str:
+    return f"{name}-{component}"
+
+
+def selector_labels(name: str, component: str) -> dict[str, str]:
+    """Immutable selector of one component's pods (never includes the generation)."""
+    return {
+        "app.kubernetes.io/name": "splitserve",
+        LABEL_INSTANCE: name,
+        LABEL_COMPONENT: component,
+    }
+
+
+def common_labels(name: str, component: str) -> dict[str, str]:
+    return {**selector_labels(name, component), "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def redis_url(name: str, spec: dict[str, Any]) -> str:
+    redis = spec["redis"]
+    if redis.get("managed", True):
+        return f"redis://{child_name(name, 'redis')}:{REDIS_PORT}/0"
+    if not redis.get("url"):
+        raise SpecError("spec.redis.url is required when spec.redis.managed is false")
+    return str(redis["url"])
+
+
+def endpoint(name: str, namespace: str) -> str:
+    """The router's in-cluster URL (OpenAI API under /v1)."""
+    return f"http://{child_name(name, 'router')}.{namespace}.svc:{ROUTER_PORT}"
+
+
+def model_dir(spec: dict[str, Any]) -> str:
+    model = spec["model"]
+    if model.get("pvc"):
+        sub = model["pvc"].get("subPath", "").strip("/")
+        return f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT
+    if model.get("path"):
+        return str(model["path"])
+    raise SpecError("spec.model: exactly one of model.path or model.pvc is required")
+
+
+def serving_config(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """What every pod of the service should agree on, written to the ConfigMap."""
+    return {
+        "service": name,
+        "namespace": namespace,
+        "model": {"name": spec["model"]["name"], "dir": model_dir(spec)},
+        "kvTransfer": {"backend": spec["kvTransfer"]["backend"]},
+        "slo": spec["slo"],
+        "router": {"policy": spec["router"]["policy"]},
+        "redisUrl": redis_url(name, spec),
+        "tensorParallel": {
+            "prefill": spec["prefill"]["tensorParallel"],
+            "decode": spec["decode"]["tensorParallel"],
+        },
+        "endpoints": {
+            "prefill": f"{child_name(name, 'prefill')}.{namespace}.svc:{PREFILL_PORT}",
+            "decode": f"{child_name(name, 'decode')}.{namespace}.svc:{DECODE_PORT}",
+        },
+    }
+
+
+def serving_generation(name: str, namespace: str, spec: dict[str, Any]) -> str:
+    """Short hash of what prefill and decode must match on (not replica counts)."""
+    key = {
+        "image": spec["image"],
+        "config": serving_config(name, namespace, spec),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return digest[:10]
+
+
+def _security_context(user: int) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": user,
+        "runAsGroup": user,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _http_probes(port_name: str) -> dict[str, Any]:
+    """Startup allows a slow model load (10 min); after that readiness gates traffic and
+    liveness restarts a wedged worker."""
+    get = {"httpGet": {"path": "/health", "port": port_name}}
+    return {
+        "startupProbe": {**get, "periodSeconds": 5, "failureThreshold": 120, "timeoutSeconds": 3},
+        "readinessProbe": {**get, "periodSeconds": 5, "failureThreshold": 2, "timeoutSeconds": 3},
+        "livenessProbe": {**get, "periodSeconds": 10, "failureThreshold": 6, "timeoutSeconds": 5},
+    }
+
+
+def _drain_hook(port: int) -> dict[str, Any]:
+    """preStop: wait until the worker has no running or waiting sequences (bounded), so a
+    scale-down or rollout never cuts a request off; see ``splitserve drain``."""
+    return {
+        "preStop": {
+            "exec": {
+                "command": [
+                    "splitserve",
+                    "drain",
+                    "--port",
+                    str(port),
+                    "--timeout",
+                    str(DRAIN_SECONDS),
+                ]
+            }
+        }
+    }
+
+
+def _env(name: str, spec: dict[str, Any], generation: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # workers advertise this address (kv_endpoint in /health, registry entries)
+        {"name": "SPLITSERVE_ADVERTISE_HOST", "value": "$(POD_IP)"},
+        {"name": "SPLITSERVE_GENERATION", "value": generation},
+        {"name": "SPLITSERVE_SERVICE", "value": name},
+        {"name": "SPLITSERVE_CONFIG", "value": f"{CONFIG_MOUNT}/serving.json"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+
+
+def _volumes(name: str, spec: dict[str, Any]) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": child_name(name, "config")}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    pvc = spec["model"].get("pvc")
+    if pvc:
+        claim = {"claimName": pvc["claimName"], "readOnly": True}
+        volumes.append({"name": "model", "persistentVolumeClaim": claim})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _resources(pool: dict[str, Any], component: str) -> dict[str, Any]:
+    given = pool.get("resources")
+    return given if given else DEFAULT_RESOURCES[component]
+
+
+def _deployment(
+    name: str,
+    namespace: str,
+    component: str,
+    replicas: int,
+    pod_spec: dict[str, Any],
+    template_labels: dict[str, str],
+    annotations: dict[str, str] | None = None,
+) -> Manifest:
+    meta_labels = common_labels(name, component)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": child_name(name, component),
+            "namespace": namespace,
+            "labels": meta_labels,
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(name, component)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**meta_labels, **template_labels},
+                    "annotations": annotations or {},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _worker_command(role: str, spec: dict[str, Any], url: str) -> list[str]:
+    backend = spec["kvTransfer"]["backend"]
+    cmd = ["splitserve", role, "--model", model_dir(spec), "--host", "0.0.0.0"]
+    if role == "prefill":
+        cmd += ["--port", str(PREFILL_PORT)]
+    else:
+        cmd += ["--port", str(DECODE_PORT), "--kv-port", str(DECODE_KV_PORT)]
+    return cmd + ["--kv-backend", backend, "--redis-url", url]
+
+
+def _pod_spec(
+    name: str,
+    spec: dict[str, Any],
+    component: str,
+    container: dict[str, Any],
+    pool: dict[str, Any],
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(name, spec)
+    container = {
+        "name": component,
+        "image": spec["image"],
+        "imagePullPolicy": spec["imagePullPolicy"],
+        "securityContext": _security_context(RUN_AS_USER),
+        "resources": _resources(pool, component),
+        "volumeMounts": mounts,
+        **container,
+    }
+    pod: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "fsGroup": RUN_AS_USER},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + 30,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if pool.get("nodeSelector"):
+        pod["nodeSelector"] = pool["nodeSelector"]
+    if pool.get("tolerations"):
+        pod["tolerations"] = pool["tolerations"]
+    return pod
+
+
+def render_worker(name: str, namespace: str, spec: dict[str, Any], role: str) -> list[Manifest]:
+    """The prefill or decode Deployment and its headless Service."""
+    if role not in ("prefill", "decode"):
+        raise SpecError(f"unknown worker role {role!r}")
+    pool = spec[role]
+    generation = serving_generation(name, namespace, spec)
+    port = PREFILL_PORT if role == "prefill" else DECODE_PORT
+    ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    if role == "decode":
+        ports.append({"name": "kv", "containerPort": DECODE_KV_PORT, "protocol": "TCP"})
+    container = {
+        "command": _worker_command(role, spec, redis_url(name, spec)),
+        "ports": ports,
+        "env": _env(name, spec, generation)
+        + [{"name": "SPLITSERVE_TENSOR_PARALLEL", "value": str(pool["tensorParallel"])}],
+        "lifecycle": _drain_hook(port),
+        **_http_probes("http"),
+    }
+    pod = _pod_spec(name, spec, role, container, pool)
+    deployment = _deployment(
+        name,
+        namespace,
+        role,
+        pool["replicas"],
+        pod,
+        {LABEL_GENERATION: generation},
+        {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
+    )
+    service = _service(name, namespace, role, ports, headless=True)
+    return [deployment, service]
+
+
+def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manifest]:
+    """The router Deployment and the Service clients call (the status endpoint)."""
+    router = spec["router"]
+    generation = serving_generation(name, namespace, spec)
+    command = [
+        "splitserve", "router", "--model", model_dir(spec),
+        "--served-model-name", spec["model"]["name"],
+        "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
+        "--redis-url", redis_url(name, spec), "--policy", router["policy"],
+    ]  # fmt: skip
+    ports = [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}]
+    container = {
+        "command": command,
+        "ports": ports,
+        "env": _env(name, spec, generation),
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},  # let endpoints drop the pod first
+        **_http_probes("http"),
+    }
+    pod = _pod_spec(name, spec, "router", container, router)
+    deployment = _deployment(
+        name, namespace, "router", router["replicas"], pod, {LABEL_GENERATION: generation},
+        {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)},
+    )  # fmt: skip
+    service = _service(name, namespace, "router", ports, service_type=router["serviceType"])
+    return [deployment, service]
+
+
+def render_redis(name: str, namespace: str, spec: dict[str, Any]) -> list[Manifest]:
+    """A single managed Redis (the worker registry: keys with TTLs, no persistence needed)."""
+    if not spec["redis"].get("managed", True):
+        return []
+    ports = [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}]
+    tcp = {"tcpSocket": {"port": "redis"}}
+    container = {
+        "name": "redis",
+        "image": spec["redis"]["image"],
+        "imagePullPolicy": spec["imagePullPolicy"],
+        "args": ["--save", "", "--appendonly", "no", "--port", str(REDIS_PORT)],
+        "ports": ports,
+        "securityContext": _security_context(REDIS_USER),
+        "resources": DEFAULT_RESOURCES["redis"],
+        "readinessProbe": {**tcp, "periodSeconds": 5},
+        "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 6},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    pod = {
+        "securityContext": {"runAsNonRoot": True, "fsGroup": REDIS_USER},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    }
+    deployment = _deployment(name, namespace, "redis", 1, pod, {})
+    deployment["spec"]["strategy"] = {"type": "Recreate"}
+    return [deployment, _service(name, namespace, "redis", ports)]
+
+
+def render_config(name: str, namespace: str, spec: dict[str, Any]) -> Manifest:
+    config = serving_config(name, namespace, spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(name, "config"),
+            "namespace": namespace,
+            "labels": common_labels(name, "config"),
+        },
+        "data": {"serving.json": json.dumps(config, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def render_pdb(name: str, namespace: str, component: str) -> Manifest:
+    """At most one pod of a pool voluntarily evicted at a time (drains are slow)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": child_name(name, component),
+            "namespace": namespace,
+            "labels": common_labels(name, component),
+        },
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(name, component)},
+        },
+    }
+
+
+def _service(
+    name: str,
+    namespace: str,
+    component: str,
+    ports: list[Manifest],
+    headless: bool = False,
+    service_type: str = "ClusterIP",
+) -> Manifest:
+    spec: dict[str, Any] = {
+        "selector": selector_labels(name, component),
+        "ports": [
+            {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"],
+             "protocol": "TCP"}
+            for p in ports
+        ],
+    }  # fmt: skip
+    if headless:
+        spec["clusterIP"] = "None"
+    else:
+        spec["type"] = service_type
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": child_name(name, component),
+            "namespace": namespace,
+            "labels": common_labels(name, component),
+        },
+        "spec": spec,
+    }
+
+
+def render_all(name: str, namespace: str, spec: dict[str, Any]) -> list[Manifest]:
+    """Every child of one InferenceService, in apply order (config and registry first).
+
+    ``spec`` may be partial (as in a unit test): schema defaults are filled in first, exactly as
+    the API server would have stored them.
+    """
+    if not name:
+        raise SpecError("metadata.name is required")
+    full = crd.defaulted_spec(spec)
+    for field in ("model", "image"):
+        if not full.get(field):
+            raise SpecError(f"spec.{field} is required")
+    if not full["model"].get("name"):
+        raise SpecError("spec.model.name is required")
+    out: list[Manifest] = [render_config(name, namespace, full)]
+    out += render_redis(name, namespace, full)
+    out += render_worker(name, namespace, full, "prefill")
+    out += render_worker(name, namespace, full, "decode")
+    out += render_router(name, namespace, full)
+    out += [render_pdb(name, namespace, c) for c in ("prefill", "decode", "router")]
+    return out

@@ -1,0 +1,116 @@
+"""Reconciliation as plain functions; ``handlers.py`` only wires kopf's decorators to these.
+
+One pass: render every child from the spec, adopt it (owner reference -> garbage collection on
+delete), server-side apply it, prune children the spec no longer asks for (e.g. the managed Redis
+after switching to an external URL), then write the status. Every step is idempotent, so create,
+update, resume after a restart and a repeated event all run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from splitserve.operator import crd, kube, manifests
+from splitserve.operator import status as status_mod
+
+log = logging.getLogger(__name__)
+PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap")
+Adopt = Callable[[dict[str, Any]], None]
+
+
+def _owner_adopter(body: kopf.Body) -> Adopt:
+    def adopt(manifest: dict[str, Any]) -> None:
+        kopf.adopt(manifest, owner=body)
+
+    return adopt
+
+
+def apply_children(
+    name: str, namespace: str, spec: dict[str, Any], adopt: Adopt
+) -> list[kube.ApplyResult]:
+    """Render, adopt and apply every child; delete labelled children no longer rendered."""
+    try:
+        children = manifests.render_all(name, namespace, spec)
+    except manifests.SpecError as exc:
+        raise kopf.PermanentError(str(exc)) from exc
+    results = []
+    for child in children:
+        adopt(child)
+        try:
+            results.append(kube.apply(child))
+        except ApiException as exc:
+            if exc.status in (
+                400,
+                403,
+                422,
+            ):  # the manifest or our RBAC is wrong: retrying won't help
+                raise kopf.PermanentError(
+                    f"applying {child['kind']} {child['metadata']['name']}: {exc.status} {exc.body}"
+                ) from exc
+            raise kopf.TemporaryError(f"applying {child['kind']}: {exc.reason}", delay=5) from exc
+    wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
+    for kind in PRUNABLE_KINDS:
+        for obj in kube.list_owned(kind, namespace, name):
+            if (kind, obj["metadata"]["name"]) not in wanted:
+                kube.delete(kind, namespace, obj["metadata"]["name"])
+                results.append(kube.ApplyResult(kind, obj["metadata"]["name"], "deleted"))
+    return results
+
+
+def summarize(results: list[kube.ApplyResult]) -> str:
+    changed = [f"{r.kind}/{r.name} {r.action}" for r in results if r.action != "unchanged"]
+    unchanged = sum(1 for r in results if r.action == "unchanged")
+    return (", ".join(changed) + "; " if changed else "") + f"{unchanged} unchanged"
+
+
+def current_status(
+    name: str,
+    namespace: str,
+    spec: dict[str, Any],
+    generation: int,
+    previous_conditions: list[dict[str, Any]] | None,
+    reconcile_error: str | None = None,
+) -> dict[str, Any]:
+    """Status from the live Deployments (read now), plus endpoint and generation fields."""
+    full = crd.defaulted_spec(spec)
+    components = ("prefill", "decode", "router", "redis")
+    deployments = {
+        c: kube.get("Deployment", namespace, manifests.child_name(name, c)) for c in components
+    }
+    out = status_mod.compute(full, deployments, generation, previous_conditions, reconcile_error)
+    out["observedGeneration"] = generation
+    out["endpoint"] = manifests.endpoint(name, namespace)
+    out["servingGeneration"] = manifests.serving_generation(name, namespace, full)
+    return out
+
+
+def reconcile(
+    body: kopf.Body, spec: dict[str, Any], name: str, namespace: str, cause: str
+) -> dict[str, Any]:
+    """One full pass for a create/update/resume; returns the status to store, posts an Event."""
+    results = apply_children(name, namespace, dict(spec), _owner_adopter(body))
+    summary = summarize(results)
+    kopf.info(body, reason="Reconciled", message=f"{cause}: {summary}")
+    for r in results:
+        if r.action != "unchanged":
+            log.info("%s %s/%s %s", cause, r.kind, r.name, r.action)
+    prev = (body.get("status") or {}).get("conditions")
+    return current_status(name, namespace, dict(spec), body.metadata.get("generation", 0), prev)
+
+
+def refresh_status(namespace: str, name: str) -> None:
+    """Re-read the children and patch the owner's status (called on Deployment events)."""
+    obj = kube.get_inference_service(namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return
+    st = obj.get("status") or {}
+    generation = int(st.get("observedGeneration") or 0)
+    if not generation:  # never reconciled yet: the create handler will write the status
+        return
+    new = current_status(name, namespace, obj["spec"], generation, st.get("conditions"))
+    if any(st.get(k) != v for k, v in new.items()):
+        kube.patch_status(namespace, name, new)
