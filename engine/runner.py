@@ -33,6 +33,8 @@ class RunnerConfig:
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     random_weights: bool = False  # timing runs on shapes whose weights are not here
+    cuda_graphs: bool = True  # capture the decode step on CUDA (off: eager, for debugging)
+    max_num_seqs: int = 64  # largest decode batch a graph is captured for
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,8 +59,10 @@ class ModelRunner:
         else:
             self.model = load_model(Path(config.model_dir), self.dtype, self.device, mc)
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        # One extra block past those the block manager hands out: padding rows of captured
+        # decode graphs write there, never into a sequence's cache.
         self.kv_cache = torch.zeros(
-            mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim,
+            mc.num_layers, 2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim,
             dtype=self.dtype, device=self.device,
         )
         log.info(
@@ -66,6 +70,14 @@ class ModelRunner:
             self.num_blocks, self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
             self.device,
         )
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            from splitserve.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs,
+                -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size,
+            )
 
     @property
     def bytes_per_block(self) -> int:
@@ -134,8 +146,11 @@ class ModelRunner:
         """Compute one step for ``seqs`` and return the next token of each."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(seqs)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        logits = self.model.logits(hidden[meta.last_token_index])
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs), meta.block_tables.shape[1]):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta)
+            logits = self.model.logits(hidden[meta.last_token_index])
         for seq in seqs:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)

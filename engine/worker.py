@@ -30,6 +30,7 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--kv-backend", default="tcp", help="KV transfer backend (default tcp)")
     parser.add_argument("--generation", default="", help="serving generation: workers of different generations never pair")
     parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for the decode step (debugging)")
     parser.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (timing only)")
 
 
@@ -61,6 +62,8 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
             num_kv_blocks=args.num_kv_blocks,
             max_model_len=args.max_model_len,
             random_weights=args.random_weights,
+            cuda_graphs=not args.enforce_eager,
+            max_num_seqs=args.max_num_seqs,
         ),
         SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )

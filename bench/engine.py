@@ -1,0 +1,159 @@
+"""Engine decode-step speed against the memory-bandwidth roofline and HF transformers.
+
+Run on a GPU (bf16, Llama-3-8B shape with random weights: 32 layers, 32 query heads, 8 KV heads,
+head dim 128). In one run it measures:
+  * the device copy bandwidth (bytes read + written per second of a 2 GiB copy),
+  * our decode step at each batch size, and its roofline: (weight bytes + KV bytes read) / bandwidth,
+  * generate throughput (tokens/s) of our engine and of ``transformers`` ``generate`` on the same
+    shape, batch, prompt and output lengths.
+Usage: python bench/engine.py [--batches 1,32] [--prompt-len 512] [--new-tokens 128] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+}
+
+
+def copy_bandwidth(nbytes: int = 2 * 2**30, iters: int = 20) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * nbytes * iters / (time.perf_counter() - start)
+
+
+def make_engine(model_dir: str, max_seqs: int, max_len: int, blocks: int):
+    from splitserve.engine.engine import EngineConfig, LLMEngine
+    from splitserve.engine.runner import RunnerConfig
+    from splitserve.engine.scheduler import SchedulerConfig
+
+    return LLMEngine(EngineConfig(
+        RunnerConfig(model_dir, dtype="bfloat16", random_weights=True, num_kv_blocks=blocks,
+                     max_model_len=max_len, max_num_seqs=max_seqs),
+        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_seqs * max_len),
+    ))
+
+
+def decode_step_ms(engine, batch: int, prompt_len: int, steps: int, rng: random.Random) -> float:
+    from splitserve.engine.sampling import SamplingParams
+    from splitserve.engine.sequence import Sequence
+
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(max_tokens=10**6, temperature=0, ignore_eos=True)
+    seqs = [Sequence(f"b{i}", [rng.randrange(vocab) for _ in range(prompt_len)], params) for i in range(batch)]
+    for s in seqs:
+        engine.add(s)
+    while engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    for s in seqs:
+        engine.abort(s)
+    return ms
+
+
+def engine_generate_tps(engine, batch: int, prompt_len: int, new_tokens: int, rng: random.Random) -> float:
+    from splitserve.engine.sampling import SamplingParams
+
+    vocab = engine.runner.model_config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def hf_generate_tps(cfg: dict, batch: int, prompt_len: int, new_tokens: int, rng: random.Random) -> float:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[rng.randrange(cfg["vocab_size"]) for _ in range(prompt_len)] for _ in range(batch)], device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    tps = batch * new_tokens / (time.perf_counter() - start)
+    del model
+    torch.cuda.empty_cache()
+    return tps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    rng = random.Random(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    bw = copy_bandwidth()
+    tmp = tempfile.mkdtemp()
+    (Path(tmp) / "config.json").write_text(json.dumps(LLAMA3_8B))
+    max_len = args.prompt_len + max(args.new_tokens, args.steps) + 64
+    blocks = max(batches) * (-(-max_len // 16) + 1) + 64
+    engine = make_engine(tmp, max(batches), max_len, blocks)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_per_token = engine.runner.bytes_per_block // engine.runner.block_size
+    rows = []
+    for b in batches:
+        ms = decode_step_ms(engine, b, args.prompt_len, args.steps, rng)
+        ctx = args.prompt_len + 3 + args.steps // 2
+        roof_ms = (weight_bytes + b * ctx * kv_per_token) / bw * 1e3
+        ours_tps = engine_generate_tps(engine, b, args.prompt_len, args.new_tokens, rng)
+        rows.append({"batch": b, "step_ms": ms, "roofline_ms": roof_ms, "roofline_fraction": roof_ms / ms,
+                     "ours_generate_tps": ours_tps})
+    del engine
+    torch.cuda.empty_cache()
+    if not args.no_hf:
+        for row in rows:
+            row["hf_generate_tps"] = hf_generate_tps(LLAMA3_8B, row["batch"], args.prompt_len, args.new_tokens, rng)
+            row["speedup_vs_hf"] = row["ours_generate_tps"] / row["hf_generate_tps"]
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
+          f"weights: {weight_bytes / 2**30:.1f} GiB  prompt {args.prompt_len}, new tokens {args.new_tokens}")
+    print(f"{'batch':>5} {'step ms':>9} {'roofline ms':>12} {'roofline %':>11} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['step_ms']:>9.2f} {r['roofline_ms']:>12.2f} {100 * r['roofline_fraction']:>10.1f}% "
+              f"{r['ours_generate_tps']:>11.1f} {r.get('hf_generate_tps', float('nan')):>9.1f} {r.get('speedup_vs_hf', float('nan')):>6.1f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
