@@ -1,0 +1,146 @@
+"""``splitserve router``: the OpenAI-compatible gateway in front of the prefill and decode pools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from splitserve.router.config import POLICIES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "router",
+        help="run the OpenAI-compatible router in front of prefill and decode workers",
+        description=(
+            "Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. Each "
+            "request is tokenized here, sent to a (prefill, decode) worker pair chosen by --policy, "
+            "and the decode worker's tokens are streamed back. Workers come from --prefill/--decode "
+            "URLs and/or a Redis registry (--redis-url) where workers heartbeat. With no --prefill "
+            "worker the decode workers compute prompts themselves."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model folder (tokenizer.json, tokenizer_config.json, config.json)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name clients send (default: the folder's name)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--prefill",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="prefill worker base URL, e.g. http://127.0.0.1:8101 (repeatable)",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="decode worker base URL (repeatable)",
+    )
+    p.add_argument(
+        "--policy",
+        default="round_robin",
+        choices=POLICIES,
+        help="how to pick the worker pair (default round_robin)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis registry, e.g. redis://127.0.0.1:6379/0 (workers heartbeat there)",
+    )
+    p.add_argument(
+        "--redis-namespace",
+        default="splitserve",
+        help="key prefix in Redis, one per service (default splitserve)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: env SPLITSERVE_API_KEY; none = open)",
+    )
+    p.add_argument(
+        "--latency-model",
+        default=None,
+        metavar="FILE",
+        help="latency model JSON from `splitserve profile` (goodput policy)",
+    )
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=2000.0,
+        help="time-to-first-token target in ms (default 2000; per request: header x-slo-ttft-ms)",
+    )
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=100.0,
+        help="time-per-output-token target in ms (default 100; per request: header x-slo-tpot-ms)",
+    )
+    p.add_argument(
+        "--max-queue-ms",
+        type=float,
+        default=500.0,
+        help="goodput: longest wait for a pair that meets the SLO before 429 (default 500)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        help="seconds between worker /load polls (default 0.5)",
+    )
+    p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, imported lazily)
+    """The RouterConfig that the command-line arguments describe (raises ValueError if invalid)."""
+    from splitserve.router.config import SLO, RouterConfig
+
+    return RouterConfig(
+        served_model_name=args.served_model_name or Path(args.model).resolve().name,
+        model_dir=str(args.model),
+        prefill_urls=tuple(args.prefill),
+        decode_urls=tuple(args.decode),
+        policy=args.policy,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("SPLITSERVE_API_KEY") or None,
+        redis_url=args.redis_url,
+        redis_namespace=args.redis_namespace,
+        latency_model_path=args.latency_model,
+        slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
+        max_queue_ms=args.max_queue_ms,
+        poll_interval_s=args.poll_interval,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from splitserve.router.app import create_app
+
+    try:
+        config = config_from_args(args)
+        app = create_app(config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"splitserve router: {exc}") from exc
+    print(
+        f"splitserve router: http://{config.host}:{config.port}/v1 (model {config.served_model_name!r})",
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    return 0

@@ -1,0 +1,109 @@
+"""Prometheus metrics of the router (prefix ``splitserve_``), one registry per app so several
+routers in one process (tests) do not collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram(
+            "splitserve_router_ttft_seconds",
+            "Time to first token seen by the router",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "splitserve_router_tpot_seconds",
+            "Mean time per output token after the first, per request",
+            registry=r,
+            buckets=_TPOT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "splitserve_router_e2e_seconds",
+            "End-to-end request latency",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "splitserve_router_requests",
+            "Requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "splitserve_router_routing_decisions",
+            "Routing decisions by policy and outcome",
+            ["policy", "outcome"],
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "splitserve_router_routing_decision_seconds",
+            "Time spent choosing workers",
+            ["policy"],
+            registry=r,
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05),
+        )
+        self.shed = Counter(
+            "splitserve_router_shed",
+            "Requests refused by admission (429), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.slo = Counter(
+            "splitserve_router_slo_requests",
+            "Finished sequences by whether they met TTFT and TPOT targets",
+            ["ttft", "tpot"],
+            registry=r,
+        )
+        self.goodput_tokens = Counter(
+            "splitserve_router_goodput_tokens",
+            "Output tokens of sequences that met both targets",
+            registry=r,
+        )
+        self.retries = Counter(
+            "splitserve_router_retries",
+            "Sequences retried on another pair, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "splitserve_router_queued_requests", "Requests waiting in admission", registry=r
+        )
+        self.inflight = Gauge(
+            "splitserve_router_inflight_sequences", "Sequences being served", registry=r
+        )
+        self.worker_healthy = Gauge(
+            "splitserve_router_worker_healthy",
+            "1 if the router considers the worker healthy",
+            ["role", "url"],
+            registry=r,
+        )
+
+    def observe_sequence(
+        self,
+        ttft_s: float | None,
+        tpot_s: float | None,
+        e2e_s: float,
+        tokens: int,
+        slo_ttft_s: float,
+        slo_tpot_s: float,
+    ) -> None:
+        self.e2e.observe(e2e_s)
+        if ttft_s is None:
+            return
+        self.ttft.observe(ttft_s)
+        ttft_ok = ttft_s <= slo_ttft_s
+        tpot_ok = tpot_s is None or tpot_s <= slo_tpot_s
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+        self.slo.labels(
+            ttft="met" if ttft_ok else "missed", tpot="met" if tpot_ok else "missed"
+        ).inc()
+        if ttft_ok and tpot_ok:
+            self.goodput_tokens.inc(tokens)

@@ -1,0 +1,105 @@
+"""Latency model: predicted prefill time, decode step time and KV transfer time.
+
+Loaded from the JSON that ``splitserve profile`` writes (or written by hand). Format, all times
+in milliseconds; each section gives either coefficients or measured points to fit::
+
+    {
+      "prefill":  {"base_ms": 5, "per_token_ms": 0.05, "per_token2_ms": 0.0},
+      "decode":   {"base_ms": 8, "per_seq_ms": 0.3, "per_context_token_ms": 0.0005},
+      "transfer": {"base_ms": 1, "per_token_ms": 0.01},
+      "meta": {...anything, e.g. hardware and model...}
+    }
+
+    or "prefill": {"points": [[tokens, ms], ...]},
+       "decode": {"points": [[batch, context_tokens, ms], ...]},
+       "transfer": {"points": [[tokens, ms], ...]}
+
+prefill_ms(t) = base + per_token*t + per_token2*t^2 (t = tokens in the batch);
+decode_step_ms(b, c) = base + per_seq*b + per_context_token*c (c = total context in the batch);
+transfer_ms(t) = base + per_token*t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_SECTIONS = {
+    "prefill": ("base_ms", "per_token_ms", "per_token2_ms"),
+    "decode": ("base_ms", "per_seq_ms", "per_context_token_ms"),
+    "transfer": ("base_ms", "per_token_ms"),
+}
+
+
+def _fit(section: str, points: list[list[float]]) -> dict[str, float]:
+    """Least-squares coefficients (clipped at 0) for a section's measured points."""
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 2 or len(pts) < 2:
+        raise ValueError(f"latency model {section}.points needs at least 2 rows")
+    if section == "prefill":
+        x, y = pts[:, 0], pts[:, 1]
+        design = np.stack([np.ones_like(x), x, x * x], 1)
+    elif section == "decode":
+        if pts.shape[1] != 3:
+            raise ValueError("latency model decode.points rows are [batch, context_tokens, ms]")
+        y = pts[:, 2]
+        design = np.stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]], 1)
+    else:
+        x, y = pts[:, 0], pts[:, 1]
+        design = np.stack([np.ones_like(x), x], 1)
+    coef = np.linalg.lstsq(design, y, rcond=None)[0].clip(min=0.0)
+    return dict(zip(_SECTIONS[section], (float(c) for c in coef), strict=True))
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    prefill_base_ms: float = 5.0
+    prefill_per_token_ms: float = 0.05
+    prefill_per_token2_ms: float = 0.0
+    decode_base_ms: float = 8.0
+    decode_per_seq_ms: float = 0.3
+    decode_per_context_token_ms: float = 0.0005
+    transfer_base_ms: float = 1.0
+    transfer_per_token_ms: float = 0.01
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"latency model {f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    def prefill_ms(self, tokens: float) -> float:
+        return self.prefill_base_ms + self.prefill_per_token_ms * tokens + self.prefill_per_token2_ms * tokens**2
+
+    def decode_step_ms(self, batch: float, context_tokens: float) -> float:
+        return self.decode_base_ms + self.decode_per_seq_ms * batch + self.decode_per_context_token_ms * context_tokens
+
+    def transfer_ms(self, tokens: float) -> float:
+        return self.transfer_base_ms + self.transfer_per_token_ms * tokens
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
+        unknown = set(data) - set(_SECTIONS) - {"meta"}
+        if unknown:
+            raise ValueError(f"unknown latency model section(s): {', '.join(sorted(unknown))}")
+        values: dict[str, float] = {}
+        for section, keys in _SECTIONS.items():
+            sec = data.get(section)
+            if sec is None:
+                continue
+            coef = _fit(section, sec["points"]) if "points" in sec else dict(sec)
+            bad = set(coef) - set(keys)
+            if bad:
+                raise ValueError(f"unknown latency model field(s) in {section}: {', '.join(sorted(bad))}")
+            values.update({f"{section}_{k}": float(v) for k, v in coef.items()})
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot load latency model {path}: {exc}") from exc

@@ -1,0 +1,88 @@
+"""The live set of workers: registry membership plus health and load from polling.
+
+A loop asks the registry who exists, then polls each worker's ``/load`` (and ``/health`` when the
+worker is new, unhealthy, or its KV endpoint is unknown). A worker is healthy only while its
+polls succeed; a request that cannot reach a worker marks it unhealthy at once, so the next
+request avoids it without waiting for the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from splitserve.router.registry import Registry
+from splitserve.router.workers import WorkerClient, WorkerRejected, WorkerState, WorkerUnreachable
+
+log = logging.getLogger("splitserve.router.pool")
+
+
+class WorkerPool:
+    def __init__(self, registry: Registry, client: WorkerClient, poll_interval_s: float) -> None:
+        self.registry = registry
+        self.client = client
+        self.poll_interval_s = poll_interval_s
+        self.workers: dict[tuple[str, str], WorkerState] = {}
+        self._task: asyncio.Task | None = None
+
+    def role(self, role: str) -> list[WorkerState]:
+        return [w for (r, _), w in self.workers.items() if r == role]
+
+    def mark_unhealthy(self, worker: WorkerState, why: str) -> None:
+        if worker.healthy:
+            log.warning("%s worker %s marked unhealthy: %s", worker.role, worker.url, why)
+        worker.healthy, worker.last_error = False, why
+
+    async def refresh(self) -> None:
+        """One round: membership, then every worker's health/load concurrently."""
+        infos = await self.registry.workers()
+        current = {(i.role, i.url): i for i in infos}
+        for key in list(self.workers):
+            if key not in current:
+                log.info("%s worker %s left the registry", *key)
+                del self.workers[key]
+        for key, info in current.items():
+            if key not in self.workers:
+                self.workers[key] = WorkerState(url=info.url, role=info.role, extra=dict(info.extra))
+        await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
+
+    async def _probe(self, w: WorkerState) -> None:
+        try:
+            if not w.healthy or (w.role == "decode" and not w.kv_endpoint):
+                health = await self.client.health(w.url)
+                if health.get("role") not in (None, w.role):
+                    raise WorkerRejected(200, f"registered as {w.role} but reports role {health.get('role')}")
+                w.kv_endpoint = health.get("kv_endpoint")
+                w.fingerprint = health.get("fingerprint")
+            w.set_load(await self.client.load(w.url))
+        except (WorkerUnreachable, WorkerRejected, ValueError) as exc:
+            self.mark_unhealthy(w, str(exc))
+            return
+        if not w.healthy:
+            log.info("%s worker %s is healthy", w.role, w.url)
+        w.healthy, w.last_error = True, None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("worker poll round failed: %s", exc)
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="worker-pool-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def max_model_len(self) -> int | None:
+        lens = [w.load.max_model_len for w in self.workers.values() if w.load and w.load.max_model_len]
+        return min(lens) if lens else None

@@ -1,0 +1,180 @@
+"""Where the router learns which workers exist.
+
+- ``StaticRegistry``: the URLs given on the command line (single host, no Redis).
+- ``RedisRegistry``: workers announce themselves with ``start_heartbeat``: a key
+  ``<namespace>:worker:<role>:<url>`` holding their info as JSON, with a TTL a few times the
+  heartbeat interval. A worker that stops heartbeating expires and leaves the candidate set
+  within one TTL; several routers read the same keys. If Redis goes away the router keeps the
+  last set it saw (and says so in the log) instead of failing requests, and picks up again when
+  Redis is back; heartbeats re-create their keys after a Redis restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger("splitserve.router.registry")
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    url: str
+    role: str
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"worker role must be prefill or decode, got {self.role!r}")
+
+
+class Registry(Protocol):
+    async def workers(self) -> list[WorkerInfo]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class StaticRegistry:
+    def __init__(self, prefill_urls: tuple[str, ...] | list[str], decode_urls: tuple[str, ...] | list[str]) -> None:
+        self._workers = [WorkerInfo(u.rstrip("/"), "prefill") for u in prefill_urls] + [
+            WorkerInfo(u.rstrip("/"), "decode") for u in decode_urls
+        ]
+
+    async def workers(self) -> list[WorkerInfo]:
+        return list(self._workers)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def worker_key(namespace: str, role: str, url: str) -> str:
+    return f"{namespace}:worker:{role}:{url}"
+
+
+class RedisRegistry:
+    """Reads worker keys from Redis; the static URLs (if any) are always included."""
+
+    def __init__(self, redis_url: str, namespace: str = "splitserve", static: StaticRegistry | None = None) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(
+            redis_url, socket_connect_timeout=1.0, socket_timeout=1.0, decode_responses=True
+        )
+        self._namespace = namespace
+        self._static = static or StaticRegistry((), ())
+        self._last: list[WorkerInfo] = []
+        self.redis_ok = False
+
+    async def workers(self) -> list[WorkerInfo]:
+        import redis.exceptions
+
+        try:
+            found = await self._scan()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            if self.redis_ok:
+                log.warning("Redis unavailable (%s); keeping the last %d known workers", exc, len(self._last))
+            self.redis_ok = False
+        else:
+            if not self.redis_ok:
+                log.info("Redis registry: %d workers", len(found))
+            self.redis_ok, self._last = True, found
+        static = await self._static.workers()
+        seen = {(w.role, w.url) for w in static}
+        return static + [w for w in self._last if (w.role, w.url) not in seen]
+
+    async def _scan(self) -> list[WorkerInfo]:
+        keys = [k async for k in self._redis.scan_iter(match=f"{self._namespace}:worker:*", count=500)]
+        if not keys:
+            return []
+        values = await self._redis.mget(keys)
+        out = []
+        for key, raw in zip(keys, values, strict=True):
+            if raw is None:  # expired between SCAN and MGET
+                continue
+            try:
+                info = json.loads(raw)
+                out.append(
+                    WorkerInfo(
+                        info["url"].rstrip("/"),
+                        info["role"],
+                        tuple(sorted((k, v) for k, v in info.items() if k not in ("url", "role"))),
+                    )
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring malformed registry entry %s: %s", key, exc)
+        return sorted(out, key=lambda w: (w.role, w.url))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class Heartbeat:
+    """A daemon thread that keeps one worker's key alive in Redis."""
+
+    def __init__(self, redis_url: str, info: dict[str, Any], interval: float, namespace: str, ttl: float | None) -> None:
+        import redis
+
+        if "url" not in info or info.get("role") not in ROLES:
+            raise ValueError("heartbeat info needs 'url' and 'role' (prefill or decode)")
+        if interval <= 0:
+            raise ValueError(f"heartbeat interval must be > 0, got {interval}")
+        self.info = dict(info, url=str(info["url"]).rstrip("/"))
+        self.interval = interval
+        self.ttl_ms = int(1000 * (ttl if ttl is not None else max(3 * interval, 1.0)))
+        self.key = worker_key(namespace, self.info["role"], self.info["url"])
+        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.key}", daemon=True)
+        self.beats = 0
+        self._thread.start()
+
+    def _run(self) -> None:
+        import redis.exceptions
+
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self._redis.set(self.key, json.dumps(self.info), px=self.ttl_ms)
+                self.beats += 1
+                if failing:
+                    log.info("heartbeat %s: Redis is back", self.key)
+                failing = False
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("heartbeat %s failed (%s); retrying every %.1fs", self.key, exc, self.interval)
+                failing = True
+            self._stop.wait(self.interval)
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop beating; ``deregister`` deletes the key at once (a clean shutdown) instead of
+        letting it expire."""
+        import redis.exceptions
+
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 2.0)
+        if deregister:
+            try:
+                self._redis.delete(self.key)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("could not remove %s from Redis (%s); it expires by itself", self.key, exc)
+        self._redis.close()
+
+
+def start_heartbeat(
+    redis_url: str,
+    info: dict[str, Any],
+    interval: float = 1.0,
+    namespace: str = "splitserve",
+    ttl: float | None = None,
+) -> Heartbeat:
+    """Register a worker in Redis and keep it registered until ``.stop()``.
+
+    ``info`` needs ``url`` (how routers reach the worker) and ``role``; anything else (model,
+    kv_endpoint, fingerprint) is passed along. The key's TTL defaults to 3 x interval (>= 1 s).
+    """
+    return Heartbeat(redis_url, info, interval, namespace, ttl)

@@ -1,0 +1,190 @@
+"""What the router knows about each worker, and the HTTP calls it makes to them.
+
+The calls follow the Worker HTTP API in the contracts exactly: ``GET /health``, ``GET /load``,
+``POST /prefill`` and the NDJSON stream of ``POST /generate``. Connection failures surface as
+``WorkerUnreachable`` so the caller can mark the worker unhealthy at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+class WorkerUnreachable(Exception):
+    """Connecting to or reading from a worker failed (it is down or died mid-request)."""
+
+
+class WorkerRejected(Exception):
+    """The worker answered with an error status (4xx/5xx) and this message."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """One ``GET /load`` answer."""
+
+    waiting: int = 0
+    running: int = 0
+    queued_prompt_tokens: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 16
+    max_model_len: int = 0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerLoad:
+        return cls(**{k: int(data.get(k, getattr(cls, k))) for k in cls.__dataclass_fields__})
+
+    @property
+    def used_tokens(self) -> int:
+        return (self.total_blocks - self.free_blocks) * self.block_size
+
+    @property
+    def free_fraction(self) -> float:
+        return self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+@dataclass
+class WorkerState:
+    """Live view of one worker: health, last load, and what this router sent it since."""
+
+    url: str
+    role: str  # "prefill" | "decode"
+    healthy: bool = False
+    kv_endpoint: str | None = None
+    fingerprint: str | None = None
+    load: WorkerLoad | None = None
+    load_time: float = 0.0
+    last_error: str | None = None
+    # Work this router assigned since the last /load (so a burst does not all pick one worker).
+    assigned_since_poll: int = 0
+    assigned_tokens_since_poll: int = 0
+    inflight: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def set_load(self, load: WorkerLoad) -> None:
+        self.load, self.load_time = load, time.monotonic()
+        self.assigned_since_poll = self.assigned_tokens_since_poll = 0
+
+    def note_assigned(self, prompt_tokens: int) -> None:
+        self.assigned_since_poll += 1
+        self.assigned_tokens_since_poll += prompt_tokens
+        self.inflight += 1
+
+    def note_done(self) -> None:
+        self.inflight = max(0, self.inflight - 1)
+
+
+def _error_message(resp: httpx.Response) -> tuple[str, str | None]:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:500] or f"HTTP {resp.status_code}", None
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message", err)), err.get("reason")
+        return str(err), data.get("reason")
+    return str(data), None
+
+
+class WorkerClient:
+    """Async HTTP calls to workers over one shared connection pool."""
+
+    def __init__(self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float) -> None:
+        self.prefill_timeout = httpx.Timeout(prefill_timeout_s, connect=connect_timeout_s)
+        self.stream_timeout = httpx.Timeout(idle_timeout_s, connect=connect_timeout_s)
+        self.probe_timeout = httpx.Timeout(max(1.0, connect_timeout_s), connect=connect_timeout_s)
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _get_json(self, url: str) -> dict[str, Any]:
+        try:
+            resp = await self.http.get(url, timeout=self.probe_timeout)
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code != 200:
+            msg, reason = _error_message(resp)
+            raise WorkerRejected(resp.status_code, msg, reason)
+        return resp.json()
+
+    async def health(self, base: str) -> dict[str, Any]:
+        return await self._get_json(f"{base}/health")
+
+    async def load(self, base: str) -> WorkerLoad:
+        return WorkerLoad.from_json(await self._get_json(f"{base}/load"))
+
+    async def prefill(self, base: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = await self.http.post(f"{base}/prefill", json=body, timeout=self.prefill_timeout)
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"prefill {base}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code != 200:
+            msg, reason = _error_message(resp)
+            raise WorkerRejected(resp.status_code, f"prefill {base}: {msg}", reason)
+        return resp.json()
+
+    def generate(self, base: str, body: dict[str, Any]) -> GenerateStream:
+        return GenerateStream(self, base, body)
+
+
+class GenerateStream:
+    """``async with`` context around decode's ``POST /generate``; leaving it closes the stream,
+    which makes the decode worker abort the sequence and free its blocks."""
+
+    def __init__(self, client: WorkerClient, base: str, body: dict[str, Any]) -> None:
+        self._client, self.base, self._body = client, base, body
+        self._cm: Any = None
+        self._resp: httpx.Response | None = None
+
+    async def __aenter__(self) -> GenerateStream:
+        self._cm = self._client.http.stream(
+            "POST", f"{self.base}/generate", json=self._body, timeout=self._client.stream_timeout
+        )
+        try:
+            self._resp = await self._cm.__aenter__()
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"decode {self.base}: {type(exc).__name__}: {exc}") from exc
+        if self._resp.status_code != 200:
+            try:
+                await self._resp.aread()
+                msg, reason = _error_message(self._resp)
+            except httpx.HTTPError as exc:
+                msg, reason = f"{type(exc).__name__}: {exc}", None
+            status = self._resp.status_code
+            await self._cm.__aexit__(None, None, None)
+            raise WorkerRejected(status, f"decode {self.base}: {msg}", reason)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._cm is not None:
+            await self._cm.__aexit__(None, None, None)
+
+    async def lines(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed NDJSON objects; a broken connection raises WorkerUnreachable."""
+        if self._resp is None:
+            raise RuntimeError("GenerateStream.lines() is only valid inside `async with`")
+        try:
+            async for line in self._resp.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"decode {self.base} stream broke: {type(exc).__name__}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise WorkerUnreachable(f"decode {self.base} sent a line that is not JSON: {exc}") from exc
