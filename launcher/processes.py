@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polling is not news
 
 
 @dataclass
