@@ -70,6 +70,8 @@ class GoodputPolicy(Policy):
             raise NoCandidate("decode", f"all {len(decodes)} unhealthy")
         ps: list[WorkerState | None] = [None]
         if req.with_prefill:
+            if not prefills:
+                raise NoCandidate("prefill", "none registered")
             ps = list(self._healthy.apply(req, prefills))
             if not ps:
                 raise NoCandidate("prefill", f"all {len(prefills)} unhealthy")
