@@ -241,7 +241,8 @@ class KVReceiver(ABC):
         with :class:`TransferError` (timeout covers waiting for the sender *and* the transfer).
         It resolves only after the receiver stopped writing into the blocks, so the caller may
         free them as soon as it sees a failure. A sender that arrives before ``expect()`` waits
-        a bounded time for it.
+        a bounded time for it. Callbacks run on a receiver thread: keep them short (e.g.
+        ``loop.call_soon_threadsafe``).
         """
 
     @abstractmethod

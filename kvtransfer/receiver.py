@@ -214,6 +214,12 @@ class SocketReceiver(KVReceiver):
             if entry.conn is not None:
                 _shutdown(entry.conn, socket.SHUT_RD)  # wakes the handler's recv
 
+    def _release_locked(self, entry: _Entry) -> None:
+        """Forget a claimed entry (before its future resolves, so stats() never lag behind)."""
+        entry.conn = None
+        if self._entries.get(entry.request_id) is entry:
+            del self._entries[entry.request_id]
+
     def _fail_future(self, future: concurrent.futures.Future, err: TransferError) -> None:
         if not future.done():
             metrics.record_failure("receive", self.backend, err.reason)
@@ -289,9 +295,7 @@ class SocketReceiver(KVReceiver):
         finally:
             with self._cond:
                 if entry is not None:
-                    entry.conn = None
-                    if self._entries.get(entry.request_id) is entry:
-                        del self._entries[entry.request_id]
+                    self._release_locked(entry)
                 self._conns.discard(conn)
                 self._handlers.discard(threading.current_thread())
             conn.close()
@@ -384,6 +388,7 @@ class SocketReceiver(KVReceiver):
             abort = entry.abort
             if abort is None:
                 entry.state = TransferState.DONE
+                self._release_locked(entry)
                 metrics.record_success("receive", self.backend, seconds)
                 entry.future.set_result(result)
         if abort is not None:
@@ -398,6 +403,7 @@ class SocketReceiver(KVReceiver):
             if entry.abort is not None:
                 err = entry.abort  # cancel / timeout / close caused the socket error
             with self._cond:
+                self._release_locked(entry)
                 self._fail_future(entry.future, err)
         try:
             send_frame(conn, FrameType.ERROR, error_meta(err))

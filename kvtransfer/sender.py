@@ -302,11 +302,18 @@ def _resolve_first_token(first_token: FirstToken) -> int:
     return token
 
 
-def _tell_peer(sock: socket.socket, err: TransferError) -> None:
+def _tell_peer(sock: socket.socket, err: TransferError, linger: float = 1.0) -> None:
+    """Send ERROR, then half-close and read until the receiver hangs up: closing a socket with
+    unread bytes (e.g. shm credits) would send a reset that can destroy our ERROR in flight."""
     try:
         send_frame(sock, FrameType.ERROR, error_meta(err))
-    except OSError as exc:  # the receiver is already gone
-        log.debug("could not send ERROR to receiver: %s", exc)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(linger)
+        deadline = time.monotonic() + linger
+        while sock.recv(65536) and time.monotonic() < deadline:
+            continue
+    except OSError as exc:  # the receiver is already gone (or slow to hang up): nothing to do
+        log.debug("could not deliver ERROR to receiver: %s", exc)
 
 
 def _peer_error(sock: socket.socket) -> TransferError | None:
