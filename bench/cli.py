@@ -105,6 +105,8 @@ def _add_run(bsub: argparse._SubParsersAction) -> None:
     out.add_argument("--label", default="system", help="this system's name in tables/plots")
     out.add_argument("--gpus", type=int, default=None,
                      help="GPUs the system uses (reports goodput per GPU)")
+    out.add_argument("--no-plots", dest="plots", action="store_false",
+                     help="skip this label's PNGs (bench report draws them anyway)")
     run.set_defaults(func=_run)
 
 
@@ -124,6 +126,7 @@ def _add_report(bsub: argparse._SubParsersAction) -> None:
     rep.add_argument("--ttft-ms", type=float, default=None)
     rep.add_argument("--tpot-ms", type=float, default=None)
     rep.add_argument("--attainment", type=float, default=None)
+    rep.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     rep.set_defaults(func=_report)
 
 
@@ -176,7 +179,7 @@ def _report(args: argparse.Namespace) -> int:
 
     out = args.out or args.dirs[0]
     results, slo, written = build_report(args.dirs, out, args.ttft_ms, args.tpot_ms,
-                                         args.attainment)
+                                         args.attainment, args.plots)
     print_table(results, slo)
     log.info("wrote %d files into %s", len(written), out)
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from typing import Any
 import httpx
 from splitserve.bench.records import RequestRecord
 from splitserve.bench.workloads import Request
+
+# httpx logs every request at INFO: thousands of lines per run would bury the progress bar.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,10 @@ def build_report(
     ttft_ms: float | None = None,
     tpot_ms: float | None = None,
     attainment: float | None = None,
+    plots: bool = True,
 ) -> tuple[list[SystemResult], SLO, list[Path]]:
-    """Load, evaluate and write report.json, report.md and PNGs into ``out_dir``."""
+    """Load, evaluate and write report.json, report.md and (unless ``plots`` is off) PNGs
+    into ``out_dir``."""
     runs = find_runs(list(paths))
     slo = resolve_slo(runs, ttft_ms, tpot_ms, attainment)
     results = evaluate(runs, slo)
@@ -92,7 +94,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     written = [_write_json(results, slo, out / "report.json"), out / "report.md"]
     (out / "report.md").write_text(markdown_table(results, slo))
-    written += write_plots(results, slo, out)
+    if plots:
+        written += write_plots(results, slo, out)
     return results, slo, written
 
 

@@ -42,6 +42,7 @@ class RunSpec:
     warmup: int = 0
     cooldown_s: float = 0.0
     progress: bool = True
+    plots: bool = True
 
     def __post_init__(self) -> None:
         get_workload(self.workload)  # unknown name -> ValueError listing known ones
@@ -92,6 +93,7 @@ class RunSpec:
             warmup=args.warmup,
             cooldown_s=args.cooldown,
             progress=args.progress,
+            plots=args.plots,
         )
 
 
@@ -110,7 +112,8 @@ def run_sweep(spec: RunSpec) -> tuple[list[SystemResult], SLO]:
     label_dir = run_path(spec.out_dir, spec.label, spec.workload, 1.0).parent
     files = [r.path for r in find_runs([label_dir]) if r.workload == spec.workload]
     results, _, _ = build_report(files, label_dir / f"report_{spec.workload}",
-                                 slo.ttft_s * 1000, slo.tpot_s * 1000, slo.attainment)
+                                 slo.ttft_s * 1000, slo.tpot_s * 1000, slo.attainment,
+                                 plots=spec.plots)
     return results, slo
 
 
