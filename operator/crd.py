@@ -25,7 +25,7 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]  # KServe owns "isvc"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 KV_BACKENDS = ["tcp", "shm", "cuda_ipc", "nccl"]
-ROUTER_POLICIES = ["goodput", "round_robin", "least_load"]
+ROUTER_POLICIES = ["round_robin", "least_loaded", "prefix_aware", "goodput"]  # router/config.py
 
 Schema = dict[str, Any]
 

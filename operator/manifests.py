@@ -173,8 +173,6 @@ def _env(name: str, spec: dict[str, Any], generation: str) -> list[dict[str, Any
     return [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        # workers advertise this address (kv_endpoint in /health, registry entries)
-        {"name": "SPLITSERVE_ADVERTISE_HOST", "value": "$(POD_IP)"},
         {"name": "SPLITSERVE_GENERATION", "value": generation},
         {"name": "SPLITSERVE_SERVICE", "value": name},
         {"name": "SPLITSERVE_CONFIG", "value": f"{CONFIG_MOUNT}/serving.json"},
@@ -240,14 +238,18 @@ def _deployment(
     }
 
 
-def _worker_command(role: str, spec: dict[str, Any], url: str) -> list[str]:
+def _worker_command(role: str, spec: dict[str, Any], url: str, generation: str) -> list[str]:
+    """The worker's real CLI (``splitserve prefill|decode``); Kubernetes expands ``$(POD_IP)``."""
     backend = spec["kvTransfer"]["backend"]
     cmd = ["splitserve", role, "--model", model_dir(spec), "--host", "0.0.0.0"]
     if role == "prefill":
         cmd += ["--port", str(PREFILL_PORT)]
     else:
         cmd += ["--port", str(DECODE_PORT), "--kv-port", str(DECODE_KV_PORT)]
-    return cmd + ["--kv-backend", backend, "--redis-url", url]
+    return cmd + [
+        "--kv-backend", backend, "--redis-url", url,
+        "--advertise-host", "$(POD_IP)", "--generation", generation,
+    ]  # fmt: skip
 
 
 def _pod_spec(
@@ -293,7 +295,7 @@ def render_worker(name: str, namespace: str, spec: dict[str, Any], role: str) ->
     if role == "decode":
         ports.append({"name": "kv", "containerPort": DECODE_KV_PORT, "protocol": "TCP"})
     container = {
-        "command": _worker_command(role, spec, redis_url(name, spec)),
+        "command": _worker_command(role, spec, redis_url(name, spec), generation),
         "ports": ports,
         "env": _env(name, spec, generation)
         + [{"name": "SPLITSERVE_TENSOR_PARALLEL", "value": str(pool["tensorParallel"])}],

@@ -1,0 +1,494 @@
+"""A real, local Kubernetes control plane for the operator's tests (no downloads, no containers).
+
+etcd, kube-apiserver (TLS, client certificates, RBAC, service-account tokens),
+kube-controller-manager, kube-scheduler and kwok (fake nodes that turn scheduled pods Running and
+Ready) run as local processes on free loopback ports, from binaries that
+``scripts/k8s-build.sh`` builds once per machine into ``~/.cache/splitserve/k8s/<version>/bin``.
+The ``k8s`` fixture starts it once per test session and tears it down at the end.
+
+Import the fixture into a test module with ``from k8s_env import k8s  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO / "scripts" / "k8s-build.sh"
+T = TypeVar("T")
+
+FAKE_NODES = 2
+NODE_ALLOCATABLE = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "8"}
+
+
+# ---------------------------------------------------------------- binaries ----------------------
+def bin_dir() -> Path:
+    """The built binaries; builds them (minutes to tens of minutes, once) when missing."""
+    env_dir = os.environ.get("SPLITSERVE_K8S_BIN")
+    if env_dir:
+        return Path(env_dir)
+    got = subprocess.run([str(BUILD_SCRIPT), "--bin-dir"], capture_output=True, text=True)
+    if got.returncode != 0:
+        print("building the Kubernetes test binaries (scripts/k8s-build.sh)...", file=sys.stderr)
+        got = subprocess.run([str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=7200)
+        if got.returncode != 0:
+            raise RuntimeError(f"scripts/k8s-build.sh failed:\n{got.stderr[-4000:]}")
+    return Path(got.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- certificates ------------------
+@dataclass
+class Pki:
+    """CA, apiserver serving cert, admin client cert, service-account keys, as PEM files."""
+
+    dir: Path
+    ca_crt: Path = field(init=False)
+    ca_key: Path = field(init=False)
+    server_crt: Path = field(init=False)
+    server_key: Path = field(init=False)
+    admin_crt: Path = field(init=False)
+    admin_key: Path = field(init=False)
+    sa_key: Path = field(init=False)
+    sa_pub: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        def key_pem(key: Any) -> bytes:
+            return key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+
+        def name(cn: str, org: str | None = None) -> x509.Name:
+            attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+            if org:
+                attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+            return x509.Name(attrs)
+
+        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        later = now + dt.timedelta(days=2)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(name("splitserve-test-ca"))
+            .issuer_name(name("splitserve-test-ca"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(later)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        def leaf(subject: x509.Name, usage: Any, sans: list[Any] | None) -> tuple[bytes, bytes]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(ca.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now)
+                .not_valid_after(later)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+                .add_extension(x509.ExtendedKeyUsage([usage]), False)
+            )
+            if sans:
+                builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
+            cert = builder.sign(ca_key, hashes.SHA256())
+            return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+        dns = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+               "kubernetes.default.svc.cluster.local"]  # fmt: skip
+        sans = [x509.DNSName(d) for d in dns] + [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+        ]
+        server = leaf(name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        admin = leaf(name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        files = {
+            "ca_crt": ("ca.crt", ca.public_bytes(serialization.Encoding.PEM)),
+            "ca_key": ("ca.key", key_pem(ca_key)),
+            "server_crt": ("server.crt", server[0]),
+            "server_key": ("server.key", server[1]),
+            "admin_crt": ("admin.crt", admin[0]),
+            "admin_key": ("admin.key", admin[1]),
+            "sa_key": ("sa.key", key_pem(sa)),
+            "sa_pub": (
+                "sa.pub",
+                sa.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            ),
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for attr, (fname, data) in files.items():
+            path = self.dir / fname
+            path.write_bytes(data)
+            path.chmod(0o600)
+            setattr(self, attr, path)
+
+
+def kubeconfig(server: str, ca: Path, user: dict[str, str], context_ns: str = "default") -> str:
+    """A kubeconfig (YAML text) for one user entry (client cert data or a token)."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "local",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [
+                {
+                    "name": "local",
+                    "context": {"cluster": "local", "user": "user", "namespace": context_ns},
+                }
+            ],  # fmt: skip
+            "current-context": "local",
+        }
+    )
+
+
+# ---------------------------------------------------------------- processes ---------------------
+class Proc:
+    """One control-plane process with its log file; stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-n:]
+        return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+def wait_until(what: str, fn: Callable[[], T], timeout: float, interval: float = 0.25) -> T:
+    """Poll ``fn`` until it returns a truthy value; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})"
+    )
+
+
+# ---------------------------------------------------------------- the cluster -------------------
+class K8sEnv:
+    """The running control plane: kubeconfig, kubectl/helm helpers and process handles."""
+
+    def __init__(self, root: Path, bins: Path) -> None:
+        self.root = root
+        self.bins = bins
+        self.pki = Pki(root / "pki")
+        self.procs: list[Proc] = []
+        self.api_port = free_port()
+        self.server = f"https://127.0.0.1:{self.api_port}"
+        self.kubeconfig = root / "admin.kubeconfig"
+        self.kubeconfig.write_text(
+            kubeconfig(
+                self.server,
+                self.pki.ca_crt,
+                {
+                    "client-certificate-data": base64.b64encode(
+                        self.pki.admin_crt.read_bytes()
+                    ).decode(),
+                    "client-key-data": base64.b64encode(self.pki.admin_key.read_bytes()).decode(),
+                },
+            )
+        )
+        self.kubeconfig.chmod(0o600)
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{bins}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HOME": str(root / "home"),  # helm/kubectl caches stay inside the temp dir
+            "HELM_CACHE_HOME": str(root / "helm-cache"),
+            "HELM_CONFIG_HOME": str(root / "helm-config"),
+            "HELM_DATA_HOME": str(root / "helm-data"),
+        }
+        (root / "home").mkdir(exist_ok=True)
+
+    # -- lifecycle --
+    def _start(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, argv, self.root, self.env)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        b = self.bins
+        client, peer = free_port(), free_port()
+        etcd = self._start("etcd", [
+            str(b / "etcd"), "--name", "default", "--data-dir", str(self.root / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+            "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])  # fmt: skip
+        wait_until("etcd", lambda: self._http_ok(f"http://127.0.0.1:{client}/health", etcd), 30)
+        p = self.pki
+        api = self._start("kube-apiserver", [
+            str(b / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{client}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}",
+            f"--tls-cert-file={p.server_crt}", f"--tls-private-key-file={p.server_key}",
+            f"--client-ca-file={p.ca_crt}",
+            f"--service-account-key-file={p.sa_pub}",
+            f"--service-account-signing-key-file={p.sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--endpoint-reconciler-type=none",
+            "--allow-privileged=true",
+            "--profiling=false",
+            f"--cert-dir={self.root / 'apiserver-certs'}",
+        ])  # fmt: skip
+        wait_until("kube-apiserver /readyz", lambda: self._readyz(api), 90)
+        kc = f"--kubeconfig={self.kubeconfig}"
+        self._start("kube-controller-manager", [
+            str(b / "kube-controller-manager"), kc, "--leader-elect=false",
+            f"--service-account-private-key-file={p.sa_key}", f"--root-ca-file={p.ca_crt}",
+            "--secure-port=0", "--controllers=*",
+            "--concurrent-deployment-syncs=5", "--concurrent-replicaset-syncs=5",
+        ])  # fmt: skip
+        self._start("kube-scheduler", [
+            str(b / "kube-scheduler"), kc, "--leader-elect=false", "--secure-port=0",
+        ])  # fmt: skip
+        self._start("kwok", [
+            str(b / "kwok"), kc,
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--node-ip=10.240.0.1", "--cidr=10.244.0.0/16",
+            f"--server-address=127.0.0.1:{free_port()}",
+        ])  # fmt: skip
+        self.create_fake_nodes()
+        wait_until("fake nodes Ready", self._nodes_ready, 60)
+        wait_until(
+            "default ServiceAccount",
+            lambda: (
+                self.kubectl(
+                    "get", "serviceaccount", "default", "-n", "default", check=False
+                ).returncode
+                == 0
+            ),
+            60,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.procs if not p.alive()]
+        if dead:
+            raise RuntimeError(
+                "control-plane process exited: "
+                + "; ".join(f"{p.name} rc={p.proc.returncode}: {p.tail(1500)}" for p in dead)
+            )
+
+    # -- probes --
+    def _http_ok(self, url: str, proc: Proc) -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
+        ctx.load_cert_chain(str(self.pki.admin_crt), str(self.pki.admin_key))
+        return ctx
+
+    def _readyz(self, api: Proc) -> bool:
+        if not api.alive():
+            raise RuntimeError(f"kube-apiserver exited: {api.tail()}")
+        req = urllib.request.Request(f"{self.server}/readyz")
+        with urllib.request.urlopen(req, timeout=3, context=self.ssl_context()) as resp:
+            return resp.status == 200
+
+    def _nodes_ready(self) -> bool:
+        self.check_alive()
+        nodes = self.get_json("nodes")["items"]
+        ready = [
+            n for n in nodes
+            if any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in n.get("status", {}).get("conditions", []))
+        ]  # fmt: skip
+        return len(ready) >= FAKE_NODES
+
+    def create_fake_nodes(self) -> None:
+        docs = []
+        for i in range(FAKE_NODES):
+            docs.append({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": f"kwok-node-{i}",
+                    "annotations": {"kwok.x-k8s.io/node": "fake",
+                                    "node.alpha.kubernetes.io/ttl": "0"},
+                    "labels": {"type": "kwok", "kubernetes.io/hostname": f"kwok-node-{i}",
+                               "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                               "nvidia.com/gpu.present": "true"},
+                },
+                "status": {"allocatable": NODE_ALLOCATABLE, "capacity": NODE_ALLOCATABLE},
+            })  # fmt: skip
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+
+    # -- clients --
+    def run(
+        self,
+        tool: str,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        argv = [str(self.bins / tool), *args]
+        got = subprocess.run(argv, input=input, capture_output=True, text=True,
+                             env=env or self.env, timeout=timeout)  # fmt: skip
+        if check and got.returncode != 0:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed ({got.returncode}):\n"
+                               f"{got.stdout[-2000:]}\n{got.stderr[-3000:]}")  # fmt: skip
+        return got
+
+    def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        return self.run("kubectl", *args, **kw)
+
+    def helm(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        return self.run("helm", *args, **kw)
+
+    def get_json(self, *args: str) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, docs: list[dict[str, Any]] | dict[str, Any], namespace: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+        docs = docs if isinstance(docs, list) else [docs]
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", *ns, "-f", "-", input=yaml.safe_dump_all(docs), check=check)
+
+    def create_namespace(self, name: str) -> str:
+        self.kubectl("create", "namespace", name)
+        wait_until(
+            f"default ServiceAccount in {name}",
+            lambda: (
+                self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
+                == 0
+            ),
+            30,
+        )
+        return name
+
+    def token_kubeconfig(self, namespace: str, serviceaccount: str, path: Path) -> Path:
+        """A kubeconfig acting as a ServiceAccount (TokenRequest), to exercise real RBAC."""
+        token = self.kubectl("create", "token", serviceaccount, "-n", namespace,
+                             "--duration=2h").stdout.strip()  # fmt: skip
+        path.write_text(kubeconfig(self.server, self.pki.ca_crt, {"token": token}, namespace))
+        path.chmod(0o600)
+        return path
+
+
+_ENV: K8sEnv | None = None
+
+
+@pytest.fixture(scope="session")
+def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sEnv]:
+    """The control plane, started once per session (skip: SPLITSERVE_SKIP_K8S=1)."""
+    global _ENV
+    if os.environ.get("SPLITSERVE_SKIP_K8S") == "1":
+        pytest.skip("SPLITSERVE_SKIP_K8S=1")
+    if _ENV is not None:  # imported into several modules: still one cluster
+        yield _ENV
+        return
+    bins = bin_dir()
+    # short path: unix sockets and long argv stay well inside limits
+    root = Path(tempfile.mkdtemp(prefix="ss-k8s-"))
+    env = K8sEnv(root, bins)
+    try:
+        env.start()
+    except BaseException:
+        env.stop()
+        for p in env.procs:
+            sys.stderr.write(f"--- {p.name}\n{p.tail()}\n")
+        raise
+    _ENV = env
+    try:
+        yield env
+    finally:
+        _ENV = None
+        env.stop()
+        if os.environ.get("SPLITSERVE_KEEP_K8S_LOGS") != "1":
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,234 @@
+"""Unit tests of the operator's pure parts: CRD, child renderers, status (no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from splitserve.operator import crd, drain, manifests, status
+
+REPO = Path(__file__).resolve().parent.parent
+CRD_FILE = REPO / "charts" / "splitserve" / "crds" / "inferenceservices.splitserve.io.yaml"
+EXAMPLE = REPO / "charts" / "splitserve" / "examples" / "inferenceservice.yaml"
+
+SPEC = {"model": {"name": "tiny", "path": "/models/tiny"}, "image": "splitserve:cpu"}
+
+
+def by_kind_name(children: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def container(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_operator_has_no_init_file() -> None:
+    # an operator/__init__.py at the repo root would shadow the stdlib `operator` module
+    assert not (REPO / "operator" / "__init__.py").exists()
+
+
+def test_chart_crd_matches_python_source() -> None:
+    assert CRD_FILE.read_text() == crd.render_yaml(), (
+        "regenerate: python -m splitserve.operator.crd > " + str(CRD_FILE.relative_to(REPO))
+    )
+
+
+def test_router_policies_match_router() -> None:
+    config = pytest.importorskip("splitserve.router.config")
+    assert set(crd.ROUTER_POLICIES) == set(config.POLICIES)
+
+
+def test_defaults_fill_like_the_api_server() -> None:
+    full = crd.defaulted_spec(SPEC)
+    assert full["prefill"]["replicas"] == 1 and full["decode"]["tensorParallel"] == 1
+    assert full["kvTransfer"]["backend"] == "tcp"
+    assert full["redis"] == {"managed": True, "image": "redis:7-alpine"}
+    assert full["slo"] == {"ttftMs": 1000, "tpotMs": 100, "attainment": 0.9}
+    assert SPEC == {"model": {"name": "tiny", "path": "/models/tiny"}, "image": "splitserve:cpu"}
+
+
+def test_render_all_children_and_commands() -> None:
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC))
+    assert set(children) == {
+        ("ConfigMap", "demo-config"),
+        ("Deployment", "demo-redis"), ("Service", "demo-redis"),
+        ("Deployment", "demo-prefill"), ("Service", "demo-prefill"),
+        ("Deployment", "demo-decode"), ("Service", "demo-decode"),
+        ("Deployment", "demo-router"), ("Service", "demo-router"),
+        ("PodDisruptionBudget", "demo-prefill"), ("PodDisruptionBudget", "demo-decode"),
+        ("PodDisruptionBudget", "demo-router"),
+    }  # fmt: skip
+    gen = manifests.serving_generation("demo", "ns1", crd.defaulted_spec(SPEC))
+    redis = "redis://demo-redis:6379/0"
+    prefill = container(children[("Deployment", "demo-prefill")])
+    assert prefill["command"] == [
+        "splitserve", "prefill", "--model", "/models/tiny", "--host", "0.0.0.0", "--port", "8100",
+        "--kv-backend", "tcp", "--redis-url", redis, "--advertise-host", "$(POD_IP)",
+        "--generation", gen,
+    ]  # fmt: skip
+    decode = container(children[("Deployment", "demo-decode")])
+    assert decode["command"][:10] == [
+        "splitserve", "decode", "--model", "/models/tiny", "--host", "0.0.0.0",
+        "--port", "8200", "--kv-port", "8300",
+    ]  # fmt: skip
+    assert {p["containerPort"] for p in decode["ports"]} == {8200, 8300}
+    router = container(children[("Deployment", "demo-router")])
+    assert router["command"] == [
+        "splitserve", "router", "--model", "/models/tiny", "--served-model-name", "tiny",
+        "--host", "0.0.0.0", "--port", "8000", "--redis-url", redis, "--policy", "goodput",
+    ]  # fmt: skip
+    assert children[("Service", "demo-prefill")]["spec"]["clusterIP"] == "None"
+    assert children[("Service", "demo-decode")]["spec"]["clusterIP"] == "None"
+    assert children[("Service", "demo-router")]["spec"]["type"] == "ClusterIP"
+    assert manifests.endpoint("demo", "ns1") == "http://demo-router.ns1.svc:8000"
+
+
+@pytest.mark.parametrize("component", ["prefill", "decode", "router"])
+def test_pods_are_hardened_and_probed(component: str) -> None:
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC))
+    dep = children[("Deployment", f"demo-{component}")]
+    pod = dep["spec"]["template"]["spec"]
+    c = container(dep)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    assert "preStop" in c["lifecycle"]
+    # the selector never includes the generation (it would make the selector mutable)
+    assert manifests.LABEL_GENERATION not in dep["spec"]["selector"]["matchLabels"]
+    assert dep["spec"]["template"]["metadata"]["labels"][manifests.LABEL_GENERATION]
+
+
+def test_worker_pools_drain_in_prestop() -> None:
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC))
+    for role, port in (("prefill", "8100"), ("decode", "8200")):
+        hook = container(children[("Deployment", f"demo-{role}")])["lifecycle"]["preStop"]
+        assert hook["exec"]["command"][:4] == ["splitserve", "drain", "--port", port]
+
+
+def test_generation_rolls_both_pools_but_not_on_resize() -> None:
+    base = manifests.render_all("demo", "ns1", SPEC)
+    resized = copy.deepcopy(SPEC) | {"decode": {"replicas": 3}}
+    after_resize = manifests.render_all("demo", "ns1", resized)
+    changed = [a for a, b in zip(base, after_resize, strict=True) if a != b]
+    assert [(c["kind"], c["metadata"]["name"]) for c in changed] == [("Deployment", "demo-decode")]
+    reimaged = copy.deepcopy(SPEC) | {"image": "splitserve:v2"}
+    new = by_kind_name(manifests.render_all("demo", "ns1", reimaged))
+    old = by_kind_name(base)
+
+    def gen(children: dict, comp: str) -> str:
+        dep = children[("Deployment", f"demo-{comp}")]
+        return dep["spec"]["template"]["metadata"]["labels"][manifests.LABEL_GENERATION]
+
+    assert gen(new, "prefill") == gen(new, "decode") != gen(old, "prefill")
+
+
+def test_pvc_model_and_external_redis() -> None:
+    spec = {
+        "model": {"name": "m", "pvc": {"claimName": "models", "subPath": "qwen"}},
+        "image": "img",
+        "redis": {"managed": False, "url": "redis://shared:6379/3"},
+        "decode": {"resources": {"limits": {"nvidia.com/gpu": "1"}}, "replicas": 2},
+    }
+    children = by_kind_name(manifests.render_all("svc", "ns", spec))
+    assert ("Deployment", "svc-redis") not in children
+    dec = children[("Deployment", "svc-decode")]
+    c = container(dec)
+    assert c["command"][c["command"].index("--model") + 1] == "/models/qwen"
+    assert c["command"][c["command"].index("--redis-url") + 1] == "redis://shared:6379/3"
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert dec["spec"]["replicas"] == 2
+    vols = dec["spec"]["template"]["spec"]["volumes"]
+    assert {
+        "name": "model",
+        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+    } in vols
+
+
+def test_config_map_holds_serving_config() -> None:
+    cm = manifests.render_all("demo", "ns1", SPEC)[0]
+    assert cm["kind"] == "ConfigMap"
+    config = yaml.safe_load(cm["data"]["serving.json"])
+    assert config["model"] == {"name": "tiny", "dir": "/models/tiny"}
+    assert config["kvTransfer"] == {"backend": "tcp"}
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"image": "x"}, "spec.model"),
+        ({"model": {"name": "m", "path": "/m"}}, "spec.image"),
+        ({"model": {"name": "m"}, "image": "x"}, "model.path"),
+        ({"model": {"name": "m", "path": "/m"}, "image": "x", "redis": {"managed": False}},
+         "spec.redis.url"),
+    ],
+)  # fmt: skip
+def test_render_refuses_bad_specs_naming_the_field(spec: dict, field: str) -> None:
+    with pytest.raises(manifests.SpecError, match=field):
+        manifests.render_all("demo", "ns", spec)
+
+
+def test_example_renders() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    children = manifests.render_all(doc["metadata"]["name"], "default", doc["spec"])
+    assert len(children) == 12
+
+
+def _deployment(ready: int, updated: int, replicas: int, gen: int = 1, observed: int = 1) -> dict:
+    return {
+        "metadata": {"generation": gen},
+        "status": {"readyReplicas": ready, "updatedReplicas": updated, "replicas": replicas,
+                   "observedGeneration": observed},
+    }  # fmt: skip
+
+
+def test_status_ready_progressing_degraded() -> None:
+    full = crd.defaulted_spec(SPEC | {"decode": {"replicas": 2}})
+    deps = {c: _deployment(1, 1, 1) for c in ("prefill", "router", "redis")}
+    deps["decode"] = _deployment(1, 2, 2)
+    st = status.compute(full, deps, generation=3)
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["decode"]["ready"] == "1/2" and st["prefill"]["ready"] == "1/1"
+    assert conds["Ready"]["status"] == "False" and "decode 1/2" in conds["Ready"]["message"]
+    assert conds["Progressing"]["status"] == "True" and conds["Degraded"]["status"] == "False"
+    assert all(c["observedGeneration"] == 3 for c in conds.values())
+
+    deps["decode"] = _deployment(2, 2, 2)
+    st2 = status.compute(full, deps, 3, st["conditions"])
+    conds2 = {c["type"]: c for c in st2["conditions"]}
+    assert conds2["Ready"]["status"] == "True" and conds2["Ready"]["reason"] == "AllPoolsReady"
+    assert conds2["Progressing"]["status"] == "False"
+    # unchanged status keeps its transition time
+    assert conds2["Degraded"]["lastTransitionTime"] == conds["Degraded"]["lastTransitionTime"]
+
+    failing = copy.deepcopy(deps)
+    failing["prefill"]["status"]["conditions"] = [
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "quota"}
+    ]
+    conds3 = {c["type"]: c for c in status.compute(full, failing, 3)["conditions"]}
+    assert conds3["Degraded"]["status"] == "True" and "quota" in conds3["Degraded"]["message"]
+    err = {c["type"]: c for c in status.compute(full, deps, 3, None, "boom")["conditions"]}
+    assert err["Ready"]["reason"] == "ReconcileError" and err["Degraded"]["status"] == "True"
+
+
+def test_drain_counts_sequences() -> None:
+    assert drain.busy({"waiting": 1, "running": 2}) == 3
+    assert drain.busy({"waiting": 0, "running": 0}) == 0
+    # nothing listening: nothing to drain, returns at once
+    assert drain.wait_idle("http://127.0.0.1:9/load", timeout=5) is True
+
+
+def test_cli_registers_operator_and_drain() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "splitserve.cli", "operator", "--help"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "--all-namespaces" in out.stdout and "--standalone" in out.stdout
