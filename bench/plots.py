@@ -41,7 +41,11 @@ def plot_attainment(
         if goodputs and goodputs.get(label, 0) > 0:
             ax.plot([goodputs[label]], [target * 100], marker="x", markersize=10,
                     color=line[0].get_color())
-    ax.axhline(target * 100, linestyle="--", color="grey", linewidth=1)
+    ax.axhline(target * 100, linestyle="--", color="grey", linewidth=1,
+               label=f"target {target * 100:g}%")
+    rates = [r for pts in series.values() for r, _ in pts]
+    if rates and min(rates) > 0 and max(rates) / min(rates) >= 8:
+        ax.set_xscale("log")  # doubling sweeps (1, 2, 4, ... req/s) read evenly
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(-2, 102)

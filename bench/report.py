@@ -41,19 +41,20 @@ class SystemResult:
 
 def resolve_slo(runs: list[RunFile], ttft_ms: float | None, tpot_ms: float | None,
                 attainment: float | None) -> SLO:
-    """The SLO to judge by: the given values, else the runs' own, which must all agree."""
-    seen = {(r.slo["ttft_ms"], r.slo["tpot_ms"], r.slo["attainment"]) for r in runs}
-    if (ttft_ms is None or tpot_ms is None or attainment is None) and len(seen) > 1:
-        raise ValueError(
-            f"runs were made with different SLOs {sorted(seen)}; pass --ttft-ms, --tpot-ms "
-            "and --attainment to judge them all by one"
-        )
-    base = next(iter(seen))
-    return SLO(
-        (ttft_ms if ttft_ms is not None else base[0]) / 1000.0,
-        (tpot_ms if tpot_ms is not None else base[1]) / 1000.0,
-        attainment if attainment is not None else base[2],
-    )
+    """The SLO to judge by: each given value, else the runs' own, which must then agree."""
+    chosen = {}
+    for key, given in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms), ("attainment", attainment)):
+        if given is not None:
+            chosen[key] = given
+            continue
+        seen = sorted({r.slo[key] for r in runs})
+        if len(seen) > 1:
+            raise ValueError(
+                f"runs were made with different {key} values {seen}; pass --{key.replace('_', '-')}"
+                " to judge them all by one"
+            )
+        chosen[key] = seen[0]
+    return SLO(chosen["ttft_ms"] / 1000.0, chosen["tpot_ms"] / 1000.0, chosen["attainment"])
 
 
 def evaluate(runs: list[RunFile], slo: SLO) -> list[SystemResult]:
@@ -141,9 +142,9 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 
 def goodput_text(g: Goodput) -> str:
-    """Goodput as a table cell: '<r_min' / '>=r_max' flag the edge cases."""
+    """Goodput as a table cell: '<r_min'-style '0 (<)' and '>=r_max' flag the edge cases."""
     if g.status == "below_range":
-        return "0 (below range)"
+        return "0 (<)"
     if g.status == "above_range":
         return f">={g.rate:.2f}"
     return f"{g.rate:.2f}"
@@ -170,8 +171,8 @@ def rows(results: list[SystemResult]) -> list[list[str]]:
 
 
 HEADERS = [
-    "workload", "system", "goodput req/s", "per GPU", "rate", "attain %",
-    "TTFT p50", "TTFT p90", "TTFT p99", "TPOT p50", "TPOT p90", "TPOT p99", "SLO scale", "errors",
+    "workload", "system", "goodput", "/GPU", "rate", "attain%",
+    "TTFT p50", "p90", "p99", "TPOT p50", "p90", "p99", "scale", "err",
 ]
 
 
@@ -179,8 +180,9 @@ def markdown_table(results: list[SystemResult], slo: SLO) -> str:
     """The comparison as a Markdown table (for bench/RESULTS.md); latencies in ms."""
     lines = [
         f"SLO: TTFT <= {slo.ttft_s * 1000:g} ms and TPOT <= {slo.tpot_s * 1000:g} ms for "
-        f">= {slo.attainment * 100:g}% of requests. Latencies in ms. SLO scale: tightest "
-        "common factor on both targets that keeps the attainment.",
+        f">= {slo.attainment * 100:g}% of requests. goodput: req/s (/GPU: per GPU); rate: "
+        "offered req/s; latencies in ms; scale: tightest common factor on both targets that "
+        "keeps the attainment; err: failed requests.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
@@ -195,12 +197,15 @@ def print_table(results: list[SystemResult], slo: SLO) -> None:
     from rich.table import Table
 
     table = Table(title=f"SLO TTFT {slo.ttft_s * 1000:g} ms / TPOT {slo.tpot_s * 1000:g} ms "
-                        f"@ {slo.attainment * 100:g}% (latencies in ms)")
+                        f"@ {slo.attainment * 100:g}%; goodput and rate in req/s, "
+                        "latencies in ms")
     for h in HEADERS:
         table.add_column(h, justify="left" if h in ("workload", "system") else "right")
     for r in rows(results):
         table.add_row(*r)
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 130)  # 14 numeric columns: wrap rather than truncate
+    console.print(table)
 
 
 def _write_json(results: list[SystemResult], slo: SLO, path: Path) -> Path:
