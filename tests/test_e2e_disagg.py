@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-import torch
+from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.launcher.up import Deployment, UpConfig, free_port
 
 PROMPTS = [
@@ -49,18 +49,11 @@ def client(deployment):
 
 
 def hf_reference(model_dir, prompts, n):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    out = []
-    for text in prompts:
-        ids = tok(text)["input_ids"]
-        gen = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):]
-        out.append(tok.decode(gen, skip_special_tokens=True))
-    return out
+    tokens = hf_greedy(model_dir, hf_tokenize(model_dir, prompts), n)
+    return [tok.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 def test_greedy_concurrent_matches_transformers(client, demo_model):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.engine.engine import EngineConfig, LLMEngine
 from splitserve.engine.runner import RunnerConfig
 from splitserve.engine.sampling import SamplingParams
@@ -17,29 +17,8 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model_dir, prompts, n):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    # No EOS on the reference side: our engine runs with ignore_eos, so both generate n tokens
-    # (HF's min_new_tokens would instead mask EOS logits and pick a different token).
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return [
-        hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
-        for p in prompts
-    ]
-
-
-def tokenize(model_dir, texts):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return [tok(t)["input_ids"] for t in texts]
-
-
 def test_greedy_matches_transformers(model_variant):
-    prompts = tokenize(model_variant, PROMPTS)
+    prompts = hf_tokenize(model_variant, PROMPTS)
     # Small blocks and a tight token budget: several prefill batches, blocks filled mid-decode.
     engine = LLMEngine(
         EngineConfig(
@@ -53,7 +32,7 @@ def test_greedy_matches_transformers(model_variant):
 
 
 def test_prefix_reuse_gives_same_tokens(demo_model):
-    prompt = tokenize(demo_model, [PROMPTS[1]])[0]
+    prompt = hf_tokenize(demo_model, [PROMPTS[1]])[0]
     engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=8, num_kv_blocks=64)))
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     first = engine.generate([prompt], params)
@@ -68,7 +47,7 @@ def test_prefix_reuse_gives_same_tokens(demo_model):
 
 
 def test_preemption_under_cache_pressure_keeps_results(demo_model):
-    prompts = tokenize(demo_model, PROMPTS)
+    prompts = hf_tokenize(demo_model, PROMPTS)
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     roomy = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=8, num_kv_blocks=256)))
     tight = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=8, num_kv_blocks=16)))
@@ -76,7 +55,7 @@ def test_preemption_under_cache_pressure_keeps_results(demo_model):
 
 
 def test_seeded_sampling_is_reproducible(demo_model):
-    prompts = tokenize(demo_model, PROMPTS[:2])
+    prompts = hf_tokenize(demo_model, PROMPTS[:2])
     engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), num_kv_blocks=64)))
     params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
     assert engine.generate(prompts, params) == engine.generate(prompts, params)
@@ -84,7 +63,7 @@ def test_seeded_sampling_is_reproducible(demo_model):
 
 def test_stop_strings_and_max_tokens(demo_model):
     engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), num_kv_blocks=64)))
-    prompt = tokenize(demo_model, PROMPTS[:1])
+    prompt = hf_tokenize(demo_model, PROMPTS[:1])
     full = engine.generate(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     text = engine.tokenizer.decode(full)
     stop = text[len(text) // 2 : len(text) // 2 + 2]
