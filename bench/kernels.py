@@ -183,8 +183,7 @@ def bench_prefill(seq: int, sweep: bool, mm_tflops: float) -> list[dict]:
     return result
 
 
-def bench_elementwise(copy_gbs: float) -> list[dict]:
-    n, hidden, inter = 4096, 4096, 14336
+def bench_elementwise(copy_gbs: float, n: int = 4096, hidden: int = 4096, inter: int = 14336) -> list[dict]:
     rows = []
 
     def add(name: str, ours: Callable, ref: Callable, nbytes: int, err: float) -> None:

@@ -73,7 +73,7 @@ def _prefill_kernel(
     # Heaviest tiles first: program 0 takes the last tile id, which belongs to the last tiles.
     t = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    b = 0
+    b = tl.program_id(0) * 0  # an int32 scalar, so the loop carries one type
     for c in range(0, num_seqs, SEQ_CHUNK):
         offs_b = c + tl.arange(0, SEQ_CHUNK)
         ends = tl.load(tile_end_ptr + offs_b, mask=offs_b < num_seqs, other=2147483647)

@@ -25,9 +25,12 @@ from splitserve.kernels._launch import (
 
 
 @triton.jit
-def _rotate(x_ptr, stride_xh, out_ptr, stride_oh, cos, sin, j, mask, HALF: tl.constexpr):
+def _rotate(
+    x_ptr, stride_xh, out_ptr, stride_oh, cos, sin, j, mask,
+    HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+):
     """Rotate the head rows of one token, store them to ``out`` and return both halves."""
-    hh = tl.arange(0, mask.shape[0])
+    hh = tl.arange(0, HEADS_PAD)
     first = x_ptr + hh[:, None] * stride_xh + j[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -63,13 +66,13 @@ def _rope_kv_kernel(
     hq = tl.arange(0, Q_HEADS_PAD)
     _rotate(
         q_ptr + t * stride_qt, stride_qh, q_out_ptr + t * stride_qot, stride_qoh, cos, sin, j,
-        (hq < NUM_Q_HEADS)[:, None] & j_mask[None, :], HALF,
+        (hq < NUM_Q_HEADS)[:, None] & j_mask[None, :], HALF, Q_HEADS_PAD,
     )
     hk = tl.arange(0, KV_HEADS_PAD)
     k_mask = (hk < NUM_KV_HEADS)[:, None] & j_mask[None, :]
     k1, k2 = _rotate(
         k_ptr + t * stride_kt, stride_kh, k_out_ptr + t * stride_kot, stride_koh, cos, sin, j,
-        k_mask, HALF,
+        k_mask, HALF, KV_HEADS_PAD,
     )
     # the slot test as a per-head vector: a scalar in a mask breaks the interpreter
     k_write = k_mask & ((hk * 0 + slot_raw) >= 0)[:, None]
