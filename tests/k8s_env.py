@@ -6,7 +6,8 @@ Ready) run as local processes on free loopback ports, from binaries that
 ``scripts/k8s-build.sh`` builds once per machine into ``~/.cache/splitserve/k8s/<version>/bin``.
 The ``k8s`` fixture starts it once per test session and tears it down at the end.
 
-Import the fixture into a test module with ``from k8s_env import k8s  # noqa: F401``.
+Import the fixture into a test module with ``from k8s_env import k8s_fixture  # noqa: F401``
+(its pytest name is ``k8s``).
 """
 
 from __future__ import annotations
@@ -464,8 +465,8 @@ class K8sEnv:
 _ENV: K8sEnv | None = None
 
 
-@pytest.fixture(scope="session")
-def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sEnv]:
+@pytest.fixture(scope="session", name="k8s")
+def k8s_fixture() -> Iterator[K8sEnv]:
     """The control plane, started once per session (skip: SPLITSERVE_SKIP_K8S=1)."""
     global _ENV
     if os.environ.get("SPLITSERVE_SKIP_K8S") == "1":

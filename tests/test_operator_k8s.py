@@ -1,0 +1,401 @@
+"""The operator against a real control plane (etcd, kube-apiserver, controller-manager,
+scheduler, kwok fake nodes): CRD validation, children, pods Ready, status, resize, restart,
+delete, and the Helm chart installed with its own least-privilege RBAC.
+
+The control plane starts once for the session (tests/k8s_env.py); each group of tests uses its
+own namespace. The operator runs as a real process (``python -m splitserve.operator.main``), so
+"kill and restart" is a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from k8s_env import (
+    REPO,
+    K8sEnv,
+    k8s_fixture,  # noqa: F401  (the session fixture `k8s`)
+    wait_until,
+)
+
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(600)]
+
+CHART = REPO / "charts" / "splitserve"
+CRD_FILE = CHART / "crds" / "inferenceservices.splitserve.io.yaml"
+EXAMPLE = CHART / "examples" / "inferenceservice.yaml"
+COMPONENTS = ("prefill", "decode", "router", "redis")
+CHILD_KINDS = "deployments,services,configmaps,poddisruptionbudgets"
+
+
+class OperatorProcess:
+    """``python -m splitserve.operator.main`` as a child process with a log file."""
+
+    def __init__(self, k8s: K8sEnv, namespace: str, kubeconfig: Path | None = None) -> None:
+        self.k8s = k8s
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig or k8s.kubeconfig
+        self.log_path = k8s.root / f"operator-{namespace}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**self.k8s.env, "KUBECONFIG": str(self.kubeconfig), "SPLITSERVE_WATCH_TIMEOUT": "30"}
+        argv = [sys.executable, "-m", "splitserve.operator.main", "--namespace", self.namespace,
+                "--standalone", "--verbose"]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.k8s.root,
+                start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def assert_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited:\n{self.log()[-4000:]}")
+
+
+# ---------------------------------------------------------------- helpers -----------------------
+def example(name: str | None = None) -> dict[str, Any]:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    if name:
+        doc["metadata"]["name"] = name
+    return doc
+
+
+def isvc(k8s: K8sEnv, ns: str, name: str) -> dict[str, Any]:
+    return k8s.get_json("inferenceservice", name, "-n", ns)
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    for cond in obj.get("status", {}).get("conditions", []):
+        if cond["type"] == ctype:
+            return cond
+    return {}
+
+
+def children(k8s: K8sEnv, ns: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    items = k8s.get_json(CHILD_KINDS, "-n", ns, "-l", f"app.kubernetes.io/instance={name}")
+    return {(o["kind"], o["metadata"]["name"]): o for o in items["items"]}
+
+
+def snapshot(k8s: K8sEnv, ns: str, name: str) -> dict[tuple[str, str], tuple[str, Any]]:
+    """What "changed nothing" compares: uid plus spec generation (Deployments, whose status
+    moves on its own) or resourceVersion (everything else)."""
+    out = {}
+    for key, obj in children(k8s, ns, name).items():
+        meta = obj["metadata"]
+        marker = meta["generation"] if key[0] == "Deployment" else meta["resourceVersion"]
+        out[key] = (meta["uid"], marker)
+    return out
+
+
+def reconciled_events(k8s: K8sEnv, ns: str, name: str) -> list[str]:
+    sel = f"involvedObject.name={name},reason=Reconciled"
+    items = k8s.get_json("events", "-n", ns, "--field-selector", sel)["items"]
+    return [e["message"] for e in sorted(items, key=lambda e: e["metadata"]["creationTimestamp"])]
+
+
+def wait_ready(k8s: K8sEnv, op: OperatorProcess, ns: str, name: str, timeout: float = 90) -> dict:
+    def ready() -> dict | None:
+        op.assert_alive()
+        k8s.check_alive()
+        obj = isvc(k8s, ns, name)
+        return obj if condition(obj, "Ready").get("status") == "True" else None
+
+    try:
+        return wait_until(f"{name} Ready", ready, timeout, interval=0.5)
+    except TimeoutError:
+        print(op.log()[-6000:])
+        print(json.dumps(isvc(k8s, ns, name).get("status"), indent=1))
+        raise
+
+
+def make_model_volume(k8s: K8sEnv, ns: str) -> None:
+    """The example reads its model from PVC "models": a hostPath PV bound by the controller."""
+    pv = {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": f"models-{ns}"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "hostPath": {"path": "/srv/models"}, "storageClassName": "manual",
+                 "claimRef": {"namespace": ns, "name": "models"}},
+    }  # fmt: skip
+    pvc = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "models", "namespace": ns},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "manual",
+                 "volumeName": f"models-{ns}", "resources": {"requests": {"storage": "1Gi"}}},
+    }  # fmt: skip
+    k8s.apply([pv, pvc])
+    wait_until("PVC bound", lambda: k8s.get_json("pvc", "models", "-n", ns)
+               .get("status", {}).get("phase") == "Bound", 60)  # fmt: skip
+
+
+# ---------------------------------------------------------------- fixtures ----------------------
+@pytest.fixture(scope="module")
+def crd_installed(k8s: K8sEnv) -> None:
+    k8s.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                f"crd/{'inferenceservices.splitserve.io'}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ns(k8s: K8sEnv, crd_installed: None) -> str:
+    name = k8s.create_namespace("serving")
+    make_model_volume(k8s, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(k8s, ns).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+# ---------------------------------------------------------------- tests -------------------------
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"decode": {"replicas": -1}}, "spec.decode.replicas"),
+        ({"kvTransfer": {"backend": "carrier-pigeon"}}, "spec.kvTransfer.backend"),
+        ({"model": None}, "spec.model"),
+        ({"model": {"name": "m"}}, "spec.model"),
+        ({"model": {"name": "m", "path": "/m", "pvc": {"claimName": "x"}}}, "spec.model"),
+        ({"prefill": {"replicas": 1, "minReplicas": 3, "maxReplicas": 2}},
+         "spec.prefill.minReplicas"),
+        ({"decode": {"replicas": 9, "maxReplicas": 8}}, "spec.decode.replicas"),
+        ({"slo": {"attainment": 1.5}}, "spec.slo.attainment"),
+        ({"redis": {"url": "redis://x:6379"}}, "spec.redis.url"),
+        ({"image": None}, "spec.image"),
+    ],
+)  # fmt: skip
+def test_invalid_resources_refused_naming_the_field(
+    k8s: K8sEnv,
+    crd_installed: None,
+    patch: dict,
+    field: str,
+) -> None:
+    doc = example("bad")
+    for key, value in patch.items():
+        if value is None:
+            doc["spec"].pop(key)
+        else:
+            doc["spec"][key] = value
+    got = k8s.kubectl(
+        "apply", "--dry-run=server", "-n", "default", "-f", "-",
+        input=yaml.safe_dump(doc), check=False,
+    )  # fmt: skip
+    assert got.returncode != 0, f"accepted: {patch}"
+    assert field in got.stderr, got.stderr
+
+
+def test_apply_creates_children_pods_ready_and_status(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    k8s.kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
+    obj = wait_ready(k8s, operator, ns, "tiny")
+    kids = children(k8s, ns, "tiny")
+    uid = obj["metadata"]["uid"]
+    assert len(kids) == 12, sorted(kids)
+    for key, child in kids.items():
+        refs = child["metadata"].get("ownerReferences", [])
+        assert [(r["kind"], r["uid"], r.get("controller")) for r in refs] == [
+            ("InferenceService", uid, True)
+        ], key
+    decode = kids[("Deployment", "tiny-decode")]
+    assert decode["spec"]["replicas"] == 2
+    cmd = decode["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:2] == ["splitserve", "decode"] and "--kv-port" in cmd
+    assert cmd[cmd.index("--model") + 1] == "/models/tiny-qwen2"
+    assert decode["spec"]["template"]["spec"]["volumes"][-1]["persistentVolumeClaim"] == {
+        "claimName": "models", "readOnly": True,
+    }  # fmt: skip
+    # pods really scheduled on kwok nodes and Ready
+    pods = k8s.get_json("pods", "-n", ns, "-l", "app.kubernetes.io/instance=tiny")["items"]
+    assert len(pods) == 1 + 2 + 1 + 1  # prefill, decode x2, router, redis
+    for pod in pods:
+        assert pod["spec"]["nodeName"].startswith("kwok-node-")
+        assert condition(pod, "Ready").get("status") == "True"
+    st = obj["status"]
+    assert st["prefill"]["ready"] == "1/1" and st["decode"]["ready"] == "2/2"
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+    assert st["endpoint"] == f"http://tiny-router.{ns}.svc:8000"
+    assert condition(obj, "Progressing")["status"] == "False"
+    assert condition(obj, "Degraded")["status"] == "False"
+    table = k8s.kubectl("get", "infsvc", "tiny", "-n", ns).stdout.split("\n")
+    header = table[0].split()
+    assert header[:5] == ["NAME", "READY", "PREFILL", "DECODE", "ENDPOINT"], table
+    assert {"TTFT", "TPOT", "AGE"} <= set(header)
+    assert table[1].split()[:5] == ["tiny", "True", "1/1", "2/2", st["endpoint"]], table
+    assert reconciled_events(k8s, ns, "tiny"), "no Reconciled event"
+
+
+def test_edit_decode_replicas_changes_only_decode(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    before = snapshot(k8s, ns, "tiny")
+    k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
+                "-p", '{"spec": {"decode": {"replicas": 3}}}')  # fmt: skip
+    wait_until(
+        "decode Deployment at 3",
+        lambda: k8s.get_json("deployment", "tiny-decode", "-n", ns)["spec"]["replicas"] == 3,
+        30,
+    )
+    obj = wait_ready(k8s, operator, ns, "tiny")
+    wait_until("decode 3/3 in status",
+               lambda: isvc(k8s, ns, "tiny")["status"]["decode"]["ready"] == "3/3", 30)  # fmt: skip
+    after = snapshot(k8s, ns, "tiny")
+    changed = sorted(k for k in before if before[k] != after[k])
+    assert changed == [("Deployment", "tiny-decode")]
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_reapply_and_operator_restart_change_nothing(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    before = snapshot(k8s, ns, "tiny")
+    events = len(reconciled_events(k8s, ns, "tiny"))
+    operator.stop(kill=True)  # SIGKILL: no graceful shutdown
+    operator.start()
+    wait_until("resume reconcile", lambda: len(reconciled_events(k8s, ns, "tiny")) > events, 60)
+    assert reconciled_events(k8s, ns, "tiny")[-1] == "resume: 12 unchanged"
+    wait_ready(k8s, operator, ns, "tiny")
+    assert snapshot(k8s, ns, "tiny") == before
+
+    # a change made while the operator is down is picked up on restart, and only that
+    operator.stop(kill=True)
+    k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
+                "-p", '{"spec": {"router": {"replicas": 2}}}')  # fmt: skip
+    operator.start()
+    wait_until(
+        "router Deployment at 2",
+        lambda: k8s.get_json("deployment", "tiny-router", "-n", ns)["spec"]["replicas"] == 2,
+        60,
+    )
+    wait_ready(k8s, operator, ns, "tiny")
+    after = snapshot(k8s, ns, "tiny")
+    assert sorted(k for k in before if before[k] != after[k]) == [("Deployment", "tiny-router")]
+
+
+def test_model_change_rolls_prefill_and_decode_together(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    def generations() -> dict[str, str]:
+        out = {}
+        for comp in ("prefill", "decode"):
+            dep = k8s.get_json("deployment", f"tiny-{comp}", "-n", ns)
+            out[comp] = dep["spec"]["template"]["metadata"]["labels"][
+                "splitserve.io/serving-generation"
+            ]
+        return out
+
+    old = generations()
+    k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
+                "-p", '{"spec": {"image": "splitserve:cpu-v2"}}')  # fmt: skip
+    new = wait_until("new generation", lambda: (g := generations()) != old and g, 30)
+    assert new["prefill"] == new["decode"] != old["prefill"]
+    obj = wait_ready(k8s, operator, ns, "tiny", timeout=120)
+    assert obj["status"]["servingGeneration"] == new["prefill"]
+
+
+def test_delete_removes_everything(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    k8s.kubectl("delete", "infsvc", "tiny", "-n", ns, "--wait=true", "--timeout=60s")
+
+    def gone() -> bool:
+        left = k8s.get_json(CHILD_KINDS + ",pods,replicasets", "-n", ns,
+                            "-l", "app.kubernetes.io/instance=tiny")["items"]  # fmt: skip
+        return not left
+
+    wait_until("children garbage-collected", gone, 90, interval=1)
+
+
+def test_helm_lint_and_template_valid_against_api_server(
+    k8s: K8sEnv,
+    crd_installed: None,
+) -> None:
+    lint = k8s.helm("lint", str(CHART), "--strict")
+    assert "0 chart(s) failed" in lint.stdout, lint.stdout
+    for values in ([], ["--set", "operator.allNamespaces=true"],
+                   ["--set", "operator.watchNamespaces={default,kube-public}"]):  # fmt: skip
+        rendered = k8s.helm("template", "rel", str(CHART), "--namespace", "default",
+                            "--include-crds", *values).stdout  # fmt: skip
+        kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
+        assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
+        k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+
+
+def test_helm_install_brings_operator_up_with_least_privilege(
+    k8s: K8sEnv,
+    crd_installed: None,
+) -> None:
+    ns = k8s.create_namespace("splitserve-system")
+    make_model_volume(k8s, ns)
+    k8s.helm("install", "splitserve", str(CHART), "--namespace", ns,
+             "--set", "image.repository=splitserve", "--wait", "--timeout", "120s",
+             timeout=180)  # fmt: skip
+    try:
+        dep = k8s.get_json("deployment", "splitserve", "-n", ns)
+        assert dep["status"].get("availableReplicas") == 1
+        cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert cmd[:3] == ["splitserve", "--log-level=INFO", "operator"]
+        assert f"--namespace={ns}" in cmd and "--standalone" in cmd
+        # the pod is fake (kwok): run the same operator here, as the chart's ServiceAccount
+        sa_config = k8s.token_kubeconfig(ns, "splitserve", k8s.root / f"sa-{ns}.kubeconfig")
+        op = OperatorProcess(k8s, ns, kubeconfig=sa_config).start()
+        try:
+            doc = example("helm-demo")
+            doc["spec"]["decode"]["replicas"] = 1
+            k8s.apply(doc, namespace=ns)
+            obj = wait_ready(k8s, op, ns, "helm-demo")
+            assert obj["status"]["decode"]["ready"] == "1/1"
+            k8s.kubectl("delete", "infsvc", "helm-demo", "-n", ns, "--wait=true")
+            log = op.log()
+            assert "403" not in log and "Forbidden" not in log, log[-4000:]
+        finally:
+            op.stop()
+        # least privilege: the operator's account cannot touch other namespaces or secrets
+        for verb, what, where in (("list", "secrets", ns), ("create", "deployments", "default"),
+                                  ("delete", "nodes", None)):  # fmt: skip
+            args = ["auth", "can-i", verb, what, f"--as=system:serviceaccount:{ns}:splitserve"]
+            args += ["-n", where] if where else []
+            assert k8s.kubectl(*args, check=False).stdout.strip() == "no", (verb, what, where)
+    finally:
+        with contextlib.suppress(RuntimeError):
+            k8s.helm("uninstall", "splitserve", "--namespace", ns, "--wait", timeout=120)
