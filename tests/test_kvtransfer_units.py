@@ -1,0 +1,119 @@
+"""Unit tests of the pieces under the KV transfer contract: spec, registry, wire, layout."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from splitserve.kvtransfer import (
+    FailureReason,
+    KVSpec,
+    TransferError,
+    create_receiver,
+    create_sender,
+    register_backend,
+)
+from splitserve.kvtransfer.layout import gather_layer, scatter_layer, token_slots
+from splitserve.kvtransfer.wire import (
+    HEADER,
+    FrameType,
+    error_from_meta,
+    parse_endpoint,
+    recv_frame,
+    send_frame,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def spec(**kw) -> KVSpec:
+    fields = dict(model_fingerprint="m", dtype="float32", num_layers=2, num_kv_heads=2,
+                  head_dim=4, block_size=4, backend="tcp")
+    fields.update(kw)
+    return KVSpec(**fields)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dtype", "int8"), ("num_layers", 0), ("head_dim", 2.0), ("block_size", True),
+    ("model_fingerprint", ""), ("backend", ""),
+])
+def test_spec_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        spec(**{field: value})
+
+
+def test_spec_accepts_torch_dtype_and_round_trips():
+    s = spec(dtype=torch.bfloat16)
+    assert s.dtype == "bfloat16" and s.element_size == 2
+    assert KVSpec.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="unknown KVSpec field"):
+        KVSpec.from_dict({**s.to_dict(), "extra": 1})
+    assert s.layer_nbytes(3) == 2 * 3 * 2 * 4 * 2
+
+
+def test_check_compatible_names_every_differing_field_and_ignores_block_size():
+    spec().check_compatible(spec(block_size=16))
+    with pytest.raises(TransferError) as info:
+        spec().check_compatible(spec(num_layers=3, head_dim=8, block_size=32))
+    assert info.value.reason == FailureReason.HANDSHAKE_MISMATCH == "handshake_mismatch"
+    assert info.value.field == "num_layers,head_dim"
+    assert "num_layers: 2 != 3" in str(info.value) and "block_size" not in str(info.value)
+
+
+def test_registry_refuses_duplicates_unknown_names_and_wrong_spec_backend():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend("tcp", "x", "A", "B")
+    with pytest.raises(ValueError, match="unknown KV transfer backend"):
+        create_sender("carrier-pigeon", spec(backend="carrier-pigeon"))
+    with pytest.raises(ValueError, match="backend"):
+        create_sender("shm", spec(backend="tcp"))
+
+
+def test_receiver_validates_cache_and_expect_arguments():
+    s = spec()
+    with pytest.raises(ValueError, match="shape"):
+        create_receiver("tcp", s, torch.zeros(2, 2, 8, 8, 2, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        create_receiver("tcp", s, torch.zeros(2, 2, 8, 4, 2, 4, dtype=torch.float16))
+    with create_receiver("tcp", s, torch.zeros(2, 2, 8, 4, 2, 4)) as rx:
+        host, port = parse_endpoint(rx.endpoint)
+        assert host == "127.0.0.1" and port > 0
+        with pytest.raises(ValueError, match="blocks"):
+            rx.expect("r", 9, [0, 1])
+        with pytest.raises(ValueError, match=r"\[0, 8\)"):
+            rx.expect("r", 4, [8])
+        rx.expect("r", 4, [0])
+        with pytest.raises(ValueError, match="already expected"):
+            rx.expect("r", 4, [1])
+
+
+def test_layout_round_trip_between_block_sizes_in_bfloat16():
+    src = torch.randn(2, 2, 6, 8, 2, 4).to(torch.bfloat16)  # block size 8, 6 blocks
+    dst = torch.zeros(2, 2, 10, 4, 2, 4, dtype=torch.bfloat16)  # block size 4, 10 blocks
+    src_slots = token_slots([5, 0], 11, 8, 6)
+    dst_slots = token_slots([9, 1, 4], 11, 4, 10)
+    assert dst_slots.tolist()[:5] == [36, 37, 38, 39, 4]
+    for layer in range(2):
+        scatter_layer(dst, layer, dst_slots, gather_layer(src, layer, src_slots))
+        assert torch.equal(gather_layer(dst, layer, dst_slots), gather_layer(src, layer, src_slots))
+
+
+def test_wire_rejects_garbage_and_keeps_unknown_peer_reasons_readable():
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(2)
+        b.settimeout(2)
+        b.sendall(HEADER.pack(b"HTTP", 1, 1, 0, 0, 0))
+        with pytest.raises(TransferError) as info:
+            recv_frame(a)
+        assert info.value.reason == "protocol_error"
+        send_frame(b, FrameType.HELLO, {"request_id": "x"})
+        frame = recv_frame(a)
+        assert frame.type == FrameType.HELLO and frame.meta == {"request_id": "x"}
+    err = error_from_meta({"reason": "martian", "message": "boom"})
+    assert err.reason == "protocol_error" and "martian" in str(err)
+    for bad in ("nohost", "h:0", "h:x", ":80"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+    assert parse_endpoint("[::1]:9000") == ("::1", 9000)
