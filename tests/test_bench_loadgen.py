@@ -118,7 +118,8 @@ def test_records_ttft_gaps_and_usage(sse_server) -> None:
         assert r.finish_reason == "length"
         assert len(r.itl_s) == 5
         assert FIRST_TOKEN_S * 0.9 <= r.ttft_s < FIRST_TOKEN_S + 0.5
-        assert all(g >= GAP_S * 0.5 for g in r.itl_s)
+        # single gaps can be ~0 when two chunks arrive in one TCP read; their mean cannot
+        assert r.tpot_s >= GAP_S * 0.5
         assert r.tpot_s == pytest.approx(sum(r.itl_s) / 5)
         assert r.e2e_s == pytest.approx(r.ttft_s + sum(r.itl_s))
     body = received[0][1]
@@ -128,7 +129,7 @@ def test_records_ttft_gaps_and_usage(sse_server) -> None:
 
 def test_open_loop_sends_on_schedule_while_others_stream(sse_server) -> None:
     """Each request takes ~0.45 s; 8 requests scheduled 20 ms apart must all leave within
-    ~0.14 s + slack, not one after another."""
+    ~0.14 s + slack (generous: CI machines are loaded), not one after another (~3.6 s)."""
     from splitserve.bench.loadgen import LoadConfig, run_load_sync
 
     url, received = sse_server
@@ -136,9 +137,9 @@ def test_open_loop_sends_on_schedule_while_others_stream(sse_server) -> None:
     res = run_load_sync(_requests(8, 0.02, max_tokens=41), cfg, progress=False)
     assert all(r.ok for r in res.records)
     arrivals = sorted(t for t, _ in received)
-    assert arrivals[-1] - arrivals[0] < 0.35
+    assert arrivals[-1] - arrivals[0] < 1.5
     for r in res.records:
-        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.1)
+        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.5)
         assert r.output_tokens == 41  # counted from chunks without usage
     assert res.run_seconds >= 0.14 + FIRST_TOKEN_S + 40 * GAP_S * 0.9
 
