@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from splitserve.router.config import SLO, RouterConfig
 from splitserve.router.dispatch import Dispatcher
@@ -35,6 +35,7 @@ from splitserve.router.protocol import (
 )
 from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry
 from splitserve.router.serving import Serving, Shape
+from splitserve.router.streaming import DisconnectAwareStreamingResponse
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -179,7 +180,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         async def counted() -> AsyncIterator[str]:
             outcome = "client_closed"
             try:
-                async for line in result:
+                async for line in result.lines:
                     if line.startswith('data: {"error"'):
                         outcome = "error"
                     yield line
@@ -188,7 +189,9 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
             finally:
                 state.metrics.requests.labels(path, outcome).inc()
 
-        return StreamingResponse(counted(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return DisconnectAwareStreamingResponse(
+            counted(), "text/event-stream", on_close=result.close, headers={"cache-control": "no-cache"}
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -27,6 +27,16 @@ from splitserve.router.tokenizer import RouterTokenizer
 _END = object()
 
 
+@dataclass
+class SSEStream:
+    """A streaming answer: its SSE lines, and ``close`` to call when the response ends for any
+    reason (a generator's ``finally`` is not enough: a server drops a disconnected client's
+    generator without closing it, and the decode sequences would run on until collected)."""
+
+    lines: AsyncIterator[str]
+    close: Any
+
+
 @dataclass(frozen=True)
 class Shape:
     """What differs between /v1/completions and /v1/chat/completions."""
@@ -104,7 +114,7 @@ class Serving:
 
     async def serve(
         self, shape: Shape, body: _SamplingFields, prompts: list[list[int]], max_len: int, slo: SLO
-    ) -> dict[str, Any] | AsyncIterator[str]:
+    ) -> dict[str, Any] | SSEStream:
         """The JSON body (non-streaming) or an SSE line iterator (streaming)."""
         rid, specs, owners = self._specs(shape, body, prompts, max_len, slo)
         choices = [ChoiceText(self.tokenizer.detokenizer(s.prompt_token_ids), body.stop_list) for s in specs]
@@ -132,7 +142,7 @@ class Serving:
                 "choices": [shape.choice(i, c.text, c.finish_reason) for i, c in enumerate(choices)],
                 "usage": dict(usage, completion_tokens=completion_tokens, total_tokens=usage["prompt_tokens"] + completion_tokens),
             }
-        return self._sse(shape, rid, created, body, run, head, choices, usage)
+        return SSEStream(self._sse(shape, rid, created, body, run, head, choices, usage), run.cancel)
 
     @staticmethod
     def _feed(choices: list[ChoiceText], run: _Run, idx: int, chunk: Chunk) -> str:

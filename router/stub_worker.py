@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from splitserve.router.streaming import DisconnectAwareStreamingResponse
 
 
 @dataclass
@@ -112,7 +113,7 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
         )
 
     @app.post("/generate")
-    async def generate(body: dict, request: Request) -> StreamingResponse:
+    async def generate(body: dict) -> DisconnectAwareStreamingResponse:
         b.requests.append(body)
         rid = body["request_id"]
         max_tokens = body["sampling"]["max_tokens"]
@@ -137,6 +138,7 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
                     tok = b.output_token_ids[i % len(b.output_token_ids)]
                     i += 1
                     if b.die_after_tokens is not None and len(out) >= b.die_after_tokens:
+                        b.dead = True  # a dead worker stays dead: health polls fail too
                         raise ConnectionAbortedError("stub decode dies mid-stream")
                     out.append(tok)
                     pending.append(tok)
@@ -160,7 +162,7 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
                 running["n"] -= 1
                 kv_events.pop(rid, None)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return DisconnectAwareStreamingResponse(lines(), "application/x-ndjson")
 
     return app
 

@@ -1,0 +1,345 @@
+"""The router's HTTP API through a real uvicorn server, with the real ``openai`` client, in front
+of stub workers that speak the Worker HTTP API (router/stub_worker.py): results, streaming,
+``n``, stop strings, usage, every 4xx path, API keys, and failures (prefill refuses, decode dies
+mid-stream or is killed) - the client always gets a clear error promptly, never a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from splitserve.router.app import create_app
+from splitserve.router.config import RouterConfig
+from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.router.tokenizer import RouterTokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+OUTPUT_TEXT = "Hello world, how are you today? Fine!"
+
+
+@pytest.fixture(scope="module")
+def tok(demo_model: Path) -> RouterTokenizer:
+    return RouterTokenizer(demo_model)
+
+
+@pytest.fixture(scope="module")
+def workers(tok: RouterTokenizer) -> Iterator[dict[str, tuple[ServerThread, StubBehaviour]]]:
+    """Two prefill and two decode stubs, shared by the module; behaviours reset per test."""
+    out = {}
+    with ServerThread(create_stub_app(b0 := StubBehaviour("prefill"))) as p0, ServerThread(
+        create_stub_app(b1 := StubBehaviour("prefill"))
+    ) as p1, ServerThread(create_stub_app(b2 := StubBehaviour("decode"))) as d0, ServerThread(
+        create_stub_app(b3 := StubBehaviour("decode"))
+    ) as d1:
+        out = {"p0": (p0, b0), "p1": (p1, b1), "d0": (d0, b2), "d1": (d1, b3)}
+        yield out
+
+
+@pytest.fixture(autouse=True)
+def _reset(workers, tok: RouterTokenizer) -> None:
+    ids = tok.encode(OUTPUT_TEXT, add_special_tokens=False)
+    for server, b in workers.values():
+        fresh = StubBehaviour(b.role, output_token_ids=ids, stop_strings_from=tok)
+        if b.role == "decode":
+            fresh.kv_endpoint = server.endpoint
+        b.__dict__.update(fresh.__dict__)
+
+
+@contextmanager
+def router(demo_model: Path, workers, prefill=("p0", "p1"), decode=("d0", "d1"), **kw) -> Iterator[ServerThread]:
+    cfg = RouterConfig(
+        served_model_name="demo",
+        model_dir=str(demo_model),
+        prefill_urls=tuple(workers[n][0].url for n in prefill),
+        decode_urls=tuple(workers[n][0].url for n in decode),
+        poll_interval_s=0.2,
+        **kw,
+    )
+    with ServerThread(create_app(cfg)) as server:
+        yield server
+
+
+def client(server: ServerThread, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def test_completion_chat_and_usage(demo_model, workers, tok) -> None:
+    with router(demo_model, workers) as r:
+        c = client(r)
+        out = c.completions.create(model="demo", prompt="Tell me a story", max_tokens=5, temperature=0)
+        expected = tok.decode(tok.encode(OUTPUT_TEXT, add_special_tokens=False)[:5])
+        assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens == len(tok.encode("Tell me a story"))
+        assert out.usage.completion_tokens == 5 and out.usage.total_tokens == out.usage.prompt_tokens + 5
+        messages = [{"role": "user", "content": "hi"}]
+        chat = c.chat.completions.create(model="demo", messages=messages, max_tokens=200)
+        assert (OUTPUT_TEXT * 20).startswith(chat.choices[0].message.content)
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.usage.prompt_tokens == len(tok.encode_chat(messages))
+        # The decode stub saw the chat-templated prompt and the right sampling JSON.
+        sent = workers["d0"][1].requests + workers["d1"][1].requests
+        assert tok.encode_chat(messages) in [r["token_ids"] for r in sent]
+        assert all(r["recompute"] is False for r in sent)
+        prefill_sent = workers["p0"][1].requests + workers["p1"][1].requests
+        assert {r["decode_kv_endpoint"] for r in prefill_sent} <= {workers["d0"][0].endpoint, workers["d1"][0].endpoint}
+        assert c.models.list().data[0].id == "demo"
+
+
+def test_max_tokens_defaults_to_remaining_context(demo_model, workers, tok) -> None:
+    with router(demo_model, workers) as r:
+        client(r).completions.create(model="demo", prompt="abc")
+        sent = workers["d0"][1].requests + workers["d1"][1].requests
+        assert sent[-1]["sampling"]["max_tokens"] == 1024 - len(tok.encode("abc"))
+
+
+def test_streaming_chat_with_usage(demo_model, workers) -> None:
+    with router(demo_model, workers) as r:
+        stream = client(r).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert OUTPUT_TEXT.startswith(text) and len(text) > 5
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+        raw = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 3, "stream": True})
+        events = [line for line in raw.text.split("\n\n") if line]
+        assert events[-1] == "data: [DONE]" and raw.headers["content-type"].startswith("text/event-stream")
+        assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_n_and_batched_prompts(demo_model, workers) -> None:
+    with router(demo_model, workers) as r:
+        out = client(r).completions.create(model="demo", prompt=["a b", "c d e"], n=2, max_tokens=4, seed=11)
+        assert sorted(ch.index for ch in out.choices) == [0, 1, 2, 3]
+        assert out.usage.completion_tokens == 16
+        sent = workers["d0"][1].requests + workers["d1"][1].requests
+        assert sorted(s["sampling"]["seed"] for s in sent) == [11, 12, 13, 14]
+        assert len({s["request_id"] for s in sent}) == 4
+        stream = client(r).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "x"}], n=3, max_tokens=5, stream=True
+        )
+        finished = {ch.choices[0].index for ch in stream if ch.choices and ch.choices[0].finish_reason}
+        assert finished == {0, 1, 2}
+
+
+def test_stop_strings_cut_the_text(demo_model, workers) -> None:
+    with router(demo_model, workers) as r:
+        c = client(r)
+        out = c.completions.create(model="demo", prompt="x", max_tokens=50, stop=["you"])
+        assert out.choices[0].text == "Hello world, how are " and out.choices[0].finish_reason == "stop"
+        stream = c.completions.create(model="demo", prompt="x", max_tokens=50, stop=[", how"], stream=True)
+        chunks = list(stream)
+        assert "".join(ch.choices[0].text for ch in chunks) == "Hello world"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_bad_input_gets_clear_4xx(demo_model, workers) -> None:
+    with router(demo_model, workers) as r:
+        url = r.url + "/v1/completions"
+        ok = {"model": "demo", "prompt": "hello"}
+        err = _error(httpx.post(url, content=b'{"model": "demo", "prompt": ', headers={"content-type": "application/json"}), 400)
+        assert "not valid JSON" in err["message"]
+        assert "JSON object" in _error(httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"}), 400)["message"]
+        err = _error(httpx.post(url, json=ok | {"model": "gpt-4"}), 404)
+        assert err["code"] == "model_not_found" and "gpt-4" in err["message"]
+        err = _error(httpx.post(url, json=ok | {"prompt": "hello " * 1100}), 400)
+        assert "maximum context length is 1024" in err["message"]
+        err = _error(httpx.post(url, json=ok | {"max_tokens": 0}), 400)
+        assert "max_tokens" in err["message"] and err["param"] == "max_tokens"
+        err = _error(httpx.post(url, json=ok | {"max_tokens": 5000}), 400)
+        assert "5000 for the completion" in err["message"]
+        assert "temperature" in _error(httpx.post(url, json=ok | {"temperature": -0.5}), 400)["message"]
+        assert "out of range" in _error(httpx.post(url, json=ok | {"prompt": [1, 99999]}), 400)["message"]
+        assert "x-slo-ttft-ms" in _error(httpx.post(url, json=ok, headers={"x-slo-ttft-ms": "soon"}), 400)["message"]
+        err = _error(httpx.post(r.url + "/v1/chat/completions", json={"model": "demo", "messages": "hi"}), 400)
+        assert err["param"] == "messages"
+        _error(httpx.get(r.url + "/v1/nothing"), 404)
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client(r).chat.completions.create(model="demo", messages=[{"role": "user", "content": "a " * 1100}])
+        with pytest.raises(openai.NotFoundError):
+            client(r).completions.create(model="other", prompt="x")
+        # None of that reached a worker.
+        assert not any(b.requests for _, b in workers.values())
+
+
+def test_api_key(demo_model, workers) -> None:
+    with router(demo_model, workers, api_key="s3cret") as r:
+        with pytest.raises(openai.AuthenticationError):
+            client(r, "wrong").models.list()
+        _error(httpx.get(r.url + "/v1/models"), 401)
+        assert client(r, "s3cret").completions.create(model="demo", prompt="x", max_tokens=2).choices
+        assert httpx.get(r.url + "/health").status_code == 200
+
+
+def test_prefill_failure_retries_on_another_pair(demo_model, workers) -> None:
+    workers["p0"][1].prefill_status = 503
+    with router(demo_model, workers) as r:
+        for _ in range(4):  # round robin hits p0 half the time
+            assert client(r).completions.create(model="demo", prompt="x", max_tokens=3).choices[0].text
+        assert len(workers["p0"][1].requests) >= 1
+        aborted = workers["d0"][1].aborted + workers["d1"][1].aborted
+        assert len(aborted) == len(workers["p0"][1].requests)  # each abandoned decode stream was closed
+        assert "splitserve_router_retries_total" in httpx.get(r.url + "/metrics").text
+
+
+def test_prefill_failure_without_alternative_is_502(demo_model, workers) -> None:
+    workers["p0"][1].prefill_status = 502
+    with router(demo_model, workers, prefill=("p0",)) as r:
+        t0 = time.monotonic()
+        err = _error(httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x"}), 502)
+        assert "prefill" in err["message"] and time.monotonic() - t0 < 5
+        with pytest.raises(openai.APIStatusError) as exc:
+            client(r).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], stream=True)
+        assert exc.value.status_code == 502
+
+
+def test_decode_dying_mid_request_fails_fast_and_others_keep_serving(demo_model, workers) -> None:
+    for name in ("d0", "d1"):
+        workers[name][1].token_delay_s = 0.01
+    workers["d0"][1].die_after_tokens = 3
+    with router(demo_model, workers) as r:
+        outcomes = []
+        for _ in range(2):  # round robin: one of these lands on d0
+            resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 8}, timeout=10)
+            outcomes.append(resp.status_code)
+            if resp.status_code != 200:
+                err = _error(resp, 502)
+                assert workers["d0"][0].url in err["message"] and "decode" in err["message"]
+        assert sorted(outcomes) == [200, 502]
+        for _ in range(4):
+            assert client(r).completions.create(model="demo", prompt="x", max_tokens=4).choices[0].text
+        health = httpx.get(r.url + "/health").json()
+        assert health["workers"]["decode"] == {"healthy": 1, "total": 2}
+
+
+def test_decode_process_killed_mid_stream(demo_model, workers, tok) -> None:
+    """A real decode process is SIGKILLed while streaming: the stream ends with an error event."""
+    sock_port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitserve.router.stub_worker", "--role", "decode", "--port", str(sock_port),
+         "--token-delay", "0.05", "--tokens", *map(str, tok.encode(OUTPUT_TEXT, add_special_tokens=False))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{sock_port}"
+        _wait_http(url + "/health")
+        cfg = RouterConfig(served_model_name="demo", model_dir=str(demo_model), prefill_urls=(workers["p0"][0].url,),
+                           decode_urls=(url,), poll_interval_s=0.2)
+        with ServerThread(create_app(cfg)) as r:
+            stream = client(r).completions.create(model="demo", prompt="x", max_tokens=500, stream=True)
+            it = iter(stream)
+            assert next(it).choices[0].text
+            os.kill(proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIError, match="failed mid-request"):
+                for _ in it:
+                    pass
+            assert time.monotonic() - t0 < 5
+            err = _error(httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x"}), 503)
+            assert "decode" in err["message"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_client_disconnect_aborts_the_decode_sequence(demo_model, workers) -> None:
+    workers["d0"][1].token_delay_s = workers["d1"][1].token_delay_s = 0.02
+    with router(demo_model, workers) as r:
+        body = {"model": "demo", "prompt": "x", "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", r.url + "/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 5
+        while not (workers["d0"][1].aborted or workers["d1"][1].aborted):
+            assert time.monotonic() < deadline, "decode stream was not closed after the client left"
+            time.sleep(0.02)
+
+
+def test_no_healthy_decode_is_503(demo_model, workers) -> None:
+    workers["d0"][1].dead = workers["d1"][1].dead = True
+    with router(demo_model, workers) as r:
+        err = _error(httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x"}), 503)
+        assert "no decode worker available" in err["message"]
+        assert httpx.get(r.url + "/health").status_code == 503
+
+
+def test_decode_only_mode_asks_decode_to_recompute(demo_model, workers) -> None:
+    with router(demo_model, workers, prefill=(), decode=("d1",)) as r:
+        assert client(r).completions.create(model="demo", prompt="x", max_tokens=2).choices[0].text
+        assert workers["d1"][1].requests[-1]["recompute"] is True
+
+
+def test_goodput_sheds_with_429_and_reason(demo_model, workers, tmp_path) -> None:
+    model = tmp_path / "latency.json"
+    model.write_text(json.dumps({"decode": {"base_ms": 500, "per_seq_ms": 1, "per_context_token_ms": 0}}))
+    with router(demo_model, workers, policy="goodput", latency_model_path=str(model), max_queue_ms=50) as r:
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x"})
+        err = _error(resp, 429)
+        assert err["code"] == "slo_tpot" and "TPOT" in err["message"] and resp.headers["retry-after"]
+        assert time.monotonic() - t0 < 2
+        # A looser per-request target (header) is admitted.
+        ok = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2},
+                        headers={"x-slo-tpot-ms": "1000"})
+        assert ok.status_code == 200, ok.text
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'splitserve_router_shed_total{reason="slo_tpot"} 1.0' in metrics
+        assert 'splitserve_router_routing_decisions_total{outcome="shed",policy="goodput"} 1.0' in metrics
+
+
+def test_metrics_record_latency_and_outcomes(demo_model, workers) -> None:
+    with router(demo_model, workers, policy="least_loaded") as r:
+        client(r).completions.create(model="demo", prompt="x", max_tokens=4)
+        httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 0})
+        text = httpx.get(r.url + "/metrics").text
+        for needle in (
+            "splitserve_router_ttft_seconds_count 1.0",
+            "splitserve_router_tpot_seconds_count 1.0",
+            "splitserve_router_e2e_seconds_count 1.0",
+            'splitserve_router_requests_total{endpoint="/v1/completions",outcome="ok"} 1.0',
+            'splitserve_router_requests_total{endpoint="/v1/completions",outcome="bad_request"} 1.0',
+            'splitserve_router_routing_decisions_total{outcome="routed",policy="least_loaded"} 1.0',
+            'splitserve_router_slo_requests_total{tpot="met",ttft="met"} 1.0',
+            "splitserve_router_worker_healthy",
+        ):
+            assert needle in text, needle
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not come up within {timeout}s")
