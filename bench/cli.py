@@ -62,6 +62,11 @@ def _add_run(bsub: argparse._SubParsersAction) -> None:
                      help="do not ask for stream_options.include_usage (output tokens are then "
                           "counted from SSE chunks)")
     srv.add_argument("--extra-body", default="{}", help="JSON object merged into each body")
+    srv.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                     help="extra HTTP header on every request (repeatable)")
+    srv.add_argument("--slo-headers", action="store_true",
+                     help="send the SLO as x-slo-ttft-ms / x-slo-tpot-ms headers (splitserve's "
+                          "router reads them; give every compared system the same flag)")
     srv.add_argument("--temperature", type=float, default=0.0)
     srv.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
 
@@ -157,6 +162,17 @@ def parse_rates(args: argparse.Namespace) -> list[float]:
     return sorted(rates)
 
 
+def parse_headers(items: list[str]) -> dict[str, str]:
+    """``NAME:VALUE`` strings to a dict (an item without ':' is an error naming it)."""
+    headers = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise SystemExit(f"--header must be NAME:VALUE, got {item!r}")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
 def _run(args: argparse.Namespace) -> int:
     from splitserve.bench.runner import RunSpec, run_sweep
 
@@ -166,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--extra-body is not JSON: {exc}") from exc
     if not isinstance(extra, dict):
         raise SystemExit("--extra-body must be a JSON object")
-    spec = RunSpec.from_args(args, parse_rates(args), extra)
+    spec = RunSpec.from_args(args, parse_rates(args), extra, parse_headers(args.header))
     results = run_sweep(spec)
     from splitserve.bench.report import print_table
 

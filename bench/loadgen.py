@@ -35,7 +35,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """How to talk to the server. ``extra_body`` is merged into every request body last."""
+    """How to talk to the server. ``extra_body`` is merged into every request body last;
+    ``headers`` go on every request (e.g. splitserve's per-request SLO headers)."""
 
     base_url: str
     model: str
@@ -45,6 +46,7 @@ class LoadConfig:
     request_timeout_s: float = 600.0
     api_key: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -99,7 +101,9 @@ async def run_load(
     done (each bounded by ``config.request_timeout_s``)."""
     own = client is None
     if client is None:
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        headers = dict(config.headers)
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.request_timeout_s, connect=30.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),

@@ -11,7 +11,8 @@ Run file schema (``"schema": "splitserve.bench.run/1"``)::
       "label": str,                      # the system's name in tables and plots
       "created_utc": "2026-01-01T00:00:00Z",
       "host": str,                       # machine that ran the load generator
-      "server": {"base_url": str, "model": str, "ignore_eos": bool, "extra_body": {...}},
+      "server": {"base_url": str, "model": str, "ignore_eos": bool, "extra_body": {...},
+                 "headers": [names of extra headers sent]},
       "num_gpus": int | null,            # GPUs the system used (for per-GPU goodput)
       "workload": {"name", "seed", "rate", "arrival_cv", "exact_lengths",
                    "caps": {"scale", "max_input", "max_output", "max_context"},

@@ -65,14 +65,19 @@ class RunSpec:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, rates: list[float],
-                  extra_body: dict[str, Any]) -> RunSpec:
+                  extra_body: dict[str, Any], headers: dict[str, str]) -> RunSpec:
         """Build from ``splitserve bench run`` arguments."""
         default_ttft, default_tpot = get_workload(args.workload).slo_ms
+        ttft_ms = default_ttft if args.ttft_ms is None else args.ttft_ms
+        tpot_ms = default_tpot if args.tpot_ms is None else args.tpot_ms
+        if args.slo_headers:
+            headers = {**headers, **slo_headers(ttft_ms, tpot_ms)}
         return cls(
             load=LoadConfig(
                 base_url=args.base_url, model=args.model, ignore_eos=args.ignore_eos,
                 include_usage=args.include_usage, temperature=args.temperature,
                 request_timeout_s=args.timeout, api_key=args.api_key, extra_body=extra_body,
+                headers=headers,
             ),
             workload=args.workload,
             rates=rates,
@@ -82,11 +87,7 @@ class RunSpec:
             caps=LengthCaps(args.length_scale, args.max_input, args.max_output,
                             args.max_context),
             tokenizer=args.tokenizer,
-            slo=SLO(
-                (default_ttft if args.ttft_ms is None else args.ttft_ms) / 1000,
-                (default_tpot if args.tpot_ms is None else args.tpot_ms) / 1000,
-                args.attainment,
-            ),
+            slo=SLO(ttft_ms / 1000, tpot_ms / 1000, args.attainment),
             out_dir=args.out,
             label=args.label,
             num_gpus=args.gpus,
@@ -95,6 +96,11 @@ class RunSpec:
             progress=args.progress,
             plots=args.plots,
         )
+
+
+def slo_headers(ttft_ms: float, tpot_ms: float) -> dict[str, str]:
+    """splitserve's per-request SLO headers (router/app.py reads them)."""
+    return {"x-slo-ttft-ms": f"{ttft_ms:g}", "x-slo-tpot-ms": f"{tpot_ms:g}"}
 
 
 def run_sweep(spec: RunSpec) -> tuple[list[SystemResult], SLO]:
@@ -133,7 +139,8 @@ def run_one(spec: RunSpec, rate: float, slo: SLO) -> Path:
     return write_run(run_path(spec.out_dir, spec.label, spec.workload, rate), {
         "label": spec.label,
         "server": {"base_url": spec.load.base_url, "model": spec.load.model,
-                   "ignore_eos": spec.load.ignore_eos, "extra_body": spec.load.extra_body},
+                   "ignore_eos": spec.load.ignore_eos, "extra_body": spec.load.extra_body,
+                   "headers": sorted(spec.load.headers)},
         "num_gpus": spec.num_gpus,
         "workload": reqs.meta(),
         "rate": rate,

@@ -27,13 +27,13 @@ FIRST_TOKEN_S = 0.05
 GAP_S = 0.01
 
 
-def make_app(received: list[tuple[float, dict]]) -> FastAPI:
+def make_app(received: list[tuple[float, dict, dict]]) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
-        received.append((time.perf_counter(), body))
+        received.append((time.perf_counter(), body, dict(request.headers)))
         if "REJECT" in body["prompt"]:
             return JSONResponse({"error": {"message": "rejected"}}, status_code=400)
         n = int(body["max_tokens"])
@@ -63,7 +63,7 @@ def make_app(received: list[tuple[float, dict]]) -> FastAPI:
 @pytest.fixture
 def sse_server() -> Iterator[tuple[str, list]]:
     """The test-double server on a free port; yields (base_url, received requests)."""
-    received: list[tuple[float, dict]] = []
+    received: list[tuple[float, dict, dict]] = []
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -109,7 +109,7 @@ def test_records_ttft_gaps_and_usage(sse_server) -> None:
     from splitserve.bench.loadgen import LoadConfig, run_load_sync
 
     url, received = sse_server
-    cfg = LoadConfig(base_url=url, model="m")
+    cfg = LoadConfig(base_url=url, model="m", headers={"x-test": "1"})
     res = run_load_sync(_requests(3, 0.02, max_tokens=6), cfg, progress=False)
     assert [r.index for r in res.records] == [0, 1, 2]
     for r in res.records:
@@ -123,6 +123,7 @@ def test_records_ttft_gaps_and_usage(sse_server) -> None:
         assert r.tpot_s == pytest.approx(sum(r.itl_s) / 5)
         assert r.e2e_s == pytest.approx(r.ttft_s + sum(r.itl_s))
     body = received[0][1]
+    assert received[0][2]["x-test"] == "1"
     assert body["ignore_eos"] is True and body["stream"] is True and body["max_tokens"] == 6
     assert body["stream_options"] == {"include_usage": True}
 
@@ -136,7 +137,7 @@ def test_open_loop_sends_on_schedule_while_others_stream(sse_server) -> None:
     cfg = LoadConfig(base_url=url, model="m", include_usage=False)
     res = run_load_sync(_requests(8, 0.02, max_tokens=41), cfg, progress=False)
     assert all(r.ok for r in res.records)
-    arrivals = sorted(t for t, _ in received)
+    arrivals = sorted(t for t, _, _ in received)
     assert arrivals[-1] - arrivals[0] < 1.5
     for r in res.records:
         assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.5)
@@ -180,8 +181,9 @@ def test_cli_run_two_systems_then_report(sse_server, tmp_path: Path) -> None:
               "--max-output", "4", "--ttft-ms", "500", "--tpot-ms", "100", "--out", str(out),
               "--no-progress"]
     assert main(common + ["--label", "a", "--gpus", "2"]) == 0
-    assert main(common + ["--label", "b", "--no-plots"]) == 0
-    prompts = [b["prompt"] for _, b in received]
+    assert main(common + ["--label", "b", "--no-plots", "--slo-headers"]) == 0
+    assert received[-1][2]["x-slo-tpot-ms"] == "100" and "x-slo-tpot-ms" not in received[0][2]
+    prompts = [b["prompt"] for _, b, _ in received]
     assert prompts[:12] == prompts[12:]  # both systems got the same requests
     runs = find_runs([out])
     assert {(r.label, r.rate) for r in runs} == {("a", 20.0), ("a", 40.0), ("b", 20.0),

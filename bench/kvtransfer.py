@@ -1,0 +1,123 @@
+"""KV transfer benchmark (CPU, loopback): each backend against a plain socket copy, in one run.
+
+Payload: the KV of a ``--tokens``-token prompt of a Llama-3-8B-shaped model (32 layers, 8 KV
+heads, head dim 128, bf16: 128 KiB per token). Measured in the same process, same run:
+- ``socket copy``: one thread ``sendall``\\s the same bytes, layer by layer, to another that
+  ``recv_into``\\s a preallocated buffer: the ceiling for any TCP transfer on this machine;
+- each registered backend end to end: ``sender.send(...)`` from prefill-shaped layer tensors
+  until the receiver's future resolved, data scattered into a paged cache (block size 16,
+  shuffled blocks) and verified afterwards.
+Prints one table with GB/s and the ratio to the socket copy (best of ``--repeats``).
+``python -m splitserve.bench.kvtransfer [--tokens 2048] [--repeats 3] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import threading
+import time
+
+import torch
+from splitserve.kvtransfer import KVSpec, available_backends, create_receiver, create_sender
+from splitserve.kvtransfer.layout import gather_layer, token_slots
+
+LAYERS, HEADS, DIM, BLOCK = 32, 8, 128, 16
+DTYPE = "bfloat16"
+
+
+def socket_copy_seconds(layer_bytes: int, layers: int) -> float:
+    """Seconds for a plain loopback socket to move ``layers`` buffers of ``layer_bytes``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    src = bytearray(os.urandom(1024)) * (layer_bytes // 1024 + 1)
+    src_view = memoryview(src)[:layer_bytes]
+    dst = memoryview(bytearray(layer_bytes))
+    done = threading.Event()
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        with conn:
+            for _ in range(layers):
+                view = dst
+                while view.nbytes:
+                    view = view[conn.recv_into(view):]
+            conn.sendall(b"k")
+        done.set()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    start = time.perf_counter()
+    with socket.create_connection(server.getsockname()) as sock:
+        for _ in range(layers):
+            sock.sendall(src_view)
+        sock.recv(1)
+    seconds = time.perf_counter() - start
+    thread.join()
+    server.close()
+    return seconds
+
+
+def backend_seconds(backend: str, tokens: int, kv: list[torch.Tensor], rid: str) -> float:
+    """Seconds for one end-to-end transfer of ``kv`` through ``backend``; checks the data."""
+    spec = KVSpec("bench", DTYPE, LAYERS, HEADS, DIM, BLOCK, backend=backend)
+    blocks = -(-tokens // BLOCK)
+    cache = torch.empty(LAYERS, 2, blocks, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    table = torch.randperm(blocks).tolist()
+    with create_receiver(backend, spec, cache) as rx, create_sender(backend, spec) as tx:
+        fut = rx.expect(rid, tokens, table, timeout=120)
+        start = time.perf_counter()
+        tx.send(rid, rx.endpoint, iter(kv), 1, num_tokens=tokens)
+        fut.result(timeout=120)
+        seconds = time.perf_counter() - start
+        slots = token_slots(table, tokens, BLOCK, blocks)
+        for layer in (0, LAYERS - 1):
+            if not torch.equal(gather_layer(cache, layer, slots), kv[layer]):
+                raise RuntimeError(f"{backend}: layer {layer} arrived corrupted")
+    return seconds
+
+
+def run(tokens: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    kv = [torch.randn(2, tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(LAYERS)]
+    layer_bytes = kv[0].numel() * kv[0].element_size()
+    total = layer_bytes * LAYERS
+    rows = [{"path": "socket copy", "seconds": min(
+        socket_copy_seconds(layer_bytes, LAYERS) for _ in range(repeats))}]
+    for backend in available_backends():
+        rows.append({"path": backend, "seconds": min(
+            backend_seconds(backend, tokens, kv, f"r{i}") for i in range(repeats))})
+    for row in rows:
+        row["bytes"] = total
+        row["gb_per_s"] = total / row["seconds"] / 1e9
+        row["vs_socket_copy"] = rows[0]["seconds"] / row["seconds"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.tokens < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats must be >= 1")
+    rows = run(args.tokens, args.repeats)
+    mib = rows[0]["bytes"] / 2**20
+    print(f"KV of {args.tokens} tokens, Llama-3-8B shape, bf16: {mib:.0f} MiB; "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, best of {args.repeats}")
+    print(f"{'path':<14}{'seconds':>10}{'GB/s':>8}{'vs socket copy':>16}")
+    for row in rows:
+        print(f"{row['path']:<14}{row['seconds']:>10.3f}{row['gb_per_s']:>8.2f}"
+              f"{row['vs_socket_copy']:>15.0%}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"tokens": args.tokens, "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
