@@ -9,6 +9,7 @@ are known here, so each path is fixed and no discovery round-trip is needed.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +39,20 @@ class ApplyResult:
 
 
 _client: kubernetes.client.ApiClient | None = None
+_client_lock = threading.Lock()
 
 
 def api_client() -> kubernetes.client.ApiClient:
     """One shared client, configured in-cluster or from KUBECONFIG (whichever is there)."""
     global _client
-    if _client is None:
-        try:
-            kubernetes.config.load_incluster_config()
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
-        _client = kubernetes.client.ApiClient()
-    return _client
+    with _client_lock:  # kopf runs sync handlers in a thread pool
+        if _client is None:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            _client = kubernetes.client.ApiClient()
+        return _client
 
 
 def _path(kind: str, namespace: str, name: str | None = None) -> str:
