@@ -14,6 +14,8 @@
 #
 # Usage: scripts/k8s-build.sh            build (or confirm) the cache, print the bin dir last
 #        scripts/k8s-build.sh --bin-dir  only print the bin dir (exit 1 if not built)
+# Output: <bin dir>/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kubectl,kwok,helm}
+#         and <bin dir>/kwok-stages.yaml (kwok's fast node/pod stages, for `kwok --config`).
 # Env:   SPLITSERVE_K8S_CACHE (default ~/.cache/splitserve/k8s), GOFLAGS/GOPROXY as usual.
 set -euo pipefail
 
@@ -37,12 +39,31 @@ is_built() {
   for b in "${BINARIES[@]}"; do [[ -x "${BIN}/${b}" ]] || return 1; done
 }
 
+# kwok does nothing without "stages" (what happens to a node or pod, and when). kwokctl embeds
+# kwok's own fast stages; the plain binary needs them in a config file: copy them out of the
+# kwok module so they always match the kwok we built.
+STAGES="${BIN}/kwok-stages.yaml"
+install_kwok_stages() {
+  [[ -s "${STAGES}" ]] && return 0
+  local dir
+  dir=$(go mod download -json "sigs.k8s.io/kwok@${KWOK_VERSION}" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  local f first=1
+  for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [[ ${first} == 1 ]] || echo "---"
+    first=0
+    cat "${dir}/kustomize/stage/${f}"
+  done > "${STAGES}.tmp"
+  mv "${STAGES}.tmp" "${STAGES}"
+}
+
 if [[ "${1:-}" == "--bin-dir" ]]; then
-  is_built || { echo "not built: run scripts/k8s-build.sh" >&2; exit 1; }
+  is_built && [[ -s "${STAGES}" ]] || { echo "not built: run scripts/k8s-build.sh" >&2; exit 1; }
   echo "${BIN}"; exit 0
 fi
 
 if is_built; then
+  install_kwok_stages
   echo "k8s binaries up to date (${STAMP_TEXT})" >&2
   echo "${BIN}"; exit 0
 fi
@@ -118,6 +139,7 @@ go build -p "$(nproc)" -ldflags "-s -w ${KV} ${HV} ${WV}" -o "${OUT}/" \
 mv "${OUT}/server" "${OUT}/etcd"
 for b in "${BINARIES[@]}"; do install -m 0755 "${OUT}/${b}" "${BIN}/${b}"; done
 rm -rf "${OUT}"
+install_kwok_stages
 echo "${STAMP_TEXT}" > "${BIN}/.stamp"
 echo "built in $(( $(date +%s) - START ))s: ${STAMP_TEXT}" >&2
 echo "${BIN}"

@@ -330,7 +330,7 @@ class K8sEnv:
             str(b / "kube-scheduler"), kc, "--leader-elect=false", "--secure-port=0",
         ])  # fmt: skip
         self._start("kwok", [
-            str(b / "kwok"), kc,
+            str(b / "kwok"), kc, f"--config={b / 'kwok-stages.yaml'}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--node-ip=10.240.0.1", "--cidr=10.244.0.0/16",
