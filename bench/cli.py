@@ -3,6 +3,7 @@
     splitserve bench run --base-url URL --model NAME --workload chat --rates 1,2,4 --label disagg
     splitserve bench report bench/out/disagg bench/out/colocated --out bench/out/report
     splitserve bench workloads
+    splitserve bench sweep --model DIR --system 'disagg=splitserve up ... --port {port}' ...
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run(bsub)
     _add_report(bsub)
     _add_workloads(bsub)
+    _add_sweep(bsub)
 
 
 def _add_run(bsub: argparse._SubParsersAction) -> None:
@@ -143,6 +145,19 @@ def _add_workloads(bsub: argparse._SubParsersAction) -> None:
     wl.add_argument("--num", type=int, default=20000, help="samples per workload")
     wl.add_argument("--seed", type=int, default=0)
     wl.set_defaults(func=_workloads)
+
+
+def _add_sweep(bsub: argparse._SubParsersAction) -> None:
+    from splitserve.bench import goodput
+
+    sweep = bsub.add_parser(
+        "sweep",
+        help="start each system in turn, run workloads over rates, report goodput",
+        description=goodput.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    goodput.add_arguments(sweep)
+    sweep.set_defaults(func=goodput.sweep)
 
 
 def parse_rates(args: argparse.Namespace) -> list[float]:
