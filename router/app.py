@@ -241,7 +241,9 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
             role: {"healthy": sum(w.healthy for w in pool.role(role)), "total": len(pool.role(role))}
             for role in ("prefill", "decode")
         }
-        ok = counts["decode"]["healthy"] > 0
+        # Ready when a request can be served: a healthy decode worker, and a healthy prefill
+        # worker unless there is no prefill pool (decode then computes prompts itself).
+        ok = counts["decode"]["healthy"] > 0 and (counts["prefill"]["total"] == 0 or counts["prefill"]["healthy"] > 0)
         body = {"status": "ok" if ok else "unavailable", "role": "router", "model": config.served_model_name,
                 "policy": config.policy, "workers": counts}
         return JSONResponse(body, status_code=200 if ok else 503)
