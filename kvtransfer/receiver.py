@@ -29,7 +29,7 @@ import torch
 
 from . import metrics
 from .base import FailureReason, KVReceiver, KVSpec, TransferError, TransferResult, TransferState
-from .layout import check_cache, scatter_layer, token_slots
+from .layout import PagedWriter, check_cache
 from .wire import (
     Frame,
     FrameType,
@@ -49,8 +49,10 @@ class LayerSource(ABC):
     """Where one connection's layer bytes come from (backend-specific)."""
 
     @abstractmethod
-    def read(self, sock: socket.socket, frame: Frame, nbytes: int) -> torch.Tensor:
-        """The ``nbytes`` of the layer announced by ``frame``, as a uint8 tensor."""
+    def read_into(
+        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
+    ) -> None:
+        """Move the layer announced by ``frame`` into the blocks through ``writer``."""
 
     def release(self, sock: socket.socket, frame: Frame) -> None:
         """Called after the layer was scattered (shm: hand the slot back)."""
@@ -65,7 +67,7 @@ class LayerSource(ABC):
 class _Entry:
     request_id: str
     num_tokens: int
-    slots: torch.Tensor
+    writer: PagedWriter
     future: concurrent.futures.Future
     deadline: float
     state: TransferState = TransferState.PENDING
@@ -137,8 +139,7 @@ class SocketReceiver(KVReceiver):
             raise ValueError("request_id must be a non-empty string")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        slots = token_slots(block_table, num_tokens, self.spec.block_size, self._num_blocks)
-        slots = slots.to(self.kv_cache.device)
+        writer = PagedWriter(self.kv_cache, block_table, num_tokens)  # validates the table
         future: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # only the receiver resolves it
         with self._cond:
@@ -150,7 +151,7 @@ class SocketReceiver(KVReceiver):
                 self._fail_future(future, (tomb[1] if tomb else err).with_request(request_id))
                 return future
             self._entries[request_id] = _Entry(
-                request_id, num_tokens, slots, future, time.monotonic() + timeout
+                request_id, num_tokens, writer, future, time.monotonic() + timeout
             )
             self._cond.notify_all()
         return future
@@ -353,8 +354,6 @@ class SocketReceiver(KVReceiver):
     def _receive(self, conn: socket.socket, entry: _Entry, hello: dict[str, Any]) -> None:
         start = time.monotonic()
         nbytes = self.spec.layer_nbytes(entry.num_tokens)
-        shape = self.spec.layer_shape(entry.num_tokens)
-        dtype = getattr(torch, self.spec.dtype)
         source = self.open_source(hello, nbytes)
         try:
             send_frame(conn, FrameType.ACCEPT)
@@ -365,18 +364,15 @@ class SocketReceiver(KVReceiver):
                         FailureReason.PROTOCOL_ERROR,
                         f"expected layer {layer}, got {frame.meta.get('layer')}",
                     )
-                data = source.read(conn, frame, nbytes)
                 if entry.abort is not None:
                     raise entry.abort
-                scatter_layer(self.kv_cache, layer, entry.slots, data.view(dtype).view(shape))
-                del data
+                source.read_into(conn, frame, layer, entry.writer)
                 source.release(conn, frame)
                 metrics.record_bytes("receive", self.backend, nbytes)
             end = expect_frame(conn, FrameType.END).meta
         finally:
             source.close()
-        if self.kv_cache.is_cuda:
-            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+            entry.writer.finish()
         first_token = end.get("first_token")
         seconds = time.monotonic() - start
         total = nbytes * self.spec.num_layers

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from .base import FailureReason, TransferError
+from .layout import PagedWriter
 from .receiver import LayerSource, SocketReceiver
 from .sender import LayerSink, SocketSender
-from .wire import Frame, FrameType, expect_frame, send_frame
+from .wire import Frame, FrameType, expect_frame, send_frame, tensor_bytes
 
 SLOTS = 2
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -52,18 +53,22 @@ class ShmSource(LayerSource):
         self._slots = slots
         self._nbytes = nbytes
         self._mem: torch.Tensor | None = _map(path, slots * nbytes)
+        self._view: memoryview | None = memoryview(self._mem.numpy())
 
-    def read(self, sock: socket.socket, frame: Frame, nbytes: int) -> torch.Tensor:
+    def read_into(
+        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
+    ) -> None:
         slot = frame.meta.get("slot")
         if frame.payload_len or not isinstance(slot, int) or not 0 <= slot < self._slots:
             raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad shm LAYER frame {frame.meta}")
-        return self._mem[slot * nbytes : (slot + 1) * nbytes]
+        n = self._nbytes
+        writer.from_buffer(layer, self._view[slot * n : (slot + 1) * n])
 
     def release(self, sock: socket.socket, frame: Frame) -> None:
         send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
 
     def close(self) -> None:
-        self._mem = None
+        self._view = self._mem = None
 
 
 class ShmSink(LayerSink):
@@ -78,6 +83,7 @@ class ShmSink(LayerSink):
         finally:
             os.close(fd)
         self._mem: torch.Tensor | None = _map(self._path, SLOTS * nbytes)
+        self._view: memoryview | None = memoryview(self._mem.numpy())
         self._free = collections.deque(range(SLOTS))
 
     def hello_fields(self) -> dict[str, Any]:
@@ -91,7 +97,7 @@ class ShmSink(LayerSink):
             self.on_frame(expect_frame(sock, FrameType.CREDIT))
         slot = self._free.popleft()
         n = self._nbytes
-        self._mem[slot * n : (slot + 1) * n].copy_(tensor.reshape(-1).view(torch.uint8))
+        self._view[slot * n : (slot + 1) * n] = tensor_bytes(tensor)  # memcpy, no torch kernel
         send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
 
     def on_frame(self, frame: Frame) -> None:
@@ -101,7 +107,7 @@ class ShmSink(LayerSink):
         self._free.append(slot)
 
     def close(self) -> None:
-        self._mem = None
+        self._view = self._mem = None
         self._unlink()
 
     def _unlink(self) -> None:

@@ -1,8 +1,8 @@
 """TCP backend: layer bytes travel inline on the transfer's connection (any two hosts).
 
 Sender: the layer tensor's own memory goes to ``sendall`` through a memoryview (no copy in
-Python). Receiver: one buffer per connection, filled with ``recv_into`` and scattered into the
-paged cache with one ``index_copy_`` per layer.
+Python). Receiver: ``recv_into`` straight into the destination blocks (CPU cache), or into one
+staging buffer then one ``index_copy_`` per layer (GPU cache); see ``layout.PagedWriter``.
 """
 
 from __future__ import annotations
@@ -13,28 +13,27 @@ from typing import Any
 import torch
 
 from .base import FailureReason, TransferError
+from .layout import PagedWriter
 from .receiver import LayerSource, SocketReceiver
 from .sender import LayerSink, SocketSender
-from .wire import Frame, FrameType, byte_buffer, recv_into_exact, send_frame, tensor_bytes
+from .wire import Frame, FrameType, send_frame, tensor_bytes
 
 
 class InlineSource(LayerSource):
-    """Reads each layer's payload from the socket into one reused buffer."""
+    """Reads each layer's payload from the socket straight into the blocks."""
 
     def __init__(self, nbytes: int) -> None:
-        self._buf, self._view = byte_buffer(nbytes)
+        self._nbytes = nbytes
 
-    def read(self, sock: socket.socket, frame: Frame, nbytes: int) -> torch.Tensor:
-        if frame.payload_len != nbytes:
+    def read_into(
+        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
+    ) -> None:
+        if frame.payload_len != self._nbytes:
             raise TransferError(
                 FailureReason.PROTOCOL_ERROR,
-                f"layer payload is {frame.payload_len} bytes, expected {nbytes}",
+                f"layer payload is {frame.payload_len} bytes, expected {self._nbytes}",
             )
-        recv_into_exact(sock, self._view)
-        return self._buf
-
-    def close(self) -> None:
-        self._view.release()
+        writer.from_socket(sock, layer)
 
 
 class InlineSink(LayerSink):
