@@ -1,0 +1,131 @@
+"""End to end with real worker processes: the ``openai`` client -> router -> prefill worker ->
+KV transfer (TCP) -> decode worker, on the CPU with the demo model. Completion, chat, streaming,
+``n``, stop, usage; greedy output through prefill->decode equals the decode worker computing the
+prompt itself; a decode worker killed mid-stream fails only that request, promptly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from splitserve.router.app import create_app
+from splitserve.router.config import RouterConfig
+from splitserve.router.stub_worker import ServerThread
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One prefill and two decode worker processes (started in parallel), their URLs by name."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    procs: dict[str, subprocess.Popen] = {}
+    urls: dict[str, str] = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        for name, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+            port = _free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "splitserve.cli", role, "--model", str(demo_model), "--port", str(port),
+                   "--device", "cpu", "--num-kv-blocks", "128"]
+            with open(logs / f"{name}.log", "wb") as log:
+                procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 90
+        for name, url in urls.items():
+            while True:
+                if procs[name].poll() is not None:
+                    pytest.fail(f"{name} exited: {(logs / f'{name}.log').read_text()[-2000:]}")
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{name} did not become healthy: {(logs / f'{name}.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield urls | {"_pids": procs}  # type: ignore[operator]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
+
+@contextmanager
+def router(demo_model: Path, prefill: list[str], decode: list[str]) -> Iterator[openai.OpenAI]:
+    cfg = RouterConfig(served_model_name="demo", model_dir=str(demo_model), prefill_urls=tuple(prefill),
+                       decode_urls=tuple(decode), poll_interval_s=0.2)
+    with ServerThread(create_app(cfg)) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+PROMPTS = ["hello world", "please write a story about the router and the cache " * 3, "x"]
+
+
+def test_openai_client_through_prefill_and_decode(cluster, demo_model) -> None:
+    with router(demo_model, [cluster["p0"]], [cluster["d0"]]) as c:
+        greedy = [c.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0) for p in PROMPTS]
+        for out in greedy:
+            assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens >= 1
+        stream = c.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True,
+                                      stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == greedy[1].choices[0].text
+        assert chunks[-1].usage.completion_tokens == greedy[1].usage.completion_tokens
+        chat = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                         temperature=0.8, seed=3, n=2)
+        assert len(chat.choices) == 2 and chat.usage.completion_tokens >= 2
+        again = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          temperature=0.8, seed=3, n=2)
+        assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in chat.choices]
+        text = greedy[0].choices[0].text
+        stop = text[3:6].strip() or None
+        if stop:
+            cut = c.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+            assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+            assert text.startswith(cut.choices[0].text)
+    # The same greedy tokens when decode computes the prompt itself (no prefill, no transfer).
+    with router(demo_model, [], [cluster["d1"]]) as c:
+        for p, out in zip(PROMPTS, greedy, strict=True):
+            assert c.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text == out.choices[0].text
+
+
+def test_decode_killed_mid_stream_fails_only_that_request(cluster, demo_model) -> None:
+    with router(demo_model, [cluster["p0"]], [cluster["d0"], cluster["d1"]]) as c:
+        stream = c.completions.create(model="demo", prompt="hello", max_tokens=1000, stream=True, temperature=1.0,
+                                      extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        victim = next(n for n in ("d0", "d1")
+                      if httpx.get(cluster[n] + "/load").json()["running"] + httpx.get(cluster[n] + "/load").json()["waiting"])
+        survivor = "d1" if victim == "d0" else "d0"
+        cluster["_pids"][victim].kill()
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 5
+        for _ in range(3):
+            assert c.completions.create(model="demo", prompt="again", max_tokens=4).usage.completion_tokens >= 1
+        assert httpx.get(cluster[survivor] + "/health").status_code == 200
