@@ -2,8 +2,10 @@
 
 Every full block of a sequence gets a chained hash (the hash of the previous block plus this
 block's tokens), so two prompts that share a prefix share its blocks: a hash hit also checks the
-block's tokens, so a hash collision can never hand out the wrong cache. A freed block keeps its
-contents and hash until it is handed out again, which is what makes a later hit possible.
+block's tokens, so a hash collision can never hand out the wrong cache. A block is hashed only
+once its KV has been computed (``commit`` after each step), so no sequence can ever reuse a block
+whose contents are still to come. A freed block keeps its contents and hash until it is handed out
+again, which is what makes a later hit possible.
 
 Single-threaded by design: only the engine thread calls it.
 """
@@ -93,11 +95,8 @@ class BlockManager:
         return needed <= len(self._free) - reusable_free
 
     def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
-        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks when allowed.
-
-        With ``use_prefix_cache=False`` the blocks stay private (no hashes): used for blocks that a
-        KV transfer will fill, which no other sequence may read before the data lands.
-        """
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks when allowed
+        (``use_prefix_cache=False`` for blocks that a KV transfer will fill)."""
         if seq.block_table:
             raise ValueError(f"sequence {seq.request_id} already has blocks")
         if not self.can_allocate(seq, use_prefix_cache):
@@ -109,15 +108,9 @@ class BlockManager:
             else:
                 self.blocks[block_id].ref_count += 1
             seq.block_table.append(block_id)
-        seq.num_cached_tokens = len(hits) * self.block_size
-        prev = self.blocks[hits[-1]].hash if hits else b""
-        for i in range(len(hits), seq.num_blocks(self.block_size)):
-            block = self._take_fresh()
-            tokens = seq.block_tokens(i, self.block_size)
-            if use_prefix_cache and len(tokens) == self.block_size:
-                prev = block_hash(prev, tokens)
-                self._register(block, prev, tokens)
-            seq.block_table.append(block.block_id)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        for _ in range(len(hits), seq.num_blocks(self.block_size)):
+            seq.block_table.append(self._take_fresh().block_id)
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks that reach zero return to the free list."""
@@ -127,7 +120,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0  # num_cached_tokens stays: it records what the cache gave
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the token that the next step will write (a new block when one is full)."""
@@ -135,14 +128,16 @@ class BlockManager:
         return not needs_block or bool(self._free)
 
     def append_slot(self, seq: Sequence) -> None:
-        """Before a decode step: make sure the last token has a block; hash blocks that filled."""
-        bs = self.block_size
-        if len(seq) > len(seq.block_table) * bs:
+        """Before a decode step: make sure the last token has a block."""
+        if len(seq) > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_fresh().block_id)
-        n_full = (len(seq) - 1) // bs  # blocks completely filled by tokens already computed
-        last = n_full - 1
-        if last >= 0 and self.blocks[seq.block_table[last]].hash is None:
-            prev = self.blocks[seq.block_table[last - 1]].hash if last > 0 else b""
-            if prev is not None:
-                tokens = seq.block_tokens(last, bs)
-                self._register(self.blocks[seq.block_table[last]], block_hash(prev, tokens), tokens)
+
+    def commit(self, seq: Sequence) -> None:
+        """Hash the blocks that ``seq``'s computed tokens have filled, making them reusable."""
+        bs, prev = self.block_size, b""
+        for i in range(min(seq.num_computed_tokens // bs, len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                tokens = seq.block_tokens(i, bs)
+                self._register(block, block_hash(prev, tokens), tokens)
+            prev = block.hash

@@ -115,6 +115,8 @@ class LLMEngine:
 
     def activate(self, seq: Sequence, first_token: int) -> StepOutput:
         """The prompt KV has landed: append the prefill worker's first token and start decoding."""
+        seq.num_computed_tokens = len(seq)
+        self.blocks.commit(seq)  # the received KV is real now: later prompts may reuse it
         seq.token_ids.append(first_token)
         self.scheduler.add_running(seq)
         return self._after_token(seq, first_token)
@@ -133,13 +135,18 @@ class LLMEngine:
         if not seqs:
             return []
         started = time.perf_counter()
-        computed = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
+        computed = sum(s.num_scheduled_tokens for s in seqs)
         tokens = self.runner.run(seqs, is_prefill)
         stats = StepStats(is_prefill, len(seqs), computed, sum(len(s) for s in seqs), time.perf_counter() - started)
         for observe in self.step_observers:
             observe(stats)
         outputs = []
         for seq, token in zip(seqs, tokens, strict=True):
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.blocks.commit(seq)
+            if token is None:  # a prompt chunk that is not the last: nothing to emit yet
+                continue
             seq.token_ids.append(token)
             outputs.append(self._after_token(seq, token))
         return outputs

@@ -113,17 +113,17 @@ class ModelRunner:
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids, positions, slots, cu, last = [], [], [], [0], []
         for seq in seqs:
-            start = seq.num_cached_tokens
-            ids.extend(seq.token_ids[start:])
-            positions.extend(range(start, len(seq)))
-            slots.extend(self._slot(seq, p) for p in range(start, len(seq)))
-            cu.append(cu[-1] + len(seq) - start)
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slot(seq, p) for p in range(start, end))
+            cu.append(cu[-1] + end - start)
             last.append(cu[-1] - 1)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._tensor(slots),
             block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+            context_lens=self._tensor([s.num_computed_tokens + s.num_scheduled_tokens for s in seqs], torch.int32),
             cu_seqlens_q=self._tensor(cu, torch.int32),
             last_token_index=self._tensor(last),
         )
@@ -142,8 +142,9 @@ class ModelRunner:
         return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Compute one step for ``seqs`` and return the next token of each."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """Compute each sequence's scheduled tokens; return the next token of each sequence that
+        this step brings to its end (None for a prompt chunk that is not the last)."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs), meta.block_tables.shape[1]):
@@ -151,10 +152,16 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             logits = self.model.logits(hidden[meta.last_token_index])
-        for seq in seqs:
+        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        if len(complete) < len(seqs):
+            logits = logits[complete]
+        sampled = [seqs[i] for i in complete]
+        for seq in sampled:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)
-        return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = iter(sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled]))
+        chosen = set(complete)
+        return [next(tokens) if i in chosen else None for i in range(len(seqs))]
 
     def layer_kv(self, block_table: list[int], num_tokens: int, layer: int) -> torch.Tensor:
         """One layer of a request's cached KV, token-major ``(2, num_tokens, kv_heads, head_dim)``:

@@ -1,10 +1,13 @@
-"""Continuous-batching scheduler: decides which sequences run in the next step; never touches
-tensors.
+"""Continuous-batching scheduler: decides which sequences run in the next step and how many of
+their tokens; never touches tensors.
 
-Each step is either a prefill batch (waiting prompts, up to a token budget) or a decode batch
-(every running sequence advances one token). Prefill goes first so new requests start quickly;
-when the cache runs out during decode, the most recently started sequence is preempted back to
-the queue and recomputed later, so running requests always make progress.
+Without chunked prefill (the disaggregated workers) a step is either a prefill batch (waiting
+prompts, whole, up to a token budget) or a decode batch (every running sequence advances one
+token); prefill goes first so new requests start quickly. With chunked prefill (the colocated
+baseline, as in vLLM and DeepSpeed-FastGen's split-fuse) every step carries all running decodes
+plus prompt chunks that fill the rest of the token budget, so long prompts never stall decodes
+for a whole prefill. When the cache runs out during decode, the most recently started sequence is
+preempted back to the queue and recomputed later, so running requests always make progress.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from splitserve.engine.sequence import SeqStatus, Sequence
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -52,11 +56,38 @@ class Scheduler:
         return sum(len(s) for s in self.waiting)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The next batch and whether it is a prefill batch; empty when nothing can run."""
+        """The next batch and whether it needs the prefill path (some sequence computes more than
+        one token); empty when nothing can run. Sets each sequence's ``num_scheduled_tokens``."""
+        if self.config.chunked_prefill:
+            return self._schedule_mixed()
         batch = self._schedule_prefill()
         if batch:
             return batch, True
         return self._schedule_decode(), False
+
+    def _schedule_mixed(self) -> tuple[list[Sequence], bool]:
+        budget = self.config.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        chunking = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        batch = self._schedule_decode() if decoding else []
+        budget -= len(batch)
+        for seq in chunking:  # prompts already started continue before new ones begin
+            if budget <= 0 or seq not in self.running:
+                break
+            seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            batch.append(seq)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            seq.num_scheduled_tokens = min(seq.num_uncomputed_tokens, budget)
+            budget -= seq.num_scheduled_tokens
+            seq.status = SeqStatus.RUNNING
+            self.running.append(self.waiting.popleft())
+            batch.append(seq)
+        return batch, any(s.num_scheduled_tokens > 1 for s in batch)
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
@@ -69,14 +100,20 @@ class Scheduler:
             if not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
-            tokens += len(seq) - seq.num_cached_tokens
+            seq.num_scheduled_tokens = seq.num_uncomputed_tokens
+            tokens += seq.num_scheduled_tokens
             seq.status = SeqStatus.RUNNING
             batch.append(self.waiting.popleft())
         self.running.extend(batch)
         return batch
 
     def _schedule_decode(self) -> list[Sequence]:
+        """One token for each running sequence whose prompt is computed (all of them, unless
+        chunked prefill left some mid-prompt: those stay in ``running`` untouched)."""
         batch: list[Sequence] = []
+        chunking = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in chunking:
+            self.running.remove(seq)
         while self.running and len(batch) < self.config.max_num_seqs:
             seq = self.running.popleft()
             while not self.blocks.can_append(seq):
@@ -87,8 +124,10 @@ class Scheduler:
                     break
             else:
                 self.blocks.append_slot(seq)
+                seq.num_scheduled_tokens = 1
                 batch.append(seq)
         self.running.extendleft(reversed(batch))
+        self.running.extend(chunking)
         return batch
 
     def _preempt(self, seq: Sequence) -> None:

@@ -35,7 +35,9 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_scheduled_tokens: int = 0  # tokens the current step computes (set by the scheduler)
     finish_reason: str | None = None
     stop_string: str | None = None
     generator: torch.Generator | None = None
@@ -59,6 +61,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

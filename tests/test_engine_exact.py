@@ -31,6 +31,20 @@ def test_greedy_matches_transformers(model_variant):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_chunked_prefill_matches_transformers(demo_model):
+    """The colocated baseline: prompt chunks of at most 16 tokens ride along with decodes."""
+    prompts = hf_tokenize(demo_model, PROMPTS)
+    engine = LLMEngine(
+        EngineConfig(
+            RunnerConfig(str(demo_model), block_size=8, num_kv_blocks=128),
+            SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16, chunked_prefill=True),
+        )
+    )
+    ours = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert ours == hf_greedy(demo_model, prompts, 24)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_prefix_reuse_gives_same_tokens(demo_model):
     prompt = hf_tokenize(demo_model, [PROMPTS[1]])[0]
     engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=8, num_kv_blocks=64)))
@@ -43,6 +57,7 @@ def test_prefix_reuse_gives_same_tokens(demo_model):
     while engine.has_work():
         engine.step()
     assert seq.output_token_ids == first[0]
+    assert seq.num_cached_tokens >= 8 * ((len(prompt) - 1) // 8) - 8
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
