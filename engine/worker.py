@@ -27,6 +27,7 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill batch (default 8192)")
+    parser.add_argument("--chunked-prefill", action="store_true", help="mix prompt chunks into decode steps (the colocated baseline)")
     parser.add_argument("--kv-backend", default="tcp", help="KV transfer backend (default tcp)")
     parser.add_argument("--generation", default="", help="serving generation: workers of different generations never pair")
     parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
@@ -65,7 +66,11 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
             cuda_graphs=not args.enforce_eager,
             max_num_seqs=args.max_num_seqs,
         ),
-        SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            chunked_prefill=args.chunked_prefill,
+        ),
     )
     advertise = args.advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
     return WorkerOptions(

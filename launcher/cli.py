@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="Hugging Face model folder (default: make/use the demo model)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1; 0 = colocated, decode workers prefill too)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="router address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="router port (default 8000)")

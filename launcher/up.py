@@ -34,8 +34,9 @@ class UpConfig:
     worker_ports: tuple[int, ...] = field(default=())  # default: free ports
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("need at least one prefill and one decode worker")
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError("need at least one decode worker (zero prefill workers = colocated: "
+                             "decode workers prefill prompts themselves)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
