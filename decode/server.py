@@ -23,7 +23,14 @@ from splitserve.engine.engine import LLMEngine, StepOutput
 from splitserve.engine.metrics import REQUESTS, observe_engine
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.worker import WorkerOptions, add_common_routes, error, kv_spec, make_app
+from splitserve.engine.worker import (
+    WorkerOptions,
+    add_common_routes,
+    error,
+    kv_spec,
+    lifespan,
+    make_app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +114,12 @@ class DecodeWorker:
 
 
 def create_app(options: WorkerOptions):
-    from contextlib import asynccontextmanager
-
     from fastapi.responses import StreamingResponse
 
     worker = DecodeWorker(options)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        worker.start()
-        yield
-        worker.close()
-
     app = make_app("decode")
-    app.router.lifespan_context = lifespan
     state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=worker.kv_endpoint)
+    app.router.lifespan_context = lifespan(worker, options, state)
     add_common_routes(app, state, "decode")
 
     @app.post("/generate")

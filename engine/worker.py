@@ -161,3 +161,32 @@ def error(status: int, message: str, **extra):
     from fastapi.responses import JSONResponse
 
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def lifespan(worker, options: WorkerOptions, state):
+    """Start ``worker`` (its engine thread) with the app, announce it in Redis when configured
+    (so routers find it; the key expires if this process dies), and undo both on shutdown."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def run(_app):
+        worker.start()
+        heartbeat = None
+        if options.redis_url:
+            from splitserve.router.registry import start_heartbeat
+
+            heartbeat = start_heartbeat(options.redis_url, {
+                "url": options.url,
+                "role": options.role,
+                "model": options.engine.runner.model_dir,
+                "kv_endpoint": getattr(state, "kv_endpoint", None),
+                "fingerprint": fingerprint(state.engine, options.generation),
+            })
+        try:
+            yield
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+            worker.close()
+
+    return run

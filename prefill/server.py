@@ -21,7 +21,14 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.metrics import REQUESTS, observe_engine
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.worker import WorkerOptions, add_common_routes, error, kv_spec, make_app
+from splitserve.engine.worker import (
+    WorkerOptions,
+    add_common_routes,
+    error,
+    kv_spec,
+    lifespan,
+    make_app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +91,12 @@ class PrefillWorker:
 
 def create_app(options: WorkerOptions):
     """Build the worker (loads the model now, so the port only opens once it can serve)."""
-    from contextlib import asynccontextmanager
-
     from splitserve.kvtransfer import TransferError
 
     worker = PrefillWorker(options)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        worker.start()
-        yield
-        worker.close()
-
     app = make_app("prefill")
-    app.router.lifespan_context = lifespan
     state = SimpleNamespace(engine=worker.engine, options=options)
+    app.router.lifespan_context = lifespan(worker, options, state)
     add_common_routes(app, state, "prefill")
 
     @app.post("/prefill")
