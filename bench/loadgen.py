@@ -153,11 +153,13 @@ async def _one(
     sent = time.perf_counter()
     record.sent_s = sent - start
     try:
-        await _stream(client, config, req, sent, record)
+        # httpx's timeout bounds each read; wait_for bounds the whole request
+        await asyncio.wait_for(_stream(client, config, req, sent, record),
+                               config.request_timeout_s)
+    except asyncio.TimeoutError:  # first: on 3.11+ it is the builtin, an OSError subclass
+        record.error = f"timeout after {config.request_timeout_s:g} s"
     except (httpx.HTTPError, OSError, ValueError) as exc:  # recorded, counted as an SLO miss
         record.error = f"{type(exc).__name__}: {exc}"[:500]
-    except asyncio.TimeoutError:
-        record.error = "timeout"
     if record.error is None and record.ttft_s is None:
         record.error = "no token received"
     if on_done is not None:
