@@ -15,10 +15,14 @@ from typing import Any
 class RequestRecord:
     """Timings of one request, in seconds relative to the start of its run.
 
-    ``itl_s`` holds every gap between consecutive streamed token events (SSE chunks that carry a
-    choice); ``output_tokens`` is the server's ``usage.completion_tokens`` when it reports one,
-    else the number of token events. A failed request has ``error`` set; its timings are
-    whatever was measured before the failure and count as an SLO miss.
+    ``sent_s`` is when the request left (``scheduled_s`` is when it should have: the difference
+    is load-generator lateness); ``ttft_s`` and ``e2e_s`` are measured from ``sent_s`` to the
+    first and the last token event. ``itl_s`` holds every gap between consecutive streamed token
+    events (SSE chunks that carry a choice; a server may pack several tokens into one chunk,
+    splitserve's router does when detokenising holds text back); ``output_tokens`` is the
+    server's ``usage.completion_tokens`` when it reports one, else the number of token events.
+    A failed request has ``error`` set; its timings are whatever was measured before the
+    failure and it counts as an SLO miss.
     """
 
     index: int

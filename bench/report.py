@@ -3,6 +3,22 @@
 Everything is recomputed from the raw request records with one SLO for all systems (the one
 given, else the one the runs were made with, which must then agree), so systems measured on
 different days are still judged by the same rule.
+
+report.json schema (``"schema": "splitserve.bench.report/1"``)::
+
+    {
+      "schema": "splitserve.bench.report/1",
+      "slo": {"ttft_ms": float, "tpot_ms": float, "attainment": float},
+      "systems": [{
+        "label": str, "workload": str, "num_gpus": int | null,
+        "goodput": {"rate": float, "status": "interpolated" | "above_range" | "below_range",
+                    "per_gpu": float | null},
+        "runs": [{"rate": float, "file": str, "summary": stats.summarize(...)}]
+      }]
+    }
+
+Files next to it: report.md (the table, for bench/RESULTS.md), attainment_<workload>.png and
+cdf_<workload>_rate<R>.png for each rate that every system of the workload ran.
 """
 
 from __future__ import annotations
