@@ -83,14 +83,20 @@ class PagedWriter:
     """
 
     def __init__(
-        self, kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens: int
+        self,
+        kv_cache: torch.Tensor,
+        block_table: Sequence[int],
+        num_tokens: int,
+        *,
+        staged: bool = False,
     ) -> None:
+        """``staged=True`` forces the staging path (what a GPU cache uses) on a CPU cache."""
         _, _, nb, bs, h, d = kv_cache.shape
         self.kv_cache = kv_cache
         self.num_tokens = num_tokens
         self.layer_nbytes = 2 * num_tokens * h * d * kv_cache.element_size()
         self.slots = token_slots(block_table, num_tokens, bs, nb)
-        self.direct = kv_cache.device.type == "cpu"
+        self.direct = kv_cache.device.type == "cpu" and not staged
         self._shape = (2, num_tokens, h, d)
         self._staging: tuple[torch.Tensor, memoryview] | None = None
         self._cache: memoryview | None = None

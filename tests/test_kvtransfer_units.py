@@ -14,7 +14,7 @@ from splitserve.kvtransfer import (
     create_sender,
     register_backend,
 )
-from splitserve.kvtransfer.layout import gather_layer, scatter_layer, token_slots
+from splitserve.kvtransfer.layout import PagedWriter, gather_layer, scatter_layer, token_slots
 from splitserve.kvtransfer.wire import (
     HEADER,
     FrameType,
@@ -117,3 +117,30 @@ def test_wire_rejects_garbage_and_keeps_unknown_peer_reasons_readable():
         with pytest.raises(ValueError):
             parse_endpoint(bad)
     assert parse_endpoint("[::1]:9000") == ("::1", 9000)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("table", [[3, 4, 5, 6], [6, 0, 5, 2]])  # merged runs / scattered blocks
+def test_paged_writer_direct_and_staged_paths_agree(staged, table):
+    """The direct path (CPU) and the staging + index_copy_ path (what a GPU cache uses)."""
+    num_tokens = 14
+    wire = [torch.randn(2, num_tokens, 2, 4).to(torch.bfloat16) for _ in range(2)]
+    by_socket = torch.zeros(2, 2, 8, 4, 2, 4, dtype=torch.bfloat16)
+    by_buffer = torch.zeros_like(by_socket)
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(5)
+        writer = PagedWriter(by_socket, table, num_tokens, staged=staged)
+        for layer in range(2):
+            b.sendall(memoryview(wire[layer].reshape(-1).view(torch.uint8).numpy()))
+            writer.from_socket(a, layer)
+        writer.finish()
+    writer = PagedWriter(by_buffer, table, num_tokens, staged=staged)
+    for layer in range(2):
+        writer.from_buffer(layer, memoryview(wire[layer].reshape(-1).view(torch.uint8).numpy()))
+    writer.finish()
+    slots = token_slots(table, num_tokens, 4, 8)
+    for cache in (by_socket, by_buffer):
+        for layer in range(2):
+            assert torch.equal(gather_layer(cache, layer, slots), wire[layer])
+        assert int((cache != 0).sum()) == 2 * 2 * num_tokens * 2 * 4
