@@ -51,7 +51,7 @@ def copy_bandwidth() -> float:
     src = torch.randn(1 << 30, device=DEV, dtype=torch.float32)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / ms / 1e9
+    return 2 * src.numel() * 4 / ms / 1e6
 
 
 def matmul_tflops() -> float:
@@ -96,8 +96,8 @@ def bench_decode(batch: int, ctx: int, copy_gbs: float, sweep: bool) -> list[dic
     ref_name = min(ref_times, key=ref_times.get)
     configs: list[dict] = [{}]
     if sweep:
-        for splits in (1, 2, 4, 8, 16):
-            for bn, nw, ns in ((64, 4, 3), (32, 4, 4), (64, 4, 5), (128, 8, 3), (16, 4, 6)):
+        for splits in (1, 2, 4, 8):
+            for bn, nw, ns in ((64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 8, 3), (128, 4, 3)):
                 configs.append(dict(num_splits=splits, block_n=bn, num_warps=nw, num_stages=ns))
     rows = []
     best = None
@@ -153,8 +153,8 @@ def bench_prefill(seq: int, sweep: bool, mm_tflops: float) -> list[dict]:
             print(f"{name} unavailable: {exc}")
     configs: list[dict] = [{}]
     if sweep:
-        for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                               (128, 32, 4, 4), (128, 64, 8, 4), (128, 128, 8, 2), (64, 128, 4, 3)):
+        for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3),
+                               (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4)):
             configs.append(dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns))
     rows = []
     best = None

@@ -35,16 +35,26 @@ def _attend_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, pos_q, ctx, qk_scale, stride_blk, stride_tok,
     d, d_mask,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over keys ``lo .. hi`` of one sequence."""
+    """Online-softmax update of (acc, l_i, m_i) over keys ``lo .. hi`` of one sequence.
+
+    Off the diagonal (``CAUSAL`` false) every key is below ``ctx`` by construction, so the loads
+    go unmasked (plain vector copies) when the head dim needs no padding either.
+    """
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < ctx
-        blk = tl.load(bt_row + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        row = blk * stride_blk + (offs % BLOCK_SIZE) * stride_tok
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if CAUSAL or not EVEN_D:
+            blk = tl.load(bt_row + offs // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + offs // BLOCK_SIZE).to(tl.int64)
+        row = blk * stride_blk + (offs % BLOCK_SIZE) * stride_tok
+        if CAUSAL or not EVEN_D:
+            k = tl.load(k_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_base + row[:, None] + d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL:
             s = tl.where((offs[None, :] <= pos_q[:, None]) & valid[None, :], s, float("-inf"))
@@ -52,7 +62,10 @@ def _attend_tile(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if CAUSAL or not EVEN_D:
+            v = tl.load(v_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(v_base + row[:, None] + d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -110,13 +123,13 @@ def _prefill_kernel(
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_base, v_base, bt_row, 0, full_end, pos_q, ctx, qk_scale,
             stride_blk, stride_tok, d, d_mask,
-            False, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+            False, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD,
         )
         diag_end = tl.minimum(ctx, prefix + m0 + BLOCK_M)
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_base, v_base, bt_row, full_end, diag_end, pos_q, ctx, qk_scale,
             stride_blk, stride_tok, d, d_mask,
-            True, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+            True, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD,
         )
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o = acc / l_i[:, None]
@@ -133,14 +146,15 @@ def prefill_attention_triton(
     scale: float,
     *,
     block_m: int = 128,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """Prefill attention for packed ``q (N, Hq, D)``; same contract as ``prefill_attention_ref``.
 
-    The tile sizes and launch knobs are for benchmarks and tests; the defaults suit head dim
-    128 on Hopper.
+    The tile sizes and launch knobs are for benchmarks and tests; the defaults were the fastest
+    of a sweep at head dim 128 on an H200 (bench/RESULTS.md). ``None``: 128 keys a tile up to
+    head dim 128, 32 above (shared memory).
     """
     _check_inputs(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens)
     num_tokens, num_heads, head_dim = q.shape
@@ -152,6 +166,8 @@ def prefill_attention_triton(
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
     tile_end = torch.cumsum(-(-q_lens // block_m), 0, dtype=torch.int32)
     max_tiles = -(-num_tokens // block_m) + num_seqs
+    if block_n is None:
+        block_n = 128 if head_dim <= 128 else 32
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _prefill_kernel[(max_tiles, num_heads)](
         q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, tile_end, out,
