@@ -60,10 +60,12 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
 
 
-def paged_cache(batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def paged_cache(
+    batch: int, ctx: int, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A bf16 paged cache holding ``batch`` sequences of ``ctx`` tokens in shuffled blocks."""
-    per_seq = -(-ctx // BLOCK)
-    kv = torch.randn(2, batch * per_seq, BLOCK, HKV, D, device=DEV, dtype=DT)
+    per_seq = -(-ctx // block)
+    kv = torch.randn(2, batch * per_seq, block, HKV, D, device=DEV, dtype=DT)
     table = torch.randperm(batch * per_seq, device=DEV).view(batch, per_seq).int()
     lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
     return kv, table, lens
@@ -123,8 +125,8 @@ def bench_decode(batch: int, ctx: int, copy_gbs: float, sweep: bool) -> list[dic
     return result
 
 
-def bench_prefill(seq: int, sweep: bool, mm_tflops: float) -> list[dict]:
-    kv, table, lens = paged_cache(1, seq)
+def bench_prefill(seq: int, sweep: bool, mm_tflops: float, block: int = BLOCK) -> list[dict]:
+    kv, table, lens = paged_cache(1, seq, block)
     q = torch.randn(seq, HQ, D, device=DEV, dtype=DT)
     cu = torch.tensor([0, seq], device=DEV, dtype=torch.int32)
     scale = D**-0.5
@@ -176,7 +178,7 @@ def bench_prefill(seq: int, sweep: bool, mm_tflops: float) -> list[dict]:
             continue
         for ref_name, ref_val in refs.items():
             result.append(dict(
-                kernel=f"prefill attn 1x{seq} ({label})", ours=row["tflops"], ref=ref_val,
+                kernel=f"prefill attn 1x{seq} bs{block} ({label})", ours=row["tflops"], ref=ref_val,
                 ref_name=ref_name, unit="TFLOP/s", roofline=row["tflops"] / mm_tflops,
                 err=row["err"], cfg=row["cfg"], ms=row["ms"], sweep=rows if sweep else None,
             ))
@@ -249,6 +251,8 @@ def main() -> None:
     rows += bench_decode(64, 4096, copy_gbs, args.sweep)
     rows += bench_decode(16, 16384, copy_gbs, args.sweep)
     rows += bench_prefill(4096, args.sweep, mm)
+    if args.sweep:  # diagnostic: the cost of the 16-token page gather
+        rows += bench_prefill(4096, False, mm, block=256)
     rows += bench_elementwise(copy_gbs)
     import triton
 
