@@ -12,8 +12,10 @@ GPUs), each with the same seeded requests. A system is a shell-style command tem
 its own process group with its log in ``OUT/logs/<label>.log``, considered ready when
 ``GET {base}/health`` answers 200, and stopped (SIGINT, then SIGTERM, then SIGKILL, to its own
 process group only) after its last workload. ``--endpoint LABEL=URL`` adds an already running
-system instead. Results: ``OUT/<label>/<workload>_rate<R>.json`` and ``OUT/report/`` (table,
-report.json, report.md, PNGs) over all systems.
+system instead. Results: ``OUT/<label>/<workload>_rate<R>.json`` and ``OUT/report/<workload>/``
+(table, report.json, report.md, PNGs) over all systems. Run files already in OUT (an earlier,
+interrupted sweep) are included in the report: use a fresh OUT for a fresh comparison. A system
+that fails to start is logged and skipped; the exit code is then 1.
 
 On the CPU with the demo model (context 1,024), scale the lengths down and keep rates tiny:
 
@@ -127,7 +129,7 @@ def _wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: fl
             pass  # not listening yet
         if time.monotonic() > deadline:
             raise RuntimeError(f"{base}/health not ready after {timeout_s:.0f} s (see {log_path})")
-        time.sleep(1.0)
+        time.sleep(0.25)
 
 
 def _stop(proc: subprocess.Popen, label: str) -> None:
@@ -153,6 +155,21 @@ def workload_slo(workload: str, args: argparse.Namespace) -> SLO:
                (tpot if args.tpot_ms is None else args.tpot_ms) / 1000, args.attainment)
 
 
+def _spec(args: argparse.Namespace, system: System, base: str, name: str, workload: str,
+          rates: list[float], caps: LengthCaps, tokenizer: str | None) -> RunSpec:
+    """One system's sweep of one workload, from the sweep's arguments."""
+    slo = workload_slo(workload, args)
+    headers = slo_headers(slo.ttft_s * 1000, slo.tpot_s * 1000) if args.slo_headers else {}
+    return RunSpec(
+        load=LoadConfig(base, name, ignore_eos=not args.no_ignore_eos,
+                        request_timeout_s=args.timeout, headers=headers),
+        workload=workload, rates=rates, num_requests=args.num_requests, seed=args.seed,
+        cv=1.0 if args.arrival == "poisson" else args.cv, caps=caps, tokenizer=tokenizer,
+        slo=slo, out_dir=str(args.out), label=system.label, num_gpus=system.num_gpus,
+        warmup=args.warmup, cooldown_s=args.cooldown, progress=args.progress, plots=False,
+    )
+
+
 def sweep(args: argparse.Namespace) -> int:
     """The sweep described in the module docstring; returns a process exit code."""
     from splitserve.bench.cli import parse_rates
@@ -169,29 +186,28 @@ def sweep(args: argparse.Namespace) -> int:
         tokenizer = args.model
     out = Path(args.out)
     caps = LengthCaps(args.length_scale, args.max_input, args.max_output, args.max_context)
+    failed = []
     for system in systems:
-        with started(system, args.model, name, out / "logs",
-                     ready_timeout_s=args.ready_timeout) as base:
-            for w in workloads:
-                slo = workload_slo(w, args)
-                headers = slo_headers(slo.ttft_s * 1000, slo.tpot_s * 1000) \
-                    if args.slo_headers else {}
-                spec = RunSpec(
-                    load=LoadConfig(base, name, ignore_eos=not args.no_ignore_eos,
-                                    request_timeout_s=args.timeout, headers=headers),
-                    workload=w, rates=rates, num_requests=args.num_requests, seed=args.seed,
-                    cv=1.0 if args.arrival == "poisson" else args.cv, caps=caps,
-                    tokenizer=tokenizer, slo=slo, out_dir=str(out), label=system.label,
-                    num_gpus=system.num_gpus, warmup=args.warmup, cooldown_s=args.cooldown,
-                    progress=args.progress, plots=False,
-                )
-                run_sweep(spec)
+        try:
+            with started(system, args.model, name, out / "logs",
+                         ready_timeout_s=args.ready_timeout) as base:
+                for w in workloads:
+                    run_sweep(_spec(args, system, base, name, w, rates, caps, tokenizer))
+        except RuntimeError as exc:  # a system that does not start: report it, go on
+            log.error("system %s failed: %s", system.label, exc)
+            failed.append(system.label)
     for w in workloads:
         files = sorted(out.glob(f"*/{w}_rate*.json"))
+        if not files:
+            log.error("no results for workload %s", w)
+            continue
         slo = workload_slo(w, args)
         results, slo, _ = build_report(files, out / "report" / w, slo.ttft_s * 1000,
                                        slo.tpot_s * 1000, slo.attainment)
         print_table(results, slo)
+    if failed:
+        log.error("systems that failed: %s (logs in %s)", ", ".join(failed), out / "logs")
+        return 1
     return 0
 
 

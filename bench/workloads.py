@@ -1,9 +1,10 @@
 """Named workloads: request lengths drawn to match published statistics, and arrival times.
 
 Every system in a comparison must see the SAME requests, so all randomness comes from numpy
-``Generator``s seeded by (seed, stream): lengths, arrival pattern and prompt text each have their
-own stream. Changing the rate only rescales the arrival pattern; the prompts and lengths stay
-identical, so a rate sweep differs in load and nothing else.
+``Generator``s seeded by (seed, stream): lengths, arrival pattern, prompt text and prefix reuse
+each have their own stream. Changing the rate rescales the arrival pattern and keeps every
+length (and which request extends which); only the prompt *text* is re-drawn per rate, so a
+server's prefix cache cannot answer a later rate of a sweep from the prompts of an earlier one.
 
 Lengths are lognormal, fitted to the mean/median/p90 in ``shared/notes/workloads.md`` (the
 median fixes mu, sigma is the least-squares compromise between the mean and the p90, which a
@@ -307,7 +308,7 @@ def build_requests(
     inputs, outputs = sample_lengths(wl, num_requests, seed, caps)
     times = arrival_times(num_requests, rate, seed, cv)
     builder = PromptBuilder.from_path(tokenizer_path)
-    text_rng = np.random.default_rng([seed, _TEXT])
+    text_rng = np.random.default_rng([seed, _TEXT, _rate_key(rate)])
     prefix_rng = np.random.default_rng([seed, _PREFIX])
     bodies: list[list[str]] = []
     out = RequestSet(wl.name, seed, rate, cv, builder.exact, caps)
@@ -323,6 +324,11 @@ def build_requests(
             Request(i, float(times[i]), prompt, count, int(outputs[i]), parent)
         )
     return out
+
+
+def _rate_key(rate: float) -> int:
+    """A stable integer for a rate (to the millisecond-per-request), for seeding."""
+    return int(round(rate * 1000))
 
 
 def _pick_parent(

@@ -4,6 +4,7 @@ TEST DOUBLE: the server below is a minimal OpenAI-style ``/v1/completions`` SSE 
 for these tests (real FastAPI + uvicorn on a free port, real HTTP and SSE framing), not
 splitserve's router. It emits ``max_tokens`` chunks at a fixed gap after a fixed first-token
 delay, so the client's timing logic can be checked against known numbers.
+``python tests/test_bench_loadgen.py PORT`` serves it standalone (the sweep test starts it so).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ GAP_S = 0.01
 
 def make_app(received: list[tuple[float, dict, dict]]) -> FastAPI:
     app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -210,3 +215,9 @@ def test_cli_run_two_systems_then_report(sse_server, tmp_path: Path) -> None:
     for name in ("attainment_chat.png", "cdf_chat_rate20.png", "cdf_chat_rate40.png"):
         assert (rep / name).stat().st_size > 1000
     assert "| chat | a |" in (rep / "report.md").read_text()
+
+
+if __name__ == "__main__":  # the test double as a process, for tests/test_bench_sweep.py
+    import sys
+
+    uvicorn.run(make_app([]), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

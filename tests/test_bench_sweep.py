@@ -46,3 +46,24 @@ def test_started_reports_a_system_that_dies(tmp_path: Path) -> None:
             started(System("bad", command=cmd), "m", "m", tmp_path, ready_timeout_s=30):
         pass
     assert os.path.exists(tmp_path / "bad.log")
+
+
+def test_sweep_end_to_end_with_the_sse_test_double(tmp_path: Path) -> None:
+    """Start the SSE test double as a system, sweep two rates, stop it, report."""
+    from splitserve.bench.goodput import main
+
+    double = Path(__file__).with_name("test_bench_loadgen.py")
+    out = tmp_path / "sweep"
+    rc = main([
+        "--model", "demo", "--system", f"double={sys.executable} {double} {{port}}",
+        "--gpus", "double=1", "--workloads", "code", "--rates", "10,20", "--num-requests", "4",
+        "--max-input", "40", "--max-output", "3", "--ttft-ms", "5000", "--tpot-ms", "1000",
+        "--warmup", "1", "--cooldown", "0", "--ready-timeout", "60", "--out", str(out),
+        "--no-progress",
+    ])
+    assert rc == 0
+    assert sorted(p.name for p in (out / "double").glob("*.json")) == \
+        ["code_rate10.json", "code_rate20.json"]
+    report = (out / "report" / "code" / "report.md").read_text()
+    assert "| code | double | >=20.00 | 20.00 |" in report
+    assert (out / "report" / "code" / "attainment_code.png").exists()

@@ -55,10 +55,12 @@ def test_same_seed_same_requests_different_seed_different(tokenizer_path: Path) 
     c = build_requests("chat", 30, rate=2.0, seed=8, tokenizer_path=str(tokenizer_path))
     assert a.requests == b.requests
     assert [r.prompt for r in a.requests] != [r.prompt for r in c.requests]
-    # another rate: identical prompts and lengths, arrival pattern time-scaled
+    # another rate: identical lengths, arrival pattern time-scaled, new text (no cache hits
+    # from the previous rate of a sweep)
     d = build_requests("chat", 30, rate=4.0, seed=7, tokenizer_path=str(tokenizer_path))
-    assert [(r.prompt, r.max_tokens) for r in a.requests] == \
-        [(r.prompt, r.max_tokens) for r in d.requests]
+    assert [(r.prompt_tokens, r.max_tokens) for r in a.requests] == \
+        [(r.prompt_tokens, r.max_tokens) for r in d.requests]
+    assert not {r.prompt for r in a.requests} & {r.prompt for r in d.requests}
     for ra, rd in zip(a.requests, d.requests, strict=True):
         assert rd.arrival_s == pytest.approx(ra.arrival_s / 2)
 
