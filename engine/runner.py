@@ -101,7 +101,11 @@ class ModelRunner:
         return blocks
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        """Host list -> device tensor; on CUDA through pinned memory without a sync, so building a
+        step's inputs never waits for the GPU."""
+        if self.device.type != "cuda":
+            return torch.tensor(data, dtype=dtype)
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
