@@ -157,13 +157,13 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
-def goodput_text(g: Goodput) -> str:
-    """Goodput as a table cell: '<r_min'-style '0 (<)' and '>=r_max' flag the edge cases."""
+def goodput_text(g: Goodput, per: int | None = None) -> str:
+    """Goodput (divided by ``per`` GPUs if given) as a table cell: '0 (<)' means below the
+    lowest measured rate, '>=' a lower bound (every measured rate met the SLO)."""
     if g.status == "below_range":
         return "0 (<)"
-    if g.status == "above_range":
-        return f">={g.rate:.2f}"
-    return f"{g.rate:.2f}"
+    rate = g.rate / per if per else g.rate
+    return f">={rate:.2f}" if g.status == "above_range" else f"{rate:.2f}"
 
 
 def rows(results: list[SystemResult]) -> list[list[str]]:
@@ -175,7 +175,8 @@ def rows(results: list[SystemResult]) -> list[list[str]]:
                 res.workload if i == 0 else "",
                 res.label if i == 0 else "",
                 goodput_text(res.goodput) if i == 0 else "",
-                _fmt(res.goodput_per_gpu, 2) if i == 0 else "",
+                (goodput_text(res.goodput, res.num_gpus) if res.num_gpus else "-")
+                if i == 0 else "",
                 f"{rate:g}",
                 _fmt(s["attainment"]["both"] * 100),
                 _fmt(s["ttft_ms"]["p50"]), _fmt(s["ttft_ms"]["p90"]), _fmt(s["ttft_ms"]["p99"]),
