@@ -108,6 +108,7 @@ async def run_load(
             timeout=httpx.Timeout(config.request_timeout_s, connect=30.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             headers=headers,
+            trust_env=False,  # never measure through a proxy picked up from the environment
         )
     try:
         return await _run(requests, config, client, on_done)
@@ -160,6 +161,8 @@ async def _one(
         record.error = f"timeout after {config.request_timeout_s:g} s"
     except (httpx.HTTPError, OSError, ValueError) as exc:  # recorded, counted as an SLO miss
         record.error = f"{type(exc).__name__}: {exc}"[:500]
+    except (KeyError, TypeError, AttributeError) as exc:  # a chunk not shaped like OpenAI's
+        record.error = f"malformed stream chunk: {type(exc).__name__}: {exc}"[:500]
     if record.error is None and record.ttft_s is None:
         record.error = "no token received"
     if on_done is not None:
