@@ -390,7 +390,6 @@ def test_thousand_failed_transfers_leak_nothing(backend, receiver_factory):
     rx = receiver_factory(spec, registration_wait=0.2)
     tx, bad_tx = create_sender(backend, spec), create_sender(backend, bad)
     threads, fds = threading.active_count(), _open_fds()
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     kv, bad_kv = layers(spec, 4), layers(bad, 4)
     for i in range(1000):
         rid = f"f{i}"
@@ -422,8 +421,8 @@ def test_thousand_failed_transfers_leak_nothing(backend, receiver_factory):
     assert rx.stats() == {"pending": 0, "connections": 0, "handlers": 0, "tombstones": 0}
     assert threading.active_count() <= threads
     assert _open_fds() <= fds
-    if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) <= shm_before
+    if os.path.isdir("/dev/shm"):  # our shm segments are unlinked (other programs' may come and go)
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"splitserve-kv-{os.getpid()}-")]
 
 
 def test_metrics_count_bytes_outcomes_and_reasons(backend, receiver_factory):
