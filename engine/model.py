@@ -9,6 +9,7 @@ references without changes here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     last_token_index: torch.Tensor
+    layer_hook: Callable[[int], None] | None = None  # called after each layer has written its KV
 
 
 class RMSNorm(nn.Module):
@@ -76,6 +78,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         layer_cache = kv_cache[self.layer_index]
         q, _ = ops.rope_and_write_kv(q, k, v, cos, sin, layer_cache, meta.slot_mapping)
+        if meta.layer_hook is not None:
+            meta.layer_hook(self.layer_index)
         if meta.is_prefill:
             out = attn_ops.prefill_attention(
                 q, layer_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale

@@ -8,6 +8,7 @@ request's per-layer KV for transfer. Nothing else in the engine touches device m
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,11 @@ class ModelRunner:
             slots.extend(self._slot(seq, p) for p in range(start, end))
             cu.append(cu[-1] + end - start)
             last.append(cu[-1] - 1)
+        streaming = [s for s in seqs if s.on_layer_kv is not None
+                     and s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
         meta = AttentionMetadata(
             is_prefill=True,
+            layer_hook=self._layer_hook(streaming) if streaming else None,
             slot_mapping=self._tensor(slots),
             block_tables=self._block_tables(seqs),
             context_lens=self._tensor([s.num_computed_tokens + s.num_scheduled_tokens for s in seqs], torch.int32),
@@ -132,6 +136,16 @@ class ModelRunner:
             last_token_index=self._tensor(last),
         )
         return self._tensor(ids), self._tensor(positions), meta
+
+    def _layer_hook(self, seqs: list[Sequence]) -> Callable[[int], None]:
+        """Hand each streaming sequence its prompt's KV for a layer as soon as that layer has
+        written it, so the transfer of layer i overlaps the computation of layer i+1."""
+
+        def hook(layer: int) -> None:
+            for seq in seqs:
+                seq.on_layer_kv(layer, self.layer_kv(seq.block_table, seq.num_prompt_tokens, layer))
+
+        return hook
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         n = len(seqs)

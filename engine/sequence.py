@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_string: str | None = None
     generator: torch.Generator | None = None
+    # Prefill workers stream the prompt's KV as it is computed: called with (layer, KV of the
+    # whole prompt for that layer, token-major) right after the layer's forward pass.
+    on_layer_kv: Callable[[int, torch.Tensor], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

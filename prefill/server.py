@@ -1,16 +1,19 @@
 """The prefill worker: computes a prompt's KV cache and first token, then ships the KV to the
 decode worker the router chose.
 
-A request's life here: queued (waiting for a prefill batch with room in the token budget and the
-cache) -> prefilled (first token sampled; blocks held) -> transferring (KV sent layer by layer to
-the decode worker) -> released (blocks freed, whether the transfer succeeded or failed; the
+A request's life here: connecting (the transfer to the decode worker opens and handshakes at once)
+-> queued (waiting for a prefill batch with room in the token budget and the cache) -> prefilling
+(each layer's KV goes on the wire as soon as the layer is computed) -> prefilled (first token
+sampled and sent; blocks held until the decode side acknowledges) -> released (blocks freed, whether the transfer succeeded or failed; the
 response says which). Prompts that share a prefix reuse its cached blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -51,7 +54,7 @@ class PrefillWorker:
         observe_engine(self.engine, "prefill")
         self.async_engine = AsyncEngine(self.engine)
         self.sender = create_sender(options.kv_backend, kv_spec(self.engine, options.kv_backend, options.generation))
-        self.transfers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-send")
+        self.transfers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-send")
 
     def start(self) -> None:
         self.async_engine.start()
@@ -61,32 +64,76 @@ class PrefillWorker:
         self.transfers.shutdown(wait=False, cancel_futures=True)
         self.sender.close()
 
-    def _send(self, seq: Sequence, endpoint: str, first_token: int):
-        runner, n = self.engine.runner, seq.num_prompt_tokens
-        layers = (runner.layer_kv(seq.block_table, n, i) for i in range(runner.model_config.num_layers))
-        return self.sender.send(seq.request_id, endpoint, layers, first_token, {"num_prompt_tokens": n})
-
     async def prefill(self, req: PrefillRequest) -> dict:
-        """Prefill, transfer, release; raises ValueError (bad input) or TransferError."""
+        """Prefill while streaming each layer's KV to the decode worker, then release the blocks.
+
+        The transfer starts (connects and handshakes) before the prompt is computed; the engine
+        hands it layer i's KV right after layer i's forward pass, and the first token after the
+        last layer. Raises ValueError (bad input) or TransferError.
+        """
         seq = Sequence(req.request_id, req.token_ids, SamplingParams.from_dict(req.sampling), prefill_only=True)
+        self.engine.check_prompt(seq.prompt_token_ids)
+        stream = LayerStream(self.engine.runner.model_config.num_layers)
+        seq.on_layer_kv = stream.put
+        loop = asyncio.get_running_loop()
+        transfer = loop.run_in_executor(
+            self.transfers,
+            lambda: self.sender.send(seq.request_id, req.decode_kv_endpoint, stream, stream.first_token,
+                                     {"num_prompt_tokens": seq.num_prompt_tokens},
+                                     num_tokens=seq.num_prompt_tokens),
+        )
         started = time.perf_counter()
-        first = None
-        async for out in self.async_engine.stream(seq, self.engine.add):
-            first = out.token_id
-        prefilled = time.perf_counter()
         try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.transfers, self._send, seq, req.decode_kv_endpoint, first)
+            async for out in self.async_engine.stream(seq, self.engine.add):
+                stream.finish(out.token_id)
+            prefilled = time.perf_counter()
+            await transfer
+        except BaseException as exc:
+            stream.fail(exc)  # the sender stops at once; the decode side learns of it
+            await asyncio.gather(transfer, return_exceptions=True)
+            raise
         finally:
             await self.async_engine.run(self.engine.release, seq)
         return {
             "request_id": req.request_id,
-            "first_token": first,
+            "first_token": stream.first_token(),
             "num_prompt_tokens": seq.num_prompt_tokens,
             "num_cached_tokens": seq.num_cached_tokens,
             "prefill_ms": (prefilled - started) * 1e3,
             "transfer_ms": (time.perf_counter() - prefilled) * 1e3,
         }
+
+
+class LayerStream:
+    """The per-layer KV of one prompt, from the engine thread (``put``) to the sending thread
+    (iteration), then the first token. ``fail`` ends the iteration with the error, so a failed
+    prefill never leaves the sender waiting."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self._layers: queue.Queue = queue.Queue()
+        self._first: concurrent.futures.Future = concurrent.futures.Future()
+
+    def put(self, layer: int, kv) -> None:
+        self._layers.put(kv)
+
+    def finish(self, first_token: int) -> None:
+        self._first.set_result(first_token)
+
+    def fail(self, exc: BaseException) -> None:
+        self._layers.put(exc)
+        if not self._first.done():
+            self._first.set_exception(exc)
+
+    def first_token(self) -> int:
+        return self._first.result()
+
+    def __iter__(self):
+        for _ in range(self.num_layers):
+            item = self._layers.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def create_app(options: WorkerOptions):
