@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -136,6 +136,17 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         finally:
             await state.stop()
 
+    expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def require_key(request: Request) -> None:
+        """Without the configured key (Authorization: Bearer KEY) every /v1 route is 401."""
+        if expected_auth is None:
+            return
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected_auth):
+            raise RouterError(401, "Invalid or missing API key (Authorization: Bearer <key>).", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
     app = FastAPI(title="splitserve router", lifespan=lifespan)
     app.state.router = state
 
@@ -156,18 +167,6 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
-        if config.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {config.api_key}".encode()):
-                state.metrics.requests.labels(request.url.path, "unauthorized").inc()
-                return JSONResponse(
-                    error_body("Invalid or missing API key (Authorization: Bearer <key>).", code="invalid_api_key"),
-                    status_code=401,
-                )
-        return await call_next(request)
 
     async def respond(request: Request, shape: Shape, body, prompts: list[list[int]]) -> Response:  # noqa: ANN001
         slo = request_slo(request, config.slo)
@@ -193,7 +192,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
             counted(), "text/event-stream", on_close=result.close, headers={"cache-control": "no-cache"}
         )
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model, config.served_model_name)
         prompts = []
@@ -209,7 +208,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
             raise bad_request("prompt must not be empty", "prompt")
         return await respond(request, Shape(chat=False), body, prompts)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model, config.served_model_name)
         try:
@@ -218,7 +217,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
             raise bad_request(str(exc), "messages") from exc
         return await respond(request, Shape(chat=True), body, [ids])
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {
             "object": "list",
@@ -233,6 +232,8 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
                 }
             ],
         }
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -48,6 +48,7 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
     app = FastAPI()
     kv_events: dict[str, asyncio.Event] = {}
     running = {"n": 0}
+    clients: dict[str, Any] = {}
 
     def event(rid: str) -> asyncio.Event:
         return kv_events.setdefault(rid, asyncio.Event())
@@ -94,13 +95,13 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
             return JSONResponse(
                 {"error": "stub prefill refuses", "reason": "stub"}, status_code=b.prefill_status
             )
-        import httpx
+        if "http" not in clients:  # one pooled client per app, made on first use (in its loop)
+            import httpx
 
-        async with httpx.AsyncClient(trust_env=False) as client:
-            await client.post(
-                f"http://{body['decode_kv_endpoint']}/stub_kv",
-                json={"request_id": body["request_id"]},
-            )
+            clients["http"] = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None))
+        await clients["http"].post(
+            f"http://{body['decode_kv_endpoint']}/stub_kv", json={"request_id": body["request_id"]}
+        )
         return JSONResponse(
             {
                 "request_id": body["request_id"],

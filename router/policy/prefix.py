@@ -8,13 +8,14 @@ worker most likely still holds those blocks. Bounded LRU; stale entries only cos
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 
 
 def block_hash(prev_hash: bytes, token_ids: list[int]) -> bytes:
     """Same as ``splitserve.engine.block_manager.block_hash`` (a test checks they agree)."""
     h = hashlib.blake2b(prev_hash, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids))
+    h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
     return h.digest()
 
 
