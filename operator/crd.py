@@ -128,7 +128,9 @@ def spec_schema() -> Schema:
     redis = {
         "type": "object",
         "description": "The worker registry: a Redis the operator runs (managed) or an existing URL.",
-        "default": {},
+        # the default must satisfy the CEL rule on its own (nested defaults are not applied
+        # when the API server validates a default)
+        "default": {"managed": True},
         "properties": {
             "managed": {"type": "boolean", "default": True},
             "url": _str("redis:// URL of an existing Redis (set managed: false).", minLength=1),

@@ -68,10 +68,3 @@ def on_child_deployment(labels: Any, namespace: str, **_: Any) -> None:
     instance = labels.get(manifests.LABEL_INSTANCE)
     if instance:
         reconcile.refresh_status(namespace, instance)
-
-
-@kopf.timer(*ISVC, interval=30.0, initial_delay=15.0, idle=0.0)
-def refresh_periodically(name: str, namespace: str, **_: Any) -> None:
-    """A safety net: a status computed just before a Deployment changed is corrected within
-    one interval even if no further Deployment event arrives."""
-    reconcile.refresh_status(namespace, name)

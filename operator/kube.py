@@ -8,8 +8,10 @@ are known here, so each path is fixed and no discovery round-trip is needed.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,20 +40,26 @@ class ApplyResult:
     action: str
 
 
-_client: kubernetes.client.ApiClient | None = None
+_client: tuple[Any, Any] | None = None
 _client_lock = threading.Lock()
 
 
-def api_client() -> kubernetes.client.ApiClient:
-    """One shared client, configured in-cluster or from KUBECONFIG (whichever is there)."""
+def _connection() -> tuple[Any, Any]:
+    """(Configuration, urllib3 pool) from in-cluster config or KUBECONFIG, made once.
+
+    Only the client's configuration loading and its TLS-configured urllib3 pool are used: the
+    generated request helpers changed signatures across client releases, these two did not.
+    """
     global _client
     with _client_lock:  # kopf runs sync handlers in a thread pool
         if _client is None:
+            cfg = kubernetes.client.Configuration()
             try:
-                kubernetes.config.load_incluster_config()
+                kubernetes.config.load_incluster_config(client_configuration=cfg)
             except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
-            _client = kubernetes.client.ApiClient()
+                kubernetes.config.load_kube_config(client_configuration=cfg)
+            pool = kubernetes.client.rest.RESTClientObject(cfg).pool_manager
+            _client = (cfg, pool)
         return _client
 
 
@@ -63,13 +71,30 @@ def _path(kind: str, namespace: str, name: str | None = None) -> str:
     return f"{path}/{name}" if name else path
 
 
-def _call(method: str, path: str, **kwargs: Any) -> Any:
-    client = api_client()
-    data = client.call_api(
-        path, method, response_type="object", auth_settings=["BearerToken"],
-        _return_http_data_only=True, _preload_content=True, **kwargs,
-    )  # fmt: skip
-    return data
+def _call(
+    method: str,
+    path: str,
+    query: list[tuple[str, str]] | None = None,
+    body: dict[str, Any] | None = None,
+    content_type: str = "application/json",
+) -> Any:
+    """One API request; raises ApiException (with ``status``) on a non-2xx answer."""
+    cfg, pool = _connection()
+    url = cfg.host + path + ("?" + urllib.parse.urlencode(query) if query else "")
+    headers = {"Accept": "application/json"}
+    for auth in cfg.auth_settings().values():  # bearer token (refreshed in-cluster)
+        if auth.get("in") == "header" and auth.get("value"):
+            headers[auth["key"]] = auth["value"]
+    data = None
+    if body is not None:
+        headers["Content-Type"] = content_type
+        data = json.dumps(body).encode()
+    resp = pool.request(method, url, body=data, headers=headers, timeout=30.0)
+    if not 200 <= resp.status < 300:
+        exc = ApiException(status=resp.status, reason=resp.reason)
+        exc.body = resp.data.decode(errors="replace")
+        raise exc
+    return json.loads(resp.data) if resp.data else {}
 
 
 def get(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -89,12 +114,9 @@ def apply(manifest: dict[str, Any]) -> ApplyResult:
     after = _call(
         "PATCH",
         _path(kind, meta["namespace"], meta["name"]),
-        body=manifest,
-        query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-        header_params={
-            "Content-Type": "application/apply-patch+yaml",
-            "Accept": "application/json",
-        },
+        query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        body=manifest,  # JSON is YAML: the apply content type takes it as is
+        content_type="application/apply-patch+yaml",
     )
     if before is None:
         action = "created"
@@ -110,7 +132,7 @@ def list_owned(kind: str, namespace: str, instance: str) -> list[dict[str, Any]]
     selector = (
         f"{manifests.LABEL_INSTANCE}={instance},app.kubernetes.io/managed-by={manifests.MANAGED_BY}"
     )
-    data = _call("GET", _path(kind, namespace), query_params=[("labelSelector", selector)])
+    data = _call("GET", _path(kind, namespace), query=[("labelSelector", selector)])
     return list(data.get("items", []))
 
 
@@ -141,5 +163,5 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
         "PATCH",
         _isvc_path(namespace, name) + "/status",
         body={"status": status},
-        header_params={"Content-Type": "application/merge-patch+json"},
+        content_type="application/merge-patch+json",
     )

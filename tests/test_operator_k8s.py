@@ -102,13 +102,12 @@ def children(k8s: K8sEnv, ns: str, name: str) -> dict[tuple[str, str], dict[str,
 
 
 def snapshot(k8s: K8sEnv, ns: str, name: str) -> dict[tuple[str, str], tuple[str, Any]]:
-    """What "changed nothing" compares: uid plus spec generation (Deployments, whose status
-    moves on its own) or resourceVersion (everything else)."""
+    """What "changed nothing" compares: uid plus the spec generation where there is one
+    (Deployments, PDBs: their status moves on its own), else the resourceVersion."""
     out = {}
     for key, obj in children(k8s, ns, name).items():
         meta = obj["metadata"]
-        marker = meta["generation"] if key[0] == "Deployment" else meta["resourceVersion"]
-        out[key] = (meta["uid"], marker)
+        out[key] = (meta["uid"], meta.get("generation", meta["resourceVersion"]))
     return out
 
 
