@@ -155,9 +155,10 @@ def bench_prefill(seq: int, sweep: bool, mm_tflops: float, block: int = BLOCK) -
             print(f"{name} unavailable: {exc}")
     configs: list[dict] = [{}]
     if sweep:
-        for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 3),
-                               (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4)):
-            configs.append(dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns))
+        for bm, bn, nw, ns, sm in ((128, 128, 8, 3, 0), (128, 128, 8, 3, 1), (128, 128, 8, 3, 2),
+                                   (128, 128, 8, 4, 2), (128, 64, 8, 3, 2), (128, 64, 8, 4, 1),
+                                   (64, 64, 4, 3, 2), (128, 128, 8, 2, 2)):
+            configs.append(dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, scale_mode=sm))
     rows = []
     best = None
     for cfg in configs:
@@ -241,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also try other launch configs")
     parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--no-decode-sweep", action="store_true", help="sweep prefill configs only")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -248,8 +250,9 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     mm = matmul_tflops()
     rows = []
-    rows += bench_decode(64, 4096, copy_gbs, args.sweep)
-    rows += bench_decode(16, 16384, copy_gbs, args.sweep)
+    decode_sweep = args.sweep and not args.no_decode_sweep
+    rows += bench_decode(64, 4096, copy_gbs, decode_sweep)
+    rows += bench_decode(16, 16384, copy_gbs, decode_sweep)
     rows += bench_prefill(4096, args.sweep, mm)
     if args.sweep:  # diagnostic: the cost of the 16-token page gather
         rows += bench_prefill(4096, False, mm, block=256)

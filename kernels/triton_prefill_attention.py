@@ -35,7 +35,7 @@ def _attend_tile(
     acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, pos_q, ctx, qk_scale, stride_blk, stride_tok,
     d, d_mask,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over keys ``lo .. hi`` of one sequence.
 
@@ -55,12 +55,18 @@ def _attend_tile(
             k = tl.load(k_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         else:
             k = tl.load(k_base + row[:, None] + d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SCALE_MODE == 0:  # scale the scores (SCALE_MODE 1: q came pre-scaled)
+            s = s * qk_scale
         if CAUSAL:
             s = tl.where((offs[None, :] <= pos_q[:, None]) & valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SCALE_MODE == 2:  # fold the scale into the exponent's argument (one FMA)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if CAUSAL or not EVEN_D:
             v = tl.load(v_base + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -81,7 +87,7 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    SEQ_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEQ_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
     # Heaviest tiles first: program 0 takes the last tile id, which belongs to the last tiles.
     t = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -109,6 +115,8 @@ def _prefill_kernel(
             mask=q_mask,
             other=0.0,
         )
+        if SCALE_MODE == 1:
+            q = (q.to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
         pos_q = prefix + offs_m
 
         kvh = h // GROUP
@@ -123,13 +131,13 @@ def _prefill_kernel(
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_base, v_base, bt_row, 0, full_end, pos_q, ctx, qk_scale,
             stride_blk, stride_tok, d, d_mask,
-            False, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD,
+            False, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD, SCALE_MODE,
         )
         diag_end = tl.minimum(ctx, prefix + m0 + BLOCK_M)
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_base, v_base, bt_row, full_end, diag_end, pos_q, ctx, qk_scale,
             stride_blk, stride_tok, d, d_mask,
-            True, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD,
+            True, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, HEAD_DIM == HEAD_DIM_PAD, SCALE_MODE,
         )
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o = acc / l_i[:, None]
@@ -149,12 +157,14 @@ def prefill_attention_triton(
     block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
+    scale_mode: int = 0,
 ) -> torch.Tensor:
     """Prefill attention for packed ``q (N, Hq, D)``; same contract as ``prefill_attention_ref``.
 
     The tile sizes and launch knobs are for benchmarks and tests; the defaults were the fastest
     of a sweep at head dim 128 on an H200 (bench/RESULTS.md). ``None``: 128 keys a tile up to
-    head dim 128, 32 above (shared memory).
+    head dim 128, 32 above (shared memory). ``scale_mode``: where the softmax scale is applied
+    (0: on the scores, 1: on q once, rounded to q's dtype, 2: folded into the exponent).
     """
     _check_inputs(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens)
     num_tokens, num_heads, head_dim = q.shape
@@ -180,7 +190,7 @@ def prefill_attention_triton(
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         SEQ_CHUNK=min(256, max(16, next_pow2(num_seqs))), DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        SCALE_MODE=scale_mode, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
