@@ -9,7 +9,6 @@ workers fail.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -17,10 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from splitserve.router.auth import APIKeyMiddleware
 from splitserve.router.config import SLO, RouterConfig
 from splitserve.router.dispatch import Dispatcher
 from splitserve.router.errors import RouterError, bad_request, error_body
@@ -136,18 +136,14 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         finally:
             await state.stop()
 
-    expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
-
-    async def require_key(request: Request) -> None:
-        """Without the configured key (Authorization: Bearer KEY) every /v1 route is 401."""
-        if expected_auth is None:
-            return
-        got = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(got, expected_auth):
-            raise RouterError(401, "Invalid or missing API key (Authorization: Bearer <key>).", code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    v1 = APIRouter(prefix="/v1")
     app = FastAPI(title="splitserve router", lifespan=lifespan)
+    if config.api_key:
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=config.api_key,
+            on_reject=lambda path: state.metrics.requests.labels(path, "unauthorized").inc(),
+        )
     app.state.router = state
 
     @app.exception_handler(RouterError)

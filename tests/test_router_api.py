@@ -343,3 +343,27 @@ def _wait_http(url: str, timeout: float = 20.0) -> None:
         except httpx.HTTPError:
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not come up within {timeout}s")
+
+
+def test_goodput_queues_within_bound_until_a_worker_frees_up(demo_model, workers, tmp_path) -> None:
+    """Both decode workers report a batch too big for the TPOT target; one drains while the
+    request waits in admission: it is admitted (not shed) once the poll shows room."""
+    model = tmp_path / "latency.json"
+    model.write_text(json.dumps({"decode": {"base_ms": 10, "per_seq_ms": 1, "per_context_token_ms": 0}}))
+    workers["d0"][1].load, workers["d1"][1].load = {"running": 200}, {"running": 200}
+    with router(demo_model, workers, policy="goodput", latency_model_path=str(model), max_queue_ms=3000) as r:
+        import threading
+
+        threading.Timer(0.5, lambda: workers["d1"][1].load.update(running=0)).start()
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert workers["d1"][1].requests and not workers["d0"][1].requests
+        assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="goodput"} 1.0' in httpx.get(r.url + "/metrics").text
+
+
+def test_missing_key_is_401_before_anything_else(demo_model, workers) -> None:
+    with router(demo_model, workers, api_key="k") as r:
+        _error(httpx.post(r.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 401)
+        _error(httpx.post(r.url + "/v1/chat/completions", json={"model": "demo"}), 401)
