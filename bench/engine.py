@@ -44,9 +44,8 @@ def copy_bandwidth(nbytes: int = 2 * 2**30, iters: int = 20) -> float:
 
 
 def make_engine(model_dir: str, max_seqs: int, max_len: int, blocks: int):
+    from splitserve.engine.config import RunnerConfig, SchedulerConfig
     from splitserve.engine.engine import EngineConfig, LLMEngine
-    from splitserve.engine.runner import RunnerConfig
-    from splitserve.engine.scheduler import SchedulerConfig
 
     return LLMEngine(EngineConfig(
         RunnerConfig(model_dir, dtype="bfloat16", random_weights=True, num_kv_blocks=blocks,

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_init)
 
-    from splitserve.engine.worker import add_worker_args
+    from splitserve.engine.worker_options import add_worker_args
 
     prof = sub.add_parser(
         "profile",
@@ -85,7 +85,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from splitserve.engine.profile import profile
-    from splitserve.engine.worker import options_from_args
+    from splitserve.engine.worker_options import options_from_args
 
     console = Console(stderr=True)
     options = options_from_args(args, "profile")

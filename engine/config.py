@@ -1,4 +1,5 @@
-"""Model and engine configuration.
+"""Model and engine configuration: plain frozen dataclasses, validated when built (torch-free, so
+command-line parsing never loads torch).
 
 ``ModelConfig`` is read from a Hugging Face ``config.json`` (Llama, Qwen2, Mistral families) and
 normalised into the few fields the engine needs; anything the engine cannot serve is refused here,
@@ -13,30 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
+def dtype_from_name(name: str):
     """Map a config/CLI dtype name to torch; unknown names are an error, not a silent default."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {list(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, value in DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported dtype {dtype}")
+def dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -119,3 +115,42 @@ class ModelConfig:
         """A short hash of the architecture, part of the KV-transfer handshake."""
         blob = json.dumps(self.raw, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: str
+    dtype: str | None = None  # default: the checkpoint's torch_dtype
+    device: str | None = None  # default: cuda if available, else cpu
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb / GPU memory
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    random_weights: bool = False  # timing runs on shapes whose weights are not here
+    cuda_graphs: bool = True  # capture the decode step on CUDA (off: eager, for debugging)
+    max_num_seqs: int = 64  # largest decode batch a graph is captured for
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    runner: RunnerConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

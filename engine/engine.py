@@ -11,23 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from splitserve.engine.block_manager import BlockManager, NoFreeBlocks
-from splitserve.engine.runner import ModelRunner, RunnerConfig
+from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampling import SamplingParams
-from splitserve.engine.scheduler import Scheduler, SchedulerConfig
+from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.stopping import StopChecker
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    runner: RunnerConfig
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+__all__ = ["EngineConfig", "LLMEngine", "RunnerConfig", "SchedulerConfig", "StepOutput", "StepStats"]
 
 
 @dataclass(frozen=True)

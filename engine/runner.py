@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from splitserve.engine.config import ModelConfig, dtype_from_name
+from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
 from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
 from splitserve.engine.sampling import make_generator, sample
@@ -21,28 +20,6 @@ from splitserve.engine.sequence import Sequence
 from splitserve.kernels.attention import gather_kv
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    model_dir: str
-    dtype: str | None = None  # default: the checkpoint's torch_dtype
-    device: str | None = None  # default: cuda if available, else cpu
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # default: from kv_cache_memory_gb / GPU memory
-    kv_cache_memory_gb: float | None = None
-    gpu_memory_utilization: float = 0.85
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    random_weights: bool = False  # timing runs on shapes whose weights are not here
-    cuda_graphs: bool = True  # capture the decode step on CUDA (off: eager, for debugging)
-    max_num_seqs: int = 64  # largest decode batch a graph is captured for
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 class ModelRunner:

@@ -13,21 +13,10 @@ preempted back to the queue and recomputed later, so running requests always mak
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.config import SchedulerConfig
 from splitserve.engine.sequence import SeqStatus, Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    chunked_prefill: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
 class Scheduler:

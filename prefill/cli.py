@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from splitserve.engine.worker import add_worker_args
+    from splitserve.engine.worker_options import add_worker_args
 
     p = sub.add_parser(
         "prefill",

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from splitserve.engine.config import RunnerConfig, SchedulerConfig
 from splitserve.engine.engine import EngineConfig, LLMEngine
-from splitserve.engine.runner import RunnerConfig
 from splitserve.engine.sampling import SamplingParams
-from splitserve.engine.scheduler import SchedulerConfig
 
 PROMPTS = [
     "hello world",

@@ -1,0 +1,86 @@
+"""Worker command-line options and the frozen config they become.
+
+Kept free of torch imports: ``splitserve --help`` registers every subcommand, and should not pay
+for loading torch to print a usage message.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+
+
+def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=default_port, help=f"HTTP port (default {default_port})")
+    parser.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if present)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill batch (default 8192)")
+    parser.add_argument("--chunked-prefill", action="store_true", help="mix prompt chunks into decode steps (the colocated baseline)")
+    parser.add_argument("--kv-backend", default="tcp", help="KV transfer backend (default tcp)")
+    parser.add_argument("--generation", default="", help="serving generation: workers of different generations never pair")
+    parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for the decode step (debugging)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (timing only)")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    role: str
+    engine: EngineConfig
+    host: str
+    port: int
+    advertise_host: str
+    kv_backend: str
+    generation: str
+    redis_url: str | None
+    kv_port: int = 0
+    kv_timeout: float = 30.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.advertise_host}:{self.port}"
+
+
+def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
+    engine = EngineConfig(
+        RunnerConfig(
+            model_dir=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks,
+            max_model_len=args.max_model_len,
+            random_weights=args.random_weights,
+            cuda_graphs=not args.enforce_eager,
+            max_num_seqs=args.max_num_seqs,
+        ),
+        SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            chunked_prefill=args.chunked_prefill,
+        ),
+    )
+    advertise = args.advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
+    return WorkerOptions(
+        role=role,
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        advertise_host=advertise,
+        kv_backend=args.kv_backend,
+        generation=args.generation,
+        redis_url=args.redis_url,
+        kv_port=getattr(args, "kv_port", 0),
+        kv_timeout=getattr(args, "kv_timeout", 30.0),
+    )
+
+
