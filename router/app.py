@@ -247,6 +247,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state.metrics.worker_healthy.clear()  # workers that left the registry disappear
         for w in state.pool.workers.values():
             state.metrics.worker_healthy.labels(w.role, w.url).set(1 if w.healthy else 0)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +65,7 @@ class _SamplingFields(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> _SamplingFields:
+    def _unsupported(self) -> SamplingFields:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
                 raise ValueError(f"{name} is not supported yet (only 0)")
@@ -97,7 +97,7 @@ class _SamplingFields(BaseModel):
         }
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
@@ -147,7 +147,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -21,7 +21,7 @@ from splitserve.router.config import SLO
 from splitserve.router.dispatch import Chunk, Dispatcher, SequenceSpec
 from splitserve.router.errors import RouterError, bad_request
 from splitserve.router.output import ChoiceText
-from splitserve.router.protocol import _SamplingFields
+from splitserve.router.protocol import SamplingFields
 from splitserve.router.tokenizer import RouterTokenizer
 
 _END = object()
@@ -99,7 +99,7 @@ class Serving:
         self.tokenizer, self.dispatcher, self.model_name = tokenizer, dispatcher, model_name
 
     def _specs(
-        self, shape: Shape, body: _SamplingFields, prompts: list[list[int]], max_len: int, slo: SLO
+        self, shape: Shape, body: SamplingFields, prompts: list[list[int]], max_len: int, slo: SLO
     ) -> tuple[str, list[SequenceSpec], list[int]]:
         limits = token_limits(prompts, body.max_tokens, max_len, "messages" if shape.chat else "prompt")
         rid = shape.prefix + uuid.uuid4().hex
@@ -113,7 +113,7 @@ class Serving:
         return rid, specs, owners
 
     async def serve(
-        self, shape: Shape, body: _SamplingFields, prompts: list[list[int]], max_len: int, slo: SLO
+        self, shape: Shape, body: SamplingFields, prompts: list[list[int]], max_len: int, slo: SLO
     ) -> dict[str, Any] | SSEStream:
         """The JSON body (non-streaming) or an SSE line iterator (streaming)."""
         rid, specs, owners = self._specs(shape, body, prompts, max_len, slo)
@@ -153,7 +153,7 @@ class Serving:
         return delta
 
     async def _sse(
-        self, shape: Shape, rid: str, created: int, body: _SamplingFields, run: _Run,
+        self, shape: Shape, rid: str, created: int, body: SamplingFields, run: _Run,
         head: list[tuple[int, Any]], choices: list[ChoiceText], usage: dict[str, int],
     ) -> AsyncIterator[str]:
         obj = shape.object + ".chunk" if shape.chat else shape.object
