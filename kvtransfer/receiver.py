@@ -73,6 +73,11 @@ class _Entry:
     state: TransferState = TransferState.PENDING
     conn: socket.socket | None = None
     abort: TransferError | None = None
+    streams: int = 1  # connections the sender uses (HELLO's + JOINs)
+    lanes: list[socket.socket] = dataclasses.field(default_factory=list)  # joined, still open
+    joined: set[int] = dataclasses.field(default_factory=set)
+    lanes_open: int = 0  # lane handlers that may still write into the blocks
+    lanes_done: int = 0  # lanes that delivered all their layers
 
 
 class SocketReceiver(KVReceiver):
@@ -212,8 +217,9 @@ class SocketReceiver(KVReceiver):
             self._cond.notify_all()
         elif entry.abort is None:
             entry.abort = err
-            if entry.conn is not None:
-                _shutdown(entry.conn, socket.SHUT_RD)  # wakes the handler's recv
+            for conn in ([entry.conn] if entry.conn is not None else []) + entry.lanes:
+                _shutdown(conn, socket.SHUT_RD)  # wakes the handlers' recv
+            self._cond.notify_all()
 
     def _release_locked(self, entry: _Entry) -> None:
         """Forget a claimed entry (before its future resolves, so stats() never lag behind)."""
@@ -278,8 +284,12 @@ class SocketReceiver(KVReceiver):
         request_id = "?"
         try:
             tune_socket(conn, self.io_timeout)
-            hello = expect_frame(conn, FrameType.HELLO).meta
+            first = expect_frame(conn, FrameType.HELLO, FrameType.JOIN)
+            hello = first.meta
             request_id = str(hello.get("request_id", "?"))
+            if first.type == FrameType.JOIN:
+                self._serve_lane(conn, hello)
+                return
             entry = self._handshake(conn, hello)
             self._receive(conn, entry, hello)
         except TransferError as err:
@@ -354,22 +364,17 @@ class SocketReceiver(KVReceiver):
     def _receive(self, conn: socket.socket, entry: _Entry, hello: dict[str, Any]) -> None:
         start = time.monotonic()
         nbytes = self.spec.layer_nbytes(entry.num_tokens)
+        streams = hello.get("streams", 1)
+        if not isinstance(streams, int) or not 1 <= streams <= min(16, self.spec.num_layers):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad streams {streams!r}")
         source = self.open_source(hello, nbytes)
         try:
+            with self._cond:
+                entry.streams = streams
             send_frame(conn, FrameType.ACCEPT)
-            for layer in range(self.spec.num_layers):
-                frame = expect_frame(conn, FrameType.LAYER)
-                if frame.meta.get("layer") != layer:
-                    raise TransferError(
-                        FailureReason.PROTOCOL_ERROR,
-                        f"expected layer {layer}, got {frame.meta.get('layer')}",
-                    )
-                if entry.abort is not None:
-                    raise entry.abort
-                source.read_into(conn, frame, layer, entry.writer)
-                source.release(conn, frame)
-                metrics.record_bytes("receive", self.backend, nbytes)
+            self._receive_layers(conn, entry, source, range(0, self.spec.num_layers, streams))
             end = expect_frame(conn, FrameType.END).meta
+            self._wait_for_lanes(entry)
         finally:
             source.close()
             entry.writer.finish()
@@ -391,20 +396,108 @@ class SocketReceiver(KVReceiver):
             raise abort
         send_frame(conn, FrameType.DONE, {"bytes": total})
 
+    def _receive_layers(
+        self, conn: socket.socket, entry: _Entry, source: LayerSource, layers: range
+    ) -> None:
+        nbytes = self.spec.layer_nbytes(entry.num_tokens)
+        for layer in layers:
+            frame = expect_frame(conn, FrameType.LAYER)
+            if frame.meta.get("layer") != layer:
+                raise TransferError(
+                    FailureReason.PROTOCOL_ERROR,
+                    f"expected layer {layer}, got {frame.meta.get('layer')}",
+                )
+            if entry.abort is not None:
+                raise entry.abort
+            source.read_into(conn, frame, layer, entry.writer)
+            source.release(conn, frame)
+            metrics.record_bytes("receive", self.backend, nbytes)
+
+    def _wait_for_lanes(self, entry: _Entry) -> None:
+        """After END: every extra connection must have delivered its layers."""
+        deadline = time.monotonic() + self.io_timeout
+        with self._cond:
+            while entry.lanes_done < entry.streams - 1:
+                if entry.abort is not None:
+                    raise entry.abort
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransferError(FailureReason.TIMEOUT, "parallel streams did not finish")
+                self._cond.wait(remaining)
+
+    def _serve_lane(self, conn: socket.socket, join: dict[str, Any]) -> None:
+        """An extra connection of a multi-stream transfer: receive layers stream, stream+N, ...
+        A lane never resolves the future; on failure it aborts the transfer, and the first
+        connection's handler resolves it once every lane stopped writing."""
+        entry: _Entry | None = None
+        try:
+            entry, stream = self._join(conn, join)
+            source = self.open_source(join, self.spec.layer_nbytes(entry.num_tokens))
+            try:
+                send_frame(conn, FrameType.ACCEPT)
+                self._receive_layers(
+                    conn, entry, source, range(stream, self.spec.num_layers, entry.streams)
+                )
+            finally:
+                source.close()
+            with self._cond:
+                entry.lanes_done += 1
+                self._cond.notify_all()
+        except (TransferError, OSError) as exc:
+            err = exc if isinstance(exc, TransferError) else TransferError(
+                FailureReason.TIMEOUT if isinstance(exc, TimeoutError)
+                else FailureReason.CONNECTION_LOST, f"parallel stream failed: {exc}",
+            )
+            if entry is not None:
+                with self._cond:
+                    self._abort_locked(entry, err.with_request(entry.request_id))
+                    err = entry.abort
+            _send_error(conn, err)
+        finally:
+            if entry is not None:
+                with self._cond:
+                    entry.lanes_open -= 1
+                    entry.lanes.remove(conn)
+                    self._cond.notify_all()
+
+    def _join(self, conn: socket.socket, join: dict[str, Any]) -> tuple[_Entry, int]:
+        request_id, stream = join.get("request_id"), join.get("stream")
+        with self._cond:
+            entry = self._entries.get(request_id) if isinstance(request_id, str) else None
+            if entry is None or entry.state != TransferState.TRANSFERRING:
+                raise TransferError(FailureReason.PROTOCOL_ERROR, "no transfer to join")
+            if entry.abort is not None:
+                raise entry.abort
+            if not isinstance(stream, int) or not 1 <= stream < entry.streams or (
+                stream in entry.joined
+            ):
+                raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad stream {stream!r}")
+            entry.joined.add(stream)
+            entry.lanes.append(conn)
+            entry.lanes_open += 1
+            return entry, stream
+
     def _finish_failed(
         self, conn: socket.socket, entry: _Entry | None, err: TransferError
     ) -> None:
         """Fail the entry (if this connection had claimed one) and tell the sender why."""
         if entry is not None:
-            if entry.abort is not None:
-                err = entry.abort  # cancel / timeout / close caused the socket error
             with self._cond:
+                self._abort_locked(entry, err)  # stops the other lanes, if any
+                err = entry.abort or err  # cancel / timeout / close caused the socket error
+                deadline = time.monotonic() + 5.0
+                while entry.lanes_open and time.monotonic() < deadline:  # they write no more
+                    self._cond.wait(0.05)
                 self._release_locked(entry)
                 self._fail_future(entry.future, err)
-        try:
-            send_frame(conn, FrameType.ERROR, error_meta(err))
-        except OSError as exc:  # the sender is gone; nobody left to tell
-            log.debug("could not send ERROR to sender of %s: %s", err.request_id, exc)
+        _send_error(conn, err)
+
+
+def _send_error(conn: socket.socket, err: TransferError) -> None:
+    try:
+        send_frame(conn, FrameType.ERROR, error_meta(err))
+    except OSError as exc:  # the sender is gone; nobody left to tell
+        log.debug("could not send ERROR to sender of %s: %s", err.request_id, exc)
 
 
 def _shutdown(conn: socket.socket, how: int) -> None:

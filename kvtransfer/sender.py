@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import queue
 import select
 import socket
 import threading
@@ -79,6 +80,7 @@ class SocketSender(KVSender):
     """Sender over one TCP connection per transfer; subclasses provide :meth:`open_sink`."""
 
     backend: ClassVar[str]
+    max_streams: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -87,11 +89,20 @@ class SocketSender(KVSender):
         connect_timeout: float = 5.0,
         accept_timeout: float = 15.0,
         io_timeout: float = 30.0,
+        streams: int = 1,
+        min_stream_bytes: int = 64 << 20,
     ) -> None:
+        """``streams`` > 1 spreads the layers of a transfer of at least ``min_stream_bytes``
+        over that many connections (layer i on connection i % streams), for links where one
+        TCP stream cannot fill the pipe. Backends that cannot (shm) allow only 1."""
         if spec.backend != self.backend:
             raise ValueError(f"spec.backend is {spec.backend!r}, this sender is {self.backend!r}")
         if min(connect_timeout, accept_timeout, io_timeout) <= 0:
             raise ValueError("timeouts must be > 0")
+        if not 1 <= streams <= self.max_streams:
+            raise ValueError(f"streams must be in [1, {self.max_streams}] for {self.backend}")
+        self.streams = streams
+        self.min_stream_bytes = min_stream_bytes
         self.spec = spec
         self.connect_timeout = connect_timeout
         self.accept_timeout = accept_timeout
@@ -158,40 +169,28 @@ class SocketSender(KVSender):
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise TransferError(FailureReason.INVALID_INPUT, f"num_tokens must be >= 1: {num_tokens}")
         nbytes = self.spec.layer_nbytes(num_tokens)
-        sock = self._connect(address)
-        sink: LayerSink | None = None
+        streams = self._streams_for(nbytes)
+        lanes: list[_Lane] = []
         try:
-            sink = self.open_sink(nbytes)
-            send_frame(sock, FrameType.HELLO, {
+            main = self._open_lane(address, nbytes, FrameType.HELLO, {
                 "request_id": request_id, "spec": self.spec.to_dict(), "num_tokens": num_tokens,
-                "meta": meta, **sink.hello_fields(),
-            })
-            sock.settimeout(self.accept_timeout)
-            expect_frame(sock, FrameType.ACCEPT)
-            sock.settimeout(self.io_timeout)
-            sink.accepted()
+                "meta": meta, "streams": streams,
+            }, self.accept_timeout)
+            lanes.append(main)
+            for stream in range(1, streams):
+                lanes.append(self._open_lane(address, nbytes, FrameType.JOIN, {
+                    "request_id": request_id, "stream": stream}, self.io_timeout))
             pending = itertools.chain([first] if first is not None else [], _layers(layers))
-            count = 0
-            for layer, tensor in enumerate(pending):
-                if layer >= self.spec.num_layers:
-                    raise TransferError(
-                        FailureReason.INVALID_INPUT,
-                        f"kv_layers yielded more than num_layers={self.spec.num_layers} layers",
-                    )
-                tensor = self._check_layer(tensor, layer, num_tokens)
-                self._poll_peer(sock, sink)
-                sink.write(sock, layer, tensor)
-                metrics.record_bytes("send", self.backend, nbytes)
-                count += 1
+            count = self._stream_layers(lanes, pending, num_tokens, nbytes)
             if count != self.spec.num_layers:
                 raise TransferError(
                     FailureReason.INVALID_INPUT,
                     f"kv_layers yielded {count} layers, num_layers is {self.spec.num_layers}",
                 )
             token = _resolve_first_token(first_token)
-            send_frame(sock, FrameType.END, {"first_token": token})
+            send_frame(main.sock, FrameType.END, {"first_token": token})
             while True:  # shm may still return credits before DONE
-                frame = expect_frame(sock, FrameType.DONE, FrameType.CREDIT)
+                frame = expect_frame(main.sock, FrameType.DONE, FrameType.CREDIT)
                 if frame.type == FrameType.DONE:
                     break
             return TransferResult(
@@ -199,21 +198,69 @@ class SocketSender(KVSender):
                 time.monotonic() - start, meta=meta,
             )
         except TransferError as err:
-            if err.reason in (FailureReason.INVALID_INPUT, FailureReason.ABORTED):
-                _tell_peer(sock, err)  # our fault: let the receiver fail fast with the reason
+            if lanes and err.reason in (FailureReason.INVALID_INPUT, FailureReason.ABORTED):
+                _tell_peer(lanes[0].sock, err)  # our fault: the receiver fails fast with the reason
             raise
         except TimeoutError as exc:
             raise TransferError(FailureReason.TIMEOUT, f"receiver stalled: {exc}") from exc
         except OSError as exc:
-            raise self._closed_error() or _peer_error(sock) or TransferError(
+            raise self._closed_error() or _peer_error(lanes) or TransferError(
                 FailureReason.CONNECTION_LOST, f"receiver connection lost: {exc}"
             ) from exc
         finally:
-            if sink is not None:
-                sink.close()
+            for lane in lanes:
+                lane.close()
+                with self._lock:
+                    self._active.discard(lane.sock)
+
+    def _streams_for(self, layer_nbytes: int) -> int:
+        """Parallel connections for one transfer: several only for big payloads."""
+        if self.streams == 1 or layer_nbytes * self.spec.num_layers < self.min_stream_bytes:
+            return 1
+        return min(self.streams, self.spec.num_layers)
+
+    def _open_lane(
+        self, address: tuple[str, int], nbytes: int, kind: FrameType, hello: dict[str, Any],
+        reply_timeout: float,
+    ) -> _Lane:
+        """Connect, introduce the connection (HELLO or JOIN) and wait for ACCEPT."""
+        lane = _Lane(self._connect(address))
+        try:
+            lane.sink = self.open_sink(nbytes)
+            send_frame(lane.sock, kind, {**hello, **lane.sink.hello_fields()})
+            lane.sock.settimeout(reply_timeout)
+            expect_frame(lane.sock, FrameType.ACCEPT)
+            lane.sock.settimeout(self.io_timeout)
+            lane.sink.accepted()
+        except BaseException:
+            lane.close()
             with self._lock:
-                self._active.discard(sock)
-            sock.close()
+                self._active.discard(lane.sock)
+            raise
+        return lane
+
+    def _stream_layers(
+        self, lanes: list[_Lane], pending: Iterator[Any], num_tokens: int, nbytes: int
+    ) -> int:
+        """Send every layer, layer i on lane i % len(lanes); returns the number of layers."""
+        count = 0
+        for layer, tensor in enumerate(pending):
+            if layer >= self.spec.num_layers:
+                raise TransferError(
+                    FailureReason.INVALID_INPUT,
+                    f"kv_layers yielded more than num_layers={self.spec.num_layers} layers",
+                )
+            tensor = self._check_layer(tensor, layer, num_tokens)
+            lane = lanes[layer % len(lanes)]
+            if len(lanes) == 1:
+                lane.write(layer, tensor)
+            else:
+                lane.submit(layer, tensor, self.io_timeout, lanes)
+            metrics.record_bytes("send", self.backend, nbytes)
+            count += 1
+        for lane in lanes:
+            lane.finish(self.io_timeout)
+        return count
 
     def _connect(self, address: tuple[str, int]) -> socket.socket:
         with self._lock:
@@ -259,14 +306,6 @@ class SocketSender(KVSender):
                 f"layer {layer} dtype {tensor.dtype} != spec dtype {self.spec.dtype}",
             )
         return tensor.detach().to("cpu").contiguous()
-
-    def _poll_peer(self, sock: socket.socket, sink: LayerSink) -> None:
-        """Between layers, read whatever the receiver sent (an ERROR stops us early)."""
-        while select.select([sock], [], [], 0)[0]:
-            frame = recv_frame(sock)
-            if frame.type == FrameType.ERROR:
-                raise error_from_meta(frame.meta)
-            sink.on_frame(frame)
 
 
 def _next_layer(layers: Iterator[Any]) -> Any:
@@ -316,16 +355,100 @@ def _tell_peer(sock: socket.socket, err: TransferError, linger: float = 1.0) -> 
         log.debug("could not deliver ERROR to receiver: %s", exc)
 
 
-def _peer_error(sock: socket.socket) -> TransferError | None:
-    """The receiver's ERROR frame if one is already waiting on the socket (why it hung up)."""
-    try:
-        if not select.select([sock], [], [], 0.05)[0]:
-            return None
-        sock.settimeout(0.2)
-        frame = recv_frame(sock)
-    except (OSError, TransferError, ValueError):
-        return None  # nothing readable: the plain connection error stands
-    return error_from_meta(frame.meta) if frame.type == FrameType.ERROR else None
+def _peer_error(lanes: list[_Lane]) -> TransferError | None:
+    """The receiver's ERROR frame if one is already waiting on a lane (why it hung up)."""
+    for lane in lanes:
+        try:
+            if not select.select([lane.sock], [], [], 0.05)[0]:
+                continue
+            lane.sock.settimeout(0.2)
+            frame = recv_frame(lane.sock)
+        except (OSError, TransferError, ValueError):
+            continue  # nothing readable here: the plain connection error stands
+        if frame.type == FrameType.ERROR:
+            return error_from_meta(frame.meta)
+    return None
+
+
+class _Lane:
+    """One connection of a transfer. With several lanes, each has a thread fed through a
+    one-slot queue, so the caller's iterator blocks (backpressure) when a lane is behind."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sink: LayerSink | None = None
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def write(self, layer: int, tensor: torch.Tensor) -> None:
+        self._poll_peer()
+        self.sink.write(self.sock, layer, tensor)
+
+    def submit(self, layer: int, tensor: torch.Tensor, timeout: float, lanes: list[_Lane]) -> None:
+        """Queue a layer for this lane's thread; fail fast if any lane already failed."""
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._run, name="kv-send-lane", daemon=True)
+            self._thread.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            for lane in lanes:
+                if lane.error is not None:
+                    raise lane.error
+            try:
+                self._queue.put((layer, tensor), timeout=0.05)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("send lane stalled") from None
+
+    def finish(self, timeout: float) -> None:
+        """Wait until this lane's thread sent everything queued; re-raise its failure."""
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                raise TimeoutError("send lane stalled") from None
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError("send lane stalled")
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._stopped = True
+        if self._thread is not None and self._thread.is_alive():
+            _shutdown(self.sock)  # wakes a thread blocked in sendall
+            self._thread.join(5.0)
+        if self.sink is not None:
+            self.sink.close()
+        self.sock.close()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # failed: drop queued work until told to stop
+            try:
+                self.write(*item)
+            except BaseException as exc:  # handed to the caller's thread via self.error
+                self.error = exc
+                _shutdown(self.sock)
+
+    def _poll_peer(self) -> None:
+        """Between layers, read whatever the receiver sent (an ERROR stops us early)."""
+        while select.select([self.sock], [], [], 0)[0]:
+            frame = recv_frame(self.sock)
+            if frame.type == FrameType.ERROR:
+                raise error_from_meta(frame.meta)
+            self.sink.on_frame(frame)
 
 
 def _shutdown(sock: socket.socket) -> None:

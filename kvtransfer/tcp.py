@@ -52,6 +52,7 @@ class TCPReceiver(SocketReceiver):
 
 class TCPSender(SocketSender):
     backend = "tcp"
+    max_streams = 16
 
     def open_sink(self, nbytes: int) -> LayerSink:
         return InlineSink()

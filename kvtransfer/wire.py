@@ -14,6 +14,10 @@ Conversation (sender -> receiver unless marked <-)::
     <- DONE {bytes}
     Either side may send ERROR at any point and close.
 
+With ``streams: N`` in HELLO the sender opens N-1 more connections after ACCEPT, each starting
+with JOIN {request_id, stream: k} (<- ACCEPT), and sends layer i on connection i % N; END and
+DONE stay on the first connection.
+
 Tensors never go through Python objects element by element: the sender hands the socket a
 memoryview of the tensor's bytes, the receiver ``recv_into``\\s a preallocated buffer and views
 it as the dtype (works for bfloat16, which numpy cannot represent).
@@ -46,6 +50,7 @@ class FrameType(enum.IntEnum):
     DONE = 5
     ERROR = 6
     CREDIT = 7
+    JOIN = 8
 
 
 class PeerClosed(ConnectionError):

@@ -501,3 +501,75 @@ def test_prefill_process_killed_mid_stream_fails_fast(backend, receiver_factory,
     assert err.reason == "connection_lost"
     assert time.monotonic() - start < 1.0
     assert rx.stats()["pending"] == 0
+
+
+# --------------------------------------------------------------------------- parallel streams
+def multi_stream_sender(backend: str, spec: KVSpec, streams: int = 3):
+    """A sender spreading every transfer over ``streams`` connections (skip if unsupported)."""
+    from splitserve.kvtransfer.registry import _load
+
+    if _load(backend, "sender", spec).max_streams < streams:
+        pytest.skip(f"{backend} has no parallel streams")
+    return create_sender(backend, spec, streams=streams, min_stream_bytes=0)
+
+
+def test_parallel_streams_round_trip(backend, receiver_factory):
+    spec = make_spec(backend, num_layers=7, dtype="bfloat16")
+    cache = make_cache(spec)
+    rx = receiver_factory(spec, cache)
+    want = layers(spec, 13)
+    with multi_stream_sender(backend, spec) as tx:
+        for i in range(3):
+            fut = rx.expect(f"ms{i}", 13, [9, 2, 14, 5], timeout=10)
+            tx.send(f"ms{i}", rx.endpoint, iter(want), 5, num_tokens=13)
+            assert fut.result(timeout=5).first_token == 5
+    slots = token_slots([9, 2, 14, 5], 13, 4, 16)
+    assert all(torch.equal(gather_layer(cache, layer, slots), want[layer]) for layer in range(7))
+    deadline = time.monotonic() + 2  # handler threads close their sockets after DONE
+    while rx.stats()["connections"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rx.stats()["connections"] == 0
+
+
+def test_one_dropped_stream_fails_the_transfer_fast(backend, receiver_factory):
+    spec = make_spec(backend, num_layers=9)
+    rx = receiver_factory(spec)
+    fut = rx.expect("lane", 8, [0, 1], timeout=30)
+    gate, reached = threading.Event(), threading.Event()
+    with multi_stream_sender(backend, spec) as tx:
+        opened = []  # the sender's connections in the order it opened them
+        connect = tx._connect
+        tx._connect = lambda address: opened.append(connect(address)) or opened[-1]
+        sending = send_in_thread(tx, "lane", rx.endpoint, gated(layers(spec, 8), 5, gate, reached),
+                                 1, num_tokens=8)
+        assert reached.wait(5)
+        time.sleep(0.1)
+        assert len(opened) == 3
+        start = time.monotonic()
+        opened[2].shutdown(socket.SHUT_RDWR)  # the last extra stream drops
+        assert failure(fut, timeout=2).reason == "connection_lost"
+        assert time.monotonic() - start < 1.0
+        gate.set()
+        failure(sending)
+    assert rx.stats()["pending"] == 0
+
+
+def test_cancel_and_timeout_with_parallel_streams(backend, receiver_factory):
+    spec = make_spec(backend, num_layers=9)
+    cache = make_cache(spec)
+    rx = receiver_factory(spec, cache)
+    with multi_stream_sender(backend, spec) as tx:
+        for rid, how in (("ms-cancel", "cancel"), ("ms-timeout", "timeout")):
+            fut = rx.expect(rid, 8, [0, 1], timeout=10 if how == "cancel" else 0.5)
+            gate, reached = threading.Event(), threading.Event()
+            sending = send_in_thread(tx, rid, rx.endpoint, gated(layers(spec, 8), 4, gate, reached),
+                                     1, num_tokens=8)
+            assert reached.wait(5)
+            if how == "cancel":
+                time.sleep(0.05)
+                rx.cancel(rid)
+            assert failure(fut, timeout=2).reason == ("cancelled" if how == "cancel" else "timeout")
+            snapshot = cache.clone()
+            gate.set()
+            failure(sending)
+            assert torch.equal(cache, snapshot)
