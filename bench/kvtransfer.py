@@ -8,6 +8,7 @@ heads, head dim 128, bf16: 128 KiB per token). Measured in the same process, sam
 - each registered backend end to end: ``sender.send(...)`` from prefill-shaped layer tensors
   until the receiver's future resolved, data scattered into a paged cache (block size 16,
   shuffled blocks) and verified afterwards.
+- ``tcp xN``: the TCP backend with the layers spread over N connections (``--streams``).
 Prints one table with GB/s and the ratio to the socket copy (best of ``--repeats``).
 ``python -m splitserve.bench.kvtransfer [--tokens 2048] [--repeats 3] [--json PATH]``.
 """
@@ -65,14 +66,18 @@ def socket_copy_seconds(kv: list[torch.Tensor], hot: bool = False) -> float:
     return seconds
 
 
-def backend_seconds(backend: str, tokens: int, kv: list[torch.Tensor], rid: str) -> float:
-    """Seconds for one end-to-end transfer of ``kv`` through ``backend``; checks the data."""
+def backend_seconds(
+    backend: str, tokens: int, kv: list[torch.Tensor], rid: str, streams: int = 1
+) -> float:
+    """Seconds for one end-to-end transfer of ``kv`` through ``backend`` (over ``streams``
+    connections); checks the data."""
     spec = KVSpec("bench", DTYPE, LAYERS, HEADS, DIM, BLOCK, backend=backend)
     blocks = -(-tokens // BLOCK)
     # zeros, not empty: a decode worker's cache is long-lived, its pages are already mapped
     cache = torch.zeros(LAYERS, 2, blocks, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
     table = torch.randperm(blocks).tolist()
-    with create_receiver(backend, spec, cache) as rx, create_sender(backend, spec) as tx:
+    extra = {"streams": streams, "min_stream_bytes": 0} if streams > 1 else {}
+    with create_receiver(backend, spec, cache) as rx, create_sender(backend, spec, **extra) as tx:
         fut = rx.expect(rid, tokens, table, timeout=120)
         start = time.perf_counter()
         tx.send(rid, rx.endpoint, iter(kv), 1, num_tokens=tokens)
@@ -85,7 +90,7 @@ def backend_seconds(backend: str, tokens: int, kv: list[torch.Tensor], rid: str)
     return seconds
 
 
-def run(tokens: int, repeats: int) -> list[dict]:
+def run(tokens: int, repeats: int, extra_streams: tuple[int, ...] = ()) -> list[dict]:
     """Best of ``repeats`` for each path; the paths alternate within a repeat, so background
     load on the machine hits all of them alike."""
     torch.manual_seed(0)
@@ -97,6 +102,8 @@ def run(tokens: int, repeats: int) -> list[dict]:
                    "(hot buffer)": socket_copy_seconds(kv, hot=True)}
         for backend in available_backends():
             timings[backend] = backend_seconds(backend, tokens, kv, f"r{i}")
+        for streams in extra_streams:
+            timings[f"tcp x{streams}"] = backend_seconds("tcp", tokens, kv, f"s{i}", streams)
         for path, seconds in timings.items():
             best[path] = min(seconds, best.get(path, seconds))
     base = best["socket copy"]
@@ -108,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
+    parser.add_argument("--streams", type=int, nargs="*", default=[4],
+                        help="also run TCP over this many parallel connections (default 4)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats must be >= 1")
-    rows = run(args.tokens, args.repeats)
+    rows = run(args.tokens, args.repeats, tuple(n for n in args.streams if n > 1))
     mib = rows[0]["bytes"] / 2**20
     print(f"KV of {args.tokens} tokens, Llama-3-8B shape, bf16: {mib:.0f} MiB; "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import KVSpec
-from .wire import recv_into_exact
+from .wire import recv_into_exact, recv_into_views
 
 
 def check_cache(spec: KVSpec, kv_cache: torch.Tensor) -> None:
@@ -77,8 +77,8 @@ class PagedWriter:
     """Writes one transfer's wire layers into the blocks the decode side allocated for it.
 
     CPU cache: the bytes go straight from the socket (or the shared-memory slot) into the
-    blocks, one ``recv_into`` / memcpy per run of consecutive blocks, with no staging copy and
-    no torch kernel (torch's CPU index kernels were 3-5x slower than the socket here). Other
+    blocks: a scatter read (``recvmsg_into``) over the runs of consecutive blocks, or one memcpy
+    per run, with no staging copy and no torch kernel (torch's CPU index kernels were 3-5x slower than the socket here). Other
     devices: stage the layer in one host buffer, then one ``index_copy_`` per layer.
     """
 
@@ -113,8 +113,7 @@ class PagedWriter:
         """Receive one layer's wire bytes from ``sock`` into the blocks."""
         if self.direct:
             base = layer * self._stride
-            for cache_off, _, nbytes in self._runs:
-                recv_into_exact(sock, self._cache[base + cache_off : base + cache_off + nbytes])
+            recv_into_views(sock, [self._cache[base + off : base + off + n] for off, _, n in self._runs])
             return
         buf, view = self._staging_buffer()
         recv_into_exact(sock, view)

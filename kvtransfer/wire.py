@@ -87,6 +87,28 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
+IOV_BATCH = 512  # buffers per recvmsg_into call (Linux IOV_MAX is 1024)
+
+
+def recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Fill every buffer of ``views`` in order (scatter read: one ``recvmsg_into`` call fills
+    many buffers, so a layer spread over hundreds of blocks costs few syscalls). Mutates the
+    list. Raises PeerClosed on EOF."""
+    i = 0
+    while i < len(views):
+        n = sock.recvmsg_into(views[i : i + IOV_BATCH])[0]
+        if n == 0:
+            raise PeerClosed("peer closed the connection")
+        while n:
+            size = views[i].nbytes
+            if n >= size:
+                n -= size
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     recv_into_exact(sock, memoryview(buf))
