@@ -10,7 +10,7 @@ CPU cache is written per run of consecutive blocks straight from the socket (``P
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -64,6 +64,18 @@ def _flat_layer(kv_cache: torch.Tensor, layer: int) -> torch.Tensor:
 def gather_layer(kv_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
     """The wire tensor (2, T, H, D) of ``layer`` for the tokens at ``slots`` (prefill side)."""
     return _flat_layer(kv_cache, layer).index_select(1, slots.to(kv_cache.device))
+
+
+def iter_cache_layers(
+    kv_cache: torch.Tensor, block_table: Sequence[int], num_tokens: int
+) -> Iterator[torch.Tensor]:
+    """The wire tensors of a sequence held in a paged cache, one layer at a time (prefill's
+    ``kv_layers`` when the forward pass has finished; each layer is gathered only when the
+    sender asks for it, so at most one extra layer is in memory)."""
+    _, _, nb, bs, _, _ = kv_cache.shape
+    slots = token_slots(block_table, num_tokens, bs, nb)
+    for layer in range(kv_cache.shape[0]):
+        yield gather_layer(kv_cache, layer, slots)
 
 
 def scatter_layer(

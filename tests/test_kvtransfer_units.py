@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 import torch
@@ -14,13 +15,21 @@ from splitserve.kvtransfer import (
     create_sender,
     register_backend,
 )
-from splitserve.kvtransfer.layout import PagedWriter, gather_layer, scatter_layer, token_slots
+from splitserve.kvtransfer.layout import (
+    PagedWriter,
+    gather_layer,
+    iter_cache_layers,
+    scatter_layer,
+    token_slots,
+)
 from splitserve.kvtransfer.wire import (
     HEADER,
     FrameType,
+    PeerClosed,
     error_from_meta,
     parse_endpoint,
     recv_frame,
+    recv_into_views,
     send_frame,
 )
 
@@ -144,3 +153,37 @@ def test_paged_writer_direct_and_staged_paths_agree(staged, table):
         for layer in range(2):
             assert torch.equal(gather_layer(cache, layer, slots), wire[layer])
         assert int((cache != 0).sum()) == 2 * 2 * num_tokens * 2 * 4
+
+
+def test_scatter_read_fills_many_buffers_across_partial_reads():
+    """recv_into_views over buffers of odd sizes while the peer trickles bytes in."""
+    sizes = [3, 1, 700, 5, 64, 2000, 9]
+    payload = bytes(range(256)) * 12
+    payload = payload[: sum(sizes)]
+    bufs = [bytearray(n) for n in sizes]
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(5)
+
+        def trickle() -> None:
+            for i in range(0, len(payload), 97):
+                b.sendall(payload[i : i + 97])
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        recv_into_views(a, [memoryview(buf) for buf in bufs])
+        thread.join()
+        assert b"".join(bufs) == payload
+        b.sendall(b"xy")
+        b.shutdown(socket.SHUT_WR)
+        with pytest.raises(PeerClosed):
+            recv_into_views(a, [memoryview(bytearray(4))])
+
+
+def test_iter_cache_layers_yields_the_wire_tensors_lazily():
+    cache = torch.randn(3, 2, 6, 4, 2, 4)
+    table, n = [4, 1], 6
+    slots = token_slots(table, n, 4, 6)
+    got = iter_cache_layers(cache, table, n)
+    assert all(torch.equal(next(got), gather_layer(cache, layer, slots)) for layer in range(3))
+    assert next(got, None) is None
