@@ -51,6 +51,28 @@ def _free_object(desc: str) -> Schema:
     return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "description": desc}
 
 
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _resources_schema(desc: str) -> Schema:
+    """core/v1 ResourceRequirements (requests/limits of quantities), checked at admission so a
+    typo such as ``cpu: lots`` is refused with its field named, not failed later in a child."""
+    quantity = {
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-int-or-string": True,
+        "pattern": QUANTITY_PATTERN,
+    }
+    resource_map = {"type": "object", "additionalProperties": quantity}
+    return {
+        "type": "object",
+        "description": desc,
+        "properties": {"requests": resource_map, "limits": resource_map},
+    }
+
+
 def _pool_schema(role: str, port_doc: str) -> Schema:
     """One worker pool (prefill or decode): size, bounds for the planner, placement."""
     return {
@@ -62,7 +84,7 @@ def _pool_schema(role: str, port_doc: str) -> Schema:
             "minReplicas": _int(0, None, "Lower bound for the planner."),
             "maxReplicas": _int(0, None, "Upper bound for the planner."),
             "tensorParallel": _int(1, 1, "GPUs per worker (tensor parallel degree)."),
-            "resources": _free_object("Container resources (core/v1 ResourceRequirements)."),
+            "resources": _resources_schema("Container resources (requests, limits)."),
             "nodeSelector": {
                 "type": "object",
                 "additionalProperties": {"type": "string"},
@@ -168,7 +190,7 @@ def spec_schema() -> Schema:
                     "serviceType": _str(
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),
-                    "resources": _free_object("Container resources of the router."),
+                    "resources": _resources_schema("Container resources of the router."),
                 },
             },
             "slo": {

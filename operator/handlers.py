@@ -24,41 +24,24 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     operator_settings.configure(settings)
 
 
-def _handle(
-    cause: str, body: kopf.Body, spec: Any, name: str, namespace: str, patch: kopf.Patch
-) -> None:
+def _handle(cause: str, body: kopf.Body, spec: Any, name: str, namespace: str) -> None:
     with metrics.reconcile_timer(cause):
-        try:
-            patch.status.update(reconcile.reconcile(body, dict(spec), name, namespace, cause))
-        except kopf.PermanentError as exc:
-            prev = (body.get("status") or {}).get("conditions")
-            gen = body.metadata.get("generation", 0)
-            patch.status.update(
-                reconcile.current_status(name, namespace, dict(spec), gen, prev, str(exc))
-            )
-            kopf.warn(body, reason="ReconcileFailed", message=str(exc))
-            raise
+        reconcile.reconcile(body, dict(spec), name, namespace, cause)
 
 
 @kopf.on.create(*ISVC)
-def on_create(
-    body: kopf.Body, spec: Any, name: str, namespace: str, patch: kopf.Patch, **_: Any
-) -> None:
-    _handle("create", body, spec, name, namespace, patch)
+def on_create(body: kopf.Body, spec: Any, name: str, namespace: str, **_: Any) -> None:
+    _handle("create", body, spec, name, namespace)
 
 
 @kopf.on.update(*ISVC)
-def on_update(
-    body: kopf.Body, spec: Any, name: str, namespace: str, patch: kopf.Patch, **_: Any
-) -> None:
-    _handle("update", body, spec, name, namespace, patch)
+def on_update(body: kopf.Body, spec: Any, name: str, namespace: str, **_: Any) -> None:
+    _handle("update", body, spec, name, namespace)
 
 
 @kopf.on.resume(*ISVC)
-def on_resume(
-    body: kopf.Body, spec: Any, name: str, namespace: str, patch: kopf.Patch, **_: Any
-) -> None:
-    _handle("resume", body, spec, name, namespace, patch)
+def on_resume(body: kopf.Body, spec: Any, name: str, namespace: str, **_: Any) -> None:
+    _handle("resume", body, spec, name, namespace)
 
 
 @kopf.on.event(
@@ -67,4 +50,4 @@ def on_resume(
 def on_child_deployment(labels: Any, namespace: str, **_: Any) -> None:
     instance = labels.get(manifests.LABEL_INSTANCE)
     if instance:
-        reconcile.refresh_status(namespace, instance)
+        reconcile.publish_status(namespace, instance)

@@ -9,6 +9,7 @@ update, resume after a restart and a repeated event all run the same code.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -88,29 +89,57 @@ def current_status(
     return out
 
 
-def reconcile(
-    body: kopf.Body, spec: dict[str, Any], name: str, namespace: str, cause: str
-) -> dict[str, Any]:
-    """One full pass for a create/update/resume; returns the status to store, posts an Event."""
-    results = apply_children(name, namespace, dict(spec), _owner_adopter(body))
-    summary = summarize(results)
-    kopf.info(body, reason="Reconciled", message=f"{cause}: {summary}")
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+_errors: dict[tuple[str, str], str] = {}  # last reconcile failure per object, this process
+
+
+def _lock_for(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def publish_status(namespace: str, name: str, generation: int | None = None) -> None:
+    """Read the children and the object now, compute the status and write it if it differs.
+
+    Read-compute-write runs under one lock per object, so a write is never older than the one
+    before it; any change after it is a new Deployment event and a new call. ``generation`` is
+    given by the reconcile that just handled it; Deployment events keep the stored one.
+    """
+    key = (namespace, name)
+    with _lock_for(namespace, name):
+        obj = kube.get_inference_service(namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        st = obj.get("status") or {}
+        gen = generation if generation is not None else int(st.get("observedGeneration") or 0)
+        new = current_status(
+            name, namespace, obj["spec"], gen, st.get("conditions"), _errors.get(key)
+        )
+        if not gen:  # not handled yet: the create handler will set observedGeneration
+            new.pop("observedGeneration")
+        if any(st.get(k) != v for k, v in new.items()):
+            kube.patch_status(namespace, name, new)
+
+
+def reconcile(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str, cause: str) -> None:
+    """One full pass for a create/update/resume: children, an Event, then the status.
+
+    A failure is recorded (the status says Degraded, with the message) and re-raised for kopf
+    to retry (TemporaryError) or to wait for a spec change (PermanentError).
+    """
+    key = (namespace, name)
+    generation = int(body.metadata.get("generation") or 0)
+    try:
+        results = apply_children(name, namespace, dict(spec), _owner_adopter(body))
+    except (kopf.PermanentError, kopf.TemporaryError) as exc:
+        _errors[key] = str(exc)
+        publish_status(namespace, name, generation)
+        kopf.warn(body, reason="ReconcileFailed", message=str(exc))
+        raise
+    _errors.pop(key, None)
+    kopf.info(body, reason="Reconciled", message=f"{cause}: {summarize(results)}")
     for r in results:
         if r.action != "unchanged":
             log.info("%s %s/%s %s", cause, r.kind, r.name, r.action)
-    prev = (body.get("status") or {}).get("conditions")
-    return current_status(name, namespace, dict(spec), body.metadata.get("generation", 0), prev)
-
-
-def refresh_status(namespace: str, name: str) -> None:
-    """Re-read the children and patch the owner's status (called on Deployment events)."""
-    obj = kube.get_inference_service(namespace, name)
-    if obj is None or obj["metadata"].get("deletionTimestamp"):
-        return
-    st = obj.get("status") or {}
-    generation = int(st.get("observedGeneration") or 0)
-    if not generation:  # never reconciled yet: the create handler will write the status
-        return
-    new = current_status(name, namespace, obj["spec"], generation, st.get("conditions"))
-    if any(st.get(k) != v for k, v in new.items()):
-        kube.patch_status(namespace, name, new)
+    publish_status(namespace, name, generation)

@@ -191,6 +191,8 @@ def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
         ({"slo": {"attainment": 1.5}}, "spec.slo.attainment"),
         ({"redis": {"url": "redis://x:6379"}}, "spec.redis.url"),
         ({"image": None}, "spec.image"),
+        ({"decode": {"resources": {"requests": {"cpu": "lots"}}}},
+         "spec.decode.resources.requests.cpu"),
     ],
 )  # fmt: skip
 def test_invalid_resources_refused_naming_the_field(
@@ -328,6 +330,31 @@ def test_model_change_rolls_prefill_and_decode_together(
     assert new["prefill"] == new["decode"] != old["prefill"]
     obj = wait_ready(k8s, operator, ns, "tiny", timeout=120)
     assert obj["status"]["servingGeneration"] == new["prefill"]
+
+
+def test_child_refused_by_api_server_sets_degraded_then_heals(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    doc = example("broken")
+    doc["spec"]["prefill"]["nodeSelector"] = {"not a label!": "x"}  # the Deployment refuses it
+    k8s.apply(doc, namespace=ns)
+
+    def degraded() -> dict | None:
+        operator.assert_alive()
+        obj = isvc(k8s, ns, "broken")
+        return obj if condition(obj, "Degraded").get("status") == "True" else None
+
+    obj = wait_until("Degraded", degraded, 60)
+    cond = condition(obj, "Degraded")
+    assert cond["reason"] == "ReconcileError" and "broken-prefill" in cond["message"]
+    assert condition(obj, "Ready")["status"] == "False"
+    k8s.kubectl("patch", "infsvc", "broken", "-n", ns, "--type=merge",
+                "-p", '{"spec": {"prefill": {"nodeSelector": null}}}')  # fmt: skip
+    healed = wait_ready(k8s, operator, ns, "broken")
+    assert condition(healed, "Degraded")["status"] == "False"
+    k8s.kubectl("delete", "infsvc", "broken", "-n", ns, "--wait=true", "--timeout=60s")
 
 
 def test_delete_removes_everything(
