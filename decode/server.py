@@ -16,15 +16,15 @@ import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
-from pydantic import BaseModel, Field
-from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_manager import NoFreeBlocks
-from splitserve.engine.engine import LLMEngine, StepOutput
-from splitserve.engine.metrics import REQUESTS, observe_engine
+from splitserve.engine.engine import StepOutput
+from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.worker import (
+    EngineWorker,
     WorkerOptions,
+    WorkerRequest,
     add_common_routes,
     error,
     kv_spec,
@@ -35,10 +35,7 @@ from splitserve.engine.worker import (
 log = logging.getLogger(__name__)
 
 
-class GenerateRequest(BaseModel):
-    request_id: str = Field(min_length=1)
-    token_ids: list[int] = Field(min_length=1)
-    sampling: dict = Field(default_factory=dict)
+class GenerateRequest(WorkerRequest):
     recompute: bool = False
 
 
@@ -57,14 +54,11 @@ def _token_line(out: StepOutput) -> bytes:
     )
 
 
-class DecodeWorker:
+class DecodeWorker(EngineWorker):
     def __init__(self, options: WorkerOptions) -> None:
         from splitserve.kvtransfer import create_receiver
 
-        self.options = options
-        self.engine = LLMEngine(options.engine)
-        observe_engine(self.engine, "decode")
-        self.async_engine = AsyncEngine(self.engine)
+        super().__init__(options)
         spec = kv_spec(self.engine, options.kv_backend, options.generation)
         self.receiver = create_receiver(
             options.kv_backend, spec, self.engine.runner.kv_cache, host=options.host, port=options.kv_port
@@ -73,12 +67,12 @@ class DecodeWorker:
         self.kv_endpoint = f"{options.advertise_host}:{kv_port}"
 
     def start(self) -> None:
-        self.async_engine.start()
+        super().start()
         log.info("decode worker: KV receiver at %s", self.kv_endpoint)
 
     def close(self) -> None:
         self.receiver.close()
-        self.async_engine.shutdown()
+        super().close()
 
     async def reserve(self, seq: Sequence) -> list[int]:
         return await self.async_engine.run(self.engine.reserve, seq)

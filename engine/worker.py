@@ -6,12 +6,41 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from pydantic import BaseModel, Field
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
 
 __all__ = ["WorkerOptions", "add_worker_args", "options_from_args"]
 
 log = logging.getLogger(__name__)
+
+
+class WorkerRequest(BaseModel):
+    """The fields every worker request carries (the router sends the same three to both)."""
+
+    request_id: str = Field(min_length=1)
+    token_ids: list[int] = Field(min_length=1)
+    sampling: dict = Field(default_factory=dict)
+
+
+class EngineWorker:
+    """An engine in its own thread, with metrics under the worker's role: what both worker kinds
+    are built on."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        from splitserve.engine.async_engine import AsyncEngine
+        from splitserve.engine.metrics import observe_engine
+
+        self.options = options
+        self.engine = LLMEngine(options.engine)
+        observe_engine(self.engine, options.role)
+        self.async_engine = AsyncEngine(self.engine)
+
+    def start(self) -> None:
+        self.async_engine.start()
+
+    def close(self) -> None:
+        self.async_engine.shutdown()
 
 
 def fingerprint(engine: LLMEngine, generation: str) -> str:

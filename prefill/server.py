@@ -18,14 +18,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from pydantic import BaseModel, Field
-from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.engine import LLMEngine
-from splitserve.engine.metrics import REQUESTS, observe_engine
+from pydantic import Field
+from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.worker import (
+    EngineWorker,
     WorkerOptions,
+    WorkerRequest,
     add_common_routes,
     error,
     kv_spec,
@@ -36,31 +36,22 @@ from splitserve.engine.worker import (
 log = logging.getLogger(__name__)
 
 
-class PrefillRequest(BaseModel):
-    request_id: str = Field(min_length=1)
-    token_ids: list[int] = Field(min_length=1)
-    sampling: dict = Field(default_factory=dict)
+class PrefillRequest(WorkerRequest):
     decode_kv_endpoint: str = Field(min_length=3, description="host:port of the decode worker's KV receiver")
 
 
-class PrefillWorker:
+class PrefillWorker(EngineWorker):
     """Owns the engine thread, the KV sender and the transfer threads of one prefill worker."""
 
     def __init__(self, options: WorkerOptions) -> None:
         from splitserve.kvtransfer import create_sender
 
-        self.options = options
-        self.engine = LLMEngine(options.engine)
-        observe_engine(self.engine, "prefill")
-        self.async_engine = AsyncEngine(self.engine)
+        super().__init__(options)
         self.sender = create_sender(options.kv_backend, kv_spec(self.engine, options.kv_backend, options.generation))
         self.transfers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-send")
 
-    def start(self) -> None:
-        self.async_engine.start()
-
     def close(self) -> None:
-        self.async_engine.shutdown()
+        super().close()
         self.transfers.shutdown(wait=False, cancel_futures=True)
         self.sender.close()
 
