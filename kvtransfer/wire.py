@@ -73,9 +73,16 @@ def send_frame(
     """Write one frame; the payload (if any) goes to the kernel without an extra copy."""
     body = json.dumps(meta or {}, separators=(",", ":")).encode()
     plen = 0 if payload is None else payload.nbytes
-    sock.sendall(HEADER.pack(MAGIC, VERSION, int(ftype), 0, len(body), plen) + body)
-    if plen:
+    head = HEADER.pack(MAGIC, VERSION, int(ftype), 0, len(body), plen) + body
+    if not plen:
+        sock.sendall(head)
+        return
+    sent = sock.sendmsg([head, payload])  # header and payload in one syscall when they fit
+    if sent < len(head):
+        sock.sendall(head[sent:])
         sock.sendall(payload)
+    elif sent < len(head) + plen:
+        sock.sendall(payload[sent - len(head) :])
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
