@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", default="", help="comma-separated devices assigned round robin, prefill first (e.g. cuda:0,cuda:1)")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
+    p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
     p.add_argument("--log-dir", default=None, help="write each process's log here (default: this terminal)")
     p.set_defaults(func=_run)
 
@@ -61,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         worker_args=tuple(shlex.split(args.worker_args)),
         router_args=tuple(shlex.split(args.router_args)),
         log_dir=Path(args.log_dir) if args.log_dir else None,
+        redis_url=args.redis_url,
     )
     deployment = Deployment(cfg)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM as on Ctrl-C

@@ -31,6 +31,7 @@ class UpConfig:
     worker_args: tuple[str, ...] = ()  # passed to every worker (e.g. --dtype, --num-kv-blocks)
     router_args: tuple[str, ...] = ()
     log_dir: Path | None = None
+    redis_url: str | None = None  # workers announce themselves there; the router discovers them
     worker_ports: tuple[int, ...] = field(default=())  # default: free ports
 
     def __post_init__(self) -> None:
@@ -57,15 +58,20 @@ def plan(cfg: UpConfig) -> list[Component]:
         index = i if role == "prefill" else i - cfg.num_prefill
         url = f"http://127.0.0.1:{ports[i]}"
         args = [role, "--model", cfg.model, "--host", "127.0.0.1", "--port", str(ports[i]), *cfg.worker_args]
+        if cfg.redis_url:
+            args += ["--redis-url", cfg.redis_url]
         if cfg.devices:
             args += ["--device", cfg.devices[i % len(cfg.devices)]]
         components.append(Component(f"{role}-{index}", args, f"{url}/health"))
         urls[role].append(url)
     router = ["router", "--model", cfg.model, "--served-model-name", cfg.served_model_name,
               "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
-    for role in ("prefill", "decode"):
-        for url in urls[role]:
-            router += [f"--{role}", url]
+    if cfg.redis_url:
+        router += ["--redis-url", cfg.redis_url]
+    else:
+        for role in ("prefill", "decode"):
+            for url in urls[role]:
+                router += [f"--{role}", url]
     health_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     components.append(Component("router", [*router, *cfg.router_args], f"http://{health_host}:{cfg.port}/health"))
     return components
