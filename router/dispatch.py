@@ -169,6 +169,7 @@ class Dispatcher:
                 async for chunk in self._chunks(first, lines, d):
                     yielded = True
                     yield chunk
+                await stream.finish()
         except _PrefillFailed as exc:
             raise _Retryable(f"prefill on {exc.worker.url} failed: {exc.cause}", {exc.worker.url}) from exc
         except WorkerUnreachable as exc:

@@ -45,10 +45,19 @@ class StubBehaviour:
 
 
 def create_stub_app(b: StubBehaviour) -> FastAPI:
-    app = FastAPI()
+    from contextlib import asynccontextmanager
+
     kv_events: dict[str, asyncio.Event] = {}
     running = {"n": 0}
     clients: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if "http" in clients:
+            await clients.pop("http").close()
+
+    app = FastAPI(lifespan=lifespan)
 
     def event(rid: str) -> asyncio.Event:
         return kv_events.setdefault(rid, asyncio.Event())
@@ -96,12 +105,12 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
                 {"error": "stub prefill refuses", "reason": "stub"}, status_code=b.prefill_status
             )
         if "http" not in clients:  # one pooled client per app, made on first use (in its loop)
-            import httpx
+            import aiohttp
 
-            clients["http"] = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=None))
-        await clients["http"].post(
-            f"http://{body['decode_kv_endpoint']}/stub_kv", json={"request_id": body["request_id"]}
-        )
+            clients["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        url = f"http://{body['decode_kv_endpoint']}/stub_kv"
+        async with clients["http"].post(url, json={"request_id": body["request_id"]}) as resp:
+            await resp.read()
         return JSONResponse(
             {
                 "request_id": body["request_id"],
