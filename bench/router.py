@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder for the router's tokenizer (default: a fresh demo model)")
     ap.add_argument("--policy", default="round_robin", help="router policy (default round_robin)")
-    ap.add_argument("--concurrency", type=int, default=1000, help="concurrent streams (default 1000)")
+    ap.add_argument("--concurrency", default="1,100,1000", help="concurrent streams, comma-separated levels (default 1,100,1000)")
     ap.add_argument("--clients", type=int, default=2, help="client processes sharing the streams (default 2)")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per measurement (default 15)")
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens per request (default 4)")
@@ -226,15 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             _wait(target[role] + "/health")
         run_load("router", target, 50, 1, 2.0, args.max_tokens)  # warm-up
         results["serving"] = []
-        for mode in ("direct", "router"):
-            row = run_load(mode, target, args.concurrency, args.clients, args.duration, args.max_tokens)
-            results["serving"].append(row)
-            print(f"{mode:>6}: {row['rps']:.0f} req/s ({row['requests']} ok, {row['errors']} errors)  "
-                  f"TTFT p50 {row['ttft_p50_ms']:.1f} ms p99 {row['ttft_p99_ms']:.1f} ms  "
-                  f"e2e p50 {row['e2e_p50_ms']:.1f} ms p99 {row['e2e_p99_ms']:.1f} ms", flush=True)
-        d, r = results["serving"]
-        results["added_ms"] = {k: r[k] - d[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms")}
-        print("router adds: " + ", ".join(f"{k} {v:+.1f}" for k, v in results["added_ms"].items()))
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            pair = []
+            for mode in ("direct", "router"):
+                row = run_load(mode, target, conc, min(args.clients, conc), args.duration, args.max_tokens)
+                row["concurrency"] = conc
+                pair.append(row)
+                print(f"c={conc:>5} {mode:>6}: {row['rps']:.0f} req/s ({row['requests']} ok, {row['errors']} errors)  "
+                      f"TTFT p50 {row['ttft_p50_ms']:.1f} ms p99 {row['ttft_p99_ms']:.1f} ms  "
+                      f"e2e p50 {row['e2e_p50_ms']:.1f} ms p99 {row['e2e_p99_ms']:.1f} ms", flush=True)
+            added = {k: pair[1][k] - pair[0][k] for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms")}
+            print(f"c={conc:>5} router adds: " + ", ".join(f"{k} {v:+.1f}" for k, v in added.items()), flush=True)
+            results["serving"].append({"concurrency": conc, "direct": pair[0], "router": pair[1], "added_ms": added})
     finally:
         for p in procs:
             p.terminate()

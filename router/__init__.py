@@ -1,1 +1,16 @@
-"""splitserve.router."""
+"""splitserve.router: the OpenAI-compatible gateway in front of the prefill and decode pools.
+
+Entry points (imported from their modules so ``import splitserve.router`` stays cheap):
+
+- ``splitserve.router.app.create_app(RouterConfig) -> FastAPI`` and ``splitserve router`` (cli.py)
+- ``splitserve.router.config.RouterConfig`` / ``SLO``: the router's whole configuration
+- ``splitserve.router.registry.start_heartbeat(redis_url, info, interval)``: what a worker calls
+  to announce itself in the Redis registry
+- ``splitserve.router.policy.build_policy(name)``: round_robin, least_loaded, prefix_aware, goodput
+- ``splitserve.router.stub_worker``: model-less workers speaking the Worker HTTP API (tests, benches)
+
+Modules, in request order: protocol (request bodies) -> tokenizer -> serving (choices, n, SSE)
+-> dispatch (admission, pick, decode stream + prefill, retry) -> policy/ -> workers (HTTP calls)
+-> pool (health and load polling) <- registry (static URLs or Redis); output (detokenize, stop
+strings), metrics, errors, auth, streaming.
+"""
