@@ -10,6 +10,7 @@ CPU cache is written per run of consecutive blocks straight from the socket (``P
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -82,7 +83,8 @@ def scatter_layer(
     kv_cache: torch.Tensor, layer: int, slots: torch.Tensor, data: torch.Tensor
 ) -> None:
     """Write the wire tensor ``data`` (2, T, H, D) of ``layer`` into ``slots`` (decode side)."""
-    _flat_layer(kv_cache, layer).index_copy_(1, slots, data.to(kv_cache.device, non_blocking=True))
+    # a synchronous host->device copy: the caller reuses its staging buffer for the next layer
+    _flat_layer(kv_cache, layer).index_copy_(1, slots, data.to(kv_cache.device))
 
 
 class PagedWriter:
@@ -110,7 +112,7 @@ class PagedWriter:
         self.slots = token_slots(block_table, num_tokens, bs, nb)
         self.direct = kv_cache.device.type == "cpu" and not staged
         self._shape = (2, num_tokens, h, d)
-        self._staging: tuple[torch.Tensor, memoryview] | None = None
+        self._local = threading.local()  # a staging buffer per connection thread
         self._cache: memoryview | None = None
         if self.direct:
             self._cache = memoryview(kv_cache.view(-1).view(torch.uint8).numpy())
@@ -145,18 +147,18 @@ class PagedWriter:
         self._scatter(layer, torch.frombuffer(data, dtype=torch.uint8))
 
     def finish(self) -> None:
-        """Wait for device copies, release the views on the cache."""
+        """Wait until device copies landed (host buffers stay valid: other connections of the
+        same transfer may still be writing; everything goes with the writer)."""
         if self.kv_cache.is_cuda:
             torch.cuda.current_stream(self.kv_cache.device).synchronize()
-        self._cache = None
-        self._staging = None
 
     def _staging_buffer(self) -> tuple[torch.Tensor, memoryview]:
-        if self._staging is None:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
             buf = torch.empty(self.layer_nbytes, dtype=torch.uint8,
                               pin_memory=torch.cuda.is_available())
-            self._staging = (buf, memoryview(buf.numpy()))
-        return self._staging
+            staging = self._local.staging = (buf, memoryview(buf.numpy()))
+        return staging
 
     def _scatter(self, layer: int, raw: torch.Tensor) -> None:
         data = raw.view(self.kv_cache.dtype).view(self._shape)

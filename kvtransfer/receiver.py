@@ -95,7 +95,12 @@ class SocketReceiver(KVReceiver):
         registration_wait: float = 10.0,
         io_timeout: float = 30.0,
         backlog: int = 256,
+        staged: bool = False,
     ) -> None:
+        """``registration_wait``: how long an early sender waits for expect(); ``io_timeout``:
+        the longest stall of a connection; ``staged``: land every layer in a host buffer and
+        index_copy_ it into the cache, as a non-CPU cache does (lets CPU tests cover that path).
+        """
         if spec.backend != self.backend:
             raise ValueError(f"spec.backend is {spec.backend!r}, this receiver is {self.backend!r}")
         check_cache(spec, kv_cache)
@@ -105,6 +110,7 @@ class SocketReceiver(KVReceiver):
         self.kv_cache = kv_cache
         self.registration_wait = registration_wait
         self.io_timeout = io_timeout
+        self.staged = staged
         self._num_blocks = kv_cache.shape[2]
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
@@ -144,7 +150,8 @@ class SocketReceiver(KVReceiver):
             raise ValueError("request_id must be a non-empty string")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        writer = PagedWriter(self.kv_cache, block_table, num_tokens)  # validates the table
+        # validates the table
+        writer = PagedWriter(self.kv_cache, block_table, num_tokens, staged=self.staged)
         future: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()  # only the receiver resolves it
         with self._cond:

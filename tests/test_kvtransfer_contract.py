@@ -109,7 +109,8 @@ def gated(items: list[torch.Tensor], gate_after: int, gate: threading.Event,
 # --------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("num_tokens", [1, 13, 32])
-def test_round_trip_translates_block_layout(backend, receiver_factory, dtype, num_tokens):
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_round_trip_translates_block_layout(backend, receiver_factory, dtype, num_tokens, staged):
     # Prefill uses block size 16 and its own numbering; decode uses block size 4, scattered blocks.
     p_spec, d_spec = make_spec(backend, dtype=dtype, block_size=16), make_spec(backend, dtype=dtype)
     p_cache = make_cache(p_spec, num_blocks=8)
@@ -120,7 +121,7 @@ def test_round_trip_translates_block_layout(backend, receiver_factory, dtype, nu
         p_cache[layer].view(2, -1, HEADS, DIM)[:, p_slots] = data
     d_cache = make_cache(d_spec, num_blocks=16)
     d_table = [15, 3, 9, 0, 12, 7, 5, 1, 2]
-    rx = receiver_factory(d_spec, d_cache)
+    rx = receiver_factory(d_spec, d_cache, staged=staged)
     fut = rx.expect("req-1", num_tokens, d_table, timeout=10)
     kv = (gather_layer(p_cache, layer, p_slots) for layer in range(LAYERS))
     with create_sender(backend, p_spec) as tx:
@@ -513,10 +514,11 @@ def multi_stream_sender(backend: str, spec: KVSpec, streams: int = 3):
     return create_sender(backend, spec, streams=streams, min_stream_bytes=0)
 
 
-def test_parallel_streams_round_trip(backend, receiver_factory):
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_parallel_streams_round_trip(backend, receiver_factory, staged):
     spec = make_spec(backend, num_layers=7, dtype="bfloat16")
     cache = make_cache(spec)
-    rx = receiver_factory(spec, cache)
+    rx = receiver_factory(spec, cache, staged=staged)
     want = layers(spec, 13)
     with multi_stream_sender(backend, spec) as tx:
         for i in range(3):
