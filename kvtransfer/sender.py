@@ -198,7 +198,8 @@ class SocketSender(KVSender):
                 time.monotonic() - start, meta=meta,
             )
         except TransferError as err:
-            if lanes and err.reason in (FailureReason.INVALID_INPUT, FailureReason.ABORTED):
+            ours = err.reason in (FailureReason.INVALID_INPUT, FailureReason.ABORTED)
+            if lanes and ours and all(lane.halt(1.0) for lane in lanes):
                 _tell_peer(lanes[0].sock, err)  # our fault: the receiver fails fast with the reason
             raise
         except TimeoutError as exc:
@@ -416,6 +417,14 @@ class _Lane:
                 raise TimeoutError("send lane stalled")
         if self.error is not None:
             raise self.error
+
+    def halt(self, timeout: float) -> bool:
+        """Stop the lane's thread between layers; True once no frame is half-written."""
+        self._stopped = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def close(self) -> None:
         self._stopped = True

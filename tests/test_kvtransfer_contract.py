@@ -556,6 +556,21 @@ def test_one_dropped_stream_fails_the_transfer_fast(backend, receiver_factory):
     assert rx.stats()["pending"] == 0
 
 
+def test_sender_failure_with_parallel_streams_reaches_the_receiver(backend, receiver_factory):
+    spec = make_spec(backend, num_layers=9)
+    rx = receiver_factory(spec)
+    fut = rx.expect("ms-abort", 8, [0, 1], timeout=10)
+
+    def broken():
+        yield from layers(spec, 8)[:5]
+        raise RuntimeError("prefill forward failed")
+
+    with multi_stream_sender(backend, spec) as tx, pytest.raises(TransferError) as info:
+        tx.send("ms-abort", rx.endpoint, broken(), 1, num_tokens=8)
+    assert info.value.reason == "aborted"
+    assert failure(fut, timeout=1).reason == "aborted"
+
+
 def test_cancel_and_timeout_with_parallel_streams(backend, receiver_factory):
     spec = make_spec(backend, num_layers=9)
     cache = make_cache(spec)
