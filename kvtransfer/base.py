@@ -248,7 +248,11 @@ class KVReceiver(ABC):
     @abstractmethod
     def cancel(self, request_id: str) -> bool:
         """Abort the transfer of ``request_id`` (its future fails with ``cancelled``); a sender
-        that arrives later is refused at once. Returns whether a transfer was registered."""
+        that arrives later is refused at once. Returns whether a transfer was registered.
+
+        Does not block: if a sender is streaming, its handler may still finish writing the
+        current layer. Free the blocks only once the future is done (it resolves within
+        milliseconds of the cancel), never right after ``cancel()`` returns."""
 
     def reject(self, request_id: str, reason: FailureReason | str, message: str = "") -> bool:
         """Refuse ``request_id`` with ``reason`` (e.g. ``no_space``), so its sender fails fast
