@@ -417,7 +417,7 @@ def test_helm_install_brings_operator_up_with_least_privilege(
             assert obj["status"]["decode"]["ready"] == "1/1"
             k8s.kubectl("delete", "infsvc", "helm-demo", "-n", ns, "--wait=true")
             log = op.log()
-            assert "403" not in log and "Forbidden" not in log, log[-4000:]
+            assert "forbidden" not in log.lower(), log[-4000:]  # RBAC gave all it needs
         finally:
             op.stop()
         # least privilege: the operator's account cannot touch other namespaces or secrets
