@@ -1,9 +1,23 @@
 """splitserve.kvtransfer: move a request's KV cache from a prefill worker to a decode worker.
 
-One role-split interface (:class:`KVSender`, :class:`KVReceiver`, see ``base.py`` for the
-contract and the block-ownership rule), backends registered by name (``registry.py``), one wire
-format (``wire.py``) and one socket engine (``stream.py``) shared by the TCP and shared-memory
-backends.
+One role-split interface (:class:`KVSender`, :class:`KVReceiver`; ``base.py`` has the contract
+and the block-ownership rule), backends registered by name (``registry.py``: "tcp", "shm"), one
+wire format (``wire.py``), one socket engine per side (``sender.py``, ``receiver.py``) that the
+TCP and shared-memory backends share, the paged-cache <-> wire translation (``layout.py``) and
+the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
+
+Decode side::
+
+    rx = create_receiver("tcp", spec, kv_cache, host="0.0.0.0", port=0)  # rx.endpoint
+    fut = rx.expect(request_id, num_tokens, block_table, timeout=30.0)    # blocks allocated
+    result = await asyncio.wrap_future(fut)   # TransferError(reason=...) -> free the blocks
+    rx.reject(request_id, "no_space")         # no blocks: the prefill side fails at once
+
+Prefill side::
+
+    tx = create_sender("tcp", spec)           # streams=4 for big payloads on fast links
+    tx.send(request_id, endpoint, layer_iterable, first_token_or_callable, meta,
+            num_tokens=n)                     # handshake before layer 0 exists
 """
 
 from .base import (
