@@ -195,6 +195,7 @@ def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
         ({"slo": {"attainment": 1.5}}, "spec.slo.attainment"),
         ({"redis": {"url": "redis://x:6379"}}, "spec.redis.url"),
         ({"image": None}, "spec.image"),
+        ({"decode": {"replicaz": 2}}, "spec.decode.replicaz"),  # unknown fields are refused
         ({"decode": {"resources": {"requests": {"cpu": "lots"}}}},
          "spec.decode.resources.requests.cpu"),
     ],

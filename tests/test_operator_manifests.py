@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from splitserve.operator import crd, drain, manifests, status
+from splitserve.operator import crd, drain, manifests, metrics, status
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO / "charts" / "splitserve" / "crds" / "inferenceservices.splitserve.io.yaml"
@@ -232,3 +232,15 @@ def test_cli_registers_operator_and_drain() -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "--all-namespaces" in out.stdout and "--standalone" in out.stdout
+
+
+def test_reconcile_metrics_count_results() -> None:
+    def count(result: str) -> float:
+        return metrics.RECONCILES.labels("unit", result)._value.get()
+
+    ok, err = count("ok"), count("error")
+    with metrics.reconcile_timer("unit"):
+        pass
+    with pytest.raises(RuntimeError), metrics.reconcile_timer("unit"):
+        raise RuntimeError("boom")
+    assert (count("ok"), count("error")) == (ok + 1, err + 1)
