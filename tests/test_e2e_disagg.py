@@ -1,14 +1,15 @@
-"""End to end through real processes: openai client -> router -> prefill -> TCP KV -> decode.
+"""End to end through `splitserve up`'s real processes: openai client -> router -> prefill ->
+TCP KV -> decode.
 
 Greedy tokens must equal Hugging Face transformers on the same weights, for prompts of several
-lengths sent concurrently (so batching and the paged cache are exercised on both workers).
+lengths sent concurrently (so batching and the paged cache are exercised on both workers). The
+API surface (chat, streaming, n, stop) and a decode worker killed mid-request are covered in
+test_router_e2e.py against the same real workers.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import time
 
 import httpx
 import pytest
@@ -71,23 +72,8 @@ def test_greedy_concurrent_matches_transformers(client, demo_model):
     assert all(n == MAX_TOKENS for _, n in results)
 
 
-def test_chat_and_streaming(client):
-    chat = client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
-    )
-    assert chat.choices[0].message.role == "assistant"
-    assert chat.choices[0].finish_reason in ("stop", "length")
-    streamed = client.completions.create(
-        model="demo", prompt="hello world", max_tokens=12, temperature=0, stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    pieces = [c.choices[0].text for c in streamed if c.choices]
-    whole = client.completions.create(
-        model="demo", prompt="hello world", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
-    )
-    assert "".join(pieces) == whole.choices[0].text
-    models = client.models.list()
-    assert [m.id for m in models.data] == ["demo"]
+def test_models_lists_the_served_name(client):
+    assert [m.id for m in client.models.list().data] == ["demo"]
 
 
 @pytest.mark.parametrize(
@@ -111,42 +97,3 @@ def test_malformed_json_is_400(deployment):
         headers={"Content-Type": "application/json"}, timeout=30,
     )
     assert r.status_code == 400, r.text
-
-
-def _running_decode(deployment):
-    for i in range(2):
-        comp = deployment.component(f"decode-{i}")
-        port = comp.health_url.rsplit(":", 1)[1].split("/")[0]
-        load = httpx.get(f"http://127.0.0.1:{port}/load", timeout=5).json()
-        if load["running"]:
-            return comp
-    return None
-
-
-def test_decode_worker_killed_mid_request(deployment, client):
-    """The request on the dead worker fails promptly with a clear error; others keep working."""
-    url = f"{deployment.base_url}/completions"
-    body = {"model": "demo", "prompt": "hello", "max_tokens": 900, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    started = time.monotonic()
-    events = []
-    with httpx.stream("POST", url, json=body, timeout=60) as r:
-        assert r.status_code == 200
-        victim = None
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if victim is None and len(events) >= 3:
-                victim = _running_decode(deployment)
-                assert victim is not None, "no decode worker reports the running request"
-                victim.process.kill()
-    elapsed = time.monotonic() - started
-    assert victim is not None
-    payloads = [json.loads(e) for e in events if e != "[DONE]"]
-    assert any("error" in p for p in payloads), events[-3:]
-    assert elapsed < 30
-    # The survivor serves new requests (the router stops picking the dead worker).
-    for _ in range(4):
-        r = client.completions.create(model="demo", prompt="hello", max_tokens=4, temperature=0)
-        assert r.choices[0].text is not None

@@ -5,11 +5,6 @@ prompt itself; a decode worker killed mid-stream fails only that request, prompt
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +13,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from splitserve.launcher.processes import Component, ProcessGroup
+from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
 from splitserve.router.stub_worker import ServerThread
@@ -25,51 +22,21 @@ from splitserve.router.stub_worker import ServerThread
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One prefill and two decode worker processes (started in parallel), their URLs by name."""
-    logs = tmp_path_factory.mktemp("worker-logs")
-    procs: dict[str, subprocess.Popen] = {}
+    group = ProcessGroup(tmp_path_factory.mktemp("worker-logs"), env={"OMP_NUM_THREADS": "1"})
     urls: dict[str, str] = {}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         for name, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
-            port = _free_port()
+            port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "splitserve.cli", role, "--model", str(demo_model), "--port", str(port),
-                   "--device", "cpu", "--num-kv-blocks", "128"]
-            with open(logs / f"{name}.log", "wb") as log:
-                procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
-        for name, url in urls.items():
-            while True:
-                if procs[name].poll() is not None:
-                    pytest.fail(f"{name} exited: {(logs / f'{name}.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{name} did not become healthy: {(logs / f'{name}.log').read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield urls | {"_pids": procs}  # type: ignore[operator]
+            group.start(Component(name, [role, "--model", str(demo_model), "--port", str(port), "--device", "cpu",
+                                         "--num-kv-blocks", "128"], urls[name] + "/health"))
+        group.wait_ready(group.components, timeout=90)
+        yield urls | {"_pids": {c.name: c.process for c in group.components}}  # type: ignore[operator]
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        group.stop()
 
 
 @contextmanager
