@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from k8s_env import (
     REPO,
     K8sEnv,
     die_with_parent,
+    free_port,
     k8s_fixture,  # noqa: F401  (the session fixture `k8s`)
     wait_until,
 )
@@ -44,8 +46,15 @@ CHILD_KINDS = "deployments,services,configmaps,poddisruptionbudgets"
 class OperatorProcess:
     """``python -m splitserve.operator.main`` as a child process with a log file."""
 
-    def __init__(self, k8s: K8sEnv, namespace: str, kubeconfig: Path | None = None) -> None:
+    def __init__(
+        self,
+        k8s: K8sEnv,
+        namespace: str,
+        kubeconfig: Path | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.k8s = k8s
+        self.extra = extra
         self.namespace = namespace
         self.kubeconfig = kubeconfig or k8s.kubeconfig
         self.log_path = k8s.root / f"operator-{namespace}-{time.monotonic_ns()}.log"
@@ -54,7 +63,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         env = {**self.k8s.env, "KUBECONFIG": str(self.kubeconfig), "SPLITSERVE_WATCH_TIMEOUT": "30"}
         argv = [sys.executable, "-m", "splitserve.operator.main", "--namespace", self.namespace,
-                "--standalone", "--verbose"]  # fmt: skip
+                "--standalone", "--verbose", *self.extra]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.k8s.root,
@@ -409,13 +418,22 @@ def test_helm_install_brings_operator_up_with_least_privilege(
         assert f"--namespace={ns}" in cmd and "--standalone" in cmd
         # the pod is fake (kwok): run the same operator here, as the chart's ServiceAccount
         sa_config = k8s.token_kubeconfig(ns, "splitserve", k8s.root / f"sa-{ns}.kubeconfig")
-        op = OperatorProcess(k8s, ns, kubeconfig=sa_config).start()
+        live, prom = free_port(), free_port()
+        flags = (f"--liveness=http://127.0.0.1:{live}/healthz", f"--metrics-port={prom}")
+        op = OperatorProcess(k8s, ns, kubeconfig=sa_config, extra=flags).start()
         try:
             doc = example("helm-demo")
             doc["spec"]["decode"]["replicas"] = 1
             k8s.apply(doc, namespace=ns)
             obj = wait_ready(k8s, op, ns, "helm-demo")
             assert obj["status"]["decode"]["ready"] == "1/1"
+            # the chart's probe and scrape targets answer
+            with urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=5) as r:
+                assert r.status == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{prom}/metrics", timeout=5) as r:
+                assert (
+                    b'splitserve_operator_reconciles_total{cause="create",result="ok"}' in r.read()
+                )
             k8s.kubectl("delete", "infsvc", "helm-demo", "-n", ns, "--wait=true")
             log = op.log()
             assert "forbidden" not in log.lower(), log[-4000:]  # RBAC gave all it needs
