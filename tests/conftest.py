@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from services import RedisServer
 from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
 
 
@@ -33,3 +35,13 @@ MODEL_VARIANTS = {
 @pytest.fixture(scope="session", params=sorted(MODEL_VARIANTS))
 def model_variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_demo_model(tmp_path_factory.mktemp(request.param), MODEL_VARIANTS[request.param])
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import concurrent.futures
 import httpx
 import pytest
 from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
-from splitserve.launcher.up import Deployment, UpConfig, free_port
+from splitserve.launcher.up import Deployment, UpConfig, free_port, plan
 
 PROMPTS = [
     "hello world",
@@ -97,3 +97,19 @@ def test_malformed_json_is_400(deployment):
         headers={"Content-Type": "application/json"}, timeout=30,
     )
     assert r.status_code == 400, r.text
+
+
+def test_workers_found_through_redis(demo_model, redis_server, tmp_path):
+    """Multi-host shape: workers announce themselves in a real Redis, the router finds them there
+    (no worker URLs on its command line), and greedy output is unchanged."""
+    cfg = UpConfig(
+        model=str(demo_model), served_model_name="demo", port=free_port(), worker_args=WORKER_ARGS,
+        log_dir=tmp_path, redis_url=redis_server.url,
+    )
+    router_args = next(c.args for c in plan(cfg) if c.name == "router")
+    assert "--prefill" not in router_args and "--decode" not in router_args
+    with Deployment(cfg) as dep:
+        r = httpx.post(f"{dep.base_url}/completions", timeout=60, json={
+            "model": "demo", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == hf_reference(demo_model, PROMPTS[:1], 8)[0]
