@@ -34,6 +34,8 @@ from splitserve.engine.worker import (
 
 log = logging.getLogger(__name__)
 
+RECEIVER_STOP_WAIT_S = 5.0  # a cancelled transfer's future resolves within milliseconds
+
 
 class GenerateRequest(WorkerRequest):
     recompute: bool = False
@@ -101,8 +103,10 @@ class DecodeWorker(EngineWorker):
         try:
             return await asyncio.wrap_future(fut)
         except BaseException:
-            # Transfer failed, timed out or the client left: the blocks are ours to free.
+            # Transfer failed, timed out or the client left: the blocks are ours to free, but
+            # only once the receiver has stopped writing into them (its future is done).
             self.receiver.cancel(seq.request_id)
+            await asyncio.wait([asyncio.wrap_future(fut)], timeout=RECEIVER_STOP_WAIT_S)
             await self.async_engine.run(self.engine.abort, seq)
             raise
 
@@ -126,9 +130,11 @@ def create_app(options: WorkerOptions):
                 await worker.reserve(seq)
         except NoFreeBlocks as exc:
             REQUESTS.labels("decode", "no_room").inc()
+            worker.receiver.reject(req.request_id, "no_space", str(exc))  # the prefill side stops now
             return error(503, str(exc))
         except ValueError as exc:
             REQUESTS.labels("decode", "bad_request").inc()
+            worker.receiver.reject(req.request_id, "invalid_input", str(exc))
             return error(400, str(exc))
         return StreamingResponse(worker.generate(seq, req.recompute), media_type="application/x-ndjson")
 
