@@ -8,6 +8,8 @@ update, resume after a restart and a repeated event all run the same code.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -20,6 +22,8 @@ from splitserve.operator import status as status_mod
 
 log = logging.getLogger(__name__)
 PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap")
+# the manifest, the spec or our RBAC is wrong: retrying the same thing cannot help
+PERMANENT_STATUSES = (400, 403, 422)
 Adopt = Callable[[dict[str, Any]], None]
 
 
@@ -28,6 +32,17 @@ def _owner_adopter(body: kopf.Body) -> Adopt:
         kopf.adopt(manifest, owner=body)
 
     return adopt
+
+
+def _api_error(exc: ApiException, what: str) -> kopf.PermanentError | kopf.TemporaryError:
+    """Map an API failure to kopf's retry semantics, with the server's own message."""
+    message = exc.reason
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = json.loads(exc.body).get("message", message)
+    text = f"{what}: {exc.status} {message}"
+    if exc.status in PERMANENT_STATUSES:
+        return kopf.PermanentError(text)
+    return kopf.TemporaryError(text, delay=5)
 
 
 def apply_children(
@@ -44,21 +59,16 @@ def apply_children(
         try:
             results.append(kube.apply(child))
         except ApiException as exc:
-            if exc.status in (
-                400,
-                403,
-                422,
-            ):  # the manifest or our RBAC is wrong: retrying won't help
-                raise kopf.PermanentError(
-                    f"applying {child['kind']} {child['metadata']['name']}: {exc.status} {exc.body}"
-                ) from exc
-            raise kopf.TemporaryError(f"applying {child['kind']}: {exc.reason}", delay=5) from exc
+            raise _api_error(exc, f"applying {child['kind']} {child['metadata']['name']}") from exc
     wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
     for kind in PRUNABLE_KINDS:
-        for obj in kube.list_owned(kind, namespace, name):
-            if (kind, obj["metadata"]["name"]) not in wanted:
-                kube.delete(kind, namespace, obj["metadata"]["name"])
-                results.append(kube.ApplyResult(kind, obj["metadata"]["name"], "deleted"))
+        try:
+            for obj in kube.list_owned(kind, namespace, name):
+                if (kind, obj["metadata"]["name"]) not in wanted:
+                    kube.delete(kind, namespace, obj["metadata"]["name"])
+                    results.append(kube.ApplyResult(kind, obj["metadata"]["name"], "deleted"))
+        except ApiException as exc:
+            raise _api_error(exc, f"pruning {kind}") from exc
     return results
 
 
