@@ -399,6 +399,8 @@ def test_helm_lint_and_template_valid_against_api_server(
         kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
         assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
         k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    # every example the chart ships is a valid InferenceService
+    k8s.kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(CHART / "examples"))
 
 
 def test_helm_install_brings_operator_up_with_least_privilege(
