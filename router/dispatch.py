@@ -74,13 +74,17 @@ class Dispatcher:
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
         """A pair for ``req``, queueing while the policy says no pair can meet its targets."""
         all_prefills = self.pool.role("prefill")
-        req.with_prefill = bool(all_prefills)
         deadline = time.monotonic() + self.config.max_queue_ms / 1000
         queued = False
         try:
             while True:
                 prefills = [w for w in all_prefills if w.url not in exclude]
                 decodes = [w for w in self.pool.role("decode") if w.url not in exclude]
+                # No prefill worker left to serve: the decode worker computes the prompt itself
+                # (slower first token, but the request is served rather than refused).
+                req.with_prefill = any(w.healthy for w in prefills)
+                if all_prefills and not req.with_prefill:
+                    self.metrics.decisions.labels(self.policy.name, "recompute_fallback").inc()
                 t0 = time.perf_counter()
                 try:
                     decision = self.policy.pick(req, prefills, decodes)

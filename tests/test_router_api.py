@@ -203,15 +203,19 @@ def test_prefill_failure_retries_on_another_pair(demo_model, workers) -> None:
         assert "splitserve_router_retries_total" in httpx.get(r.url + "/metrics").text
 
 
-def test_prefill_failure_without_alternative_is_502(demo_model, workers) -> None:
+def test_prefill_failure_without_alternative_falls_back_to_recompute(demo_model, workers) -> None:
+    """The one prefill worker fails: the retry has the decode worker compute the prompt itself."""
     workers["p0"][1].prefill_status = 502
     with router(demo_model, workers, prefill=("p0",)) as r:
         t0 = time.monotonic()
-        err = _error(httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x"}), 502)
-        assert "prefill" in err["message"] and time.monotonic() - t0 < 5
-        with pytest.raises(openai.APIStatusError) as exc:
-            client(r).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], stream=True)
-        assert exc.value.status_code == 502
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 4}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 4 and time.monotonic() - t0 < 5
+        stream = client(r).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}],
+                                                   stream=True, max_tokens=4)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'outcome="recompute_fallback"' in metrics
 
 
 def test_decode_dying_mid_request_fails_fast_and_others_keep_serving(demo_model, workers) -> None:
