@@ -72,6 +72,26 @@ def test_greedy_concurrent_matches_transformers(client, demo_model):
     assert all(n == MAX_TOKENS for _, n in results)
 
 
+def test_greedy_matches_transformers_on_qwen2_tied(tmp_path):
+    """A second architecture end to end: Qwen2 (q/k/v bias, tied embeddings, one KV head)."""
+    from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
+
+    model = init_demo_model(tmp_path / "qwen2", DemoModelSpec(model_type="qwen2", tie_word_embeddings=True,
+                                                              num_kv_heads=1, seed=1))
+    cfg = UpConfig(model=str(model), served_model_name="qwen", port=free_port(), worker_args=WORKER_ARGS,
+                   log_dir=tmp_path / "logs")
+    with Deployment(cfg) as dep:
+        def complete(prompt):
+            r = httpx.post(f"{dep.base_url}/completions", timeout=60, json={
+                "model": "qwen", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            texts = list(pool.map(complete, PROMPTS))
+    assert texts == hf_reference(model, PROMPTS, MAX_TOKENS)
+
+
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == ["demo"]
 
