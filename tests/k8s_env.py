@@ -39,6 +39,10 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "scripts" / "k8s-build.sh"
 T = TypeVar("T")
 
+# The project's CRDs go in before kube-controller-manager starts: its garbage collector only
+# rediscovers API resources every 30 s, and until it has seen a kind it does not collect that
+# kind's children (a delete test would wait ~30 s). Real clusters install CRDs long before.
+PREINSTALL_CRDS = [REPO / "charts" / "splitserve" / "crds"]
 FAKE_NODES = 2
 NODE_ALLOCATABLE = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "8"}
 
@@ -333,6 +337,8 @@ class K8sEnv:
             f"--cert-dir={self.root / 'apiserver-certs'}",
         ])  # fmt: skip
         wait_until("kube-apiserver /readyz", lambda: self._readyz(api), 90)
+        for crds in PREINSTALL_CRDS:
+            self.kubectl("apply", "--server-side", "-f", str(crds))
         kc = f"--kubeconfig={self.kubeconfig}"
         self._start("kube-controller-manager", [
             str(b / "kube-controller-manager"), kc, "--leader-elect=false",
