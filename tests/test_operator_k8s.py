@@ -238,6 +238,8 @@ def test_apply_creates_children_pods_ready_and_status(
     obj = wait_ready(k8s, operator, ns, "tiny")
     kids = children(k8s, ns, "tiny")
     uid = obj["metadata"]["uid"]
+    # no finalizer: children go by owner references, so deleting never needs the operator
+    assert not obj["metadata"].get("finalizers")
     assert len(kids) == 12, sorted(kids)
     for key, child in kids.items():
         refs = child["metadata"].get("ownerReferences", [])
