@@ -137,7 +137,7 @@ def lifespan(worker, options: WorkerOptions, state):
                 "model": options.engine.runner.model_dir,
                 "kv_endpoint": getattr(state, "kv_endpoint", None),
                 "fingerprint": fingerprint(state.engine, options.generation),
-            })
+            }, namespace=options.redis_namespace)
         try:
             yield
         finally:

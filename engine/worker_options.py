@@ -28,6 +28,7 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--kv-backend", default="tcp", help="KV transfer backend (default tcp)")
     parser.add_argument("--generation", default="", help="serving generation: workers of different generations never pair")
     parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
+    parser.add_argument("--redis-namespace", default="splitserve", help="key prefix in Redis, so services can share one Redis (default splitserve)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for the decode step (debugging)")
     parser.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (timing only)")
 
@@ -42,6 +43,7 @@ class WorkerOptions:
     kv_backend: str
     generation: str
     redis_url: str | None
+    redis_namespace: str = "splitserve"
     kv_port: int = 0
     kv_timeout: float = 30.0
 
@@ -79,6 +81,7 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
         kv_backend=args.kv_backend,
         generation=args.generation,
         redis_url=args.redis_url,
+        redis_namespace=args.redis_namespace,
         kv_port=getattr(args, "kv_port", 0),
         kv_timeout=getattr(args, "kv_timeout", 30.0),
     )
