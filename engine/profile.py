@@ -84,7 +84,7 @@ def transfer_points(engine: LLMEngine, sizes: list[int], backend: str = "tcp") -
     import time
     import uuid
 
-    from splitserve.engine.worker import kv_spec
+    from splitserve.engine.handshake import kv_spec
     from splitserve.kvtransfer import create_receiver, create_sender
 
     spec = kv_spec(engine, backend, "profile")

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from pydantic import BaseModel, Field
 from splitserve.engine.engine import LLMEngine
+from splitserve.engine.handshake import fingerprint, kv_spec
 from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
 
-__all__ = ["WorkerOptions", "add_worker_args", "options_from_args"]
+__all__ = ["WorkerOptions", "add_worker_args", "fingerprint", "kv_spec", "options_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,6 @@ class EngineWorker:
 
     def close(self) -> None:
         self.async_engine.shutdown()
-
-
-def fingerprint(engine: LLMEngine, generation: str) -> str:
-    """Model architecture + serving generation: what must match for two workers to pair."""
-    blob = f"{engine.runner.model_config.fingerprint()}:{generation}".encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def kv_spec(engine: LLMEngine, backend: str, generation: str):
-    from splitserve.engine.config import dtype_name
-    from splitserve.kvtransfer import KVSpec
-
-    mc = engine.runner.model_config
-    return KVSpec(
-        model_fingerprint=fingerprint(engine, generation),
-        dtype=dtype_name(engine.runner.dtype),
-        num_layers=mc.num_layers,
-        num_kv_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        block_size=engine.runner.block_size,
-        backend=backend,
-    )
 
 
 def add_common_routes(app, state, role: str) -> None:
