@@ -153,17 +153,19 @@ def prefill_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     *,
-    block_m: int = 128,
+    block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int = 8,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     scale_mode: int = 0,
 ) -> torch.Tensor:
     """Prefill attention for packed ``q (N, Hq, D)``; same contract as ``prefill_attention_ref``.
 
     The tile sizes and launch knobs are for benchmarks and tests; the defaults were the fastest
-    of a sweep at head dim 128 on an H200 (bench/RESULTS.md). ``None``: 128 keys a tile up to
-    head dim 128, 32 above (shared memory). ``scale_mode``: where the softmax scale is applied
+    of a sweep at head dim 128 on an H200 (bench/RESULTS.md). ``None``: 128x128 tiles and 3
+    stages for 2-byte dtypes up to head dim 128 (32 keys a tile above); float32 halves the tiles
+    and uses 2 stages, since 128x128 fp32 tiles at head dim 128 need more shared memory than an
+    H200 has (262,656 of 232,448 bytes, seen on the GPU). ``scale_mode``: where the softmax scale is applied
     (0: on the scores, 1: on q once, rounded to q's dtype, 2: folded into the exponent).
     """
     _check_inputs(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens)
@@ -173,11 +175,14 @@ def prefill_attention_triton(
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
+    wide = q.element_size() >= 4
+    block_m = block_m or (64 if wide else 128)
+    num_stages = num_stages or (2 if wide else 3)
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
     tile_end = torch.cumsum(-(-q_lens // block_m), 0, dtype=torch.int32)
     max_tiles = -(-num_tokens // block_m) + num_seqs
     if block_n is None:
-        block_n = 128 if head_dim <= 128 else 32
+        block_n = (64 if wide else 128) if head_dim <= 128 else 32
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _prefill_kernel[(max_tiles, num_heads)](
         q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, tile_end, out,
