@@ -325,6 +325,7 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
         "--served-model-name", spec["model"]["name"],
         "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
         "--redis-url", redis_url(name, spec), "--policy", router["policy"],
+        "--slo-ttft-ms", str(spec["slo"]["ttftMs"]), "--slo-tpot-ms", str(spec["slo"]["tpotMs"]),
     ]  # fmt: skip
     ports = [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}]
     container = {

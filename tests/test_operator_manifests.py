@@ -80,6 +80,7 @@ def test_render_all_children_and_commands() -> None:
     assert router["command"] == [
         "splitserve", "router", "--model", "/models/tiny", "--served-model-name", "tiny",
         "--host", "0.0.0.0", "--port", "8000", "--redis-url", redis, "--policy", "goodput",
+        "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100",  # the CR's SLO (defaults) reach the router
     ]  # fmt: skip
     assert children[("Service", "demo-prefill")]["spec"]["clusterIP"] == "None"
     assert children[("Service", "demo-decode")]["spec"]["clusterIP"] == "None"
