@@ -146,6 +146,15 @@ class PagedWriter:
             return
         self._scatter(layer, torch.frombuffer(data, dtype=torch.uint8))
 
+    def from_tensor(self, layer: int, data: torch.Tensor) -> None:
+        """Scatter one layer's wire bytes held in a uint8 tensor on any device (a CUDA IPC
+        slot): one ``index_copy_`` on the cache's device, after a peer copy if the slot lives
+        on another GPU. Asynchronous on a GPU cache: synchronize before reusing ``data``."""
+        if data.dtype != torch.uint8 or data.numel() != self.layer_nbytes:
+            raise ValueError(f"layer data must be {self.layer_nbytes} uint8 elements, got "
+                             f"{data.numel()} {data.dtype}")
+        self._scatter(layer, data)
+
     def finish(self) -> None:
         """Wait until device copies landed (host buffers stay valid: other connections of the
         same transfer may still be writing; everything goes with the writer)."""

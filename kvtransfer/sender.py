@@ -65,7 +65,7 @@ class LayerSink(ABC):
 
     @abstractmethod
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        """Ship one contiguous CPU layer tensor."""
+        """Ship one contiguous layer tensor (on the sender's ``layer_device``)."""
 
     def on_frame(self, frame: Frame) -> None:
         """A control frame from the receiver other than ERROR/DONE (shm: CREDIT)."""
@@ -81,6 +81,9 @@ class SocketSender(KVSender):
 
     backend: ClassVar[str]
     max_streams: ClassVar[int] = 1
+    # where _check_layer moves each layer before the sink sees it; None keeps the tensor's own
+    # device (cuda_ipc copies GPU layers into its GPU ring; tcp/shm need host memory)
+    layer_device: ClassVar[str | None] = "cpu"
 
     def __init__(
         self,
@@ -288,7 +291,7 @@ class SocketSender(KVSender):
             return TransferError(FailureReason.CLOSED, "sender closed") if self._closed else None
 
     def _check_layer(self, tensor: Any, layer: int, num_tokens: int | None) -> torch.Tensor:
-        """Validate one layer and return it as a contiguous CPU tensor (no copy if it is one)."""
+        """Validate one layer and return it contiguous on ``layer_device`` (no copy if it is)."""
         if not isinstance(tensor, torch.Tensor):
             raise TransferError(
                 FailureReason.INVALID_INPUT, f"layer {layer} is {type(tensor).__name__}, not a tensor"
@@ -306,7 +309,9 @@ class SocketSender(KVSender):
                 FailureReason.INVALID_INPUT,
                 f"layer {layer} dtype {tensor.dtype} != spec dtype {self.spec.dtype}",
             )
-        return tensor.detach().to("cpu").contiguous()
+        if self.layer_device is None:
+            return tensor.detach().contiguous()
+        return tensor.detach().to(self.layer_device).contiguous()
 
 
 def _next_layer(layers: Iterator[Any]) -> Any:

@@ -39,6 +39,8 @@ LAYERS, HEADS, DIM = 3, 2, 8
 
 @pytest.fixture(params=available_backends())
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "cuda_ipc" and not torch.cuda.is_available():
+        pytest.skip("cuda_ipc needs CUDA (torch.cuda.is_available() is False)")
     return request.param
 
 
@@ -225,9 +227,8 @@ def test_dropped_connection_mid_layer_fails_fast(backend, receiver_factory):
     sock = socket.create_connection(tuple(rx.endpoint.rsplit(":", 1)), timeout=5)
     hello = {"request_id": "drop", "spec": spec.to_dict(), "num_tokens": 8, "meta": {}}
     sink = None
-    if backend == "shm":  # the receiver needs a segment it can map
-        from splitserve.kvtransfer.shm import ShmSink
-        sink = ShmSink(spec.layer_nbytes(8))
+    if backend in ("shm", "cuda_ipc"):  # the receiver needs a segment / GPU ring it can map
+        sink = create_sender(backend, spec).open_sink(spec.layer_nbytes(8))
         hello.update(sink.hello_fields())
     send_frame(sock, FrameType.HELLO, hello)
     expect_frame(sock, FrameType.ACCEPT)

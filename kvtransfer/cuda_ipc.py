@@ -1,0 +1,265 @@
+"""CUDA IPC backend (two processes on one host, GPU to GPU): bulk bytes never leave the GPUs.
+
+Control frames use the same TCP connection and handshake as the TCP backend (so faults, cancel,
+timeouts and backpressure behave alike). The sender allocates, per transfer, a ring of ``SLOTS``
+layer-sized uint8 slots on its GPU and shares it in HELLO as a CUDA IPC handle: the fields of
+``UntypedStorage._share_cuda_()`` as JSON (bytes base64), never pickle, plus the GPU's UUID so
+the receiver finds the same physical GPU even under another ``CUDA_VISIBLE_DEVICES``. The receiver
+opens the handle before ACCEPT (``UntypedStorage._new_shared_cuda``).
+
+Per layer the sender copies the layer (a GPU tensor: ``layer_device = None`` keeps it where it is)
+into a free slot, synchronizes its stream, and sends LAYER {layer, slot}; the receiver scatters
+the slot into its paged cache with one ``index_copy_`` (after a peer copy when the cache lives on
+another GPU), synchronizes, and answers CREDIT {slot}. The ring bounds memory and gives
+backpressure, exactly like the shared-memory backend.
+
+A handle cannot be opened by the process that made it; when both ends live in one process (tests,
+a colocated worker) the receiver recognises that from a per-process nonce and uses the ring
+directly. A sender dying mid-transfer ends its TCP connection, so the receiver fails at once; its
+mapping of the dead process's memory is released when the source closes.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import socket
+import threading
+import uuid
+import weakref
+from typing import Any, ClassVar
+
+import torch
+
+from .base import FailureReason, KVSpec, TransferError
+from .layout import PagedWriter
+from .receiver import LayerSource, SocketReceiver
+from .sender import LayerSink, SocketSender
+from .wire import Frame, FrameType, expect_frame, send_frame
+
+SLOTS = 2
+_PROCESS_NONCE = uuid.uuid4().hex  # tells "same process" apart even across PID namespaces
+_LOCAL_RINGS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+_LOCAL_LOCK = threading.Lock()
+
+
+def require_cuda(role: str) -> None:
+    """Fail at construction, with a reason, where no GPU is visible (never hang later)."""
+    if not torch.cuda.is_available():
+        raise TransferError(
+            FailureReason.BACKEND_UNAVAILABLE,
+            f"cuda_ipc {role} needs CUDA, but torch.cuda.is_available() is False "
+            "(use the tcp or shm backend on CPU hosts)",
+        )
+
+
+def gpu_uuid(index: int) -> str | None:
+    """The GPU's UUID (stable across processes and CUDA_VISIBLE_DEVICES), if torch exposes it."""
+    value = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return None if value is None else str(value)
+
+
+def encode_handle(fields: tuple) -> list[Any]:
+    """``_share_cuda_()``'s tuple as JSON-able values (bytes -> {"b64": ...})."""
+    out: list[Any] = []
+    for value in fields:
+        if isinstance(value, bytes):
+            out.append({"b64": base64.b64encode(value).decode("ascii")})
+        elif isinstance(value, (bool, int)) or value is None:
+            out.append(value)
+        else:
+            raise TypeError(f"unexpected CUDA IPC handle field {type(value).__name__}")
+    return out
+
+
+def decode_handle(values: list[Any]) -> list[Any]:
+    """The inverse of :func:`encode_handle`; malformed input is a protocol error."""
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, dict):
+            try:
+                out.append(base64.b64decode(value["b64"], validate=True))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad handle field: {exc}") from exc
+        elif isinstance(value, (bool, int)) or value is None:
+            out.append(value)
+        else:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "bad CUDA IPC handle field")
+    return out
+
+
+def release_share(fields: tuple | list) -> None:
+    """Drop the IPC reference that ``_share_cuda_()`` took for a consumer that will never open
+    the handle (refused handshake, or a receiver in the same process), so the block is freed."""
+    if len(fields) < 6:
+        return
+    counter, offset = fields[4], fields[5]
+    if isinstance(counter, bytes) and isinstance(offset, int):
+        torch.UntypedStorage._release_ipc_counter_cuda(counter, offset)
+
+
+def _local_device(hello_ipc: dict[str, Any], sender_index: int) -> int:
+    """This process's index of the sender's GPU (matched by UUID when both sides know it)."""
+    want = hello_ipc.get("uuid")
+    count = torch.cuda.device_count()
+    if want is None:
+        if not 0 <= sender_index < count:
+            raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "sender's GPU is not visible here")
+        return sender_index
+    for index in range(count):
+        if gpu_uuid(index) == want:
+            return index
+    raise TransferError(
+        FailureReason.BACKEND_UNAVAILABLE,
+        f"sender's GPU {want} is not visible here (sender on another host, or hidden by "
+        "CUDA_VISIBLE_DEVICES)",
+    )
+
+
+def _open_ring(hello: dict[str, Any], nbytes: int) -> torch.Tensor:
+    """The sender's ring as a uint8 CUDA tensor in this process."""
+    ipc, slots = hello.get("cuda_ipc"), hello.get("ipc_slots")
+    if not isinstance(ipc, dict) or not isinstance(slots, int) or slots < 1:
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks cuda_ipc / ipc_slots")
+    if ipc.get("nonce") == _PROCESS_NONCE:  # same process: IPC handles cannot be opened here
+        with _LOCAL_LOCK:
+            ring = _LOCAL_RINGS.get(str(ipc.get("token")))
+        if ring is None:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "the sender's ring is gone")
+        release_share(decode_handle(ipc.get("handle") or []))  # as an IPC consumer would
+    else:
+        fields = ipc.get("handle")
+        if not isinstance(fields, list) or len(fields) < 2 or not isinstance(fields[0], int):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc handle in HELLO")
+        fields = decode_handle(fields)
+        fields[0] = _local_device(ipc, fields[0])
+        try:
+            storage = torch.UntypedStorage._new_shared_cuda(*fields)
+        except RuntimeError as exc:  # e.g. another host's handle, or IPC not permitted
+            raise TransferError(
+                FailureReason.BACKEND_UNAVAILABLE, f"cannot open the sender's CUDA IPC handle: {exc}"
+            ) from exc
+        ring = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
+            storage, 0, (storage.nbytes(),), (1,))
+    if ring.numel() != slots * nbytes:
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "CUDA IPC ring has the wrong size")
+    return ring
+
+
+class CudaIpcSource(LayerSource):
+    """Receiver side: scatters layers from the sender's GPU slots and hands slots back."""
+
+    def __init__(self, hello: dict[str, Any], nbytes: int) -> None:
+        self._nbytes = nbytes
+        self._ring: torch.Tensor | None = _open_ring(hello, nbytes)
+        self._slots = self._ring.numel() // nbytes
+
+    def read_into(
+        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
+    ) -> None:
+        slot = frame.meta.get("slot")
+        if frame.payload_len or not isinstance(slot, int) or not 0 <= slot < self._slots:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad cuda_ipc LAYER frame {frame.meta}")
+        n = self._nbytes
+        writer.from_tensor(layer, self._ring[slot * n : (slot + 1) * n])
+        # the slot is handed back next: every read of it must have finished
+        torch.cuda.current_stream(self._ring.device).synchronize()
+        if writer.kv_cache.is_cuda and writer.kv_cache.device != self._ring.device:
+            torch.cuda.current_stream(writer.kv_cache.device).synchronize()
+
+    def release(self, sock: socket.socket, frame: Frame) -> None:
+        send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
+
+    def close(self) -> None:
+        self._ring = None  # closes this process's mapping of the sender's memory
+
+
+class CudaIpcSink(LayerSink):
+    """Sender side: owns the GPU ring of one transfer; copies layers into free slots."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        # free earlier rings that every receiver has let go of (torch keeps a shared block
+        # alive, "in limbo", while its IPC reference count is above zero)
+        torch.cuda.ipc_collect()
+        self._nbytes = nbytes
+        self._device = device
+        self._ring: torch.Tensor | None = torch.empty(SLOTS * nbytes, dtype=torch.uint8,
+                                                      device=device)
+        self._token = uuid.uuid4().hex
+        with _LOCAL_LOCK:
+            _LOCAL_RINGS[self._token] = self._ring
+        self._shared = self._ring.untyped_storage()._share_cuda_()
+        self._handle = encode_handle(self._shared)
+        self._opened = False
+        self._free = collections.deque(range(SLOTS))
+
+    def hello_fields(self) -> dict[str, Any]:
+        return {
+            "cuda_ipc": {"handle": self._handle, "uuid": gpu_uuid(self._device.index),
+                         "nonce": _PROCESS_NONCE, "token": self._token},
+            "ipc_slots": SLOTS,
+        }
+
+    def accepted(self) -> None:
+        self._opened = True  # the receiver opened the handle; its release drops the count
+
+    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
+        while not self._free:  # ring full: wait for the receiver to hand a slot back
+            self.on_frame(expect_frame(sock, FrameType.CREDIT))
+        slot = self._free.popleft()
+        n = self._nbytes
+        src = tensor.reshape(-1).view(torch.uint8)
+        with torch.cuda.device(self._device):
+            self._ring[slot * n : (slot + 1) * n].copy_(src, non_blocking=True)
+            # the receiver reads the slot from another process: the bytes must have landed
+            torch.cuda.current_stream(self._device).synchronize()
+        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
+
+    def on_frame(self, frame: Frame) -> None:
+        slot = frame.meta.get("slot")
+        if frame.type != FrameType.CREDIT or not isinstance(slot, int) or slot in self._free:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected frame {frame}")
+        self._free.append(slot)
+
+    def close(self) -> None:
+        if not self._opened:  # nobody will release the share's reference: do it ourselves
+            release_share(self._shared)
+            self._opened = True
+        # torch's IPC reference counting keeps the memory alive while a receiver maps it
+        self._ring = None
+
+
+class CudaIpcReceiver(SocketReceiver):
+    """Decode side; the cache may be on any GPU of this host (or on the CPU)."""
+
+    backend = "cuda_ipc"
+
+    def __init__(self, spec: KVSpec, kv_cache: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        require_cuda("receiver")
+        super().__init__(spec, kv_cache, *args, **kwargs)
+
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        return CudaIpcSource(hello, nbytes)
+
+
+class CudaIpcSender(SocketSender):
+    """Prefill side; layers stay on their GPU (``device`` holds the ring, default: current)."""
+
+    backend = "cuda_ipc"
+    layer_device: ClassVar[str | None] = None
+
+    def __init__(self, spec: KVSpec, *, device: torch.device | str | int | None = None,
+                 **kwargs: Any) -> None:
+        require_cuda("sender")
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else (
+            torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        )
+        if dev.type != "cuda":
+            raise ValueError(f"cuda_ipc sender device must be a CUDA device, got {dev}")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        super().__init__(spec, **kwargs)
+
+    def open_sink(self, nbytes: int) -> LayerSink:
+        return CudaIpcSink(nbytes, self.device)
