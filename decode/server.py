@@ -47,13 +47,14 @@ def _line(obj: dict) -> bytes:
 
 def _token_line(out: StepOutput) -> bytes:
     seq = out.seq
-    return _line(
-        {
-            "token_ids": [out.token_id],
-            "finish_reason": seq.finish_reason if out.finished else None,
-            "stop_string": seq.stop_string if out.finished else None,
-        }
-    )
+    line = {
+        "token_ids": [out.token_id],
+        "finish_reason": seq.finish_reason if out.finished else None,
+        "stop_string": seq.stop_string if out.finished else None,
+    }
+    if out.logprobs is not None:
+        line["logprobs"] = [out.logprobs]
+    return _line(line)
 
 
 class DecodeWorker(EngineWorker):

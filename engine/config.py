@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask logprobs for
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")

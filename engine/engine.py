@@ -32,6 +32,7 @@ class StepOutput:
     seq: Sequence
     token_id: int
     finished: bool
+    logprobs: dict | None = None  # {"token_id", "logprob", "top": [[id, logprob], ...]} when asked
 
 
 @dataclass(frozen=True)
@@ -138,26 +139,26 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(stats)
         outputs = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, sampled in zip(seqs, tokens, strict=True):
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             self.blocks.commit(seq)
-            if token is None:  # a prompt chunk that is not the last: nothing to emit yet
+            if sampled is None:  # a prompt chunk that is not the last: nothing to emit yet
                 continue
-            seq.token_ids.append(token)
-            outputs.append(self._after_token(seq, token))
+            seq.token_ids.append(sampled.token)
+            outputs.append(self._after_token(seq, sampled.token, sampled.logprobs))
         return outputs
 
-    def _after_token(self, seq: Sequence, token: int) -> StepOutput:
+    def _after_token(self, seq: Sequence, token: int, logprobs: dict | None = None) -> StepOutput:
         if seq.prefill_only:
             self.scheduler.finish(seq, "prefilled")
-            return StepOutput(seq, token, True)
+            return StepOutput(seq, token, True, logprobs)
         decision = self.stopper.check(seq)
         if decision is None:
-            return StepOutput(seq, token, False)
+            return StepOutput(seq, token, False, logprobs)
         seq.stop_string = decision.stop_string
         self.scheduler.finish(seq, decision.reason)
-        return StepOutput(seq, token, True)
+        return StepOutput(seq, token, True, logprobs)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
         """Run prompts to completion, batched; returns each one's generated token ids."""

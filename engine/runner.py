@@ -10,16 +10,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
 from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
-from splitserve.engine.sampling import make_generator, sample
+from splitserve.engine.sampling import make_generator, sample, token_logprobs
 from splitserve.engine.sequence import Sequence
 from splitserve.kernels.attention import gather_kv
 
 log = logging.getLogger(__name__)
+
+
+class Sampled(NamedTuple):
+    token: int
+    logprobs: dict[str, Any] | None
 
 
 class ModelRunner:
@@ -137,9 +143,10 @@ class ModelRunner:
         return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
-        """Compute each sequence's scheduled tokens; return the next token of each sequence that
-        this step brings to its end (None for a prompt chunk that is not the last)."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[Sampled | None]:
+        """Compute each sequence's scheduled tokens; return the next token (and, when asked, its
+        logprobs) of each sequence that this step brings to its end (None for a prompt chunk that
+        is not the last)."""
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, meta = prepare(seqs)
         if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs), meta.block_tables.shape[1]):
@@ -154,9 +161,13 @@ class ModelRunner:
         for seq in sampled:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)
-        tokens = iter(sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled]))
+        tokens = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+        results = iter([
+            Sampled(t, None if s.sampling.logprobs is None else token_logprobs(logits[j], t, s.sampling.logprobs))
+            for j, (s, t) in enumerate(zip(sampled, tokens, strict=True))
+        ])
         chosen = set(complete)
-        return [next(tokens) if i in chosen else None for i in range(len(seqs))]
+        return [next(results) if i in chosen else None for i in range(len(seqs))]
 
     def layer_kv(self, block_table: list[int], num_tokens: int, layer: int) -> torch.Tensor:
         """One layer of a request's cached KV, token-major ``(2, num_tokens, kv_heads, head_dim)``:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from splitserve.engine.config import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; n: the chosen token's logprob and the top n
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -33,6 +35,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
 
@@ -95,3 +99,15 @@ def sample(
         probs = row.softmax(-1)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+    """Log-probabilities of the model's own distribution (before temperature and filtering, as
+    OpenAI reports them) for one row: the chosen token's and the ``top`` most likely tokens'."""
+    lp = logits.float().log_softmax(-1)
+    values, ids = lp.topk(top) if top else (lp[:0], lp[:0].long())
+    return {
+        "token_id": token,
+        "logprob": float(lp[token]),
+        "top": [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)],
+    }

@@ -74,9 +74,11 @@ class PrefillWorker(EngineWorker):
                                      num_tokens=seq.num_prompt_tokens),
         )
         started = time.perf_counter()
+        first_logprobs = None
         try:
             async for out in self.async_engine.stream(seq, self.engine.add):
                 stream.finish(out.token_id)
+                first_logprobs = out.logprobs
             prefilled = time.perf_counter()
             await transfer
         except BaseException as exc:
@@ -88,6 +90,7 @@ class PrefillWorker(EngineWorker):
         return {
             "request_id": req.request_id,
             "first_token": stream.first_token(),
+            "first_logprobs": first_logprobs,  # the decode stream cannot carry them: it only gets the token
             "num_prompt_tokens": seq.num_prompt_tokens,
             "num_cached_tokens": seq.num_cached_tokens,
             "prefill_ms": (prefilled - started) * 1e3,

@@ -42,6 +42,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None
     stop_string: str | None
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token, when the request asked
 
 
 class _PrefillFailed(Exception):
@@ -170,6 +171,10 @@ class Dispatcher:
                 if p is not None:
                     prefill_task = asyncio.create_task(self._prefill(p, rid, spec, d))
                 first = await self._first_line(lines, prefill_task)
+                if first is not None and prefill_task is not None and spec.sampling.get("logprobs") is not None:
+                    # The first token came through the KV transfer, which carries the token only:
+                    # its logprobs are in the prefill worker's response.
+                    first = dict(first, logprobs=[(await prefill_task).get("first_logprobs")])
                 async for chunk in self._chunks(first, lines, d):
                     yielded = True
                     yield chunk
@@ -232,7 +237,8 @@ class Dispatcher:
         while line is not None:
             if line.get("error") is not None or line.get("finish_reason") == "error":
                 raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
-            chunk = Chunk(list(line.get("token_ids") or []), line.get("finish_reason"), line.get("stop_string"))
+            chunk = Chunk(list(line.get("token_ids") or []), line.get("finish_reason"), line.get("stop_string"),
+                          line.get("logprobs"))
             yield chunk
             if chunk.finish_reason is not None:
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from splitserve.engine.config import MAX_LOGPROBS
 from splitserve.router.errors import bad_request
 
 
@@ -94,7 +95,13 @@ class SamplingFields(BaseModel):
             "stop": self.stop_list,
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": self.ignore_eos,
+            "logprobs": self.num_logprobs,
         }
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per token the request wants logprobs for (None: off)."""
+        return None
 
 
 class CompletionRequest(SamplingFields):
@@ -104,10 +111,14 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported yet")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if self.echo:
             raise ValueError("echo is not supported yet")
         if self.suffix:
@@ -157,10 +168,17 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported yet")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
         if self.tools:
             raise ValueError("tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):

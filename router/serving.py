@@ -20,6 +20,7 @@ from typing import Any
 from splitserve.router.config import SLO
 from splitserve.router.dispatch import Chunk, Dispatcher, SequenceSpec
 from splitserve.router.errors import RouterError, bad_request
+from splitserve.router.logprobs import LogprobsFormatter
 from splitserve.router.output import ChoiceText
 from splitserve.router.protocol import SamplingFields
 from splitserve.router.tokenizer import RouterTokenizer
@@ -51,23 +52,25 @@ class Shape:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
         if self.chat:
             return {
                 "index": index,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def delta(self, index: int, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+    def delta(
+        self, index: int, text: str, finish: str | None, first: bool, logprobs: dict | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"content": text}
             if first:
                 delta["role"] = "assistant"
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 def token_limits(
@@ -118,6 +121,7 @@ class Serving:
         """The JSON body (non-streaming) or an SSE line iterator (streaming)."""
         rid, specs, owners = self._specs(shape, body, prompts, max_len, slo)
         choices = [ChoiceText(self.tokenizer.detokenizer(s.prompt_token_ids), body.stop_list) for s in specs]
+        formatters = [LogprobsFormatter(self.tokenizer, shape.chat) for _ in specs] if body.num_logprobs is not None else None
         run = _Run(self.dispatcher, specs)
         await run.start()
         try:
@@ -128,9 +132,11 @@ class Serving:
         usage = {"prompt_tokens": sum(len(p) for p in prompts)}
         created = int(time.time())
         if not body.stream:
+            entries: list[list[dict | None]] = [[] for _ in specs]
             try:
                 async for idx, chunk in run.items(head):
                     self._feed(choices, run, idx, chunk)
+                    entries[idx] += chunk.logprobs or []
             finally:
                 await run.cancel()
             completion_tokens = sum(c.num_tokens for c in choices)
@@ -139,10 +145,13 @@ class Serving:
                 "object": shape.object,
                 "created": created,
                 "model": self.model_name,
-                "choices": [shape.choice(i, c.text, c.finish_reason) for i, c in enumerate(choices)],
+                "choices": [
+                    shape.choice(i, c.text, c.finish_reason, formatters[i].format(entries[i]) if formatters else None)
+                    for i, c in enumerate(choices)
+                ],
                 "usage": dict(usage, completion_tokens=completion_tokens, total_tokens=usage["prompt_tokens"] + completion_tokens),
             }
-        return SSEStream(self._sse(shape, rid, created, body, run, head, choices, usage), run.cancel)
+        return SSEStream(self._sse(shape, rid, created, body, run, head, choices, usage, formatters), run.cancel)
 
     @staticmethod
     def _feed(choices: list[ChoiceText], run: _Run, idx: int, chunk: Chunk) -> str:
@@ -155,6 +164,7 @@ class Serving:
     async def _sse(
         self, shape: Shape, rid: str, created: int, body: SamplingFields, run: _Run,
         head: list[tuple[int, Any]], choices: list[ChoiceText], usage: dict[str, int],
+        formatters: list[LogprobsFormatter] | None = None,
     ) -> AsyncIterator[str]:
         obj = shape.object + ".chunk" if shape.chat else shape.object
         sent_first = [False] * len(choices)
@@ -171,8 +181,9 @@ class Serving:
                     was_finished = choices[idx].finished
                     text = self._feed(choices, run, idx, chunk)
                     finish = choices[idx].finish_reason if choices[idx].finished and not was_finished else None
-                    if text or finish or (shape.chat and not sent_first[idx]):
-                        yield chunk_event(shape.delta(idx, text, finish, not sent_first[idx]))
+                    logprobs = formatters[idx].format(chunk.logprobs) if formatters and chunk.logprobs else None
+                    if text or finish or logprobs or (shape.chat and not sent_first[idx]):
+                        yield chunk_event(shape.delta(idx, text, finish, not sent_first[idx], logprobs))
                         sent_first[idx] = True
             except RouterError as exc:
                 yield event(exc.body())

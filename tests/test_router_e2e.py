@@ -78,6 +78,33 @@ def test_openai_client_through_prefill_and_decode(cluster, demo_model) -> None:
             assert c.completions.create(model="demo", prompt=p, max_tokens=12, temperature=0).choices[0].text == out.choices[0].text
 
 
+def test_logprobs_through_prefill_and_decode(cluster, demo_model) -> None:
+    """Logprobs of every token, the first one included (it crosses the KV transfer, its logprobs
+    come from the prefill worker), equal transformers' and the decode-only path's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(model="demo", prompt="hello world", max_tokens=5, temperature=0, logprobs=3,
+              extra_body={"ignore_eos": True})
+    with router(demo_model, [cluster["p0"]], [cluster["d0"]]) as c:
+        split = c.completions.create(**kw).choices[0].logprobs
+        chat = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    with router(demo_model, [], [cluster["d1"]]) as c:
+        alone = c.completions.create(**kw).choices[0].logprobs
+    assert len(split.token_logprobs) == 5 and split.tokens == alone.tokens
+    assert split.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+    assert all(len(top) <= 3 for top in split.top_logprobs)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    hf = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    ids = tok("hello world")["input_ids"]
+    with torch.no_grad():
+        first = hf(torch.tensor([ids])).logits[0, -1].log_softmax(-1).max().item()
+    assert split.token_logprobs[0] == pytest.approx(first, abs=1e-4)
+
+
 def test_decode_killed_mid_stream_fails_only_that_request(cluster, demo_model) -> None:
     with router(demo_model, [cluster["p0"]], [cluster["d0"], cluster["d1"]]) as c:
         stream = c.completions.create(model="demo", prompt="hello", max_tokens=1000, stream=True, temperature=1.0,

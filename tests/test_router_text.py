@@ -145,7 +145,7 @@ def test_no_stops_streams_everything_at_once() -> None:
         ({"model": "m", "prompt": "x", "top_p": 1.5}, "top_p"),
         ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": "x", "stop": ["", "a"]}, "non-empty"),
-        ({"model": "m", "prompt": "x", "logprobs": 2}, "logprobs is not supported yet"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs must be between 0 and 20"),
         ({"model": "m", "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty is not supported"),
         ({"model": "m", "prompt": "x", "bogus": 1}, "Unrecognized request argument supplied: bogus"),
         ({"model": "m"}, "missing required parameter: prompt"),
@@ -172,7 +172,12 @@ def test_chat_validation_and_sampling_json() -> None:
     assert req.messages[0].template_dict() == {"role": "user", "content": "ab"}
     assert req.max_tokens == 7
     assert req.sampling(7, 2) == {"max_tokens": 7, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": 7,
-                                  "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False}
+                                  "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": None}
+    with_lp = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3})
+    assert with_lp.sampling(4, 0)["logprobs"] == 3
+    with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3})
     c = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
     assert c.prompts() == [[1, 2], [3]]
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
