@@ -13,6 +13,13 @@ the slot into its paged cache with one ``index_copy_`` (after a peer copy when t
 another GPU), synchronizes, and answers CREDIT {slot}. The ring bounds memory and gives
 backpressure, exactly like the shared-memory backend.
 
+Opening a handle costs milliseconds, so both ends keep them: the sender reuses its rings (a small
+pool, one ring per transfer in flight) and the receiver keeps the mappings it opened (a bounded
+LRU, dropped after ``MAPPING_IDLE_S`` unused or when a transfer through it failed, so a dead
+sender's memory is not held for long). The receiver only ever reads a ring, between LAYER and
+CREDIT, so a ring may go back to the pool even after a failed transfer; torch's IPC reference
+count is therefore dropped at once (the sender's memory is freed when the sender frees it).
+
 A handle cannot be opened by the process that made it; when both ends live in one process (tests,
 a colocated worker) the receiver recognises that from a per-process nonce and uses the ring
 directly. A sender dying mid-transfer ends its TCP connection, so the receiver fails at once; its
@@ -25,6 +32,7 @@ import base64
 import collections
 import socket
 import threading
+import time
 import uuid
 import weakref
 from typing import Any, ClassVar
@@ -38,9 +46,17 @@ from .sender import LayerSink, SocketSender
 from .wire import Frame, FrameType, expect_frame, send_frame
 
 SLOTS = 2
+RING_MIN_BYTES = 2 << 20
+POOLED_RINGS = 4  # free rings a sender keeps (one per concurrent transfer is reused)
+MAPPING_CACHE = 16  # rings a receiver keeps open
+MAPPING_IDLE_S = 60.0
 _PROCESS_NONCE = uuid.uuid4().hex  # tells "same process" apart even across PID namespaces
 _LOCAL_RINGS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 _LOCAL_LOCK = threading.Lock()
+# (sender nonce, ring token) -> (ring tensor, last use): the handles this process opened
+_MAPPINGS: collections.OrderedDict[tuple[str, str], tuple[torch.Tensor, float]] = (
+    collections.OrderedDict()
+)
 
 
 def require_cuda(role: str) -> None:
@@ -89,8 +105,8 @@ def decode_handle(values: list[Any]) -> list[Any]:
 
 
 def release_share(fields: tuple | list) -> None:
-    """Drop the IPC reference that ``_share_cuda_()`` took for a consumer that will never open
-    the handle (refused handshake, or a receiver in the same process), so the block is freed."""
+    """Drop the IPC reference that ``_share_cuda_()`` took for its consumer: rings are reused
+    and mapped by several receivers, so their lifetime is the sender's (see the module doc)."""
     if len(fields) < 6:
         return
     counter, offset = fields[4], fields[5]
@@ -126,33 +142,66 @@ def _open_ring(hello: dict[str, Any], nbytes: int) -> torch.Tensor:
             ring = _LOCAL_RINGS.get(str(ipc.get("token")))
         if ring is None:
             raise TransferError(FailureReason.PROTOCOL_ERROR, "the sender's ring is gone")
-        release_share(decode_handle(ipc.get("handle") or []))  # as an IPC consumer would
     else:
-        fields = ipc.get("handle")
-        if not isinstance(fields, list) or len(fields) < 2 or not isinstance(fields[0], int):
-            raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc handle in HELLO")
-        fields = decode_handle(fields)
-        fields[0] = _local_device(ipc, fields[0])
-        try:
-            storage = torch.UntypedStorage._new_shared_cuda(*fields)
-        except RuntimeError as exc:  # e.g. another host's handle, or IPC not permitted
-            raise TransferError(
-                FailureReason.BACKEND_UNAVAILABLE, f"cannot open the sender's CUDA IPC handle: {exc}"
-            ) from exc
-        ring = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
-            storage, 0, (storage.nbytes(),), (1,))
-    if ring.numel() != slots * nbytes:
-        raise TransferError(FailureReason.PROTOCOL_ERROR, "CUDA IPC ring has the wrong size")
+        ring = _mapped_ring(ipc)
+    if ring.numel() < slots * nbytes:
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "CUDA IPC ring is too small")
+    return ring[: slots * nbytes]
+
+
+def _mapped_ring(ipc: dict[str, Any]) -> torch.Tensor:
+    """The ring of another process: from the mapping cache, else opened now and cached."""
+    key = (str(ipc.get("nonce")), str(ipc.get("token")))
+    now = time.monotonic()
+    with _LOCAL_LOCK:
+        for old, (_, used) in list(_MAPPINGS.items()):
+            if now - used > MAPPING_IDLE_S:
+                del _MAPPINGS[old]
+        hit = _MAPPINGS.get(key)
+        if hit is not None:
+            _MAPPINGS[key] = (hit[0], now)
+            _MAPPINGS.move_to_end(key)
+            return hit[0]
+    ring = _open_handle(ipc)
+    with _LOCAL_LOCK:
+        _MAPPINGS[key] = (ring, now)
+        while len(_MAPPINGS) > MAPPING_CACHE:
+            _MAPPINGS.popitem(last=False)
     return ring
+
+
+def forget_mapping(ipc: dict[str, Any]) -> None:
+    """Drop a cached mapping (its transfer failed: the sender may be gone)."""
+    with _LOCAL_LOCK:
+        _MAPPINGS.pop((str(ipc.get("nonce")), str(ipc.get("token"))), None)
+
+
+def _open_handle(ipc: dict[str, Any]) -> torch.Tensor:
+    """Open the sender's CUDA IPC handle (never pickle: JSON fields of ``_share_cuda_()``)."""
+    fields = ipc.get("handle")
+    if not isinstance(fields, list) or len(fields) < 2 or not isinstance(fields[0], int):
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc handle in HELLO")
+    fields = decode_handle(fields)
+    fields[0] = _local_device(ipc, fields[0])
+    try:
+        storage = torch.UntypedStorage._new_shared_cuda(*fields)
+    except RuntimeError as exc:  # e.g. another host's handle, or IPC not permitted
+        raise TransferError(
+            FailureReason.BACKEND_UNAVAILABLE, f"cannot open the sender's CUDA IPC handle: {exc}"
+        ) from exc
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
+            storage, 0, (storage.nbytes(),), (1,))
 
 
 class CudaIpcSource(LayerSource):
     """Receiver side: scatters layers from the sender's GPU slots and hands slots back."""
 
-    def __init__(self, hello: dict[str, Any], nbytes: int) -> None:
+    def __init__(self, hello: dict[str, Any], nbytes: int, num_layers: int) -> None:
         self._nbytes = nbytes
+        self._ipc = hello.get("cuda_ipc")
         self._ring: torch.Tensor | None = _open_ring(hello, nbytes)
         self._slots = self._ring.numel() // nbytes
+        self._layers_left = num_layers
 
     def read_into(
         self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
@@ -166,53 +215,60 @@ class CudaIpcSource(LayerSource):
         torch.cuda.current_stream(self._ring.device).synchronize()
         if writer.kv_cache.is_cuda and writer.kv_cache.device != self._ring.device:
             torch.cuda.current_stream(writer.kv_cache.device).synchronize()
+        self._layers_left -= 1
 
     def release(self, sock: socket.socket, frame: Frame) -> None:
         send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
 
     def close(self) -> None:
-        self._ring = None  # closes this process's mapping of the sender's memory
+        if self._layers_left > 0 and isinstance(self._ipc, dict):
+            forget_mapping(self._ipc)  # failed mid-way: the sender may be dead, let it go
+        self._ring = None
+
+
+class _Ring:
+    """One GPU ring of the sender, shared once; reused by later transfers."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.tensor = torch.empty(capacity, dtype=torch.uint8, device=device)
+        self.token = uuid.uuid4().hex
+        shared = self.tensor.untyped_storage()._share_cuda_()
+        release_share(shared)
+        self.handle = encode_handle(shared)
+        self.uuid = gpu_uuid(device.index)
+        with _LOCAL_LOCK:
+            _LOCAL_RINGS[self.token] = self.tensor
 
 
 class CudaIpcSink(LayerSink):
-    """Sender side: owns the GPU ring of one transfer; copies layers into free slots."""
+    """Sender side: one transfer's use of a ring; copies layers into free slots."""
 
-    def __init__(self, nbytes: int, device: torch.device) -> None:
-        # free earlier rings that every receiver has let go of (torch keeps a shared block
-        # alive, "in limbo", while its IPC reference count is above zero)
-        torch.cuda.ipc_collect()
+    def __init__(self, nbytes: int, ring: _Ring, give_back: Any) -> None:
         self._nbytes = nbytes
-        self._device = device
-        self._ring: torch.Tensor | None = torch.empty(SLOTS * nbytes, dtype=torch.uint8,
-                                                      device=device)
-        self._token = uuid.uuid4().hex
-        with _LOCAL_LOCK:
-            _LOCAL_RINGS[self._token] = self._ring
-        self._shared = self._ring.untyped_storage()._share_cuda_()
-        self._handle = encode_handle(self._shared)
-        self._opened = False
+        self._ring: _Ring | None = ring
+        self._give_back = give_back
         self._free = collections.deque(range(SLOTS))
 
     def hello_fields(self) -> dict[str, Any]:
+        ring = self._ring
         return {
-            "cuda_ipc": {"handle": self._handle, "uuid": gpu_uuid(self._device.index),
-                         "nonce": _PROCESS_NONCE, "token": self._token},
+            "cuda_ipc": {"handle": ring.handle, "uuid": ring.uuid, "nonce": _PROCESS_NONCE,
+                         "token": ring.token},
             "ipc_slots": SLOTS,
         }
-
-    def accepted(self) -> None:
-        self._opened = True  # the receiver opened the handle; its release drops the count
 
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
         while not self._free:  # ring full: wait for the receiver to hand a slot back
             self.on_frame(expect_frame(sock, FrameType.CREDIT))
         slot = self._free.popleft()
         n = self._nbytes
-        src = tensor.reshape(-1).view(torch.uint8)
-        with torch.cuda.device(self._device):
-            self._ring[slot * n : (slot + 1) * n].copy_(src, non_blocking=True)
+        ring = self._ring.tensor
+        with torch.cuda.device(ring.device):
+            ring[slot * n : (slot + 1) * n].copy_(tensor.reshape(-1).view(torch.uint8),
+                                                  non_blocking=True)
             # the receiver reads the slot from another process: the bytes must have landed
-            torch.cuda.current_stream(self._device).synchronize()
+            torch.cuda.current_stream(ring.device).synchronize()
         send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
 
     def on_frame(self, frame: Frame) -> None:
@@ -222,11 +278,11 @@ class CudaIpcSink(LayerSink):
         self._free.append(slot)
 
     def close(self) -> None:
-        if not self._opened:  # nobody will release the share's reference: do it ourselves
-            release_share(self._shared)
-            self._opened = True
-        # torch's IPC reference counting keeps the memory alive while a receiver maps it
-        self._ring = None
+        # safe even after a failure: a receiver only reads the ring, and only into a transfer
+        # that is failing anyway
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            self._give_back(ring)
 
 
 class CudaIpcReceiver(SocketReceiver):
@@ -239,11 +295,11 @@ class CudaIpcReceiver(SocketReceiver):
         super().__init__(spec, kv_cache, *args, **kwargs)
 
     def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
-        return CudaIpcSource(hello, nbytes)
+        return CudaIpcSource(hello, nbytes, self.spec.num_layers)
 
 
 class CudaIpcSender(SocketSender):
-    """Prefill side; layers stay on their GPU (``device`` holds the ring, default: current)."""
+    """Prefill side; layers stay on their GPU (``device`` holds the rings, default: current)."""
 
     backend = "cuda_ipc"
     layer_device: ClassVar[str | None] = None
@@ -259,7 +315,33 @@ class CudaIpcSender(SocketSender):
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
+        self._pool: list[_Ring] = []
+        self._pool_lock = threading.Lock()
         super().__init__(spec, **kwargs)
 
     def open_sink(self, nbytes: int) -> LayerSink:
-        return CudaIpcSink(nbytes, self.device)
+        return CudaIpcSink(nbytes, self._take_ring(SLOTS * nbytes), self._give_ring)
+
+    def close(self) -> None:
+        super().close()
+        with self._pool_lock:
+            self._pool.clear()
+
+    def _take_ring(self, need: int) -> _Ring:
+        """The smallest free ring that fits, else a new one (a power of two, >= 2 MiB, so
+        prompts of similar length share rings)."""
+        with self._pool_lock:
+            fits = [ring for ring in self._pool if ring.capacity >= need]
+            if fits:
+                ring = min(fits, key=lambda r: r.capacity)
+                self._pool.remove(ring)
+                return ring
+        return _Ring(max(RING_MIN_BYTES, 1 << (need - 1).bit_length()), self.device)
+
+    def _give_ring(self, ring: _Ring) -> None:
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._pool.append(ring)
+            while len(self._pool) > POOLED_RINGS:
+                self._pool.remove(min(self._pool, key=lambda r: r.capacity))
