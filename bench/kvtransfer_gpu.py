@@ -13,6 +13,8 @@ on the GPU from a seed in both processes. Measured in the same run, best of ``--
   ``send()`` (connect, handshake, every layer, until the receiver's DONE); the data is checked
   after every run; ``(1st)`` is the first transfer, which also allocates the sender's ring and
   opens its IPC handle in the receiver (later transfers reuse both);
+- ``cuda_ipc 1 process``: the same with the sender in this process (one CUDA context): the
+  protocol's cost without two processes time-slicing one GPU;
 - with two GPUs, ``peer copy`` cuda:0 -> cuda:1 and ``cuda_ipc -> cuda:1`` the same way.
 
 Prints one table with GB/s and the ratio to the device copy (``vs peer copy`` for cross-GPU).
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from splitserve.kvtransfer import KVSpec, create_receiver
+from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
 LAYERS, HEADS, DIM, BLOCK = 32, 8, 128, 16
@@ -110,12 +112,16 @@ class IpcPath:
         if not line:
             raise RuntimeError("the sender process died")
         fut.result(timeout=120)
+        self.verify(table)
+        return json.loads(line)["seconds"]
+
+    def verify(self, table: list[int]) -> None:
+        """The first and last layers arrived bit-exact in the shuffled blocks."""
         slots = token_slots(table, self.tokens, BLOCK, self.blocks).to(self.cache.device)
         for layer in (0, LAYERS - 1):
             got = gather_layer(self.cache, layer, slots)
             if not torch.equal(got.cpu(), self.kv[layer].cpu()):
                 raise RuntimeError(f"cuda_ipc: layer {layer} arrived corrupted")
-        return json.loads(line)["seconds"]
 
     def close(self) -> None:
         self.child.stdin.close()
@@ -124,6 +130,34 @@ class IpcPath:
         except subprocess.TimeoutExpired:
             self.child.kill()
             self.child.wait(5)
+        self.rx.close()
+
+
+class InProcessPath(IpcPath):
+    """Sender and receiver in this process (one CUDA context, the ring used directly): the
+    protocol's own cost on one GPU, without two processes time-slicing that GPU."""
+
+    def __init__(self, tokens: int, device: str, kv: list[torch.Tensor]) -> None:
+        self.tokens, self.kv, self.count = tokens, kv, 0
+        self.spec = KVSpec("bench", DTYPE, LAYERS, HEADS, DIM, BLOCK, backend="cuda_ipc")
+        self.blocks = -(-tokens // BLOCK) * 2
+        self.cache = torch.zeros(LAYERS, 2, self.blocks, BLOCK, HEADS, DIM, dtype=torch.bfloat16,
+                                 device=device)
+        self.rx = create_receiver("cuda_ipc", self.spec, self.cache)
+        self.tx = create_sender("cuda_ipc", self.spec, device="cuda:0")
+
+    def seconds(self) -> float:
+        self.count += 1
+        rid = f"local-{self.count}"
+        table = torch.randperm(self.blocks)[: -(-self.tokens // BLOCK)].tolist()
+        fut = self.rx.expect(rid, self.tokens, table, timeout=120)
+        result = self.tx.send(rid, self.rx.endpoint, iter(self.kv), 1, num_tokens=self.tokens)
+        fut.result(timeout=120)
+        self.verify(table)
+        return result.seconds
+
+    def close(self) -> None:
+        self.tx.close()
         self.rx.close()
 
 
@@ -142,7 +176,8 @@ def run(tokens: int, repeats: int) -> list[dict]:
         for layer, tensor in enumerate(kv):
             flat[layer].index_copy_(1, slots, tensor)
 
-    paths = {"cuda_ipc": IpcPath(tokens, "cuda:0", kv)}
+    paths = {"cuda_ipc": IpcPath(tokens, "cuda:0", kv),
+             "cuda_ipc 1 process": InProcessPath(tokens, "cuda:0", kv)}
     if two:
         paths["cuda_ipc -> cuda:1"] = IpcPath(tokens, "cuda:1", kv)
     runs: dict[str, list[float]] = {}

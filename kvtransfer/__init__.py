@@ -1,10 +1,10 @@
 """splitserve.kvtransfer: move a request's KV cache from a prefill worker to a decode worker.
 
 One role-split interface (:class:`KVSender`, :class:`KVReceiver`; ``base.py`` has the contract
-and the block-ownership rule), backends registered by name (``registry.py``: "tcp", "shm", "cuda_ipc"), one
-wire format (``wire.py``), one socket engine per side (``sender.py``, ``receiver.py``) that the
-TCP, shared-memory and CUDA IPC backends share, the paged-cache <-> wire translation (``layout.py``) and
-the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
+and the block-ownership rule), backends registered by name (``registry.py``: "tcp", "shm",
+"cuda_ipc"), one wire format (``wire.py``), one socket engine per side (``sender.py``,
+``receiver.py``) that the TCP, shared-memory and CUDA IPC backends share, the paged-cache <-> wire
+translation (``layout.py``) and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
 
 Decode side::
 

@@ -96,7 +96,9 @@ def decode_handle(values: list[Any]) -> list[Any]:
             try:
                 out.append(base64.b64decode(value["b64"], validate=True))
             except (KeyError, TypeError, ValueError) as exc:
-                raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad handle field: {exc}") from exc
+                raise TransferError(
+                    FailureReason.PROTOCOL_ERROR, f"bad handle field: {exc}"
+                ) from exc
         elif isinstance(value, (bool, int)) or value is None:
             out.append(value)
         else:
@@ -120,7 +122,9 @@ def _local_device(hello_ipc: dict[str, Any], sender_index: int) -> int:
     count = torch.cuda.device_count()
     if want is None:
         if not 0 <= sender_index < count:
-            raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "sender's GPU is not visible here")
+            raise TransferError(
+                FailureReason.BACKEND_UNAVAILABLE, "sender's GPU is not visible here"
+            )
         return sender_index
     for index in range(count):
         if gpu_uuid(index) == want:
@@ -208,7 +212,9 @@ class CudaIpcSource(LayerSource):
     ) -> None:
         slot = frame.meta.get("slot")
         if frame.payload_len or not isinstance(slot, int) or not 0 <= slot < self._slots:
-            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad cuda_ipc LAYER frame {frame.meta}")
+            raise TransferError(
+                FailureReason.PROTOCOL_ERROR, f"bad cuda_ipc LAYER frame {frame.meta}"
+            )
         n = self._nbytes
         writer.from_tensor(layer, self._ring[slot * n : (slot + 1) * n])
         # the slot is handed back next: every read of it must have finished
