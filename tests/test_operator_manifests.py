@@ -245,3 +245,11 @@ def test_reconcile_metrics_count_results() -> None:
     with pytest.raises(RuntimeError), metrics.reconcile_timer("unit"):
         raise RuntimeError("boom")
     assert (count("ok"), count("error")) == (ok + 1, err + 1)
+
+
+def test_crd_backends_are_the_registered_ones() -> None:
+    """A CR may only name a KV backend the workers can load (else pods would crash at start)."""
+    from splitserve.kvtransfer import available_backends
+    from splitserve.operator.crd import KV_BACKENDS
+
+    assert sorted(KV_BACKENDS) == sorted(available_backends())
