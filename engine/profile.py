@@ -86,6 +86,7 @@ def transfer_points(engine: LLMEngine, sizes: list[int], backend: str = "tcp") -
 
     from splitserve.engine.handshake import kv_spec
     from splitserve.kvtransfer import create_receiver, create_sender
+    from splitserve.kvtransfer.layout import iter_cache_layers
 
     spec = kv_spec(engine, backend, "profile")
     runner = engine.runner
@@ -98,7 +99,7 @@ def transfer_points(engine: LLMEngine, sizes: list[int], backend: str = "tcp") -
             for _ in range(REPEATS):
                 rid = uuid.uuid4().hex
                 fut = receiver.expect(rid, n, blocks, timeout=60)
-                layers = (runner.layer_kv(blocks, n, i) for i in range(runner.model_config.num_layers))
+                layers = iter_cache_layers(runner.kv_cache, blocks, n)
                 started = time.perf_counter()
                 sender.send(rid, receiver.endpoint, layers, 0, {})
                 fut.result(timeout=60)

@@ -18,7 +18,7 @@ from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
 from splitserve.engine.sampling import make_generator, sample, token_logprobs
 from splitserve.engine.sequence import Sequence
-from splitserve.kernels.attention import gather_kv
+from splitserve.kvtransfer.layout import gather_layer, token_slots
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,11 @@ class ModelRunner:
         """Hand each streaming sequence its prompt's KV for a layer as soon as that layer has
         written it, so the transfer of layer i overlaps the computation of layer i+1."""
 
+        slots = [self.wire_slots(s.block_table, s.num_prompt_tokens) for s in seqs]
+
         def hook(layer: int) -> None:
-            for seq in seqs:
-                seq.on_layer_kv(layer, self.layer_kv(seq.block_table, seq.num_prompt_tokens, layer))
+            for seq, seq_slots in zip(seqs, slots, strict=True):
+                seq.on_layer_kv(layer, gather_layer(self.kv_cache, layer, seq_slots))
 
         return hook
 
@@ -169,8 +171,7 @@ class ModelRunner:
         chosen = set(complete)
         return [next(results) if i in chosen else None for i in range(len(seqs))]
 
-    def layer_kv(self, block_table: list[int], num_tokens: int, layer: int) -> torch.Tensor:
-        """One layer of a request's cached KV, token-major ``(2, num_tokens, kv_heads, head_dim)``:
-        the layout on the transfer wire, independent of either side's block size."""
-        k, v = gather_kv(self.kv_cache[layer], self._tensor(block_table, torch.int32), num_tokens)
-        return torch.stack((k, v))
+    def wire_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """Cache slots of a request's tokens, on the device: what ``gather_layer`` reads to build
+        the token-major wire layout of the KV transfer."""
+        return token_slots(block_table, num_tokens, self.block_size, self.kv_cache.shape[2]).to(self.device)
