@@ -52,3 +52,17 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
             self.proc = None
+
+
+def rerun_under_triton_interpreter(test_file: str, timeout: float) -> None:
+    """Run a kernel test module again in a fresh Python with Triton's interpreter on (the
+    variable must be set before triton is first imported, so not in this process) and fail with
+    its output if any of its tests fail."""
+    import os
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", SPLITSERVE_KERNELS="triton")
+    env.pop("SPLITSERVE_TEST_DEVICE", None)
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
