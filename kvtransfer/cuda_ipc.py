@@ -41,9 +41,9 @@ import torch
 
 from .base import FailureReason, KVSpec, TransferError
 from .layout import PagedWriter
-from .receiver import LayerSource, SocketReceiver
-from .sender import LayerSink, SocketSender
-from .wire import Frame, FrameType, expect_frame, send_frame
+from .receiver import LayerSource, SlotSource, SocketReceiver
+from .sender import LayerSink, SlotSink, SocketSender
+from .wire import Frame
 
 SLOTS = 2
 RING_MIN_BYTES = 2 << 20
@@ -197,7 +197,7 @@ def _open_handle(ipc: dict[str, Any]) -> torch.Tensor:
             storage, 0, (storage.nbytes(),), (1,))
 
 
-class CudaIpcSource(LayerSource):
+class CudaIpcSource(SlotSource):
     """Receiver side: scatters layers from the sender's GPU slots and hands slots back."""
 
     def __init__(self, hello: dict[str, Any], nbytes: int, num_layers: int) -> None:
@@ -223,9 +223,6 @@ class CudaIpcSource(LayerSource):
             torch.cuda.current_stream(writer.kv_cache.device).synchronize()
         self._layers_left -= 1
 
-    def release(self, sock: socket.socket, frame: Frame) -> None:
-        send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
-
     def close(self) -> None:
         if self._layers_left > 0 and isinstance(self._ipc, dict):
             forget_mapping(self._ipc)  # failed mid-way: the sender may be dead, let it go
@@ -247,14 +244,14 @@ class _Ring:
             _LOCAL_RINGS[self.token] = self.tensor
 
 
-class CudaIpcSink(LayerSink):
+class CudaIpcSink(SlotSink):
     """Sender side: one transfer's use of a ring; copies layers into free slots."""
 
     def __init__(self, nbytes: int, ring: _Ring, give_back: Any) -> None:
         self._nbytes = nbytes
         self._ring: _Ring | None = ring
         self._give_back = give_back
-        self._free = collections.deque(range(SLOTS))
+        super().__init__(SLOTS)
 
     def hello_fields(self) -> dict[str, Any]:
         ring = self._ring
@@ -264,10 +261,7 @@ class CudaIpcSink(LayerSink):
             "ipc_slots": SLOTS,
         }
 
-    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        while not self._free:  # ring full: wait for the receiver to hand a slot back
-            self.on_frame(expect_frame(sock, FrameType.CREDIT))
-        slot = self._free.popleft()
+    def fill(self, slot: int, tensor: torch.Tensor) -> None:
         n = self._nbytes
         ring = self._ring.tensor
         with torch.cuda.device(ring.device):
@@ -275,13 +269,6 @@ class CudaIpcSink(LayerSink):
                                                   non_blocking=True)
             # the receiver reads the slot from another process: the bytes must have landed
             torch.cuda.current_stream(ring.device).synchronize()
-        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
-
-    def on_frame(self, frame: Frame) -> None:
-        slot = frame.meta.get("slot")
-        if frame.type != FrameType.CREDIT or not isinstance(slot, int) or slot in self._free:
-            raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected frame {frame}")
-        self._free.append(slot)
 
     def close(self) -> None:
         # safe even after a failure: a receiver only reads the ring, and only into a transfer

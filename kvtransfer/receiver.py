@@ -63,6 +63,14 @@ class LayerSource(ABC):
         return None
 
 
+class SlotSource(LayerSource):
+    """Reads layers from the slots of a :class:`~.sender.SlotSink`; hands each slot back with a
+    CREDIT once it has been scattered."""
+
+    def release(self, sock: socket.socket, frame: Frame) -> None:
+        send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
     request_id: str

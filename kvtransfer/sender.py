@@ -13,6 +13,7 @@ frame so its future fails at once instead of on a timeout.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -74,6 +75,33 @@ class LayerSink(ABC):
     def close(self) -> None:
         """Release buffers / segments."""
         return None
+
+
+class SlotSink(LayerSink):
+    """A sink whose layers go through a ring of ``slots`` buffers that the receiver reads in place
+    (shared memory, CUDA IPC): LAYER {layer, slot} announces a filled slot, CREDIT {slot} hands it
+    back. The ring bounds memory and gives backpressure: with no free slot the sender waits for a
+    credit (with the I/O timeout)."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = collections.deque(range(slots))
+
+    @abstractmethod
+    def fill(self, slot: int, tensor: torch.Tensor) -> None:
+        """Copy one layer's bytes into ``slot``; they must be readable by the receiver on return."""
+
+    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
+        while not self._free:  # ring full: wait for the receiver to hand a slot back
+            self.on_frame(expect_frame(sock, FrameType.CREDIT))
+        slot = self._free.popleft()
+        self.fill(slot, tensor)
+        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
+
+    def on_frame(self, frame: Frame) -> None:
+        slot = frame.meta.get("slot")
+        if frame.type != FrameType.CREDIT or not isinstance(slot, int) or slot in self._free:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected frame {frame}")
+        self._free.append(slot)
 
 
 class SocketSender(KVSender):

@@ -12,7 +12,6 @@ gives backpressure: with no free slot the sender waits for a credit (with the I/
 
 from __future__ import annotations
 
-import collections
 import os
 import socket
 import tempfile
@@ -23,9 +22,9 @@ import torch
 
 from .base import FailureReason, TransferError
 from .layout import PagedWriter
-from .receiver import LayerSource, SocketReceiver
-from .sender import LayerSink, SocketSender
-from .wire import Frame, FrameType, expect_frame, send_frame, tensor_bytes
+from .receiver import LayerSource, SlotSource, SocketReceiver
+from .sender import LayerSink, SlotSink, SocketSender
+from .wire import Frame, tensor_bytes
 
 SLOTS = 2
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -36,7 +35,7 @@ def _map(path: str, nbytes: int) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
-class ShmSource(LayerSource):
+class ShmSource(SlotSource):
     """Receiver side: reads layers from the sender's slots and hands slots back."""
 
     def __init__(self, hello: dict[str, Any], nbytes: int) -> None:
@@ -64,14 +63,11 @@ class ShmSource(LayerSource):
         n = self._nbytes
         writer.from_buffer(layer, self._view[slot * n : (slot + 1) * n])
 
-    def release(self, sock: socket.socket, frame: Frame) -> None:
-        send_frame(sock, FrameType.CREDIT, {"slot": frame.meta["slot"]})
-
     def close(self) -> None:
         self._view = self._mem = None
 
 
-class ShmSink(LayerSink):
+class ShmSink(SlotSink):
     """Sender side: owns the segment for one transfer; copies layers into free slots."""
 
     def __init__(self, nbytes: int) -> None:
@@ -84,7 +80,7 @@ class ShmSink(LayerSink):
             os.close(fd)
         self._mem: torch.Tensor | None = _map(self._path, SLOTS * nbytes)
         self._view: memoryview | None = memoryview(self._mem.numpy())
-        self._free = collections.deque(range(SLOTS))
+        super().__init__(SLOTS)
 
     def hello_fields(self) -> dict[str, Any]:
         return {"shm_path": self._path, "shm_slots": SLOTS}
@@ -92,19 +88,9 @@ class ShmSink(LayerSink):
     def accepted(self) -> None:
         self._unlink()
 
-    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        while not self._free:  # ring full: wait for the receiver to hand a slot back
-            self.on_frame(expect_frame(sock, FrameType.CREDIT))
-        slot = self._free.popleft()
+    def fill(self, slot: int, tensor: torch.Tensor) -> None:
         n = self._nbytes
         self._view[slot * n : (slot + 1) * n] = tensor_bytes(tensor)  # memcpy, no torch kernel
-        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
-
-    def on_frame(self, frame: Frame) -> None:
-        slot = frame.meta.get("slot")
-        if frame.type != FrameType.CREDIT or not isinstance(slot, int) or slot in self._free:
-            raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected frame {frame}")
-        self._free.append(slot)
 
     def close(self) -> None:
         self._view = self._mem = None
