@@ -32,7 +32,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from splitserve.bench.loadgen import LoadConfig
 from splitserve.bench.runner import RunSpec, run_sweep, slo_headers
 from splitserve.bench.stats import SLO
 from splitserve.bench.workloads import LengthCaps, get_workload
+from splitserve.launcher.up import free_port
 
 log = logging.getLogger("splitserve.bench.sweep")
 
@@ -86,10 +86,6 @@ def build_systems(system: list[str], endpoint: list[str], gpus: list[str]) -> li
     return [replace(s, num_gpus=counts.get(s.label)) for s in systems]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -99,7 +95,7 @@ def started(system: System, model: str, name: str, log_dir: Path, host: str = "1
     if system.command is None:
         yield system.url or ""
         return
-    port = _free_port(host)
+    port = free_port(host)
     cmd = system.command.format(model=model, name=name, host=host, port=port)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{system.label}.log"

@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,11 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from splitserve.launcher.processes import wait_http_ok
+from splitserve.launcher.up import free_port
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -173,18 +169,6 @@ def run_load(mode: str, target: dict[str, str], concurrency: int, clients: int, 
             "e2e_p50_ms": _pct(e2e, 0.5) * 1e3, "e2e_p99_ms": _pct(e2e, 0.99) * 1e3}
 
 
-def _wait(url: str, timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not up after {timeout}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from splitserve.engine.demo_model import init_demo_model
 
         model = str(init_demo_model(Path(tmp.name) / "demo"))
-    ports = {name: _free_port() for name in ("prefill", "decode", "router")}
+    ports = {name: free_port() for name in ("prefill", "decode", "router")}
     procs = []
     try:
         for role in ("prefill", "decode"):
@@ -223,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         target = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
         target["kv_endpoint"] = f"127.0.0.1:{ports['decode']}"
         for role in ("prefill", "decode", "router"):
-            _wait(target[role] + "/health")
+            wait_http_ok(target[role] + "/health", timeout=60)
         run_load("router", target, 50, 1, 2.0, args.max_tokens)  # warm-up
         results["serving"] = []
         for conc in (int(c) for c in args.concurrency.split(",")):

@@ -27,10 +27,10 @@ from k8s_env import (
     REPO,
     K8sEnv,
     die_with_parent,
-    free_port,
     k8s_fixture,  # noqa: F401  (the session fixture `k8s`)
     wait_until,
 )
+from splitserve.launcher.up import free_port
 
 # func_only: a first run on a fresh machine builds the binaries inside the session fixture
 # (scripts/k8s-build.sh, its own time limit); only the test bodies are bounded here.

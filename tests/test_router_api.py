@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from splitserve.launcher.processes import wait_http_ok
+from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
 from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
@@ -239,7 +241,7 @@ def test_decode_dying_mid_request_fails_fast_and_others_keep_serving(demo_model,
 
 def test_decode_process_killed_mid_stream(demo_model, workers, tok) -> None:
     """A real decode process is SIGKILLed while streaming: the stream ends with an error event."""
-    sock_port = _free_port()
+    sock_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitserve.router.stub_worker", "--role", "decode", "--port", str(sock_port),
          "--token-delay", "0.05", "--tokens", *map(str, tok.encode(OUTPUT_TEXT, add_special_tokens=False))],
@@ -247,7 +249,7 @@ def test_decode_process_killed_mid_stream(demo_model, workers, tok) -> None:
     )
     try:
         url = f"http://127.0.0.1:{sock_port}"
-        _wait_http(url + "/health")
+        wait_http_ok(url + "/health", timeout=20)
         cfg = RouterConfig(served_model_name="demo", model_dir=str(demo_model), prefill_urls=(workers["p0"][0].url,),
                            decode_urls=(url,), poll_interval_s=0.2)
         with ServerThread(create_app(cfg)) as r:
@@ -330,23 +332,8 @@ def test_metrics_record_latency_and_outcomes(demo_model, workers) -> None:
             assert needle in text, needle
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up within {timeout}s")
 
 
 def test_goodput_queues_within_bound_until_a_worker_frees_up(demo_model, workers, tmp_path) -> None:

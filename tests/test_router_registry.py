@@ -5,7 +5,6 @@ the router down."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_st
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _until(predicate, timeout: float, what: str) -> float:  # noqa: ANN001
