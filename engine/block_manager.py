@@ -134,10 +134,16 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Hash the blocks that ``seq``'s computed tokens have filled, making them reusable."""
-        bs, prev = self.block_size, b""
-        for i in range(min(seq.num_computed_tokens // bs, len(seq.block_table))):
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                tokens = seq.block_tokens(i, bs)
-                self._register(block, block_hash(prev, tokens), tokens)
+        bs, table = self.block_size, seq.block_table
+        full = min(seq.num_computed_tokens // bs, len(table))
+        # Hashed blocks are always a prefix of the table (hashing goes front to back), so only
+        # the tail past the last hashed block needs work: O(1) per decode step, not O(length).
+        first = full
+        while first > 0 and self.blocks[table[first - 1]].hash is None:
+            first -= 1
+        prev = self.blocks[table[first - 1]].hash if first else b""
+        for i in range(first, full):
+            block = self.blocks[table[i]]
+            tokens = seq.block_tokens(i, bs)
+            self._register(block, block_hash(prev, tokens), tokens)
             prev = block.hash
