@@ -33,13 +33,28 @@ class DecodeGraphs:
         dev = kv_cache.device
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
         self.sizes = bucket_sizes(max_batch)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((max_batch,), scratch_slot, dtype=torch.int64, device=dev)
-        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.max_batch, self.width = max_batch, max_blocks_per_seq
+        # Every per-step input lives in two device buffers (int64: token ids, positions, slots;
+        # int32: context lengths, then block tables), mirrored by two pinned host buffers: a step
+        # fills the host side with numpy and moves it with two copies, instead of building,
+        # pinning and copying a tensor per input (each a few microseconds of host time while
+        # the GPU waits between steps).
+        self._dev64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)
+        self._dev32 = torch.zeros(max_batch * (1 + max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self._host64 = torch.zeros(self._dev64.shape, dtype=torch.int64, pin_memory=True)
+        self._host32 = torch.zeros(self._dev32.shape, dtype=torch.int32, pin_memory=True)
+        self._h64, self._h32 = self._host64.numpy(), self._host32.numpy()
+        self._h_ctx = self._h32[:max_batch]
+        self._h_tables = self._h32[max_batch:].reshape(max_batch, max_blocks_per_seq)
+        self._copied = torch.cuda.Event()  # the host buffers may be rewritten once this passed
+        self.input_ids, self.positions, self.slot_mapping = self._dev64.unbind(0)
+        self.context_lens = self._dev32[:max_batch]
+        self.block_tables = self._dev32[max_batch:].view(max_batch, max_blocks_per_seq)
+        self.slot_mapping.fill_(scratch_slot)
+        self.context_lens.fill_(1)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.last_index = torch.arange(max_batch, dtype=torch.int64, device=dev)
+        self._copied.record()
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
@@ -75,23 +90,39 @@ class DecodeGraphs:
     def can_run(self, batch: int, width: int) -> bool:
         return batch <= self.sizes[-1] and width <= self.block_tables.shape[1]
 
+    def bucket(self, batch: int) -> int:
+        """The smallest captured batch size that holds ``batch`` rows."""
+        return next(s for s in self.sizes if s >= batch)
+
     @torch.inference_mode()
     def run(
         self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """Replay the smallest bucket that holds the batch; returns (batch, vocab) logits."""
-        n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping.fill_(self.scratch_slot)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.context_lens.fill_(1)
-        self.context_lens[:n].copy_(meta.context_lens)
-        self.block_tables.zero_()
-        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        """Replay the smallest bucket that holds the batch; returns (batch, vocab) logits.
+
+        Rows past the batch are padding (slot = the scratch slot, context of one token); their
+        block-table rows keep whatever they held, which is always a valid block to read.
+        """
+        n = len(token_ids)
+        bs = self.bucket(n)
+        self._copied.synchronize()  # the previous step's copies have read the host buffers
+        h64 = self._h64
+        h64[0, :n], h64[1, :n], h64[2, :n] = token_ids, positions, slots
+        h64[:2, n:bs] = 0
+        h64[2, n:bs] = self.scratch_slot
+        self._h_ctx[:n] = context_lens
+        self._h_ctx[n:bs] = 1
+        tables = self._h_tables
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        used32 = self.max_batch + bs * self.width
+        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
+        self._copied.record()
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -149,11 +149,19 @@ class ModelRunner:
         """Compute each sequence's scheduled tokens; return the next token (and, when asked, its
         logprobs) of each sequence that this step brings to its end (None for a prompt chunk that
         is not the last)."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        input_ids, positions, meta = prepare(seqs)
-        if not is_prefill and self.graphs is not None and self.graphs.can_run(len(seqs), meta.block_tables.shape[1]):
-            logits = self.graphs.run(input_ids, positions, meta)
+        if not is_prefill and self.graphs is not None and self.graphs.can_run(
+            len(seqs), max(len(s.block_table) for s in seqs)
+        ):
+            logits = self.graphs.run(
+                [s.token_ids[-1] for s in seqs],
+                [len(s) - 1 for s in seqs],
+                [self._slot(s, len(s) - 1) for s in seqs],
+                [len(s) for s in seqs],
+                [s.block_table for s in seqs],
+            )
         else:
+            prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+            input_ids, positions, meta = prepare(seqs)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             logits = self.model.logits(hidden[meta.last_token_index])
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
