@@ -4,6 +4,8 @@
     splitserve bench report bench/out/disagg bench/out/colocated --out bench/out/report
     splitserve bench workloads
     splitserve bench sweep --model DIR --system 'disagg=splitserve up ... --port {port}' ...
+    splitserve bench engine-vs-hf --model DIR --device cuda:0      (one GPU: engine vs HF)
+    splitserve bench hf-server --model DIR --port 8001             (the HF baseline server)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_report(bsub)
     _add_workloads(bsub)
     _add_sweep(bsub)
+    _add_engine_vs_hf(bsub)
+    _add_hf_server(bsub)
 
 
 def _add_run(bsub: argparse._SubParsersAction) -> None:
@@ -158,6 +162,32 @@ def _add_sweep(bsub: argparse._SubParsersAction) -> None:
     )
     goodput.add_arguments(sweep)
     sweep.set_defaults(func=goodput.sweep)
+
+
+def _add_engine_vs_hf(bsub: argparse._SubParsersAction) -> None:
+    from splitserve.bench import engine_vs_hf
+
+    p = bsub.add_parser(
+        "engine-vs-hf",
+        help="one GPU: the engine (colocated) versus HF transformers at the same rates",
+        description=engine_vs_hf.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    engine_vs_hf.add_arguments(p)
+    p.set_defaults(func=engine_vs_hf.run_from_args)
+
+
+def _add_hf_server(bsub: argparse._SubParsersAction) -> None:
+    from splitserve.bench import hf_server
+
+    p = bsub.add_parser(
+        "hf-server",
+        help="serve a model with plain HF transformers generate (the baseline), OpenAI API",
+        description=hf_server.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hf_server.add_arguments(p)
+    p.set_defaults(func=hf_server.run_from_args)
 
 
 def parse_rates(args: argparse.Namespace) -> list[float]:
