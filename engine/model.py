@@ -100,7 +100,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = ops.linear(x, self.gate_up_proj.weight)
-        return ops.silu_mul_linear(gate_up, self.down_proj.weight)
+        return ops.linear(ops.silu_and_mul(gate_up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):

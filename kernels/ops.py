@@ -18,7 +18,6 @@ from splitserve.kernels._launch import kernel_mode, use_triton
 # range and the launch config measured there: (block_n, block_k, split_k, num_warps, num_stages).
 # Ranges between measured M (1, 8, 32, 64) are interpolated. Everything else stays F.linear.
 GemvEntry = tuple[int, int, tuple[int, int, int, int, int]]
-GEMV_MAX_ROWS = 64  # the GEMV is built (and was measured) for decode batches up to this
 GEMV_TABLE: dict[tuple[int, int], tuple[GemvEntry, ...]] = {
     (4096, 4096): ((1, 1, (64, 256, 2, 4, 4)), (2, 32, (64, 128, 1, 4, 6))),  # o_proj 1.05-1.14x
     (6144, 4096): ((9, 32, (64, 128, 1, 4, 6)),),  # qkv: 1.06x at M=32, a wash elsewhere
@@ -78,22 +77,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
             return gemv_triton(x, weight, bias, GemvConfig(*cfg) if cfg else DEFAULT_CONFIG)
     return F.linear(x, weight, bias)
-
-
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``linear(silu_and_mul(gate_up), weight)``: the MLP's down projection with its activation.
-
-    At decode sizes on CUDA one Triton GEMV applies SwiGLU while it loads ``gate_up`` (one
-    kernel fewer per layer; the activation's launch and round trip cost about as much as its
-    work at batch 1). Bigger batches and the CPU run the two steps.
-    """
-    m = gate_up.numel() // gate_up.shape[-1] if gate_up.dim() and gate_up.shape[-1] else 0
-    if use_triton(gate_up) and weight.dim() == 2 and 0 < m <= GEMV_MAX_ROWS:
-        from splitserve.kernels.triton_gemv import DEFAULT_CONFIG, GemvConfig, gemv_triton
-
-        cfg = gemv_config(m, *weight.shape)
-        return gemv_triton(gate_up, weight, None, GemvConfig(*cfg) if cfg else DEFAULT_CONFIG, glu=True)
-    return linear(silu_and_mul(gate_up), weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

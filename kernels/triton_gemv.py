@@ -34,7 +34,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-    GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -55,18 +55,10 @@ def _gemv_kernel(
         if EVEN_K:
             w = tl.load(w_rows + rk[None, :])
             x = tl.load(x_rows + rk[None, :])
-            if GLU:
-                up = tl.load(x_rows + K + rk[None, :])
         else:
             kmask = rk[None, :] < k_end
             w = tl.load(w_rows + rk[None, :], mask=kmask, other=0.0)
             x = tl.load(x_rows + rk[None, :], mask=kmask, other=0.0)
-            if GLU:
-                up = tl.load(x_rows + K + rk[None, :], mask=kmask, other=0.0)
-        if GLU:  # x is [gate | up]: the SwiGLU activation, rounded as triton_swiglu rounds it
-            gate = x.to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-            x = (act.to(tl.float32) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if IEEE:
             acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
         else:
@@ -136,15 +128,11 @@ def gemv_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
-    glu: bool = False,
 ) -> torch.Tensor:
     """Same contract as ``F.linear`` for x ``(..., K)``, weight ``(N, K)``, bias ``(N,)``.
 
     fp32 accumulation; the result has x's dtype. Any M works, but the kernel is built for small
     M (the whole M side of a tile is at most 64 rows; larger M tiles over a third grid axis).
-    ``glu=True``: x is a fused ``[gate | up]`` projection ``(..., 2K)`` and the kernel applies
-    SwiGLU (``silu(gate) * up``) while loading it, so a decode step's MLP needs no separate
-    activation kernel (its launch and round trip cost about as much as the work at batch 1).
     """
     cfg = config or DEFAULT_CONFIG
     tensors = (x, weight) if bias is None else (x, weight, bias)
@@ -155,16 +143,14 @@ def gemv_triton(
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
     n, k = weight.shape
-    width = 2 * k if glu else k
-    if x.dim() < 1 or x.shape[-1] != width:
-        what = "twice weight's K" if glu else "weight's K"
-        raise ValueError(f"x: last dim of shape {tuple(x.shape)} must equal {what} = {width}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: last dim of shape {tuple(x.shape)} must equal weight's K = {k}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
     if bias is not None and not bias.is_contiguous():
         raise ValueError("bias: must be contiguous")
     check_last_contiguous("weight", weight)
-    x2 = x.reshape(-1, width)
+    x2 = x.reshape(-1, k)
     check_last_contiguous("x", x2)
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -172,14 +158,14 @@ def gemv_triton(
         if k == 0:
             out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
         else:
-            _launch(x2, weight, bias, out, cfg, glu)
+            _launch(x2, weight, bias, out, cfg)
     return out.view(*x.shape[:-1], n)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            cfg: GemvConfig, glu: bool = False) -> None:
-    m = x.shape[0]
-    n, k = w.shape
+            cfg: GemvConfig) -> None:
+    m, k = x.shape
+    n = w.shape[0]
     block_m = min(64, max(16, next_pow2(m)))
     split = choose_split_k(n, k, cfg, num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
@@ -190,7 +176,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
     _gemv_kernel[grid](
         x, w, b, out, ws, m, n, k, x.stride(0), w.stride(0), out.stride(0), k_per_split,
         HAS_BIAS=bias is not None, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-        IEEE=x.dtype == torch.float32, GLU=glu, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=fit_stages(cfg, block_m, x.element_size()),
     )

@@ -40,15 +40,6 @@ def test_gemv_rule_is_the_measured_table() -> None:
     assert ops.gemv_config(1, 4096, 4095) is None  # unmeasured shapes stay F.linear
 
 
-
-def test_silu_mul_linear_on_cpu_is_activation_then_linear(monkeypatch: pytest.MonkeyPatch) -> None:
-    from splitserve.kernels import ops
-
-    monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
-    gate_up, w = torch.randn(3, 16), torch.randn(5, 8)
-    ref = torch.nn.functional.linear(ops.silu_and_mul_ref(gate_up), w)
-    torch.testing.assert_close(ops.silu_mul_linear(gate_up, w), ref)
-
 if not RUN_KERNELS:
 
     def test_gemv_in_triton_interpreter() -> None:
@@ -116,20 +107,3 @@ else:
             gemv_triton(x, w.half())
         with pytest.raises(ValueError, match="contiguous"):
             gemv_triton(x, w.t().contiguous().t())
-
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("m", [1, 5])
-    @pytest.mark.parametrize("n,k", [(48, 96), (37, 75)])
-    def test_fused_swiglu_gemv_matches_activation_then_linear(m, n, k, dtype) -> None:
-        """``glu=True`` applies silu(gate) * up while loading x: the same numbers as the
-        separate activation kernel followed by the GEMV, for even and ragged K, split or not."""
-        gate_up, w, _ = _inputs(m, n, 2 * k, dtype, False)
-        w = w[:, :k].contiguous()
-        act = ops.silu_and_mul(gate_up)
-        for split in (1, 3):
-            cfg = GemvConfig(**{**SMALL.__dict__, "split_k": split})
-            fused = gemv_triton(gate_up, w, None, config=cfg, glu=True)
-            torch.testing.assert_close(fused, gemv_triton(act, w, None, config=cfg))
-        _check(ops.silu_mul_linear(gate_up, w), act, w, None)
-        with pytest.raises(ValueError, match="twice"):
-            gemv_triton(act, w, glu=True)
