@@ -1,0 +1,237 @@
+"""What the router measured over a window: two scrapes of its /metrics, and the deltas between.
+
+The router (``router/metrics.py``) exports cumulative counters and histograms; one scrape says
+nothing about *now*, so the SLO loop keeps an earlier scrape and reads the difference, the way
+Prometheus' ``rate()`` and ``histogram_quantile()`` do. Parsing goes through prometheus_client's
+own text parser, so exposition details (escaping, ``_total``/``_created`` samples, ``+Inf``)
+are the library's business, not ours.
+
+Read from the router (names are the contract with ``router/metrics.py``):
+- ``splitserve_router_ttft_seconds`` / ``_tpot_seconds``: p50/p90 from the bucket deltas;
+- ``splitserve_router_e2e_seconds``: finished requests, and by Little's law the mean number of
+  sequences in flight over the window (sum of their durations / window);
+- ``splitserve_router_inflight_sequences`` (gauge): sequences in flight at the scrape;
+- ``splitserve_router_slo_requests{ttft,tpot}``: SLO attainment (both targets met / finished);
+- ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second. The router does not
+  export it yet; without it ``prompt_tokens_per_s`` is None and the planner holds prefill.
+
+Only this module's ``fetch`` does I/O; everything else is pure and unit-tested on metric text.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+TTFT = "splitserve_router_ttft_seconds"
+TPOT = "splitserve_router_tpot_seconds"
+E2E = "splitserve_router_e2e_seconds"
+INFLIGHT = "splitserve_router_inflight_sequences"
+SLO = "splitserve_router_slo_requests"
+PROMPT_TOKENS = "splitserve_router_prompt_tokens"
+
+
+class MetricsUnavailable(RuntimeError):
+    """The /metrics endpoint could not be read or parsed (names the URL and the cause)."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative buckets ``(upper bound, count)`` in ascending order, ending with ``+Inf``."""
+
+    buckets: tuple[tuple[float, float], ...]
+    count: float
+    total: float  # the ``_sum`` sample
+
+    def minus(self, earlier: Histogram) -> Histogram | None:
+        """The observations between ``earlier`` and this one; None if the bucket layouts
+        differ or any count went down (the router restarted: its counters began again)."""
+        if [b for b, _ in self.buckets] != [b for b, _ in earlier.buckets]:
+            return None
+        pairs = zip(self.buckets, earlier.buckets, strict=True)
+        deltas = tuple((b, c - e) for (b, c), (_, e) in pairs)
+        count = self.count - earlier.count
+        if count < 0 or any(c < 0 for _, c in deltas):
+            return None
+        return Histogram(deltas, count, self.total - earlier.total)
+
+    def quantile(self, q: float) -> float | None:
+        """``histogram_quantile`` as Prometheus computes it: linear within the bucket holding
+        rank ``q * count``; a rank in the ``+Inf`` bucket reads as the highest finite bound.
+        None when the histogram is empty (no traffic: no latency to report)."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"quantile must be in [0, 1], not {q}")
+        if self.count <= 0 or not self.buckets:
+            return None
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for bound, cumulative in self.buckets:
+            if cumulative >= rank and cumulative > below:
+                if math.isinf(bound):
+                    return lower
+                return lower + (bound - lower) * (rank - below) / (cumulative - below)
+            lower, below = bound, cumulative
+        return lower
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One scrape, reduced to what the SLO loop reads. ``at`` is the scraper's clock, seconds."""
+
+    at: float
+    ttft: Histogram | None
+    tpot: Histogram | None
+    e2e: Histogram | None
+    inflight: float | None
+    slo_met: float  # finished sequences that met both targets
+    slo_total: float  # finished sequences with a verdict
+    prompt_tokens: float | None
+
+
+@dataclass(frozen=True)
+class Window:
+    """Deltas between two snapshots. Latencies in milliseconds; None where nothing finished."""
+
+    seconds: float
+    finished: float
+    requests_per_s: float
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p90_ms: float | None
+    attainment: float | None
+    prompt_tokens_per_s: float | None
+    concurrent_seqs: float
+
+    def to_status(self) -> dict[str, Any]:
+        """The ``status.observed`` block (camelCase, rounded for people reading kubectl)."""
+
+        def r(x: float | None, nd: int = 1) -> float | None:
+            return None if x is None else round(x, nd)
+
+        return {
+            "windowSeconds": r(self.seconds),
+            "requestsPerSecond": r(self.requests_per_s, 2),
+            "ttftP50Ms": r(self.ttft_p50_ms),
+            "ttftP90Ms": r(self.ttft_p90_ms),
+            "tpotP50Ms": r(self.tpot_p50_ms),
+            "tpotP90Ms": r(self.tpot_p90_ms),
+            "attainment": r(self.attainment, 3),
+            "promptTokensPerSecond": r(self.prompt_tokens_per_s),
+            "concurrentSequences": r(self.concurrent_seqs, 2),
+        }
+
+
+def _samples(families: list[Any], name: str) -> list[Any]:
+    return [s for f in families if f.name == name for s in f.samples]
+
+
+def _histogram(families: list[Any], name: str) -> Histogram | None:
+    """The histogram ``name`` summed over its label sets (the router's have none)."""
+    samples = _samples(families, name)
+    if not samples:
+        return None
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for s in samples:
+        if s.name == f"{name}_bucket":
+            bound = float(s.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + s.value
+        elif s.name == f"{name}_count":
+            count += s.value
+        elif s.name == f"{name}_sum":
+            total += s.value
+    return Histogram(tuple(sorted(buckets.items())), count, total)
+
+
+def _value(families: list[Any], sample: str, **labels: str) -> float | None:
+    """Sum of the samples named ``sample`` whose labels include ``labels``; None if absent."""
+    found = [
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    return sum(found) if found else None
+
+
+def parse(text: str, at: float) -> Snapshot:
+    """A Snapshot from Prometheus exposition text scraped at time ``at``."""
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise MetricsUnavailable(f"cannot parse metrics text: {exc}") from exc
+    return Snapshot(
+        at=at,
+        ttft=_histogram(families, TTFT),
+        tpot=_histogram(families, TPOT),
+        e2e=_histogram(families, E2E),
+        inflight=_value(families, INFLIGHT),
+        slo_met=_value(families, f"{SLO}_total", ttft="met", tpot="met") or 0.0,
+        slo_total=_value(families, f"{SLO}_total") or 0.0,
+        prompt_tokens=_value(families, f"{PROMPT_TOKENS}_total"),
+    )
+
+
+def _delta(cur: Histogram | None, prev: Histogram | None) -> Histogram | None:
+    if cur is None:
+        return None
+    if prev is None:  # the metric appeared (first observation since start): all of it is new
+        return cur
+    return cur.minus(prev)
+
+
+def _ms(h: Histogram | None, q: float) -> float | None:
+    v = h.quantile(q) if h is not None else None
+    return None if v is None else v * 1000.0
+
+
+def window(prev: Snapshot, cur: Snapshot) -> Window | None:
+    """The window between two scrapes, or None when it cannot be read: no time passed, or a
+    counter went down (a router restart, or a Service that answered from another router pod).
+    The caller then keeps ``cur`` as the new baseline."""
+    seconds = cur.at - prev.at
+    if seconds <= 0:
+        return None
+    ttft, tpot, e2e = (_delta(cur.ttft, prev.ttft), _delta(cur.tpot, prev.tpot),
+                       _delta(cur.e2e, prev.e2e))  # fmt: skip
+    pairs = ((cur.ttft, ttft), (cur.tpot, tpot), (cur.e2e, e2e))
+    resets = [c is not None and d is None for c, d in pairs]
+    slo_met, slo_total = cur.slo_met - prev.slo_met, cur.slo_total - prev.slo_total
+    prompt = None
+    if cur.prompt_tokens is not None:
+        prompt = cur.prompt_tokens - (prev.prompt_tokens or 0.0)
+    if any(resets) or slo_met < 0 or slo_total < 0 or (prompt is not None and prompt < 0):
+        return None
+    finished = e2e.count if e2e is not None else 0.0
+    # Little's law: mean sequences in flight = their summed durations / the window. It lags a
+    # rising load (sequences still running are not in it), so the gauge at the scrape counts too.
+    littles = (e2e.total / seconds) if e2e is not None else 0.0
+    return Window(
+        seconds=seconds,
+        finished=finished,
+        requests_per_s=finished / seconds,
+        ttft_p50_ms=_ms(ttft, 0.5),
+        ttft_p90_ms=_ms(ttft, 0.9),
+        tpot_p50_ms=_ms(tpot, 0.5),
+        tpot_p90_ms=_ms(tpot, 0.9),
+        attainment=(slo_met / slo_total) if slo_total > 0 else None,
+        prompt_tokens_per_s=None if prompt is None else prompt / seconds,
+        concurrent_seqs=max(littles, cur.inflight or 0.0),
+    )
+
+
+def fetch(url: str, timeout: float = 5.0) -> str:
+    """GET ``url`` (a /metrics endpoint) and return its text; MetricsUnavailable on failure."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"metrics URL must be http(s), not {url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise MetricsUnavailable(f"cannot scrape {url}: {exc}") from exc
