@@ -218,6 +218,22 @@ def spec_schema() -> Schema:
                     "windowSeconds": _int(1, 60, "Metrics window the planner averages over."),
                     "scaleUpCooldownSeconds": _int(0, 60),
                     "scaleDownCooldownSeconds": _int(0, 300),
+                    "prefillTokensPerSecond": _int(
+                        1, None, "Prompt tokens one prefill replica prefills per second within"
+                        " the TTFT target. Unset: from the operator's profiled latency model"
+                        " (SPLITSERVE_LATENCY_MODEL), else a default.",
+                    ),
+                    "decodeSequencesPerReplica": _int(
+                        1, None, "Sequences one decode replica runs within the TPOT target."
+                        " Unset: from the profiled latency model, else a default.",
+                    ),
+                    "headroom": {
+                        "type": "number",
+                        "minimum": 0.05,
+                        "maximum": 1,
+                        "default": 0.8,
+                        "description": "Plan replicas to run at this fraction of their capacity.",
+                    },
                 },
             },
             "kvTransfer": {
@@ -240,6 +256,18 @@ def status_schema() -> Schema:
             "readyReplicas": _int(),
             "updatedReplicas": _int(),
             "ready": _str("ready/desired, for the printer column"),
+        },
+    }
+    planner_pool = {
+        "type": "object",
+        "properties": {
+            "replicas": _int(0),
+            "lastChangeTime": {"type": "number", "description": "Unix seconds."},
+            "history": {
+                "type": "array",
+                "description": "(time, wanted) per tick over the stabilisation window.",
+                "items": {"type": "array", "items": {"type": "number"}},
+            },
         },
     }
     condition = {
@@ -270,9 +298,24 @@ def status_schema() -> Schema:
             "prefill": pool,
             "decode": pool,
             "router": pool,
-            "ttftMs": {"type": "number"},
-            "tpotMs": {"type": "number"},
-            "attainment": {"type": "number"},
+            "ttftMs": {"type": "number", "description": "p90 TTFT over the last window, ms."},
+            "tpotMs": {"type": "number", "description": "p90 TPOT over the last window, ms."},
+            "attainment": {
+                "type": "number",
+                "description": "Fraction of the window's finished requests meeting both targets.",
+            },
+            "observed": {
+                "type": "object",
+                "description": "The router's metrics over the last window (operator/observe.py).",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "autoscaling": {
+                "type": "object",
+                "description": "The planner's replicas per pool and its memory between ticks;"
+                " with autoscaling enabled these, not spec.*.replicas, size the Deployments.",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"prefill": planner_pool, "decode": planner_pool},
+            },
             "lastScaling": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         },
     }

@@ -284,8 +284,11 @@ def _pod_spec(
     return pod
 
 
-def render_worker(name: str, namespace: str, spec: dict[str, Any], role: str) -> list[Manifest]:
-    """The prefill or decode Deployment and its headless Service."""
+def render_worker(
+    name: str, namespace: str, spec: dict[str, Any], role: str, replicas: int | None = None
+) -> list[Manifest]:
+    """The prefill or decode Deployment and its headless Service. ``replicas`` overrides
+    ``spec.<role>.replicas`` (the planner's choice when autoscaling, see ``scaling.py``)."""
     if role not in ("prefill", "decode"):
         raise SpecError(f"unknown worker role {role!r}")
     pool = spec[role]
@@ -307,7 +310,7 @@ def render_worker(name: str, namespace: str, spec: dict[str, Any], role: str) ->
         name,
         namespace,
         role,
-        pool["replicas"],
+        pool["replicas"] if replicas is None else replicas,
         pod,
         {LABEL_GENERATION: generation},
         {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)},
@@ -437,12 +440,19 @@ def _service(
     }
 
 
-def render_all(name: str, namespace: str, spec: dict[str, Any]) -> list[Manifest]:
+def render_all(
+    name: str,
+    namespace: str,
+    spec: dict[str, Any],
+    replicas: dict[str, int] | None = None,
+) -> list[Manifest]:
     """Every child of one InferenceService, in apply order (config and registry first).
 
     ``spec`` may be partial (as in a unit test): schema defaults are filled in first, exactly as
-    the API server would have stored them.
+    the API server would have stored them. ``replicas`` (pool -> count) overrides the spec's
+    worker replicas: the autoscaler's choice (``scaling.effective_replicas``).
     """
+    replicas = replicas or {}
     if not name:
         raise SpecError("metadata.name is required")
     full = crd.defaulted_spec(spec)
@@ -453,8 +463,8 @@ def render_all(name: str, namespace: str, spec: dict[str, Any]) -> list[Manifest
         raise SpecError("spec.model.name is required")
     out: list[Manifest] = [render_config(name, namespace, full)]
     out += render_redis(name, namespace, full)
-    out += render_worker(name, namespace, full, "prefill")
-    out += render_worker(name, namespace, full, "decode")
+    out += render_worker(name, namespace, full, "prefill", replicas.get("prefill"))
+    out += render_worker(name, namespace, full, "decode", replicas.get("decode"))
     out += render_router(name, namespace, full)
     out += [render_pdb(name, namespace, c) for c in ("prefill", "decode", "router")]
     return out

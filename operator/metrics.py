@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter(
     "splitserve_operator_reconciles_total", "Reconcile passes by cause and result",
@@ -14,6 +14,15 @@ RECONCILES = Counter(
 )  # fmt: skip
 RECONCILE_SECONDS = Histogram(
     "splitserve_operator_reconcile_seconds", "Duration of one reconcile pass", ["cause"]
+)
+
+SCRAPES = Counter(
+    "splitserve_operator_slo_scrapes_total", "Scrapes of routers' /metrics by result", ["result"]
+)
+PLANNER_REPLICAS = Gauge(
+    "splitserve_operator_planner_replicas",
+    "Replicas the planner chose, per InferenceService and pool",
+    ["namespace", "name", "pool"],
 )
 
 

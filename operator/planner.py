@@ -1,13 +1,15 @@
 """The planner: one SLO loop that sizes the prefill and decode pools together (pure function).
 
-Each tick the operator would feed it what the pools measured over the window and what it decided
-before; it returns the replicas to set and why. Not wired to a timer yet (see the operator's
-handlers): this module only decides, it never reads metrics or writes Deployments.
+Each tick the operator's SLO loop (``slo_loop.py``) feeds it what the router measured over the
+window and what it decided before; it returns the replicas to set and why. This module only
+decides, it never reads metrics or writes Deployments.
 
 - prefill: prompt tokens arriving per second / tokens per second one replica can prefill while
   keeping TTFT under target (profiled: ``prefill_tokens_per_s_at_ttft``);
 - decode: concurrent sequences / sequences one replica can run while keeping TPOT under target
   (``decode_seqs_at_tpot``);
+- a pool whose load is unknown (no prompt-token rate measured) holds its size: guessing would
+  scale it to its minimum;
 - both clamped to [min, max]; a scale-up happens at once (after its cooldown), a scale-down only
   after the stabilisation window has shown the lower value throughout and its cooldown passed,
   and never below the number of replicas that still hold running sequences.
@@ -53,7 +55,7 @@ class Capacity:
 class Observation:
     """What the pools measured over the window."""
 
-    prompt_tokens_per_s: float
+    prompt_tokens_per_s: float | None  # None: not measured (prefill then holds its size)
     concurrent_seqs: float
     prefill_busy_replicas: int = 0  # replicas whose KV has not yet been taken by decode
     decode_busy_replicas: int = 0  # replicas with running sequences
@@ -93,11 +95,13 @@ class Decision:
     decode_state: PoolState
 
 
-def raw_desired(cfg: PlannerConfig, obs: Observation) -> tuple[int, int]:
-    """Unbounded replicas each pool needs to meet its target with headroom."""
-    prefill = math.ceil(
-        obs.prompt_tokens_per_s / (cfg.capacity.prefill_tokens_per_s_at_ttft * cfg.headroom)
-    )
+def raw_desired(cfg: PlannerConfig, obs: Observation) -> tuple[int | None, int]:
+    """Unbounded replicas each pool needs to meet its target with headroom (None: unknown)."""
+    prefill = None
+    if obs.prompt_tokens_per_s is not None:
+        prefill = math.ceil(
+            obs.prompt_tokens_per_s / (cfg.capacity.prefill_tokens_per_s_at_ttft * cfg.headroom)
+        )
     decode = math.ceil(obs.concurrent_seqs / (cfg.capacity.decode_seqs_at_tpot * cfg.headroom))
     return prefill, decode
 
@@ -105,12 +109,14 @@ def raw_desired(cfg: PlannerConfig, obs: Observation) -> tuple[int, int]:
 def _step(
     pool: str,
     state: PoolState,
-    want: int,
+    want: int | None,
     bounds: PoolBounds,
     busy: int,
     now: float,
     cfg: PlannerConfig,
 ) -> tuple[PoolState, str]:
+    if want is None:
+        return state, f"{pool}: load not measured, holding at {state.replicas}"
     target = bounds.clamp(want)
     history = tuple((t, n) for t, n in state.history if now - t < cfg.window_s) + ((now, target),)
     current = state.replicas

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
-from splitserve.operator import crd, kube, manifests
+from splitserve.operator import crd, kube, manifests, scaling
 from splitserve.operator import status as status_mod
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,16 @@ def _api_error(exc: ApiException, what: str) -> kopf.PermanentError | kopf.Tempo
 
 
 def apply_children(
-    name: str, namespace: str, spec: dict[str, Any], adopt: Adopt
+    name: str,
+    namespace: str,
+    spec: dict[str, Any],
+    adopt: Adopt,
+    replicas: dict[str, int] | None = None,
 ) -> list[kube.ApplyResult]:
-    """Render, adopt and apply every child; delete labelled children no longer rendered."""
+    """Render, adopt and apply every child; delete labelled children no longer rendered.
+    ``replicas`` overrides the worker pools' sizes (``scaling.effective_replicas``)."""
     try:
-        children = manifests.render_all(name, namespace, spec)
+        children = manifests.render_all(name, namespace, spec, replicas)
     except manifests.SpecError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     results = []
@@ -85,28 +90,36 @@ def current_status(
     generation: int,
     previous_conditions: list[dict[str, Any]] | None,
     reconcile_error: str | None = None,
+    current: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Status from the live Deployments (read now), plus endpoint and generation fields."""
+    """Status from the live Deployments (read now), plus endpoint and generation fields;
+    ``current`` (the stored status) holds the autoscaler's replicas, if any."""
     full = crd.defaulted_spec(spec)
     components = ("prefill", "decode", "router", "redis")
     deployments = {
         c: kube.get("Deployment", namespace, manifests.child_name(name, c)) for c in components
     }
-    out = status_mod.compute(full, deployments, generation, previous_conditions, reconcile_error)
+    out = status_mod.compute(
+        full, deployments, generation, previous_conditions, reconcile_error,
+        scaling.effective_replicas(full, current),
+    )  # fmt: skip
     out["observedGeneration"] = generation
     out["endpoint"] = manifests.endpoint(name, namespace)
     out["servingGeneration"] = manifests.serving_generation(name, namespace, full)
     return out
 
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
+# re-entrant: a reconcile holds it while applying, then publishes the status under it too
+_locks: dict[tuple[str, str], threading.RLock] = {}
 _locks_guard = threading.Lock()
 _errors: dict[tuple[str, str], str] = {}  # last reconcile failure per object, this process
 
 
-def _lock_for(namespace: str, name: str) -> threading.Lock:
+def lock_for(namespace: str, name: str) -> threading.RLock:
+    """One lock per object around every read-decide-write of its status or children's sizes,
+    so the SLO loop and a reconcile never apply replicas read before the other's write."""
     with _locks_guard:
-        return _locks.setdefault((namespace, name), threading.Lock())
+        return _locks.setdefault((namespace, name), threading.RLock())
 
 
 def publish_status(namespace: str, name: str, generation: int | None = None) -> None:
@@ -117,19 +130,45 @@ def publish_status(namespace: str, name: str, generation: int | None = None) -> 
     given by the reconcile that just handled it; Deployment events keep the stored one.
     """
     key = (namespace, name)
-    with _lock_for(namespace, name):
+    with lock_for(namespace, name):
         obj = kube.get_inference_service(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         st = obj.get("status") or {}
         gen = generation if generation is not None else int(st.get("observedGeneration") or 0)
         new = current_status(
-            name, namespace, obj["spec"], gen, st.get("conditions"), _errors.get(key)
+            name, namespace, obj["spec"], gen, st.get("conditions"), _errors.get(key), st
         )
         if not gen:  # not handled yet: the create handler will set observedGeneration
             new.pop("observedGeneration")
         if any(st.get(k) != v for k, v in new.items()):
             kube.patch_status(namespace, name, new)
+
+
+def _live_status(namespace: str, name: str, body: kopf.Body) -> dict[str, Any]:
+    """The status as stored now: the autoscaler may have moved the replicas since the event
+    that started this reconcile was sent."""
+    try:
+        obj = kube.get_inference_service(namespace, name)
+    except ApiException as exc:
+        raise _api_error(exc, "reading the InferenceService") from exc
+    return dict((obj if obj is not None else body).get("status") or {})
+
+
+def apply_worker_replicas(obj: dict[str, Any], replicas: dict[str, int]) -> list[kube.ApplyResult]:
+    """Apply the prefill and decode Deployments at ``replicas`` (the SLO loop's write path):
+    the same full, adopted manifests a reconcile applies, so the field ownership never splits."""
+    name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
+    full = crd.defaulted_spec(dict(obj["spec"]))
+    results = []
+    for pool in scaling.POOLS:
+        deployment = manifests.render_worker(name, namespace, full, pool, replicas[pool])[0]
+        kopf.adopt(deployment, owner=obj)
+        try:
+            results.append(kube.apply(deployment))
+        except ApiException as exc:
+            raise _api_error(exc, f"scaling Deployment {deployment['metadata']['name']}") from exc
+    return results
 
 
 def reconcile(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str, cause: str) -> None:
@@ -141,7 +180,13 @@ def reconcile(body: kopf.Body, spec: dict[str, Any], name: str, namespace: str, 
     key = (namespace, name)
     generation = int(body.metadata.get("generation") or 0)
     try:
-        results = apply_children(name, namespace, dict(spec), _owner_adopter(body))
+        with lock_for(namespace, name):
+            replicas = scaling.effective_replicas(
+                crd.defaulted_spec(dict(spec)), _live_status(namespace, name, body)
+            )
+            results = apply_children(
+                name, namespace, dict(spec), _owner_adopter(body), replicas
+            )
     except (kopf.PermanentError, kopf.TemporaryError) as exc:
         _errors[key] = str(exc)
         publish_status(namespace, name, generation)

@@ -92,10 +92,12 @@ def compute(
     generation: int,
     previous_conditions: list[dict[str, Any]] | None = None,
     reconcile_error: str | None = None,
+    replicas: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The status block for a (defaulted) spec and its Deployments keyed by component."""
+    """The status block for a (defaulted) spec and its Deployments keyed by component;
+    ``replicas`` overrides the spec's desired counts (the autoscaler's, ``scaling.py``)."""
     previous = previous_conditions or []
-    desired = {pool: int(spec[pool]["replicas"]) for pool in POOLS}
+    desired = {pool: int(spec[pool]["replicas"]) for pool in POOLS} | (replicas or {})
     if spec["redis"].get("managed", True):
         desired["redis"] = 1
     pools = {pool: pool_status(deployments.get(pool), desired[pool]) for pool in POOLS}

@@ -1,6 +1,7 @@
 """The operator against a real control plane (etcd, kube-apiserver, controller-manager,
 scheduler, kwok fake nodes): CRD validation, children, pods Ready, status, resize, restart,
-delete, and the Helm chart installed with its own least-privilege RBAC.
+delete, the SLO loop scaling pools from a router's /metrics (a real HTTP server on loopback), and
+the Helm chart installed with its own least-privilege RBAC.
 
 The control plane starts once for the session (tests/k8s_env.py); each group of tests uses its
 own namespace. The operator runs as a real process (``python -m splitserve.operator.main``), so
@@ -31,6 +32,8 @@ from k8s_env import (
     wait_until,
 )
 from splitserve.launcher.up import free_port
+from splitserve.router.metrics import RouterMetrics
+from test_operator_observe import MetricsStub
 
 # func_only: a first run on a fresh machine builds the binaries inside the session fixture
 # (scripts/k8s-build.sh, its own time limit); only the test bodies are bounded here.
@@ -52,16 +55,19 @@ class OperatorProcess:
         namespace: str,
         kubeconfig: Path | None = None,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.k8s = k8s
         self.extra = extra
+        self.env = env or {}
         self.namespace = namespace
         self.kubeconfig = kubeconfig or k8s.kubeconfig
         self.log_path = k8s.root / f"operator-{namespace}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> OperatorProcess:
-        env = {**self.k8s.env, "KUBECONFIG": str(self.kubeconfig), "SPLITSERVE_WATCH_TIMEOUT": "30"}
+        env = {**self.k8s.env, "KUBECONFIG": str(self.kubeconfig), "SPLITSERVE_WATCH_TIMEOUT": "30",
+               **self.env}  # fmt: skip
         argv = [sys.executable, "-m", "splitserve.operator.main", "--namespace", self.namespace,
                 "--standalone", "--verbose", *self.extra]  # fmt: skip
         with open(self.log_path, "ab") as log:
@@ -388,6 +394,79 @@ def test_delete_removes_everything(
     wait_until("children garbage-collected", gone, 90, interval=1)
 
 
+def test_slo_loop_scales_pools_from_router_metrics(k8s: K8sEnv, crd_installed: None) -> None:
+    """A router under load (stub /metrics: 30 sequences in flight, 10k prompt tokens/s, 4 of 5
+    requests in SLO) -> status TTFT/TPOT/attainment, decode 1 -> 4 and prefill 1 -> 3 with a
+    Scaled Event; a reconcile keeps the planner's sizes; autoscaling off restores the spec's."""
+    ns = k8s.create_namespace("slo")
+
+    def load(m: RouterMetrics, prompt: Any) -> None:  # one scrape interval of traffic
+        for ttft in (0.3, 0.3, 0.3, 0.3, 0.7):
+            m.observe_sequence(ttft, 0.04, 2.0, 10, slo_ttft_s=0.5, slo_tpot_s=0.05)
+        m.inflight.set(30)
+        prompt.inc(10_000)
+
+    def replicas(comp: str) -> int:
+        return k8s.get_json("deployment", f"auto-{comp}", "-n", ns)["spec"]["replicas"]
+
+    def events(reason: str) -> list[str]:
+        sel = f"involvedObject.name=auto,reason={reason}"
+        items = k8s.get_json("events", "-n", ns, "--field-selector", sel)["items"]
+        return [e["message"] for e in items]
+
+    with MetricsStub(load) as stub:
+        env = {"SPLITSERVE_METRICS_URL": stub.url, "SPLITSERVE_SLO_TICK_SECONDS": "1"}
+        op = OperatorProcess(k8s, ns, env=env).start()
+        try:
+            doc = example("auto")
+            doc["spec"] |= {
+                "model": {"name": "tiny-qwen2", "path": "/models/tiny-qwen2"},
+                "redis": {"managed": False, "url": "redis://redis.example:6379/0"},
+                "prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 3},
+                "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 4},
+                "autoscaling": {"enabled": True, "windowSeconds": 1, "scaleUpCooldownSeconds": 0,
+                                "decodeSequencesPerReplica": 10, "prefillTokensPerSecond": 2000},
+            }  # fmt: skip
+            k8s.apply(doc, namespace=ns)
+            # 30 / (10 * 0.8) -> 4 decode; 10k tokens/s / (2000 * 0.8) -> 7, bounded to 3 prefill
+            wait_until("decode scaled to 4",
+                       lambda: op.assert_alive() or replicas("decode") == 4, 40)  # fmt: skip
+            assert replicas("prefill") == 3
+            st = isvc(k8s, ns, "auto")["status"]
+            # per interval 4 TTFTs in (0.25, 0.5] and 1 in (0.5, 1]: p90 = 0.5 + 0.5 * 0.5
+            assert st["ttftMs"] == 750.0 and st["tpotMs"] == 38.0 and st["attainment"] == 0.8
+            assert st["observed"]["concurrentSequences"] == 30
+            assert st["lastScaling"]["decode"] == {"from": 1, "to": 4}
+            assert st["autoscaling"]["decode"]["replicas"] == 4
+            (scaled,) = wait_until("Scaled Event", lambda: events("Scaled"), 10)
+            assert "decode: 1->4" in scaled and "prefill: 1->3" in scaled, scaled
+            assert k8s.get_json("infsvc", "auto", "-n", ns)["spec"]["decode"]["replicas"] == 1
+            wait_until("status decode 4/4", lambda: isvc(k8s, ns, "auto")["status"]["decode"]
+                       ["ready"] == "4/4", 30)  # fmt: skip
+
+            # a spec edit reconciles every child: the planner's sizes stay
+            before = len(reconciled_events(k8s, ns, "auto"))
+            k8s.kubectl("patch", "infsvc", "auto", "-n", ns, "--type=merge",
+                        "-p", '{"spec": {"slo": {"ttftMs": 600}}}')  # fmt: skip
+            wait_until("update reconciled",
+                       lambda: len(reconciled_events(k8s, ns, "auto")) > before, 30)  # fmt: skip
+            assert (replicas("prefill"), replicas("decode")) == (3, 4)
+
+            # autoscaling off: the spec's replicas again
+            k8s.kubectl("patch", "infsvc", "auto", "-n", ns, "--type=merge",
+                        "-p", '{"spec": {"autoscaling": {"enabled": false}}}')  # fmt: skip
+            wait_until("decode back to 1", lambda: replicas("decode") == 1, 30)
+            assert replicas("prefill") == 1
+            log = op.log()
+            assert "Traceback" not in log, log[-4000:]
+        except BaseException:
+            print(op.log()[-6000:])
+            raise
+        finally:
+            op.stop()
+            k8s.kubectl("delete", "namespace", ns, "--wait=false")
+
+
 def test_helm_lint_and_template_valid_against_api_server(
     k8s: K8sEnv,
     crd_installed: None,
@@ -395,7 +474,8 @@ def test_helm_lint_and_template_valid_against_api_server(
     lint = k8s.helm("lint", str(CHART), "--strict")
     assert "0 chart(s) failed" in lint.stdout, lint.stdout
     for values in ([], ["--set", "operator.allNamespaces=true"],
-                   ["--set", "operator.watchNamespaces={default,kube-public}"]):  # fmt: skip
+                   ["--set", "operator.watchNamespaces={default,kube-public}"],
+                   ["--set", "operator.slo.latencyModelConfigMap=latency"]):  # fmt: skip
         rendered = k8s.helm("template", "rel", str(CHART), "--namespace", "default",
                             "--include-crds", *values).stdout  # fmt: skip
         kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}

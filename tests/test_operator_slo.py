@@ -1,0 +1,151 @@
+"""The SLO loop's pure parts: where replicas live, planner inputs from spec and status,
+capacity from a latency model, the window bookkeeping, and the renderers honouring the planner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from splitserve.operator import (
+    capacity,
+    crd,
+    manifests,
+    observe,
+    scaling,
+    settings,
+    slo_loop,
+    status,
+)
+from splitserve.router.policy.latency import LatencyModel
+
+BASE = {"model": {"name": "tiny", "path": "/models/tiny"}, "image": "splitserve:cpu"}
+
+
+def spec(**auto: object) -> dict:
+    return crd.defaulted_spec(
+        BASE | {
+            "prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 3},
+            "decode": {"replicas": 2, "minReplicas": 1, "maxReplicas": 4},
+            "autoscaling": {"enabled": True, "scaleUpCooldownSeconds": 0, **auto},
+        }
+    )  # fmt: skip
+
+
+def window(concurrent: float, prompt: float | None, seconds: float = 10.0) -> observe.Window:
+    return observe.Window(seconds, 10, 1.0, 100.0, 200.0, 10.0, 20.0, 0.9, prompt, concurrent)
+
+
+def test_effective_replicas_follow_status_only_when_enabled() -> None:
+    on = spec()
+    st = {"autoscaling": {"prefill": {"replicas": 3}, "decode": {"replicas": 9}}}
+    assert scaling.effective_replicas(on, None) == {"prefill": 1, "decode": 2}
+    assert scaling.effective_replicas(on, st) == {"prefill": 3, "decode": 4}  # clamped to max
+    off = crd.defaulted_spec({**on, "autoscaling": {"enabled": False}})
+    assert scaling.effective_replicas(off, st) == {"prefill": 1, "decode": 2}
+
+
+def test_unset_bounds_keep_the_pool_where_the_user_put_it() -> None:
+    full = crd.defaulted_spec(BASE | {"decode": {"replicas": 3}})
+    b = scaling.bounds(full, "decode")
+    assert (b.min_replicas, b.max_replicas) == (1, 3)
+
+
+def test_renderers_and_status_use_the_planner_replicas() -> None:
+    full = spec()
+    kids = manifests.render_all("demo", "ns", full, {"prefill": 3, "decode": 4})
+    deps = {k["metadata"]["name"]: k for k in kids if k["kind"] == "Deployment"}
+    assert deps["demo-prefill"]["spec"]["replicas"] == 3
+    assert deps["demo-decode"]["spec"]["replicas"] == 4
+    ready = {"status": {"readyReplicas": 4, "updatedReplicas": 4, "replicas": 4}}
+    st = status.compute(full, {"decode": ready}, 1, replicas={"decode": 4})
+    assert st["decode"]["ready"] == "4/4"
+
+
+def test_decide_scales_decode_up_and_says_why() -> None:
+    full = spec(decodeSequencesPerReplica=10, prefillTokensPerSecond=2000, headroom=0.8)
+    cap = capacity.for_spec(full, None)
+    d, patch, message = slo_loop.decide(full, None, window(30, 10_000), cap, now=1000.0)
+    assert (d.prefill, d.decode) == (3, 4)  # 10k/1.6k -> 7 (max 3); 30/8 -> 4
+    assert message and "decode: 2->4" in message and "30.0 concurrent" in message
+    assert "(spec)" in message
+    assert patch["lastScaling"]["decode"] == {"from": 2, "to": 4}
+    assert patch["autoscaling"]["decode"]["replicas"] == 4
+    # the status the patch leaves is the next tick's memory: steady, no Event
+    st = {"autoscaling": patch["autoscaling"]}
+    d2, patch2, message2 = slo_loop.decide(full, st, window(30, 10_000), cap, now=1010.0)
+    assert (d2.prefill, d2.decode) == (3, 4) and message2 is None and "lastScaling" not in patch2
+    assert patch2["autoscaling"]["decode"]["lastChangeTime"] == 1000.0
+
+
+def test_unmeasured_prompt_rate_holds_prefill() -> None:
+    full = spec(decodeSequencesPerReplica=10)
+    d, _, _ = slo_loop.decide(full, None, window(1, None), capacity.for_spec(full, None), 0)
+    assert d.prefill == 1 and "prefill: load not measured" in d.reasons[0]
+
+
+def test_pool_state_round_trips_through_status() -> None:
+    full = spec()
+    st = {"autoscaling": {"decode": {"replicas": 3, "lastChangeTime": 5.0, "history": [[4, 3]]}}}
+    state = scaling.pool_state(full, st, "decode")
+    assert (state.replicas, state.last_change_s, state.history) == (3, 5.0, ((4.0, 3),))
+    assert math.isinf(scaling.pool_state(full, None, "prefill").last_change_s)
+    fresh = scaling.pool_state_status(scaling.pool_state(full, None, "prefill"))
+    assert "lastChangeTime" not in fresh
+
+
+def test_capacity_sources_and_latency_model_math() -> None:
+    model = LatencyModel()  # prefill 5 + 0.05/token ms; decode 8 + 0.3/seq + 0.0005/ctx token
+    # TTFT 500 ms: batches up to 250 ms -> 4900 tokens in 250 ms
+    assert capacity.prefill_tokens_per_s(model, 500) == pytest.approx(19_600)
+    # TPOT 50 ms at 1024 context: (50 - 8) / (0.3 + 0.512) -> 51 sequences
+    assert capacity.decode_seqs(model, 50, 1024) == 51
+    assert capacity.decode_seqs(model, 5, 1024) == 1  # even one misses: never below 1
+    full = crd.defaulted_spec(BASE | {"slo": {"ttftMs": 500, "tpotMs": 50}})
+    got = capacity.for_spec(full, model)
+    assert got.capacity.prefill_tokens_per_s_at_ttft == pytest.approx(19_600)
+    assert got.capacity.decode_seqs_at_tpot == 51 and got.source == "latency model"
+    assert capacity.for_spec(full, None).source == "default"
+    mixed = crd.defaulted_spec({**full, "autoscaling": {"decodeSequencesPerReplica": 7}})
+    got = capacity.for_spec(mixed, model)
+    assert got.capacity.decode_seqs_at_tpot == 7
+    assert got.source == "prefill latency model, decode spec"
+
+
+def test_window_bookkeeping_waits_for_window_and_rebases_on_reset() -> None:
+    def snap(at: float, ttft_count: float) -> observe.Snapshot:
+        h = observe.Histogram(((0.1, ttft_count), (float("inf"), ttft_count)), ttft_count, 0.0)
+        return observe.Snapshot(at, h, None, None, 0.0, 0.0, 0.0, None)
+
+    mem = slo_loop.Memory()
+    assert slo_loop._window(mem, snap(0, 1), 10) is None  # first scrape: baseline only
+    assert slo_loop._window(mem, snap(5, 2), 10) is None  # nothing 10 s old yet
+    w = slo_loop._window(mem, snap(12, 4), 10)
+    assert w is not None and w.seconds == 12 and w.finished == 0  # no e2e: nothing finished
+    assert [s.at for s in mem.scrapes] == [0, 5, 12]
+    w = slo_loop._window(mem, snap(16, 5), 10)
+    assert w is not None and w.seconds == 11  # against t=5, the newest >= 10 s old
+    assert [s.at for s in mem.scrapes] == [5, 12, 16]
+    assert slo_loop._window(mem, snap(30, 0), 10) is None  # went down: a restarted router
+    assert [s.at for s in mem.scrapes] == [30]
+
+
+def test_metrics_url_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings.metrics_url("tiny", "ns") == "http://tiny-router.ns.svc:8000/metrics"
+    assert settings.metrics_url("tiny", "ns") == manifests.endpoint("tiny", "ns") + "/metrics"
+    monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://127.0.0.1:9/{namespace}/{name}")
+    assert settings.metrics_url("a", "b") == "http://127.0.0.1:9/b/a"
+    monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://x/{pod}")
+    with pytest.raises(ValueError, match="SPLITSERVE_METRICS_URL"):
+        settings.metrics_url("a", "b")
+
+
+def test_loop_tracks_objects_from_watch_events() -> None:
+    loop = slo_loop.SloLoop(1.0)
+    loop.note(None, "ns", "a")  # kopf's initial listing
+    loop.note("ADDED", "ns", "b")
+    loop.note("MODIFIED", "ns", "a")
+    assert loop.tracked() == [("ns", "a"), ("ns", "b")]
+    loop.note("DELETED", "ns", "a")
+    assert loop.tracked() == [("ns", "b")]
+    with pytest.raises(ValueError, match="interval"):
+        slo_loop.SloLoop(0)
