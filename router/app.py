@@ -5,6 +5,10 @@ folder fails at start-up), and on start-up the worker client, registry, pool pol
 dispatcher. Every error a client sees is OpenAI's JSON shape, with 400 for bad input (including
 malformed JSON), 401 without the API key, 404 for an unknown model, 429 when shed, 502/503 when
 workers fail.
+
+The two completion endpoints, which every request goes through, are plain ASGI handlers
+(hotpath.py) that ``RouterApp`` calls before FastAPI's middleware and routing; FastAPI serves the
+rest (/v1/models, /health, /metrics, errors for unknown paths).
 """
 
 from __future__ import annotations
@@ -15,36 +19,26 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from splitserve.router.auth import APIKeyMiddleware
-from splitserve.router.config import SLO, RouterConfig
+from splitserve.router.config import RouterConfig
 from splitserve.router.dispatch import Dispatcher
-from splitserve.router.errors import RouterError, bad_request, error_body
+from splitserve.router.errors import error_body
+from splitserve.router.hotpath import CompletionsEndpoint
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
-from splitserve.router.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    check_model,
-    validation_message,
-)
 from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry
-from splitserve.router.serving import Serving, Shape
-from splitserve.router.streaming import DisconnectAwareStreamingResponse
+from splitserve.router.serving import Serving
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("splitserve.router")
-
-SLO_TTFT_HEADER = "x-slo-ttft-ms"
-SLO_TPOT_HEADER = "x-slo-tpot-ms"
-
 
 def model_max_len(model_dir: str | Path) -> int:
     """Context length from config.json (max_position_embeddings)."""
@@ -59,25 +53,6 @@ def model_max_len(model_dir: str | Path) -> int:
     return value
 
 
-def request_slo(request: Request, default: SLO) -> SLO:
-    """Per-request targets from headers, else the configured ones."""
-    values = {}
-    for header, field in ((SLO_TTFT_HEADER, "ttft_ms"), (SLO_TPOT_HEADER, "tpot_ms")):
-        raw = request.headers.get(header)
-        if raw is None:
-            continue
-        try:
-            values[field] = float(raw)
-        except ValueError as exc:
-            raise bad_request(f"header {header} must be a number of milliseconds, got {raw!r}") from exc
-    if not values:
-        return default
-    try:
-        return SLO(values.get("ttft_ms", default.ttft_ms), values.get("tpot_ms", default.tpot_ms))
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
-
-
 def _registry(config: RouterConfig) -> Registry:
     static = StaticRegistry(config.prefill_urls, config.decode_urls)
     if config.redis_url:
@@ -85,7 +60,7 @@ def _registry(config: RouterConfig) -> Registry:
     return static
 
 
-class _State:
+class RouterState:
     """Everything the handlers share; built in the app's lifespan."""
 
     def __init__(self, config: RouterConfig) -> None:
@@ -119,9 +94,25 @@ class _State:
             await self.client.aclose()
 
 
+class RouterApp(FastAPI):
+    """FastAPI, except that the paths in ``hot`` go straight to their ASGI handlers."""
+
+    def __init__(self, hot: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hot = hot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            handler = self._hot.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAPI:
     """The router app. ``registry`` overrides the one the config implies (tests, embedding)."""
-    state = _State(config)
+    state = RouterState(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,84 +127,27 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         finally:
             await state.stop()
 
-    v1 = APIRouter(prefix="/v1")
-    app = FastAPI(title="splitserve router", lifespan=lifespan)
+    def on_reject(path: str) -> None:
+        state.metrics.child(state.metrics.requests, path, "unauthorized").inc()
+
+    def guarded(handler: Any) -> Any:
+        return APIKeyMiddleware(handler, config.api_key, on_reject) if config.api_key else handler
+
+    hot = {
+        "/v1/completions": guarded(CompletionsEndpoint(state, chat=False)),
+        "/v1/chat/completions": guarded(CompletionsEndpoint(state, chat=True)),
+    }
+    app = RouterApp(hot, title="splitserve router", lifespan=lifespan)
     if config.api_key:
-        app.add_middleware(
-            APIKeyMiddleware,
-            api_key=config.api_key,
-            on_reject=lambda path: state.metrics.requests.labels(path, "unauthorized").inc(),
-        )
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key, on_reject=on_reject)
     app.state.router = state
-
-    @app.exception_handler(RouterError)
-    async def _router_error(request: Request, exc: RouterError) -> JSONResponse:
-        outcome = {400: "bad_request", 401: "unauthorized", 404: "not_found", 429: "shed"}.get(exc.status, "error")
-        state.metrics.requests.labels(request.url.path, outcome).inc()
-        headers = {"retry-after": "1"} if exc.status == 429 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
-        state.metrics.requests.labels(request.url.path, "bad_request").inc()
-        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
 
-    async def respond(request: Request, shape: Shape, body, prompts: list[list[int]]) -> Response:  # noqa: ANN001
-        slo = request_slo(request, config.slo)
-        result = await state.serving.serve(shape, body, prompts, state.max_model_len(), slo)
-        path = request.url.path
-        if isinstance(result, dict):
-            state.metrics.requests.labels(path, "ok").inc()
-            return JSONResponse(result)
-
-        async def counted() -> AsyncIterator[str]:
-            outcome = "client_closed"
-            try:
-                async for line in result.lines:
-                    if line.startswith('data: {"error"'):
-                        outcome = "error"
-                    yield line
-                if outcome != "error":
-                    outcome = "ok"
-            finally:
-                state.metrics.requests.labels(path, outcome).inc()
-
-        return DisconnectAwareStreamingResponse(
-            counted(), "text/event-stream", on_close=result.close, headers={"cache-control": "no-cache"}
-        )
-
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model, config.served_model_name)
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                prompts.append(state.tokenizer.encode(p))
-            else:
-                bad = [t for t in p if not 0 <= t < state.tokenizer.vocab_size]
-                if bad:
-                    raise bad_request(f"prompt token ids out of range [0, {state.tokenizer.vocab_size}): {bad[:5]}", "prompt")
-                prompts.append(list(p))
-        if any(not p for p in prompts):
-            raise bad_request("prompt must not be empty", "prompt")
-        return await respond(request, Shape(chat=False), body, prompts)
-
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model, config.served_model_name)
-        try:
-            ids = state.tokenizer.encode_chat([m.template_dict() for m in body.messages], body.add_generation_prompt)
-        except ValueError as exc:
-            raise bad_request(str(exc), "messages") from exc
-        return await respond(request, Shape(chat=True), body, [ids])
-
-    @v1.get("/models")
+    @app.get("/v1/models")
     async def models() -> dict:
         return {
             "object": "list",
@@ -228,8 +162,6 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
                 }
             ],
         }
-
-    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -85,12 +85,12 @@ class Dispatcher:
                 # (slower first token, but the request is served rather than refused).
                 req.with_prefill = any(w.healthy for w in prefills)
                 if all_prefills and not req.with_prefill:
-                    self.metrics.decisions.labels(self.policy.name, "recompute_fallback").inc()
+                    self.metrics.child(self.metrics.decisions, self.policy.name, "recompute_fallback").inc()
                 t0 = time.perf_counter()
                 try:
                     decision = self.policy.pick(req, prefills, decodes)
                 except NoCandidate as exc:
-                    self.metrics.decisions.labels(self.policy.name, "no_candidate").inc()
+                    self.metrics.child(self.metrics.decisions, self.policy.name, "no_candidate").inc()
                     raise UpstreamError(503, str(exc), code="no_worker_available") from exc
                 except SloUnattainable as exc:
                     if not queued:
@@ -104,8 +104,8 @@ class Dispatcher:
                     await asyncio.sleep(0.01)
                     continue
                 finally:
-                    self.metrics.decision_seconds.labels(self.policy.name).observe(time.perf_counter() - t0)
-                self.metrics.decisions.labels(self.policy.name, "queued" if queued else "routed").inc()
+                    self.metrics.child(self.metrics.decision_seconds, self.policy.name).observe(time.perf_counter() - t0)
+                self.metrics.child(self.metrics.decisions, self.policy.name, "queued" if queued else "routed").inc()
                 return decision
         finally:
             if queued:
@@ -113,8 +113,8 @@ class Dispatcher:
                 self.metrics.queued.dec()
 
     def _shed(self, reason: str, message: str) -> None:
-        self.metrics.decisions.labels(self.policy.name, "shed").inc()
-        self.metrics.shed.labels(reason).inc()
+        self.metrics.child(self.metrics.decisions, self.policy.name, "shed").inc()
+        self.metrics.child(self.metrics.shed, reason).inc()
         raise ShedError(reason, message)
 
     async def run(self, spec: SequenceSpec) -> AsyncIterator[Chunk]:
@@ -145,7 +145,7 @@ class Dispatcher:
                     return
                 except _Retryable as exc:
                     last_error = str(exc)
-                    self.metrics.retries.labels("prefill" if isinstance(exc.__cause__, _PrefillFailed) else "decode").inc()
+                    self.metrics.child(self.metrics.retries, "prefill" if isinstance(exc.__cause__, _PrefillFailed) else "decode").inc()
                     log.warning("request %s attempt %d failed: %s", spec.request_id, attempt, exc)
                     exclude.update(exc.bad_urls)
             raise UpstreamError(502, f"request failed after {self.config.max_attempts} attempts: {last_error}")
@@ -167,18 +167,20 @@ class Dispatcher:
         prefill_task: asyncio.Task | None = None
         try:
             async with self.client.generate(d.url, body) as stream:
-                lines = stream.lines()
+                batches = stream.batches()
                 if p is not None:
                     prefill_task = asyncio.create_task(self._prefill(p, rid, spec, d))
-                first = await self._first_line(lines, prefill_task)
-                if first is not None and prefill_task is not None and spec.sampling.get("logprobs") is not None:
+                first = await self._first_batch(batches, prefill_task)
+                if first and prefill_task is not None and spec.sampling.get("logprobs") is not None:
                     # The first token came through the KV transfer, which carries the token only:
                     # its logprobs are in the prefill worker's response.
-                    first = dict(first, logprobs=[(await prefill_task).get("first_logprobs")])
-                async for chunk in self._chunks(first, lines, d):
+                    first[0] = dict(first[0], logprobs=[(await prefill_task).get("first_logprobs")])
+                async for chunk in self._chunks(first, batches, d):
                     yielded = True
                     yield chunk
                 await stream.finish()
+            if prefill_task is not None:
+                await self._settle(prefill_task)
         except _PrefillFailed as exc:
             raise _Retryable(f"prefill on {exc.worker.url} failed: {exc.cause}", {exc.worker.url}) from exc
         except WorkerUnreachable as exc:
@@ -217,33 +219,70 @@ class Dispatcher:
             raise _PrefillFailed(p, exc) from exc
 
     @staticmethod
-    async def _first_line(lines: AsyncIterator[dict[str, Any]], prefill_task: asyncio.Task | None) -> dict[str, Any] | None:
-        """Decode's first line, unless the prefill fails first (then raise _PrefillFailed)."""
-        nxt = asyncio.ensure_future(anext(lines, None))
-        if prefill_task is not None:
-            await asyncio.wait({nxt, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-            if prefill_task.done() and prefill_task.exception() is not None and not nxt.done():
-                nxt.cancel()
-                try:
-                    await nxt
-                except (asyncio.CancelledError, WorkerUnreachable):
-                    pass  # the stream is being abandoned; the prefill error is what we report
-                raise prefill_task.exception()
+    async def _settle(prefill_task: asyncio.Task) -> None:
+        """After decode finished: let the prefill answer arrive (it is due; with instant workers
+        it can trail the last token) rather than cancel it, which would drop a connection the
+        next request could use. Its result no longer matters, its failure neither."""
+        if not prefill_task.done():
+            await asyncio.wait({prefill_task}, timeout=1.0)
+        if prefill_task.done() and not prefill_task.cancelled():
+            prefill_task.exception()  # retrieved: a late failure is not logged as unhandled
+
+    @staticmethod
+    async def _first_batch(
+        batches: AsyncIterator[list[dict[str, Any]]], prefill_task: asyncio.Task | None
+    ) -> list[dict[str, Any]] | None:
+        """Decode's first lines, unless the prefill fails first (then raise _PrefillFailed)."""
+        if prefill_task is None:
+            return await anext(batches, None)
+        nxt = asyncio.ensure_future(anext(batches, None))
+        await asyncio.wait({nxt, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+        if prefill_task.done() and prefill_task.exception() is not None and not nxt.done():
+            nxt.cancel()
+            try:
+                await nxt
+            except (asyncio.CancelledError, WorkerUnreachable):
+                pass  # the stream is being abandoned; the prefill error is what we report
+            raise prefill_task.exception()
         return await nxt
 
     @staticmethod
-    async def _chunks(first: dict[str, Any] | None, lines: AsyncIterator[dict[str, Any]], d: WorkerState) -> AsyncIterator[Chunk]:
-        line = first
-        while line is not None:
-            if line.get("error") is not None or line.get("finish_reason") == "error":
-                raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
-            chunk = Chunk(list(line.get("token_ids") or []), line.get("finish_reason"), line.get("stop_string"),
-                          line.get("logprobs"))
+    async def _chunks(
+        first: list[dict[str, Any]] | None, batches: AsyncIterator[list[dict[str, Any]]], d: WorkerState
+    ) -> AsyncIterator[Chunk]:
+        """One Chunk per batch of lines (tokens joined), until the line with a finish_reason."""
+        batch = first
+        while batch is not None:
+            chunk = _merge(batch, d)
             yield chunk
             if chunk.finish_reason is not None:
                 return
-            line = await anext(lines, None)
+            batch = await anext(batches, None)
         raise WorkerUnreachable(f"decode {d.url} ended the stream without a finish_reason")
+
+
+def _merge(lines: list[dict[str, Any]], d: WorkerState) -> Chunk:
+    """The lines of one batch as one Chunk: their tokens (and logprobs) in order, the finish of
+    the line that finished; lines after a finish are ignored, an error line raises."""
+    if len(lines) == 1:  # the common case: no lists to join
+        line = lines[0]
+        if line.get("error") is not None or line.get("finish_reason") == "error":
+            raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
+        return Chunk(list(line.get("token_ids") or []), line.get("finish_reason"), line.get("stop_string"),
+                     line.get("logprobs"))
+    tokens: list[int] = []
+    logprobs: list[dict[str, Any]] | None = None
+    finish = stop = None
+    for line in lines:
+        if line.get("error") is not None or line.get("finish_reason") == "error":
+            raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
+        tokens += line.get("token_ids") or []
+        if line.get("logprobs") is not None:
+            logprobs = (logprobs or []) + list(line["logprobs"])
+        finish, stop = line.get("finish_reason"), line.get("stop_string")
+        if finish is not None:
+            break
+    return Chunk(tokens, finish, stop, logprobs)
 
 
 class _DecodeError(Exception):

@@ -23,10 +23,16 @@ class WorkerPool:
         self.client = client
         self.poll_interval_s = poll_interval_s
         self.workers: dict[tuple[str, str], WorkerState] = {}
+        self._by_role: dict[str, list[WorkerState]] = {}
         self._task: asyncio.Task | None = None
 
     def role(self, role: str) -> list[WorkerState]:
-        return [w for (r, _), w in self.workers.items() if r == role]
+        """The workers of one role (a list kept between membership changes: every request asks,
+        membership changes at most once per poll). Callers must not modify it."""
+        found = self._by_role.get(role)
+        if found is None:
+            found = self._by_role[role] = [w for (r, _), w in self.workers.items() if r == role]
+        return found
 
     def mark_unhealthy(self, worker: WorkerState, why: str) -> None:
         if worker.healthy:
@@ -41,9 +47,11 @@ class WorkerPool:
             if key not in current:
                 log.info("%s worker %s left the registry", *key)
                 del self.workers[key]
+                self._by_role.clear()
         for key, info in current.items():
             if key not in self.workers:
                 self.workers[key] = WorkerState(url=info.url, role=info.role, extra=dict(info.extra))
+                self._by_role.clear()
         await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
 
     async def _probe(self, w: WorkerState) -> None:

@@ -201,7 +201,7 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg', ''))}", None
-    if loc == [] and first.get("type") in ("model_attributes_type", "dict_type"):
+    if loc == [] and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
         return "request body must be a JSON object (Content-Type: application/json)", None
     if first.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {'.'.join(loc)}", loc[0] if loc else None

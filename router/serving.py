@@ -5,18 +5,22 @@ Each choice is one sequence served by the dispatcher; all choices of a request r
 and feed one queue. Before the HTTP response starts, every choice must have produced its first
 chunk or failed, so a request that cannot be served gets a proper status code (429/502/503)
 instead of a stream that errors at once.
+
+The common request has one choice: it is served in the caller's task without the queue and the
+pump task (``_SingleRun``), and its last SSE events (the finishing chunk, usage, ``[DONE]``) go
+out as one piece, so the router writes to the client's socket as few times as it can.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.router.codec import dumps
 from splitserve.router.config import SLO
 from splitserve.router.dispatch import Chunk, Dispatcher, SequenceSpec
 from splitserve.router.errors import RouterError, bad_request
@@ -122,7 +126,7 @@ class Serving:
         rid, specs, owners = self._specs(shape, body, prompts, max_len, slo)
         choices = [ChoiceText(self.tokenizer.detokenizer(s.prompt_token_ids), body.stop_list) for s in specs]
         formatters = [LogprobsFormatter(self.tokenizer, shape.chat) for _ in specs] if body.num_logprobs is not None else None
-        run = _Run(self.dispatcher, specs)
+        run = _SingleRun(self.dispatcher, specs[0]) if len(specs) == 1 else _Run(self.dispatcher, specs)
         await run.start()
         try:
             head = await run.first_of_each()
@@ -154,7 +158,7 @@ class Serving:
         return SSEStream(self._sse(shape, rid, created, body, run, head, choices, usage, formatters), run.cancel)
 
     @staticmethod
-    def _feed(choices: list[ChoiceText], run: _Run, idx: int, chunk: Chunk) -> str:
+    def _feed(choices: list[ChoiceText], run: _Run | _SingleRun, idx: int, chunk: Chunk) -> str:
         c = choices[idx]
         delta = c.add(chunk.token_ids, chunk.finish_reason, chunk.stop_string)
         if c.finished and chunk.finish_reason is None:
@@ -162,7 +166,7 @@ class Serving:
         return delta
 
     async def _sse(
-        self, shape: Shape, rid: str, created: int, body: SamplingFields, run: _Run,
+        self, shape: Shape, rid: str, created: int, body: SamplingFields, run: _Run | _SingleRun,
         head: list[tuple[int, Any]], choices: list[ChoiceText], usage: dict[str, int],
         formatters: list[LogprobsFormatter] | None = None,
     ) -> AsyncIterator[str]:
@@ -170,10 +174,17 @@ class Serving:
         sent_first = [False] * len(choices)
 
         def event(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+            return "data: " + dumps(payload).decode() + "\n\n"
 
         def chunk_event(choice: dict[str, Any]) -> str:
             return event({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]})
+
+        def tail() -> str:
+            if not body.include_usage:
+                return "data: [DONE]\n\n"
+            completion_tokens = sum(c.num_tokens for c in choices)
+            u = dict(usage, completion_tokens=completion_tokens, total_tokens=usage["prompt_tokens"] + completion_tokens)
+            return event({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [], "usage": u}) + "data: [DONE]\n\n"
 
         try:
             try:
@@ -182,20 +193,65 @@ class Serving:
                     text = self._feed(choices, run, idx, chunk)
                     finish = choices[idx].finish_reason if choices[idx].finished and not was_finished else None
                     logprobs = formatters[idx].format(chunk.logprobs) if formatters and chunk.logprobs else None
+                    out = ""
                     if text or finish or logprobs or (shape.chat and not sent_first[idx]):
-                        yield chunk_event(shape.delta(idx, text, finish, not sent_first[idx], logprobs))
+                        out = chunk_event(shape.delta(idx, text, finish, not sent_first[idx], logprobs))
                         sent_first[idx] = True
+                    if finish and all(c.finished for c in choices):
+                        yield out + tail()  # the last choice finished: nothing else can follow
+                        return
+                    if out:
+                        yield out
             except RouterError as exc:
-                yield event(exc.body())
-                yield "data: [DONE]\n\n"
+                yield event(exc.body()) + "data: [DONE]\n\n"
                 return
-            if body.include_usage:
-                completion_tokens = sum(c.num_tokens for c in choices)
-                u = dict(usage, completion_tokens=completion_tokens, total_tokens=usage["prompt_tokens"] + completion_tokens)
-                yield event({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [], "usage": u})
-            yield "data: [DONE]\n\n"
+            yield tail()
         finally:
             await run.cancel()
+
+
+class _SingleRun:
+    """A request's only sequence, iterated in the caller's task (the interface of ``_Run``)."""
+
+    def __init__(self, dispatcher: Dispatcher, spec: SequenceSpec) -> None:
+        self._chunks = dispatcher.run(spec)
+        self._stopped = self._finished = False
+
+    async def start(self) -> None:
+        return None
+
+    async def first_of_each(self) -> list[tuple[int, Any]]:
+        """The first chunk (or _END); a RouterError propagates as it is raised."""
+        return [(0, await anext(self._chunks, _END))]
+
+    async def items(self, head: list[tuple[int, Any]]) -> AsyncIterator[tuple[int, Chunk]]:
+        for idx, item in head:
+            if item is _END:
+                return
+            self._finished = item.finish_reason is not None
+            yield idx, item
+        if self._stopped:
+            return
+        async for chunk in self._chunks:
+            self._finished = chunk.finish_reason is not None
+            yield 0, chunk
+            if self._stopped:  # the router saw a stop string: leave, closing the decode stream
+                return
+
+    def stop(self, idx: int) -> None:
+        self._stopped = True
+
+    async def cancel(self) -> None:
+        """Close the sequence. One that finished is first run to its end (the caller stops
+        reading at the finishing chunk), so the dispatcher reads the end of decode's stream and
+        keeps the connection for the next request instead of dropping it."""
+        if self._finished and not self._stopped:
+            try:
+                async for _ in self._chunks:
+                    pass
+            except RouterError:
+                pass  # a failure after the last token: the client already has its answer
+        await self._chunks.aclose()
 
 
 class _Run:

@@ -1,0 +1,208 @@
+"""The two endpoints every request goes through, as plain ASGI handlers.
+
+``POST /v1/completions`` and ``POST /v1/chat/completions`` are answered here, ahead of FastAPI:
+through FastAPI each request passed about ten middleware and routing layers, each wrapping every
+``send`` of the stream, and the body went JSON -> dict -> pydantic; that was the larger part of
+the router's CPU time per request (bench/router.py measures it). Here the body is validated in
+one pydantic-core call from the raw bytes (same models, same 400 messages), errors are OpenAI's
+JSON shape with the same statuses, and the SSE stream is written straight to the server.
+
+A client that disconnects mid-stream is noticed at once (a small watcher on ``receive``): the
+stream is cancelled, which closes the decode worker's stream, which aborts the sequence there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+from splitserve.router.codec import dumps
+from splitserve.router.config import SLO
+from splitserve.router.errors import RouterError, bad_request, error_body
+from splitserve.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_model,
+    validation_message,
+)
+from splitserve.router.serving import Shape, SSEStream
+
+if TYPE_CHECKING:
+    from splitserve.router.app import RouterState
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+SLO_TTFT_HEADER = "x-slo-ttft-ms"
+SLO_TPOT_HEADER = "x-slo-tpot-ms"
+_SLO_HEADERS = ((SLO_TTFT_HEADER.encode(), "ttft_ms"), (SLO_TPOT_HEADER.encode(), "tpot_ms"))
+_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 429: "shed"}
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_DONE = "data: [DONE]\n\n"
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value (``name`` lower-case, as ASGI gives them), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def request_slo(scope: Scope, default: SLO) -> SLO:
+    """Per-request targets from headers, else the configured ones."""
+    values: dict[str, float] = {}
+    for name, field in _SLO_HEADERS:
+        raw = header(scope, name)
+        if raw is None:
+            continue
+        try:
+            values[field] = float(raw)
+        except ValueError as exc:
+            raise bad_request(
+                f"header {name.decode()} must be a number of milliseconds, got {raw.decode(errors='replace')!r}"
+            ) from exc
+    if not values:
+        return default
+    try:
+        return SLO(values.get("ttft_ms", default.ttft_ms), values.get("tpot_ms", default.tpot_ms))
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+async def read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionAbortedError("client left before sending the body")
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts) if len(parts) > 1 else parts[0]
+
+
+def parse(model: type[BaseModel], scope: Scope, raw: bytes) -> Any:
+    """The request body as ``model``, or a 400 RouterError that says what is wrong (the message
+    FastAPI's validation gave, including for a body that is not JSON, or not JSON at all)."""
+    ctype = header(scope, b"content-type")
+    if ctype is not None and b"json" not in ctype.split(b";")[0].lower():
+        raise bad_request("request body must be a JSON object (Content-Type: application/json)")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        message, param = validation_message(list(exc.errors()))
+        raise bad_request(message, param) from exc
+
+
+async def send_json(send: Send, status: int, payload: dict[str, Any], headers: list | None = None) -> None:
+    body = dumps(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": _JSON_HEADERS + [(b"content-length", str(len(body)).encode())] + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class CompletionsEndpoint:
+    """One of the two completion endpoints (``chat`` picks which)."""
+
+    def __init__(self, state: RouterState, chat: bool) -> None:
+        self.state, self.chat = state, chat
+        self.shape = Shape(chat=chat)
+        self.model = ChatCompletionRequest if chat else CompletionRequest
+
+    def count(self, path: str, outcome: str) -> None:
+        m = self.state.metrics
+        m.child(m.requests, path, outcome).inc()
+
+    def prompts(self, body: Any) -> list[list[int]]:
+        tok = self.state.tokenizer
+        if self.chat:
+            try:
+                return [tok.encode_chat([m.template_dict() for m in body.messages], body.add_generation_prompt)]
+            except ValueError as exc:
+                raise bad_request(str(exc), "messages") from exc
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                prompts.append(tok.encode(p))
+            else:
+                bad = [t for t in p if not 0 <= t < tok.vocab_size]
+                if bad:
+                    raise bad_request(f"prompt token ids out of range [0, {tok.vocab_size}): {bad[:5]}", "prompt")
+                prompts.append(list(p))
+        if any(not p for p in prompts):
+            raise bad_request("prompt must not be empty", "prompt")
+        return prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if scope["method"] != "POST":
+            await send_json(send, 405, error_body("Method Not Allowed"))
+            return
+        state = self.state
+        try:
+            body = parse(self.model, scope, await read_body(receive))
+            check_model(body.model, state.config.served_model_name)
+            prompts = self.prompts(body)
+            slo = request_slo(scope, state.config.slo)
+            result = await state.serving.serve(self.shape, body, prompts, state.max_model_len(), slo)
+        except RouterError as exc:
+            self.count(path, _OUTCOMES.get(exc.status, "error"))
+            extra = [(b"retry-after", b"1")] if exc.status == 429 else None
+            await send_json(send, exc.status, exc.body(), extra)
+            return
+        except ConnectionAbortedError:
+            self.count(path, "client_closed")
+            return
+        if isinstance(result, dict):
+            self.count(path, "ok")
+            await send_json(send, 200, result)
+            return
+        self.count(path, await stream_sse(result, receive, send))
+
+
+async def stream_sse(result: SSEStream, receive: Receive, send: Send) -> str:
+    """Send the SSE stream; returns the outcome (ok, error, client_closed). The events that are
+    ready together go out as one write, the last one with the end of the body."""
+    current = asyncio.current_task()
+    gone = streaming = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if streaming:  # (the server also says "disconnect" once the response is complete)
+            gone = True
+            current.cancel()  # the stream may be waiting on the decode worker: stop it now
+
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    watcher = asyncio.ensure_future(watch())
+    outcome = "client_closed"
+    streaming = True
+    try:
+        async for text in result.lines:
+            last = text.endswith(_DONE)
+            if text.startswith('data: {"error"'):
+                outcome = "error"
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": not last})
+            if last:
+                break
+        if outcome != "error":
+            outcome = "ok"
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        if hasattr(current, "uncancel"):  # Python >= 3.11: this cancellation is handled
+            current.uncancel()
+    except OSError:
+        pass  # the client's connection broke while sending: the outcome stays client_closed
+    finally:
+        streaming = False
+        watcher.cancel()
+        await result.close()
+        if hasattr(result.lines, "aclose"):
+            await result.lines.aclose()
+    return outcome
