@@ -97,6 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="goodput: longest wait for a pair that meets the SLO before 429 (default 500)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help=(
+            "router processes sharing the port through SO_REUSEPORT (default 1); one per core "
+            "the router may use. Each has its own worker polling, policy state and /metrics"
+        ),
+    )
+    p.add_argument(
         "--poll-interval",
         type=float,
         default=0.5,
@@ -128,19 +137,24 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
 
 
 def _run(args: argparse.Namespace) -> int:
-    import uvicorn
-    from splitserve.router.app import create_app
+    from splitserve.router.serve import serve, serve_processes
 
+    if args.workers < 1:
+        raise SystemExit(f"splitserve router: --workers must be >= 1, got {args.workers}")
     try:
         config = config_from_args(args)
-        app = create_app(config)
+        if args.workers == 1:
+            from splitserve.router.app import create_app
+
+            app = create_app(config)  # here, so a bad model folder fails before listening
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"splitserve router: {exc}") from exc
     print(
-        f"splitserve router: http://{config.host}:{config.port}/v1 (model {config.served_model_name!r})",
+        f"splitserve router: http://{config.host}:{config.port}/v1 (model {config.served_model_name!r}, "
+        f"{args.workers} process{'es' if args.workers > 1 else ''})",
         flush=True,
     )
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5
-    )
-    return 0
+    if args.workers == 1:
+        serve(app, config.host, config.port)
+        return 0
+    return serve_processes(config, args.workers)
