@@ -184,6 +184,8 @@ class HFGenerator:
         self._cv = threading.Condition()
         self._running: list[_Job] = []
         self._closed = False
+        self.batches_run = 0  # generate calls, and the sequences they served: mean batch size
+        self.sequences_run = 0
         self._thread = threading.Thread(target=self._serve, name="hf-generate", daemon=True)
         self._thread.start()
 
@@ -209,10 +211,11 @@ class HFGenerator:
             job.cancelled.set()
 
     def load(self) -> dict[str, int]:
-        """Queue depth and running sequences (like the workers' ``/load``)."""
+        """Queue depth and running sequences (like the workers' ``/load``), and totals."""
         with self._cv:
             waiting = sum(1 for j in self._pending if not j.done)
-            return {"waiting": waiting, "running": len(self._running), "batch": self.batch}
+            return {"waiting": waiting, "running": len(self._running), "batch": self.batch,
+                    "batches_run": self.batches_run, "sequences_run": self.sequences_run}
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything queued or running and stop the thread."""
@@ -244,6 +247,8 @@ class HFGenerator:
                 if not nxt.done:
                     jobs.append(nxt)
             self._running = jobs
+            self.batches_run += 1
+            self.sequences_run += len(jobs)
             return jobs
 
     def _serve(self) -> None:

@@ -1,0 +1,124 @@
+"""The HF transformers baseline server and the engine-vs-HF comparison, on the CPU demo model.
+
+The server must answer with exactly the tokens ``transformers`` ``generate`` gives (else the
+comparison would time different work): checked through a real process, real HTTP and the
+openai client, and in-process for static batches (left padding must not change greedy tokens).
+The comparison script is run end to end once, tiny, and must write its JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from splitserve.bench.goodput import System, started
+from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from splitserve.router.tokenizer import RouterTokenizer
+
+PROMPTS = ["hello world, please tell me a story about a cache", "why"]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt token ids, greedy tokens from transformers generate) for PROMPTS."""
+    prompts = hf_tokenize(demo_model, PROMPTS)
+    return prompts, hf_greedy(demo_model, prompts, NEW_TOKENS)
+
+
+def _expected_text(model_dir: Path, prompt: list[int], tokens: list[int]) -> str:
+    """What the server's text for ``tokens`` must be (same incremental detokenizer)."""
+    detok = RouterTokenizer(model_dir).detokenizer(prompt)
+    return detok.add(tokens) + detok.flush()
+
+
+@pytest.mark.timeout(120)
+def test_server_streams_the_tokens_generate_gives(
+    demo_model: Path, reference: tuple[list[list[int]], list[list[int]]], tmp_path: Path
+) -> None:
+    from openai import OpenAI
+
+    prompts, expected = reference
+    cmd = (f"{sys.executable} -m splitserve.bench.hf_server --model {{model}} "
+           f"--served-model-name {{name}} --device cpu --host {{host}} --port {{port}}")
+    with started(System("hf", command=cmd), str(demo_model), "demo", tmp_path,
+                 ready_timeout_s=90) as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["demo"]
+        for text, prompt, tokens in zip(PROMPTS, prompts, expected, strict=True):
+            stream = client.completions.create(
+                model="demo", prompt=text, max_tokens=NEW_TOKENS, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            )
+            chunks = list(stream)
+            got = "".join(c.choices[0].text for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+            usage = chunks[-1].usage
+            assert got == _expected_text(demo_model, prompt, tokens)
+            assert finish[-1] == "length" and set(finish[:-1]) == {None}
+            assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), NEW_TOKENS)
+        with pytest.raises(Exception, match="logprobs"):  # refused, not silently ignored
+            client.completions.create(model="demo", prompt="hi", max_tokens=2, logprobs=1)
+
+
+def test_static_batch_gives_the_same_greedy_tokens(
+    demo_model: Path, reference: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    """Two queued requests of different lengths, one left-padded generate call."""
+    from splitserve.bench.hf_server import HFGenerator, HFServerConfig, load_model
+    from splitserve.router.config import SLO
+    from splitserve.router.dispatch import SequenceSpec
+
+    prompts, expected = reference
+    model, eos, pad = load_model(HFServerConfig(str(demo_model), "demo", device="cpu"))
+    gen = HFGenerator(model, eos, pad, batch=2)
+    sampling = {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    specs = [SequenceSpec(f"r{i}", p, sampling, SLO(), 0.0) for i, p in enumerate(prompts)]
+
+    async def collect(spec: SequenceSpec) -> list[int]:
+        return [t async for chunk in gen.run(spec) for t in chunk.token_ids]
+
+    async def both() -> list[list[int]]:
+        # Hold the queue's lock (re-entrant, so run() can still enqueue from this thread) until
+        # both requests are queued: the generate thread then takes them as one batch.
+        with gen._cv:
+            tasks = [asyncio.create_task(collect(s)) for s in specs]
+            await asyncio.sleep(0)
+        return list(await asyncio.gather(*tasks))
+
+    try:
+        assert asyncio.run(asyncio.wait_for(both(), 60)) == expected
+        load = gen.load()
+        assert (load["batches_run"], load["sequences_run"]) == (1, 2)
+    finally:
+        gen.close()
+
+
+@pytest.mark.timeout(120)
+def test_engine_vs_hf_smoke(demo_model: Path, tmp_path: Path) -> None:
+    """Both systems started in turn on the CPU, one rate, a few requests: the JSON says both
+    ran, produced the same token counts, and the report has the shared attainment plot."""
+    from splitserve.bench.engine_vs_hf import main
+
+    out = tmp_path / "evh"
+    rc = main([
+        "--model", str(demo_model), "--device", "cpu", "--out", str(out), "--rates", "4",
+        "--engine-rates", "", "--min-requests", "3", "--duration", "0.5", "--max-input", "48",
+        "--max-output", "6", "--length-scale", "1", "--ttft-ms", "5000", "--tpot-ms", "2000",
+        "--warmup", "0", "--cooldown", "0", "--ready-timeout", "90", "--timeout", "60",
+        "--no-progress",
+    ])
+    assert rc == 0
+    doc = json.loads((out / "engine_vs_hf_chat.json").read_text())
+    assert doc["schema"] == "splitserve.bench.engine_vs_hf/1"
+    assert set(doc["systems"]) == {"engine", "hf"}
+    assert doc["output_tokens_match"] == {"4": True}
+    row = doc["rows"][0]
+    for label in ("engine", "hf"):
+        assert row[label]["num_requests"] == 3 and row[label]["errors"] == 0
+        assert row[label]["attainment"] == 1.0
+    assert doc["goodput_ratio"]["bound"] == "unknown"  # both met the SLO at their only rate
+    assert (out / "report" / "chat" / "attainment_chat.png").exists()
