@@ -9,12 +9,13 @@ on the GPU from a seed in both processes. Measured in the same run, best of ``--
 - ``scatter only``: the receiver's own work in one process, ``index_copy_`` of every layer into a
   paged cache (block size 16, shuffled blocks);
 - ``cuda_ipc``: a real prefill process (child) ``sender.send(...)``\\s its GPU layers to a
-  receiver in this process writing into the paged cache on cuda:0; the time is the sender's
-  ``send()`` (connect, handshake, every layer, until the receiver's DONE); the data is checked
-  after every run; ``(1st)`` is the first transfer, which also allocates the sender's ring and
-  opens its IPC handle in the receiver (later transfers reuse both);
-- ``cuda_ipc 1 process``: the same with the sender in this process (one CUDA context): the
-  protocol's cost without two processes time-slicing one GPU;
+  receiver in this process; the sender scatters every layer straight into the receiver's paged
+  cache on cuda:0 (shared once over CUDA IPC). The time is the sender's ``send()`` (connect,
+  handshake and grant, every layer, the final stream sync, until the receiver's DONE); the data
+  is checked after every run; ``(1st)`` is the first transfer, which also opens the receiver's
+  cache handle in the sender process (later transfers reuse the mapping);
+- ``cuda_ipc 1 process``: the same with the sender in this process (one CUDA context, the
+  cache written directly): the protocol's cost without two processes sharing one GPU;
 - with two GPUs, ``peer copy`` cuda:0 -> cuda:1 and ``cuda_ipc -> cuda:1`` the same way.
 
 Prints one table with GB/s and the ratio to the device copy (``vs peer copy`` for cross-GPU).

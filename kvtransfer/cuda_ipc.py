@@ -1,35 +1,64 @@
-"""CUDA IPC backend (two processes on one host, GPU to GPU): bulk bytes never leave the GPUs.
+"""CUDA IPC backend (processes on one host, GPU to GPU): the sender writes straight into the
+receiver's paged cache; bulk bytes never leave the GPUs and nothing is staged or copied twice.
 
-Control frames use the same TCP connection and handshake as the TCP backend (so faults, cancel,
-timeouts and backpressure behave alike). The sender allocates, per transfer, a ring of ``SLOTS``
-layer-sized uint8 slots on its GPU and shares it in HELLO as a CUDA IPC handle: the fields of
-``UntypedStorage._share_cuda_()`` as JSON (bytes base64), never pickle, plus the GPU's UUID so
-the receiver finds the same physical GPU even under another ``CUDA_VISIBLE_DEVICES``. The receiver
-opens the handle before ACCEPT (``UntypedStorage._new_shared_cuda``).
+Control uses the TCP connection, handshake and faults of the other socket backends; the data path:
 
-Per layer the sender copies the layer (a GPU tensor: ``layer_device = None`` keeps it where it is)
-into a free slot, synchronizes its stream, and sends LAYER {layer, slot}; the receiver scatters
-the slot into its paged cache with one ``index_copy_`` (after a peer copy when the cache lives on
-another GPU), synchronizes, and answers CREDIT {slot}. The ring bounds memory and gives
-backpressure, exactly like the shared-memory backend.
+* The receiver shares its paged cache once, when it is made: the fields of
+  ``UntypedStorage._share_cuda_()`` as JSON (bytes base64, never pickle) plus the GPU's UUID, so
+  a sender finds the same physical GPU under any ``CUDA_VISIBLE_DEVICES``.
+* HELLO {cuda_ipc: {nonce, uuid, process}} -> ACCEPT -> the receiver makes sure its own earlier
+  work on the blocks is done (one stream sync), then grants the destination: CREDIT {cuda_ipc:
+  the cache's handle and shape, blocks, block_size, num_blocks} in the *receiver's* layout; the
+  sender turns it into flat slots with ``layout.token_slots`` (block sizes may differ).
+* The sender opens the handle once per receiver (a bounded LRU, dropped after ``MAPPING_IDLE_S``
+  unused or when a transfer to it failed) and, per layer, enqueues one ``index_copy_`` from the
+  layer tensor into the receiver's cache on the sending thread's current stream (where prefill
+  computed the layer, so no cross-stream sync and no CPU sync), records a CUDA event and sends
+  LAYER {layer} (a progress note, no payload). After the last layer it waits for that event,
+  then sends END: when the receiver reads END every byte has landed, so DONE means what it
+  means for every backend.
+* A CPU cache cannot be shared over CUDA IPC: its receiver grants a GPU staging buffer of the
+  whole transfer instead, the sender syncs per layer, and the receiver copies each layer out of
+  the buffer when its LAYER arrives (a test and fallback configuration, not a fast path).
+* Same process (tests, a colocated worker; a handle cannot be opened by the process that made
+  it): the grant's nonce says so and the sender uses the receiver's tensor directly.
 
-Opening a handle costs milliseconds, so both ends keep them: the sender reuses its rings (a small
-pool, one ring per transfer in flight) and the receiver keeps the mappings it opened (a bounded
-LRU, dropped after ``MAPPING_IDLE_S`` unused or when a transfer through it failed, so a dead
-sender's memory is not held for long). The receiver only ever reads a ring, between LAYER and
-CREDIT, so a ring may go back to the pool even after a failed transfer; torch's IPC reference
-count is therefore dropped at once (the sender's memory is freed when the sender frees it).
+Block ownership. The sender writes memory the decode side owns, asynchronously, so the receiver
+resolves a transfer only once nothing can land in its blocks any more:
 
-A handle cannot be opened by the process that made it; when both ends live in one process (tests,
-a colocated worker) the receiver recognises that from a per-process nonce and uses the ring
-directly. A sender dying mid-transfer ends its TCP connection, so the receiver fails at once; its
-mapping of the dead process's memory is released when the source closes.
+* success: END is sent after the sender waited for its last scatter;
+* the sender fails: it waits for every scatter it enqueued (``drain``) before it sends ERROR or
+  closes its connection, on every path (``SocketSender`` drains a sink before it tells the
+  receiver, ``CudaIpcSink.close`` before the socket closes, ``CudaIpcSender.close`` before it
+  shuts its sockets);
+* the receiver fails it (cancel, timeout, close, no space, a bad frame): it sends ERROR as a stop
+  request and keeps the transfer open. A watcher thread of the sender sees the request even
+  while the sending thread is busy elsewhere (computing the next layer), revokes the grant
+  (no write starts after it), waits for the scatters already enqueued and half-closes the
+  connection: that EOF is the sender's acknowledgement, and only then does the future fail;
+* the sender process dies: the kernel closes its socket and the driver tears down its CUDA
+  context, which stops its queued work, but in no guaranteed order. After an EOF the receiver
+  therefore checks the sender process (pid, PID namespace and start time from HELLO) in
+  ``/proc`` and waits while any of its threads is still exiting; a zombie or reaped process has
+  released its GPU context. Where the sender lives in another PID namespace the receiver cannot
+  look and waits ``UNSEEN_EXIT_GRACE_S`` instead (a heuristic: run both in one pod, or share
+  the process namespace, for the guarantee);
+* a sender that neither acknowledges nor disconnects within ``STOP_WAIT_S`` (a wedged process)
+  is given up on with a warning: writes still queued on its GPU could then land late. Keep the
+  decode side's own wait for the future longer than that.
+
+A sender dying mid-transfer still ends its connection, so the receiver fails at once (plus the
+exit check); the mapping of the receiver's cache is dropped from the sender's LRU on failure.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import logging
+import math
+import os
+import select
 import socket
 import threading
 import time
@@ -40,21 +69,24 @@ from typing import Any, ClassVar
 import torch
 
 from .base import FailureReason, KVSpec, TransferError
-from .layout import PagedWriter
-from .receiver import LayerSource, SlotSource, SocketReceiver
-from .sender import LayerSink, SlotSink, SocketSender
-from .wire import Frame
+from .layout import PagedWriter, check_cache, token_slots
+from .receiver import LayerSource, SocketReceiver
+from .sender import LayerSink, SocketSender
+from .wire import HEADER, Frame, FrameType, error_meta, expect_frame, send_frame
 
-SLOTS = 2
-RING_MIN_BYTES = 2 << 20
-POOLED_RINGS = 4  # free rings a sender keeps (one per concurrent transfer is reused)
-MAPPING_CACHE = 16  # rings a receiver keeps open
+log = logging.getLogger(__name__)
+
+MAPPING_CACHE = 16  # receivers' caches a process keeps open
 MAPPING_IDLE_S = 60.0
+STOP_WAIT_S = 4.0  # how long a failing receiver waits for the sender to stop writing
+UNSEEN_EXIT_GRACE_S = 0.2  # after an EOF from a sender whose process we cannot see
+WATCH_PERIOD_S = 0.5  # the watcher's select timeout (it is woken explicitly when done)
+PF_EXITING = 0x4  # task flag in /proc/<pid>/stat: the task is inside do_exit
 _PROCESS_NONCE = uuid.uuid4().hex  # tells "same process" apart even across PID namespaces
-_LOCAL_RINGS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
 _LOCAL_LOCK = threading.Lock()
-# (sender nonce, ring token) -> (ring tensor, last use): the handles this process opened
-_MAPPINGS: collections.OrderedDict[tuple[str, str], tuple[torch.Tensor, float]] = (
+_LOCAL_TARGETS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
+# (receiver nonce, token) -> (storage, last use): the receivers' tensors this process opened
+_MAPPINGS: collections.OrderedDict[tuple[str, str], tuple[torch.UntypedStorage, float]] = (
     collections.OrderedDict()
 )
 
@@ -107,8 +139,9 @@ def decode_handle(values: list[Any]) -> list[Any]:
 
 
 def release_share(fields: tuple | list) -> None:
-    """Drop the IPC reference that ``_share_cuda_()`` took for its consumer: rings are reused
-    and mapped by several receivers, so their lifetime is the sender's (see the module doc)."""
+    """Drop the IPC reference that ``_share_cuda_()`` took for its consumer: the shared tensor
+    lives as long as its owner keeps it (a receiver's cache: the worker's life), not as long as
+    some sender process still has it mapped."""
     if len(fields) < 6:
         return
     counter, offset = fields[4], fields[5]
@@ -116,46 +149,233 @@ def release_share(fields: tuple | list) -> None:
         torch.UntypedStorage._release_ipc_counter_cuda(counter, offset)
 
 
-def _local_device(hello_ipc: dict[str, Any], sender_index: int) -> int:
-    """This process's index of the sender's GPU (matched by UUID when both sides know it)."""
-    want = hello_ipc.get("uuid")
+def local_device(want_uuid: Any, fallback: int | None) -> int:
+    """This process's index of the GPU with UUID ``want_uuid`` (``fallback`` when unknown)."""
     count = torch.cuda.device_count()
-    if want is None:
-        if not 0 <= sender_index < count:
-            raise TransferError(
-                FailureReason.BACKEND_UNAVAILABLE, "sender's GPU is not visible here"
-            )
-        return sender_index
+    if want_uuid is None:
+        if fallback is None or not 0 <= fallback < count:
+            raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "the peer's GPU is not visible")
+        return fallback
     for index in range(count):
-        if gpu_uuid(index) == want:
+        if gpu_uuid(index) == want_uuid:
             return index
     raise TransferError(
         FailureReason.BACKEND_UNAVAILABLE,
-        f"sender's GPU {want} is not visible here (sender on another host, or hidden by "
+        f"the peer's GPU {want_uuid} is not visible here (peer on another host, or hidden by "
         "CUDA_VISIBLE_DEVICES)",
     )
 
 
-def _open_ring(hello: dict[str, Any], nbytes: int) -> torch.Tensor:
-    """The sender's ring as a uint8 CUDA tensor in this process."""
-    ipc, slots = hello.get("cuda_ipc"), hello.get("ipc_slots")
-    if not isinstance(ipc, dict) or not isinstance(slots, int) or slots < 1:
-        raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks cuda_ipc / ipc_slots")
-    if ipc.get("nonce") == _PROCESS_NONCE:  # same process: IPC handles cannot be opened here
+# ----------------------------------------------------------------------------- sender process
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _read_stat(path: str) -> tuple[str, int, int]:
+    """(state, flags, start time) of a task from its ``stat`` file (the name may hold spaces)."""
+    with open(path) as fh:
+        rest = fh.read().rsplit(")", 1)[1].split()
+    return rest[0], int(rest[6]), int(rest[19])
+
+
+def process_identity() -> dict[str, Any]:
+    """Who is writing: enough for the receiver to watch this process exit (see module doc)."""
+    try:
+        start: int | None = _read_stat("/proc/self/stat")[2]
+    except (OSError, ValueError, IndexError):
+        start = None
+    return {"pid": os.getpid(), "ns": _pid_namespace(), "start": start}
+
+
+def exit_state(process: Any) -> str:
+    """"running" (no thread exiting), "exiting", "gone" (zombie or reaped) or "unseen" (another
+    PID namespace, or no /proc): the state of the process that :func:`process_identity` named."""
+    if not isinstance(process, dict) or process.get("ns") is None:
+        return "unseen"
+    if process["ns"] != _pid_namespace():
+        return "unseen"
+    pid = process.get("pid")
+    try:
+        tasks = os.listdir(f"/proc/{int(pid)}/task")
+        if _read_stat(f"/proc/{int(pid)}/stat")[2] != process.get("start"):
+            return "gone"  # the pid was reused: ours has been reaped
+    except (OSError, ValueError, TypeError, IndexError):
+        return "gone"
+    alive = False
+    for tid in tasks:
+        try:
+            state, flags, _ = _read_stat(f"/proc/{int(pid)}/task/{tid}/stat")
+        except (OSError, ValueError, IndexError):
+            continue  # that thread finished meanwhile
+        if state in ("Z", "X"):
+            continue
+        if flags & PF_EXITING:
+            return "exiting"
+        alive = True
+    return "running" if alive else "gone"
+
+
+def await_exit_settled(process: Any, deadline: float) -> None:
+    """After an EOF from a sender: return once its process is not part-way through exiting
+    (a live sender drained before it closed; an exited one has no GPU context left)."""
+    while True:
+        state = exit_state(process)
+        if state != "exiting":
+            break
+        if time.monotonic() >= deadline:
+            log.warning("kv sender process %s still exiting; giving up waiting", process)
+            return
+        time.sleep(0.002)
+    if state == "unseen":
+        time.sleep(max(0.0, min(UNSEEN_EXIT_GRACE_S, deadline - time.monotonic())))
+
+
+# ----------------------------------------------------------------------------- receiver side
+class _Target:
+    """A receiver tensor senders may write: registered for same-process senders, shared over
+    CUDA IPC (JSON fields, never pickle) for the others when ``share``."""
+
+    def __init__(self, tensor: torch.Tensor, *, share: bool) -> None:
+        self.tensor = tensor
+        self.token = uuid.uuid4().hex
+        self.handle: list[Any] | None = None
+        if share:
+            try:
+                fields = tensor.untyped_storage()._share_cuda_()
+            except RuntimeError as exc:
+                raise TransferError(
+                    FailureReason.BACKEND_UNAVAILABLE, f"cannot share the KV cache: {exc}"
+                ) from exc
+            release_share(fields)
+            self.handle = encode_handle(fields)
+        self.uuid = gpu_uuid(tensor.device.index)
         with _LOCAL_LOCK:
-            ring = _LOCAL_RINGS.get(str(ipc.get("token")))
-        if ring is None:
-            raise TransferError(FailureReason.PROTOCOL_ERROR, "the sender's ring is gone")
-    else:
-        ring = _mapped_ring(ipc)
-    if ring.numel() < slots * nbytes:
-        raise TransferError(FailureReason.PROTOCOL_ERROR, "CUDA IPC ring is too small")
-    return ring[: slots * nbytes]
+            _LOCAL_TARGETS[self.token] = tensor
+
+    def fields(self, *, reuse: bool) -> dict[str, Any]:
+        """The grant's description of this tensor (``reuse``: worth keeping mapped)."""
+        return {"token": self.token, "nonce": _PROCESS_NONCE, "uuid": self.uuid,
+                "handle": self.handle, "shape": list(self.tensor.shape),
+                "offset": self.tensor.storage_offset(), "reuse": reuse}
 
 
-def _mapped_ring(ipc: dict[str, Any]) -> torch.Tensor:
-    """The ring of another process: from the mapping cache, else opened now and cached."""
-    key = (str(ipc.get("nonce")), str(ipc.get("token")))
+def staging_buffer(shape: tuple[int, ...], dtype: torch.dtype, peer_uuid: Any) -> torch.Tensor:
+    """A whole transfer's landing buffer on the sender's GPU (for a receiver's CPU cache)."""
+    index = local_device(peer_uuid, torch.cuda.current_device())
+    return torch.empty(shape, dtype=dtype, device=torch.device("cuda", index))
+
+
+class CudaIpcSource(LayerSource):
+    """Receiver side of one transfer: grants the destination, copies out of staging (CPU cache
+    only), and on failure waits until the sender can no longer write (module doc)."""
+
+    def __init__(self, receiver: CudaIpcReceiver, hello: dict[str, Any], nbytes: int) -> None:
+        peer = hello.get("cuda_ipc")
+        if not isinstance(peer, dict):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks cuda_ipc")
+        self._peer = peer
+        self._num_tokens = nbytes // receiver.spec.layer_nbytes(1)
+        self._lock = threading.Lock()  # the handler and interrupt() both send on the socket
+        self._granted = self._stop_sent = False
+        self._staging: torch.Tensor | None = None
+        if receiver.shared_cache is not None:
+            self._target = receiver.shared_cache
+        else:  # a CPU cache: the sender fills a GPU buffer on its own GPU, we copy it out
+            spec = receiver.spec
+            self._staging = staging_buffer(
+                (spec.num_layers, 2, 1, self._num_tokens, spec.num_kv_heads, spec.head_dim),
+                receiver.kv_cache.dtype, peer.get("uuid"),
+            )
+            self._target = _Target(self._staging, share=peer.get("nonce") != _PROCESS_NONCE)
+
+    def accepted(self, sock: socket.socket, writer: PagedWriter) -> None:
+        target = self._target.tensor
+        # our own earlier kernels on these blocks finish before another context writes them
+        torch.cuda.current_stream(target.device).synchronize()
+        if self._staging is None:
+            layout = {"blocks": writer.blocks, "block_size": target.shape[3],
+                      "num_blocks": target.shape[2]}
+        else:
+            layout = {"blocks": [0], "block_size": self._num_tokens, "num_blocks": 1}
+        grant = {"cuda_ipc": self._target.fields(reuse=self._staging is None),
+                 "sync_each": self._staging is not None, **layout}
+        with self._lock:
+            send_frame(sock, FrameType.CREDIT, grant)
+            self._granted = True
+
+    def read_into(
+        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
+    ) -> None:
+        if frame.payload_len:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "cuda_ipc LAYER frames carry no data")
+        if self._staging is not None:  # the sender synced before this LAYER: the bytes are here
+            writer.from_tensor(layer, self._staging[layer].reshape(-1).view(torch.uint8))
+
+    def interrupt(self, sock: socket.socket, err: TransferError) -> None:
+        self._request_stop(sock, err)  # the sender's EOF then wakes the handler
+
+    def stop(self, sock: socket.socket, err: TransferError) -> None:
+        if not self._granted:
+            return  # no grant, no writes
+        self._request_stop(sock, err)
+        deadline = time.monotonic() + STOP_WAIT_S
+        if _await_eof(sock, deadline):
+            await_exit_settled(self._peer.get("process"), deadline)
+        else:
+            log.warning("kv sender of %s did not confirm it stopped writing within %.1fs",
+                        err.request_id or "a transfer", STOP_WAIT_S)
+
+    def close(self) -> None:
+        self._staging = None
+
+    def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
+        with self._lock:
+            if self._stop_sent or not self._granted:
+                return  # before the grant the handler notices the abort itself
+            self._stop_sent = True
+            try:
+                send_frame(sock, FrameType.ERROR, error_meta(err))
+            except OSError as exc:  # the sender is gone already: its EOF is what we wait for
+                log.debug("could not ask the kv sender to stop: %s", exc)
+
+
+def _await_eof(sock: socket.socket, deadline: float) -> bool:
+    """Read and drop whatever the sender still sends until it half-closes; False on timeout."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            sock.settimeout(remaining)
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:  # reset: the connection is gone as well
+            return True
+    return False
+
+
+class CudaIpcReceiver(SocketReceiver):
+    """Decode side; the cache may be on any GPU of this host (or, staged, on the CPU)."""
+
+    backend = "cuda_ipc"
+
+    def __init__(self, spec: KVSpec, kv_cache: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        require_cuda("receiver")
+        check_cache(spec, kv_cache)
+        # shared once, before senders can arrive: every grant names it, senders keep it mapped
+        self.shared_cache = _Target(kv_cache, share=True) if kv_cache.is_cuda else None
+        super().__init__(spec, kv_cache, *args, **kwargs)
+
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        return CudaIpcSource(self, hello, nbytes)
+
+
+# ----------------------------------------------------------------------------- sender side
+def _mapped(info: dict[str, Any], reuse: bool) -> torch.UntypedStorage:
+    """The storage of another process's tensor: from the mapping cache, else opened now."""
+    key = (str(info.get("nonce")), str(info.get("token")))
     now = time.monotonic()
     with _LOCAL_LOCK:
         for old, (_, used) in list(_MAPPINGS.items()):
@@ -166,133 +386,201 @@ def _mapped_ring(ipc: dict[str, Any]) -> torch.Tensor:
             _MAPPINGS[key] = (hit[0], now)
             _MAPPINGS.move_to_end(key)
             return hit[0]
-    ring = _open_handle(ipc)
+    storage = _open_handle(info)
+    if reuse:
+        with _LOCAL_LOCK:
+            _MAPPINGS[key] = (storage, now)
+            while len(_MAPPINGS) > MAPPING_CACHE:
+                _MAPPINGS.popitem(last=False)
+    return storage
+
+
+def forget_mapping(info: dict[str, Any]) -> None:
+    """Drop a cached mapping (its transfer failed: the receiver may be gone, and a mapping keeps
+    a dead process's GPU memory allocated)."""
     with _LOCAL_LOCK:
-        _MAPPINGS[key] = (ring, now)
-        while len(_MAPPINGS) > MAPPING_CACHE:
-            _MAPPINGS.popitem(last=False)
-    return ring
+        _MAPPINGS.pop((str(info.get("nonce")), str(info.get("token"))), None)
 
 
-def forget_mapping(ipc: dict[str, Any]) -> None:
-    """Drop a cached mapping (its transfer failed: the sender may be gone)."""
-    with _LOCAL_LOCK:
-        _MAPPINGS.pop((str(ipc.get("nonce")), str(ipc.get("token"))), None)
-
-
-def _open_handle(ipc: dict[str, Any]) -> torch.Tensor:
-    """Open the sender's CUDA IPC handle (never pickle: JSON fields of ``_share_cuda_()``)."""
-    fields = ipc.get("handle")
+def _open_handle(info: dict[str, Any]) -> torch.UntypedStorage:
+    """Open the receiver's CUDA IPC handle (never pickle: JSON fields of ``_share_cuda_()``)."""
+    fields = info.get("handle")
     if not isinstance(fields, list) or len(fields) < 2 or not isinstance(fields[0], int):
-        raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc handle in HELLO")
+        raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc handle in the grant")
     fields = decode_handle(fields)
-    fields[0] = _local_device(ipc, fields[0])
+    fields[0] = local_device(info.get("uuid"), fields[0])
     try:
-        storage = torch.UntypedStorage._new_shared_cuda(*fields)
+        return torch.UntypedStorage._new_shared_cuda(*fields)
     except RuntimeError as exc:  # e.g. another host's handle, or IPC not permitted
         raise TransferError(
-            FailureReason.BACKEND_UNAVAILABLE, f"cannot open the sender's CUDA IPC handle: {exc}"
+            FailureReason.BACKEND_UNAVAILABLE, f"cannot open the receiver's CUDA IPC handle: {exc}"
         ) from exc
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
-            storage, 0, (storage.nbytes(),), (1,))
 
 
-class CudaIpcSource(SlotSource):
-    """Receiver side: scatters layers from the sender's GPU slots and hands slots back."""
+class _Grant:
+    """Where one transfer writes: the receiver's tensor (mapped here) and the flat slots."""
 
-    def __init__(self, hello: dict[str, Any], nbytes: int, num_layers: int) -> None:
-        self._nbytes = nbytes
-        self._ipc = hello.get("cuda_ipc")
-        self._ring: torch.Tensor | None = _open_ring(hello, nbytes)
-        self._slots = self._ring.numel() // nbytes
-        self._layers_left = num_layers
+    def __init__(self, meta: dict[str, Any], spec: KVSpec, num_tokens: int) -> None:
+        info, blocks = meta.get("cuda_ipc"), meta.get("blocks")
+        block_size, num_blocks = meta.get("block_size"), meta.get("num_blocks")
+        if not isinstance(info, dict) or not isinstance(blocks, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (block_size, num_blocks)
+        ):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "bad cuda_ipc grant")
+        self.info = info
+        self.reuse = bool(info.get("reuse"))
+        self.sync_each = bool(meta.get("sync_each"))
+        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        if info.get("shape") != list(shape):
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"grant shape {info.get('shape')}")
+        self.target = self._open(info, shape, getattr(torch, spec.dtype))
+        self.device = self.target.device
+        # per layer (2, slots, H, D): one index_copy_ along dim 1 writes a layer's tokens
+        self.flat = self.target.view(spec.num_layers, 2, num_blocks * block_size,
+                                     spec.num_kv_heads, spec.head_dim)
+        try:
+            slots = token_slots(blocks, num_tokens, block_size, num_blocks)
+        except ValueError as exc:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad grant: {exc}") from exc
+        if self.target.is_cuda:  # a pageable copy would sync the stream, queued prefill and all
+            slots = slots.pin_memory()
+        self.slots = slots.to(self.target.device, non_blocking=True)
 
-    def read_into(
-        self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
-    ) -> None:
-        slot = frame.meta.get("slot")
-        if frame.payload_len or not isinstance(slot, int) or not 0 <= slot < self._slots:
-            raise TransferError(
-                FailureReason.PROTOCOL_ERROR, f"bad cuda_ipc LAYER frame {frame.meta}"
-            )
-        n = self._nbytes
-        writer.from_tensor(layer, self._ring[slot * n : (slot + 1) * n])
-        # the slot is handed back next: every read of it must have finished
-        torch.cuda.current_stream(self._ring.device).synchronize()
-        if writer.kv_cache.is_cuda and writer.kv_cache.device != self._ring.device:
-            torch.cuda.current_stream(writer.kv_cache.device).synchronize()
-        self._layers_left -= 1
-
-    def close(self) -> None:
-        if self._layers_left > 0 and isinstance(self._ipc, dict):
-            forget_mapping(self._ipc)  # failed mid-way: the sender may be dead, let it go
-        self._ring = None
+    def _open(self, info: dict[str, Any], shape: tuple[int, ...], dtype: torch.dtype
+              ) -> torch.Tensor:
+        if info.get("nonce") == _PROCESS_NONCE:  # same process: the receiver's own tensor
+            with _LOCAL_LOCK:
+                tensor = _LOCAL_TARGETS.get(str(info.get("token")))
+            if tensor is None:
+                raise TransferError(FailureReason.PROTOCOL_ERROR, "the receiver's cache is gone")
+            return tensor
+        storage = _mapped(info, self.reuse)
+        offset = info.get("offset")
+        end = (offset if isinstance(offset, int) else -1) + math.prod(shape)
+        if not isinstance(offset, int) or offset < 0 or end * dtype.itemsize > storage.nbytes():
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "grant exceeds the shared memory")
+        stride = torch.empty(shape, device="meta").stride()
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(
+            storage, offset, shape, stride)
 
 
-class _Ring:
-    """One GPU ring of the sender, shared once; reused by later transfers."""
-
-    def __init__(self, capacity: int, device: torch.device) -> None:
-        self.capacity = capacity
-        self.tensor = torch.empty(capacity, dtype=torch.uint8, device=device)
-        self.token = uuid.uuid4().hex
-        shared = self.tensor.untyped_storage()._share_cuda_()
-        release_share(shared)
-        self.handle = encode_handle(shared)
-        self.uuid = gpu_uuid(device.index)
-        with _LOCAL_LOCK:
-            _LOCAL_RINGS[self.token] = self.tensor
+def _scatter(grant: _Grant, layer: int, tensor: torch.Tensor, event: torch.cuda.Event) -> None:
+    """Enqueue layer ``layer``'s scatter into the receiver's blocks on the current stream of the
+    target's device (a layer elsewhere is copied over first: torch orders the two devices'
+    streams) and re-record ``event`` after it: it completes once these bytes landed. The
+    per-layer cost is CPU time (a few tens of microseconds), so nothing avoidable is done here."""
+    if tensor.device != grant.device:
+        tensor = tensor.to(grant.device)
+    grant.flat[layer].index_copy_(1, grant.slots, tensor)
+    event.record(torch.cuda.current_stream(grant.device))
 
 
-class CudaIpcSink(SlotSink):
-    """Sender side: one transfer's use of a ring; copies layers into free slots."""
+class CudaIpcSink(LayerSink):
+    """Sender side of one transfer: scatters each layer into the receiver's cache, and stops
+    (drains) promptly when the receiver asks, from a watcher thread (module doc)."""
 
-    def __init__(self, nbytes: int, ring: _Ring, give_back: Any) -> None:
-        self._nbytes = nbytes
-        self._ring: _Ring | None = ring
-        self._give_back = give_back
-        super().__init__(SLOTS)
+    def __init__(self, sender: CudaIpcSender, nbytes: int) -> None:
+        self._sender = sender
+        self._num_layers = sender.spec.num_layers
+        self._num_tokens = nbytes // sender.spec.layer_nbytes(1)
+        self._lock = threading.Lock()  # a write is enqueued, or the grant revoked, not both
+        self._revoked: TransferError | None = None
+        self._by_peer = False  # revoked by the receiver: its ERROR (or EOF) is on the socket
+        self._grant: _Grant | None = None
+        self._event: torch.cuda.Event | None = None  # re-recorded after every scatter
+        self._last: torch.cuda.Event | None = None  # set once something was recorded
+        self._layers = 0
+        self._sock: socket.socket | None = None
+        self._watcher: threading.Thread | None = None
+        self._closing = False
 
     def hello_fields(self) -> dict[str, Any]:
-        ring = self._ring
-        return {
-            "cuda_ipc": {"handle": ring.handle, "uuid": ring.uuid, "nonce": _PROCESS_NONCE,
-                         "token": ring.token},
-            "ipc_slots": SLOTS,
-        }
+        return {"cuda_ipc": {"nonce": _PROCESS_NONCE, "uuid": gpu_uuid(self._sender.device.index),
+                             "process": process_identity()}}
 
-    def fill(self, slot: int, tensor: torch.Tensor) -> None:
-        n = self._nbytes
-        ring = self._ring.tensor
-        with torch.cuda.device(ring.device):
-            ring[slot * n : (slot + 1) * n].copy_(tensor.reshape(-1).view(torch.uint8),
-                                                  non_blocking=True)
-            # the receiver reads the slot from another process: the bytes must have landed
-            torch.cuda.current_stream(ring.device).synchronize()
+    def on_accept(self, sock: socket.socket) -> None:
+        """Wait (I/O timeout) for the receiver's grant, open it, start watching for stops."""
+        self._grant = _Grant(expect_frame(sock, FrameType.CREDIT).meta, self._sender.spec,
+                             self._num_tokens)
+        self._event = torch.cuda.Event()
+        self._sock = sock
+        self._watcher = threading.Thread(target=self._watch, args=(sock,), daemon=True,
+                                         name="kv-cuda-ipc-watch")
+        self._watcher.start()
+
+    def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
+        grant = self._grant
+        if grant is None:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, "no grant from the receiver")
+        with self._lock:
+            if self._by_peer:  # the receiver's ERROR is waiting on the socket: raise it
+                expect_frame(sock)  # (or PeerClosed after a plain EOF)
+            if self._revoked is not None:
+                raise self._revoked
+            _scatter(grant, layer, tensor, self._event)
+            self._last = self._event
+            self._layers += 1
+            if grant.sync_each or layer == self._num_layers - 1:
+                self._event.synchronize()  # staging is read at LAYER; END needs every byte there
+            send_frame(sock, FrameType.LAYER, {"layer": layer})
+
+    def drain(self) -> None:
+        self.revoke(TransferError(FailureReason.ABORTED, "the sender stopped"))
+
+    def revoke(self, err: TransferError, *, by_peer: bool = False) -> None:
+        """No scatter starts after this; returns once those enqueued have landed."""
+        with self._lock:
+            if self._revoked is None:
+                self._revoked, self._by_peer = err, by_peer
+            last = self._last
+        if last is not None:
+            last.synchronize()
 
     def close(self) -> None:
-        # safe even after a failure: a receiver only reads the ring, and only into a transfer
-        # that is failing anyway
-        ring, self._ring = self._ring, None
-        if ring is not None:
-            self._give_back(ring)
+        self.revoke(TransferError(FailureReason.CLOSED, "transfer closed"))
+        self._closing = True
+        if self._watcher is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RD)  # wakes the watcher's select at once
+            except OSError as exc:
+                log.debug("kv watcher wake-up: %s", exc)
+            self._watcher.join(5.0)
+        grant, self._grant = self._grant, None
+        if grant is not None and (self._layers < self._num_layers or not grant.reuse):
+            forget_mapping(grant.info)  # failed (the receiver may be gone) or single-use
+        self._sender.forget_sink(self)
 
-
-class CudaIpcReceiver(SocketReceiver):
-    """Decode side; the cache may be on any GPU of this host (or on the CPU)."""
-
-    backend = "cuda_ipc"
-
-    def __init__(self, spec: KVSpec, kv_cache: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        require_cuda("receiver")
-        super().__init__(spec, kv_cache, *args, **kwargs)
-
-    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
-        return CudaIpcSource(hello, nbytes, self.spec.num_layers)
+    def _watch(self, sock: socket.socket) -> None:
+        """Peek (never consume: the sending thread reads) at what the receiver sends. ERROR is a
+        stop request: revoke, drain, half-close (our acknowledgement). EOF: the receiver is
+        gone, stop writing. DONE or anything else: the sending thread takes over."""
+        while not self._closing:
+            try:
+                if not select.select([sock], [], [], WATCH_PERIOD_S)[0] or self._closing:
+                    continue
+                head = sock.recv(HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, TimeoutError):
+                continue  # the sending thread read it first
+            except (OSError, ValueError):
+                head = b""
+            if 0 < len(head) < 6:
+                time.sleep(0.001)  # the rest of the header is on its way
+                continue
+            if head and head[5] != FrameType.ERROR:
+                return
+            self.revoke(TransferError(FailureReason.CONNECTION_LOST, "the receiver stopped it"),
+                        by_peer=True)
+            if head and not self._closing:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    log.debug("kv sender half-close: %s", exc)
+            return
 
 
 class CudaIpcSender(SocketSender):
-    """Prefill side; layers stay on their GPU (``device`` holds the rings, default: current)."""
+    """Prefill side. Layers stay where they are (a GPU, or the CPU for tests); ``device`` is the
+    GPU this sender runs on (default: current), announced to receivers by UUID."""
 
     backend = "cuda_ipc"
     layer_device: ClassVar[str | None] = None
@@ -308,33 +596,24 @@ class CudaIpcSender(SocketSender):
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
-        self._pool: list[_Ring] = []
-        self._pool_lock = threading.Lock()
+        self._sinks: set[CudaIpcSink] = set()
+        self._sinks_lock = threading.Lock()
         super().__init__(spec, **kwargs)
 
     def open_sink(self, nbytes: int) -> LayerSink:
-        return CudaIpcSink(nbytes, self._take_ring(SLOTS * nbytes), self._give_ring)
+        sink = CudaIpcSink(self, nbytes)
+        with self._sinks_lock:
+            self._sinks.add(sink)
+        return sink
+
+    def forget_sink(self, sink: CudaIpcSink) -> None:
+        with self._sinks_lock:
+            self._sinks.discard(sink)
 
     def close(self) -> None:
+        """Stop every transfer's writes first: receivers read our disconnect as 'stopped'."""
+        with self._sinks_lock:
+            sinks = list(self._sinks)
+        for sink in sinks:
+            sink.revoke(TransferError(FailureReason.CLOSED, "sender closed"))
         super().close()
-        with self._pool_lock:
-            self._pool.clear()
-
-    def _take_ring(self, need: int) -> _Ring:
-        """The smallest free ring that fits, else a new one (a power of two, >= 2 MiB, so
-        prompts of similar length share rings)."""
-        with self._pool_lock:
-            fits = [ring for ring in self._pool if ring.capacity >= need]
-            if fits:
-                ring = min(fits, key=lambda r: r.capacity)
-                self._pool.remove(ring)
-                return ring
-        return _Ring(max(RING_MIN_BYTES, 1 << (need - 1).bit_length()), self.device)
-
-    def _give_ring(self, ring: _Ring) -> None:
-        with self._pool_lock:
-            if self._closed:
-                return
-            self._pool.append(ring)
-            while len(self._pool) > POOLED_RINGS:
-                self._pool.remove(min(self._pool, key=lambda r: r.capacity))

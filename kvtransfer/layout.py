@@ -110,6 +110,8 @@ class PagedWriter:
         self.num_tokens = num_tokens
         self.layer_nbytes = 2 * num_tokens * h * d * kv_cache.element_size()
         self.slots = token_slots(block_table, num_tokens, bs, nb)
+        # the blocks in token order (validated above): cuda_ipc grants them to its sender
+        self.blocks = [int(b) for b in list(block_table)[: -(-num_tokens // bs)]]
         self.direct = kv_cache.device.type == "cpu" and not staged
         self._shape = (2, num_tokens, h, d)
         self._local = threading.local()  # a staging buffer per connection thread
@@ -118,8 +120,7 @@ class PagedWriter:
             self._cache = memoryview(kv_cache.view(-1).view(torch.uint8).numpy())
             self._stride = kv_cache[0].numel() * kv_cache.element_size()
             row = h * d * kv_cache.element_size()
-            blocks = [int(b) for b in list(block_table)[: -(-num_tokens // bs)]]
-            self._runs = _block_runs(blocks, num_tokens, bs, nb, row)
+            self._runs = _block_runs(self.blocks, num_tokens, bs, nb, row)
         else:
             self.slots = self.slots.to(kv_cache.device)
 
@@ -147,9 +148,9 @@ class PagedWriter:
         self._scatter(layer, torch.frombuffer(data, dtype=torch.uint8))
 
     def from_tensor(self, layer: int, data: torch.Tensor) -> None:
-        """Scatter one layer's wire bytes held in a uint8 tensor on any device (a CUDA IPC
-        slot): one ``index_copy_`` on the cache's device, after a peer copy if the slot lives
-        on another GPU. Asynchronous on a GPU cache: synchronize before reusing ``data``."""
+        """Scatter one layer's wire bytes held in a uint8 tensor on any device (cuda_ipc's GPU
+        staging for a CPU cache): one ``index_copy_`` on the cache's device, after a copy if the
+        data lives elsewhere. Asynchronous on a GPU cache: synchronize before reusing ``data``."""
         if data.dtype != torch.uint8 or data.numel() != self.layer_nbytes:
             raise ValueError(f"layer data must be {self.layer_nbytes} uint8 elements, got "
                              f"{data.numel()} {data.dtype}")

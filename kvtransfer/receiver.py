@@ -1,4 +1,4 @@
-"""The decode-side engine shared by the socket backends (TCP, shared memory).
+"""The decode-side engine shared by the socket backends (TCP, shared memory, CUDA IPC).
 
 One listening socket, served by a background thread; each arriving sender gets its own handler
 thread and connection (one connection per transfer). A backend only says where a layer's bytes
@@ -58,6 +58,21 @@ class LayerSource(ABC):
         """Called after the layer was scattered (shm: hand the slot back)."""
         return None
 
+    def accepted(self, sock: socket.socket, writer: PagedWriter) -> None:
+        """Called right after ACCEPT went out (cuda_ipc: grant the sender its destination)."""
+        return None
+
+    def interrupt(self, sock: socket.socket, err: TransferError) -> None:
+        """Another thread (cancel, timeout, close) stops this streaming connection. Default: shut
+        its read side, which wakes the handler at once (the handler is the only writer)."""
+        _shutdown(sock, socket.SHUT_RD)
+
+    def stop(self, sock: socket.socket, err: TransferError) -> None:
+        """The transfer failed: return only once nothing can land in the blocks any more (the
+        future is failed right after, and the decode side then frees the blocks). Default:
+        nothing to wait for, the handler thread did every write itself."""
+        return None
+
     def close(self) -> None:
         """Drop buffers / mappings."""
         return None
@@ -86,6 +101,7 @@ class _Entry:
     joined: set[int] = dataclasses.field(default_factory=set)
     lanes_open: int = 0  # lane handlers that may still write into the blocks
     lanes_done: int = 0  # lanes that delivered all their layers
+    source: LayerSource | None = None  # the first connection's, once ACCEPT went out
 
 
 class SocketReceiver(KVReceiver):
@@ -198,8 +214,9 @@ class SocketReceiver(KVReceiver):
             self._closed = True
             for entry in list(self._entries.values()):
                 self._abort_locked(entry, err.with_request(entry.request_id))
-            for conn in self._conns:  # senders still in the handshake
-                _shutdown(conn, socket.SHUT_RD)
+            claimed = {entry.conn for entry in self._entries.values()}
+            for conn in self._conns - claimed:  # senders still in the handshake
+                _shutdown(conn, socket.SHUT_RD)  # (claimed ones were stopped by _abort_locked)
             self._cond.notify_all()
         self._thread.join(timeout=5.0)
         self._listener.close()
@@ -232,8 +249,11 @@ class SocketReceiver(KVReceiver):
             self._cond.notify_all()
         elif entry.abort is None:
             entry.abort = err
-            for conn in ([entry.conn] if entry.conn is not None else []) + entry.lanes:
-                _shutdown(conn, socket.SHUT_RD)  # wakes the handlers' recv
+            # a handler still in the handshake (no source yet) checks entry.abort after ACCEPT
+            if entry.source is not None and entry.conn is not None:
+                entry.source.interrupt(entry.conn, err)
+            for conn in entry.lanes:
+                _shutdown(conn, socket.SHUT_RD)  # wakes the lane handlers' recv
             self._cond.notify_all()
 
     def _release_locked(self, entry: _Entry) -> None:
@@ -307,17 +327,8 @@ class SocketReceiver(KVReceiver):
                 return
             entry = self._handshake(conn, hello)
             self._receive(conn, entry, hello)
-        except TransferError as err:
-            self._finish_failed(conn, entry, err.with_request(request_id))
-        except TimeoutError:
-            err = TransferError(FailureReason.TIMEOUT, "sender stalled", request_id=request_id)
-            self._finish_failed(conn, entry, err)
-        except OSError as exc:  # PeerClosed, reset, shut down by cancel/close
-            err = TransferError(
-                FailureReason.CONNECTION_LOST, f"sender connection lost: {exc}",
-                request_id=request_id,
-            )
-            self._finish_failed(conn, entry, err)
+        except (TransferError, OSError) as exc:  # OSError: PeerClosed, reset, shut down, stalled
+            self._finish_failed(conn, entry, _transfer_error(exc).with_request(request_id))
         finally:
             with self._cond:
                 if entry is not None:
@@ -387,10 +398,20 @@ class SocketReceiver(KVReceiver):
             with self._cond:
                 entry.streams = streams
             send_frame(conn, FrameType.ACCEPT)
+            source.accepted(conn, entry.writer)
+            with self._cond:
+                entry.source = source
+                if entry.abort is not None:  # cancelled (etc.) during the handshake
+                    raise entry.abort
             self._receive_layers(conn, entry, source, range(0, self.spec.num_layers, streams))
             end = expect_frame(conn, FrameType.END).meta
             self._wait_for_lanes(entry)
+        except BaseException as exc:
+            source.stop(conn, entry.abort or _transfer_error(exc))  # before the future fails
+            raise
         finally:
+            with self._cond:
+                entry.source = None
             source.close()
             entry.writer.finish()
         first_token = end.get("first_token")
@@ -506,6 +527,18 @@ class SocketReceiver(KVReceiver):
                 self._release_locked(entry)
                 self._fail_future(entry.future, err)
         _send_error(conn, err)
+
+
+def _transfer_error(exc: BaseException) -> TransferError:
+    """What a handler's failure means for the transfer: a socket timeout is a stalled sender,
+    any other socket error (EOF, reset, our own shutdown) a lost connection."""
+    if isinstance(exc, TransferError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return TransferError(FailureReason.TIMEOUT, "sender stalled")
+    if isinstance(exc, OSError):
+        return TransferError(FailureReason.CONNECTION_LOST, f"sender connection lost: {exc}")
+    return TransferError(FailureReason.PROTOCOL_ERROR, f"receiver failed: {exc!r}")
 
 
 def _send_error(conn: socket.socket, err: TransferError) -> None:

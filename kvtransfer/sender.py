@@ -1,4 +1,4 @@
-"""The prefill-side engine shared by the socket backends (TCP, shared memory).
+"""The prefill-side engine shared by the socket backends (TCP, shared memory, CUDA IPC).
 
 One connection per transfer: connect -> HELLO -> wait for ACCEPT (the receiver may hold us until
 decode's expect() arrives) -> per layer, pull the next tensor from the caller's iterable and hand
@@ -64,6 +64,11 @@ class LayerSink(ABC):
         """The receiver accepted (shm: it has mapped the segment, so unlink it now)."""
         return None
 
+    def on_accept(self, sock: socket.socket) -> None:
+        """Right after ACCEPT, before any layer: read what the backend's receiver sends next
+        (cuda_ipc: where to write). Runs under the I/O timeout."""
+        return None
+
     @abstractmethod
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
         """Ship one contiguous layer tensor (on the sender's ``layer_device``)."""
@@ -72,6 +77,12 @@ class LayerSink(ABC):
         """A control frame from the receiver other than ERROR/DONE (shm: CREDIT)."""
         raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected {frame.type.name} frame")
 
+    def drain(self) -> None:
+        """Return once nothing this sink started can still land in the receiver's memory; called
+        before the sender tells the receiver that it failed (cuda_ipc writes the receiver's blocks
+        asynchronously on the GPU). Default: a layer is delivered when write() returns."""
+        return None
+
     def close(self) -> None:
         """Release buffers / segments."""
         return None
@@ -79,7 +90,7 @@ class LayerSink(ABC):
 
 class SlotSink(LayerSink):
     """A sink whose layers go through a ring of ``slots`` buffers that the receiver reads in place
-    (shared memory, CUDA IPC): LAYER {layer, slot} announces a filled slot, CREDIT {slot} hands it
+    (shared memory): LAYER {layer, slot} announces a filled slot, CREDIT {slot} hands it
     back. The ring bounds memory and gives backpressure: with no free slot the sender waits for a
     credit (with the I/O timeout)."""
 
@@ -110,7 +121,7 @@ class SocketSender(KVSender):
     backend: ClassVar[str]
     max_streams: ClassVar[int] = 1
     # where _check_layer moves each layer before the sink sees it; None keeps the tensor's own
-    # device (cuda_ipc copies GPU layers into its GPU ring; tcp/shm need host memory)
+    # device (cuda_ipc scatters GPU layers straight into the receiver; tcp/shm need host memory)
     layer_device: ClassVar[str | None] = "cpu"
 
     def __init__(
@@ -264,6 +275,7 @@ class SocketSender(KVSender):
             expect_frame(lane.sock, FrameType.ACCEPT)
             lane.sock.settimeout(self.io_timeout)
             lane.sink.accepted()
+            lane.sink.on_accept(lane.sock)
         except BaseException:
             lane.close()
             with self._lock:
@@ -452,11 +464,15 @@ class _Lane:
             raise self.error
 
     def halt(self, timeout: float) -> bool:
-        """Stop the lane's thread between layers; True once no frame is half-written."""
+        """Stop the lane's thread between layers and drain its sink; True once no frame is
+        half-written and nothing more can land at the receiver."""
         self._stopped = True
         if self._thread is not None:
             self._thread.join(timeout)
-            return not self._thread.is_alive()
+            if self._thread.is_alive():
+                return False
+        if self.sink is not None:
+            self.sink.drain()
         return True
 
     def close(self) -> None:

@@ -1,10 +1,12 @@
 """The cuda_ipc KV-transfer backend between two real processes on one host (needs CUDA).
 
-The sender runs in a child ``python -c`` process (its GPU ring is shared with us through a CUDA
-IPC handle); the receiver and its paged GPU cache live in the test process. Checked: bit-exact
-data on cuda:0 -> cuda:0 and, with two GPUs, cuda:0 -> cuda:1 (a peer copy); a handshake
-mismatch named on both sides; a sender killed mid-transfer failing the receiver at once.
-On a CPU-only host these tests skip, and one test checks the backend refuses to start there.
+The sender runs in a child ``python -c`` process and writes straight into the receiver's paged
+GPU cache (shared with it through a CUDA IPC handle); the receiver lives in the test process.
+Checked: bit-exact data on cuda:0 -> cuda:0 and, with two GPUs, cuda:0 -> cuda:1 (a peer copy);
+the same-process path (one CUDA context); a handshake mismatch named on both sides; a sender
+killed mid-transfer failing the receiver at once; a cancel acknowledged by a sender whose
+sending thread is busy elsewhere. Without CUDA these skip; the CPU tests check the backend
+refuses to start there and the sender-process exit check the receiver relies on.
 
 Works under ``pytest --noconftest`` and, where pytest is missing, as a plain script:
 ``python tests/test_kvtransfer_cuda_ipc.py``.
@@ -23,6 +25,7 @@ import time
 
 import torch
 from splitserve.kvtransfer import KVSpec, TransferError, create_receiver, create_sender
+from splitserve.kvtransfer.cuda_ipc import _pid_namespace, _read_stat, exit_state
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
 try:
@@ -126,6 +129,43 @@ def check_round_trip(cache_device: str) -> None:
     assert bool((cache[:, :, untouched.to(cache.device)] == -7.0).all())
 
 
+def check_same_process(layer_device: str) -> None:
+    """Sender and receiver in this process: the sender writes the receiver's tensor directly."""
+    d_spec = make_spec(block_size=8)
+    cache = paged_cache(d_spec, "cuda:0")
+    table = torch.randperm(cache.shape[2])[: -(-TOKENS // 8)].tolist()
+    want = expected_layers(d_spec, TOKENS, 5)
+    with create_receiver("cuda_ipc", d_spec, cache) as rx, \
+            create_sender("cuda_ipc", make_spec(), device="cuda:0") as tx:
+        for rid in ("local-1", "local-2"):  # the second reuses everything
+            fut = rx.expect(rid, TOKENS, table, timeout=30)
+            sent = tx.send(rid, rx.endpoint, [t.to(layer_device) for t in want], 9)
+            assert fut.result(timeout=30).bytes == sent.bytes
+    slots = token_slots(table, TOKENS, 8, cache.shape[2]).to(cache.device)
+    for layer in range(LAYERS):
+        assert torch.equal(gather_layer(cache, layer, slots).cpu(), want[layer]), f"layer {layer}"
+
+
+def check_cancel_acknowledged_while_sender_busy() -> None:
+    """The child's sending thread sleeps in its layer iterator; its watcher still stops the
+    writes and acknowledges, so the cancel completes at once."""
+    spec = make_spec()
+    with create_receiver("cuda_ipc", spec, paged_cache(spec, "cuda:0")) as rx:
+        fut = rx.expect("busy", TOKENS, list(range(19)), timeout=60)
+        proc = start_sender(spec, rx.endpoint, "busy", mode="pause")
+        try:
+            assert proc.stdout.readline().strip() == "PAUSED"
+            time.sleep(0.2)
+            start = time.monotonic()
+            assert rx.cancel("busy")
+            err = expect_failure(fut, 5)
+            assert err.reason == "cancelled" and time.monotonic() - start < 1.0, err
+            assert proc.poll() is None  # the sender is alive: this was its acknowledgement
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
 def check_handshake_mismatch() -> None:
     with create_receiver("cuda_ipc", make_spec(), paged_cache(make_spec(), "cuda:0")) as rx:
         fut = rx.expect("mm", TOKENS, list(range(19)), timeout=30)
@@ -144,7 +184,7 @@ def check_sender_killed_mid_transfer() -> None:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
         try:
-            assert lines.get(timeout=60).strip() == "PAUSED"  # layer 0 is in the ring
+            assert lines.get(timeout=60).strip() == "PAUSED"  # layer 0 is written
             time.sleep(0.3)
             assert not fut.done()
             start = time.monotonic()
@@ -155,7 +195,7 @@ def check_sender_killed_mid_transfer() -> None:
             proc.kill()
             proc.wait(10)
         assert err.reason == "connection_lost", err
-        # the receiver serves the next transfer normally (its mapping of the dead ring is gone)
+        # the receiver serves the next transfer normally (a new process maps the cache again)
         fut = rx.expect("after", TOKENS, list(range(19)), timeout=60)
         proc = start_sender(spec, rx.endpoint, "after")
         fut.result(timeout=90)
@@ -174,6 +214,27 @@ def check_no_cuda_refused() -> None:
             raise AssertionError("cuda_ipc must refuse to start without CUDA")
 
 
+def check_exit_state() -> None:
+    """The receiver's view of a sender process: running, then gone once it exited (zombie or
+    reaped); a process of another PID namespace is unseen."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ident = {"pid": proc.pid, "ns": _pid_namespace(),
+                 "start": _read_stat(f"/proc/{proc.pid}/stat")[2]}
+        assert exit_state(ident) == "running"
+        assert exit_state({**ident, "ns": "pid:[1]"}) == "unseen"
+        assert exit_state({**ident, "start": ident["start"] + 1}) == "gone"  # a reused pid
+        proc.kill()
+        deadline = time.monotonic() + 10
+        while exit_state(ident) != "gone" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exit_state(ident) == "gone"  # a zombie: its GPU context is released
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert exit_state(ident) == "gone"  # reaped
+
+
 if pytest is not None:
     needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="cuda_ipc needs CUDA "
                                     "(torch.cuda.is_available() is False)")
@@ -186,6 +247,19 @@ if pytest is not None:
     @pytest.mark.skipif(not TWO_GPUS, reason="peer copy needs 2 GPUs")
     def test_round_trip_to_another_gpu_bit_exact() -> None:
         check_round_trip("cuda:1")
+
+    @needs_cuda
+    @pytest.mark.parametrize("layer_device", ["cuda:0", "cpu"])
+    def test_same_process_writes_the_cache_directly(layer_device: str) -> None:
+        check_same_process(layer_device)
+
+    @needs_cuda
+    def test_cancel_is_acknowledged_while_the_sender_is_busy() -> None:
+        check_cancel_acknowledged_while_sender_busy()
+
+    @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+    def test_sender_exit_state_from_proc() -> None:
+        check_exit_state()
 
     @needs_cuda
     def test_handshake_mismatch_names_the_field_on_both_sides() -> None:
@@ -205,6 +279,10 @@ def main() -> int:
     checks = [("no cuda refused", check_no_cuda_refused, not HAS_CUDA),
               ("round trip cuda:0", lambda: check_round_trip("cuda:0"), HAS_CUDA),
               ("round trip cuda:0 -> cuda:1", lambda: check_round_trip("cuda:1"), TWO_GPUS),
+              ("same process, GPU layers", lambda: check_same_process("cuda:0"), HAS_CUDA),
+              ("same process, CPU layers", lambda: check_same_process("cpu"), HAS_CUDA),
+              ("cancel while sender busy", check_cancel_acknowledged_while_sender_busy, HAS_CUDA),
+              ("sender exit state", check_exit_state, os.path.isdir("/proc/self/task")),
               ("handshake mismatch", check_handshake_mismatch, HAS_CUDA),
               ("sender killed", check_sender_killed_mid_transfer, HAS_CUDA)]
     failed = 0
