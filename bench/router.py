@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             target["pairs"].append(pair)
         router_port = free_port()
         target["router"] = f"http://127.0.0.1:{router_port}"
-        cmd = [sys.executable, "-m", "splitserve.cli", "--log-level", "WARNING", "router",
+        cmd = [sys.executable, "-m", "splitserve.router", "--log-level", "WARNING",
                "--model", model, "--port", str(router_port), "--policy", args.policy]
         if router_workers > 1:
             cmd += ["--workers", str(router_workers)]

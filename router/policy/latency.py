@@ -26,8 +26,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 _SECTIONS = {
     "prefill": ("base_ms", "per_token_ms", "per_token2_ms"),
     "decode": ("base_ms", "per_seq_ms", "per_context_token_ms"),
@@ -37,6 +35,8 @@ _SECTIONS = {
 
 def _fit(section: str, points: list[list[float]]) -> dict[str, float]:
     """Least-squares coefficients (clipped at 0) for a section's measured points."""
+    import numpy as np  # here: only fitting measured points needs it, not the router's hot path
+
     pts = np.asarray(points, dtype=float)
     if pts.ndim != 2 or len(pts) < 2:
         raise ValueError(f"latency model {section}.points needs at least 2 rows")
