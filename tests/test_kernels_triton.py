@@ -104,24 +104,68 @@ else:
         32: [(37, 37), (3, 70), (20, 33)],
     }
 
-    @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("head_dim,ratio,block_size", GRID)
-    def test_prefill_attention(head_dim, ratio, block_size, dtype) -> None:
-        gen = _gen("prefill", head_dim, ratio, block_size, dtype)
-        seqs = PREFILL_SEQS[block_size]
-        num_kv_heads = 2 if ratio < 8 else 1
+    def _prefill_case(gen, seqs, num_kv_heads, ratio, head_dim, block_size, dtype):
+        """Packed q, a paged cache holding every context, and the new tokens' own k/v."""
         kv, table, lens = _paged(gen, [c for _, c in seqs], num_kv_heads, head_dim, block_size, dtype)
         cu = [0]
         for n, _ in seqs:
             cu.append(cu[-1] + n)
         cu_q = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
         q = _randn(gen, cu[-1], num_kv_heads * ratio, head_dim, dtype=dtype)
+        news = [attention.gather_kv(kv, table[b], c) for b, (_, c) in enumerate(seqs)]
+        k = torch.cat([nk[c - n :] for (nk, _), (n, c) in zip(news, seqs, strict=True)])
+        v = torch.cat([nv[c - n :] for (_, nv), (n, c) in zip(news, seqs, strict=True)])
+        # v as a strided view of a fused projection, the way the model passes it
+        v = torch.cat([v, v], 1)[:, num_kv_heads:]
+        return q, kv, table, cu_q, lens, k, v
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("head_dim,ratio,block_size", GRID)
+    def test_prefill_attention(head_dim, ratio, block_size, dtype) -> None:
+        gen = _gen("prefill", head_dim, ratio, block_size, dtype)
+        seqs = PREFILL_SEQS[block_size]
+        num_kv_heads = 2 if ratio < 8 else 1
+        q, kv, table, cu_q, lens, k, v = _prefill_case(
+            gen, seqs, num_kv_heads, ratio, head_dim, block_size, dtype
+        )
         scale = head_dim**-0.5
         ref = attention.prefill_attention_ref(q, kv, table, cu_q, lens, scale)
         out = prefill_attention_triton(q, kv, table, cu_q, lens, scale, block_m=16, block_n=16)
         _check(out, ref, dtype)
+        # the new tokens' keys/values read from k/v instead of the cache: through tensor
+        # descriptors (the default where allowed) or plain loads, alternating over the grid;
+        # key tiles narrower and wider than the query tiles (several diagonal tiles; an
+        # off-diagonal range that ends mid-tile)
+        tiles = dict(block_m=32, block_n=16) if ratio != 4 else dict(block_m=16, block_n=32)
+        tma = None if (head_dim // 64 + block_size // 16) % 2 else False
+        out = prefill_attention_triton(q, kv, table, cu_q, lens, scale, k=k, v=v, tma=tma, **tiles)
+        _check(out, ref, dtype)
         if head_dim == 64 and block_size == 16:  # the default (GPU) tiles, through the dispatch
             _check(attention.prefill_attention(q, kv, table, cu_q, lens, scale), ref, dtype)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_prefill_attention_long_default_tiles(dtype) -> None:
+        """Prompts longer than the default tiles: the unmasked prefix and off-diagonal loops run
+        many full tiles (the small grid above mostly exercises the masked ones)."""
+        gen = _gen("prefill-long", dtype)
+        seqs = [(201, 201), (150, 350), (1, 77)]
+        q, kv, table, cu_q, lens, k, v = _prefill_case(gen, seqs, 1, 2, 128, 16, dtype)
+        ref = attention.prefill_attention_ref(q, kv, table, cu_q, lens, 128**-0.5)
+        _check(prefill_attention_triton(q, kv, table, cu_q, lens, 128**-0.5), ref, dtype)
+        _check(prefill_attention_triton(q, kv, table, cu_q, lens, 128**-0.5, k=k, v=v), ref, dtype)
+
+    def test_prefill_attention_rejects_bad_fresh_kv() -> None:
+        gen = _gen("prefill-errors")
+        q, kv, table, cu_q, lens, k, v = _prefill_case(gen, [(5, 9)], 2, 2, 64, 16, torch.float32)
+        with pytest.raises(ValueError):
+            prefill_attention_triton(q, kv, table, cu_q, lens, 0.1, k=k)  # v missing
+        with pytest.raises(ValueError):
+            prefill_attention_triton(q, kv, table, cu_q, lens, 0.1, k=k[:4], v=v[:4])
+        with pytest.raises(TypeError):
+            prefill_attention_triton(q, kv, table, cu_q, lens, 0.1, k=k.half(), v=v.half())
+        with pytest.raises(ValueError):  # heads not packed: no 2-D descriptor can describe it
+            spread = torch.zeros(5, 2, 2, 64, device=DEVICE)[:, :, 0]
+            prefill_attention_triton(q, kv, table, cu_q, lens, 0.1, k=spread, v=spread, tma=True)
 
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("head_dim,ratio", [(64, 1), (64, 4), (128, 8), (128, 4)])
