@@ -23,13 +23,22 @@ first downward crossing of the target, so they cannot change it, and an overload
 would only spend minutes draining its queue. A request still unanswered after ``--timeout``
 seconds is a miss.
 
-Defaults (chat workload with lengths halved, rates 0.1/0.25/0.5 for both, 2/8/32 for the engine
-only, 20 s per rate) aim at under ~6 minutes on one H200 with a Llama-3-8B-shaped model: HF
-``generate`` at batch 1 makes ~17-35 tokens/s there (bench/RESULTS.md measured 16.8), so a
-~100-token answer holds the GPU for 3-6 s and HF saturates near 0.2-0.3 req/s; the engine's
-steps take ~5-6 ms. Under the chat SLO (TTFT 250 ms) HF's requests meet TTFT only when they do
-not queue, so its goodput may lie below the lowest rate: the ratio is then reported as a lower
-bound ("> x"). Judge the raw run files by other targets with ``splitserve bench report``.
+Defaults (chat workload with lengths halved, rates 0.1/0.25/0.5 for both, 2/8/32/64 for the
+engine only, 15 s of arrivals per rate) aim at about 6 minutes on one H200 with a
+Llama-3-8B-shaped model: HF ``generate`` at batch 1 makes ~17-35 tokens/s there
+(bench/RESULTS.md measured 16.8), so a ~100-token answer holds the GPU for 3-6 s and HF
+saturates near 0.2-0.3 req/s, while an engine step takes ~5-7 ms up to batch 64. Under the chat
+SLO (TTFT 250 ms) an HF request meets TTFT only if it does not queue, so HF's goodput may lie
+below the lowest rate; the ratio is then a lower bound ("> x"). Judge the raw run files by other
+targets with ``splitserve bench report``. Run files already in OUT are reported too: use a
+fresh OUT for a fresh comparison.
+
+A Llama-3-8B shape without writing 15 GiB of weights: make the demo model, give its config.json
+the 8B dimensions (``bench/engine.py``'s ``LLAMA3_8B``) but keep its vocabulary size (the
+tokenizer must decode every id the model can produce, see ``check_vocab``), and pass
+``--random-weights --dtype bfloat16`` (both systems then draw their own random weights: timing
+only). ``--make-8b-shape`` does all of this. Tokens are random, so some are partial UTF-8 bytes whose text the router holds back until
+a later token completes it, in both systems alike.
 
 CPU smoke test with the demo model (context 1,024):
 
@@ -350,6 +359,42 @@ def compare(args: argparse.Namespace, plan: Plan, commands: dict[str, str],
     return path, doc
 
 
+def make_8b_shape(model_dir: str) -> Path:
+    """The demo model (tokenizer, chat template) with ``bench/engine.py``'s Llama-3-8B config
+    but the demo's vocabulary size, and no weights file: both systems then run with
+    ``--random-weights`` (nothing to write or read: 15 GiB saved twice)."""
+    from splitserve.bench.engine import LLAMA3_8B
+    from splitserve.engine.demo_model import init_demo_model
+
+    out = init_demo_model(model_dir)
+    path = out / "config.json"
+    cfg = json.loads(path.read_text())
+    vocab = cfg["vocab_size"]
+    cfg.update(LLAMA3_8B, vocab_size=vocab, pad_token_id=cfg.get("pad_token_id"))
+    cfg.pop("splitserve_demo", None)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "model.safetensors").unlink()
+    return out
+
+
+def check_vocab(model_dir: str) -> None:
+    """Refuse a model whose vocabulary is much larger than its tokenizer's (e.g. a random-weight
+    config with Llama-3's 128,256 rows over the demo's ~700-token tokenizer): ids the tokenizer
+    cannot decode stream as empty text, the router sends no SSE event for them, and TTFT/TPOT
+    would measure the wrong thing for both systems. Padding rows (a few percent) are fine."""
+    from splitserve.router.tokenizer import RouterTokenizer
+
+    path = Path(model_dir) / "config.json"
+    vocab = json.loads(path.read_text()).get("vocab_size")
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"{model_dir} has no tokenizer.json (the router needs it)")
+    known = RouterTokenizer(model_dir).vocab_size
+    if isinstance(vocab, int) and vocab > 1.1 * known:
+        raise ValueError(f"{path}: vocab_size {vocab} but tokenizer.json has {known} tokens: "
+                         "most generated ids would decode to nothing, so streamed timings "
+                         "would be wrong; keep the tokenizer's vocabulary size")
+
+
 def run(args: argparse.Namespace) -> int:
     """The comparison described in the module docstring; returns a process exit code."""
     plan = Plan(parse_rate_list(args.rates, "--rates"),
@@ -358,8 +403,13 @@ def run(args: argparse.Namespace) -> int:
     get_workload(args.workload)
     if not 0 <= args.skip_below <= 1:
         raise ValueError(f"--skip-below must be in [0, 1], got {args.skip_below}")
+    if args.make_8b_shape:
+        make_8b_shape(args.model)
+        args.random_weights, args.dtype = True, args.dtype or "bfloat16"
+        log.info("wrote a Llama-3-8B-shaped config (demo vocabulary) to %s", args.model)
+    check_vocab(args.model)
     name = args.served_model_name or Path(args.model).name
-    tokenizer = args.model if (Path(args.model) / "tokenizer.json").is_file() else None
+    tokenizer = args.model
     commands = {ENGINE: engine_command(args, name), HF: hf_command(args, name)}
     order = [HF, ENGINE] if args.hf_first else [ENGINE, HF]
     skipped: dict[str, list[float]] = {}
@@ -392,6 +442,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the checkpoint's")
     p.add_argument("--random-weights", action="store_true",
                    help="both systems use random weights of config.json's shape (timing only)")
+    p.add_argument("--make-8b-shape", action="store_true",
+                   help="first write a Llama-3-8B-shaped config (demo tokenizer and vocabulary, "
+                        "no weights) to --model; implies --random-weights, bf16 by default")
     p.add_argument("--engine-args", default="",
                    help="extra worker arguments for the engine (--chunked-prefill is always on)")
     p.add_argument("--hf-args", default="", help="extra arguments for bench/hf_server.py")
@@ -399,9 +452,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF static batch size (1: one request at a time, the plain baseline)")
     p.add_argument("--workload", default="chat", help="see `splitserve bench workloads`")
     p.add_argument("--rates", default="0.1,0.25,0.5", help="rates both systems run, req/s")
-    p.add_argument("--engine-rates", default="2,8,32",
+    p.add_argument("--engine-rates", default="2,8,32,64",
                    help="rates only the engine runs (to find its goodput); '' for none")
-    p.add_argument("--duration", type=float, default=20.0,
+    p.add_argument("--duration", type=float, default=15.0,
                    help="seconds of arrivals per rate (requests = rate x duration, clamped)")
     p.add_argument("--min-requests", type=int, default=5)
     p.add_argument("--max-requests", type=int, default=1000)

@@ -122,3 +122,44 @@ def test_engine_vs_hf_smoke(demo_model: Path, tmp_path: Path) -> None:
         assert row[label]["attainment"] == 1.0
     assert doc["goodput_ratio"]["bound"] == "unknown"  # both met the SLO at their only rate
     assert (out / "report" / "chat" / "attainment_chat.png").exists()
+
+
+def test_goodput_ratio_says_what_kind_of_bound_it_is() -> None:
+    from splitserve.bench.engine_vs_hf import goodput_ratio, ratio_text
+    from splitserve.bench.stats import Goodput
+
+    def g(rate: float, status: str) -> Goodput:
+        return Goodput(rate, status, 0.9)
+
+    cases = [
+        (g(8, "interpolated"), g(0.2, "interpolated"), 40.0, "exact", "40.0x"),
+        (g(8, "interpolated"), g(0, "below_range"), 80.0, "lower", "> 80.0x"),  # HF < 0.1
+        (g(64, "above_range"), g(0.2, "interpolated"), 320.0, "lower", "> 320.0x"),
+        (g(8, "interpolated"), g(0.5, "above_range"), 16.0, "upper", "< 16.0x"),
+        (g(0, "below_range"), g(0.2, "interpolated"), 0.5, "upper", "< 0.5x"),  # engine < 0.1
+        (g(64, "above_range"), g(0.5, "above_range"), None, "unknown", "?"),
+        (g(0, "below_range"), g(0, "below_range"), None, "unknown", "?"),
+    ]
+    for engine, hf, value, bound, text in cases:
+        ratio = goodput_ratio(engine, hf, engine_min_rate=0.1, hf_min_rate=0.1)
+        assert ratio["bound"] == bound, (engine, hf)
+        if value is None:
+            assert ratio["value"] is None
+        else:
+            assert ratio["value"] == pytest.approx(value)
+        assert ratio_text(ratio) == text
+
+
+def test_an_8b_shape_keeps_a_vocabulary_the_tokenizer_can_decode(tmp_path: Path) -> None:
+    from splitserve.bench.engine_vs_hf import check_vocab, make_8b_shape
+
+    model = make_8b_shape(str(tmp_path / "m"))
+    cfg = json.loads((model / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == \
+        (4096, 32, 8)
+    assert not (model / "model.safetensors").exists()
+    check_vocab(str(model))
+    cfg["vocab_size"] = 128256  # Llama-3's rows over the demo tokenizer: refused
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="decode to nothing"):
+        check_vocab(str(model))
