@@ -175,7 +175,10 @@ def bench_decisions(n: int) -> list[dict[str, Any]]:
 
 
 async def _client_loop(mode: str, target: dict[str, Any], streams: int, first_stream: int,
-                       duration: float, max_tokens: int) -> dict:
+                       duration: float, max_tokens: int, interval: float = 0.0) -> dict:
+    """``streams`` streams, each sending its next request when the last one ended (closed loop)
+    or, with ``interval`` > 0, at its next slot ``interval`` s after the previous one (paced:
+    the latencies are then the service's, not the queue's, as long as it keeps up)."""
     import aiohttp
 
     ttft: list[float] = []
@@ -227,7 +230,15 @@ async def _client_loop(mode: str, target: dict[str, Any], streams: int, first_st
 
         async def loop(k: int) -> None:
             i = 0
+            slot = time.monotonic() + random.random() * interval  # streams out of phase
             while time.monotonic() < stop_at:
+                if interval:
+                    now = time.monotonic()
+                    if slot > now:
+                        await asyncio.sleep(slot - now)
+                    slot = max(slot + interval, time.monotonic())  # behind: no catch-up burst
+                    if slot - interval >= stop_at:
+                        break
                 i += 1
                 try:
                     a, b = await call(k, i)
@@ -257,15 +268,18 @@ def _client_process(args: tuple) -> dict:
 
 
 def run_load(mode: str, target: dict[str, Any], concurrency: int, clients: int, duration: float,
-             max_tokens: int, load_cpus: set[int] | None = None, router_pid: int | None = None) -> dict:
-    """One closed-loop measurement; with ``router_pid``, also the router's CPU time over it."""
+             max_tokens: int, load_cpus: set[int] | None = None, router_pid: int | None = None,
+             rate: float = 0.0) -> dict:
+    """One measurement (closed loop, or paced at ``rate`` requests/s in all); with
+    ``router_pid``, also the router's CPU time over it."""
+    interval = concurrency / rate if rate > 0 else 0.0
     per = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     starts = [sum(per[:i]) for i in range(clients)]
     with mp.get_context("spawn").Pool(clients, initializer=_client_init, initargs=(load_cpus,)) as pool:
         pool.map(abs, range(clients))  # the workers are up (imports done) before the clock starts
         cpu0 = process_tree_cpu_s(router_pid) if router_pid else 0.0
         t0 = time.monotonic()
-        parts = pool.map(_client_process, [(mode, target, n, s, duration, max_tokens)
+        parts = pool.map(_client_process, [(mode, target, n, s, duration, max_tokens, interval)
                                            for n, s in zip(per, starts, strict=True)])
         wall = time.monotonic() - t0
         cpu = process_tree_cpu_s(router_pid) - cpu0 if router_pid else None
@@ -275,9 +289,9 @@ def run_load(mode: str, target: dict[str, Any], concurrency: int, clients: int, 
     for p in parts:
         for k, v in p["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    row = {"mode": mode, "concurrency": concurrency, "requests": len(e2e),
+    row = {"mode": mode, "concurrency": concurrency, "offered_rps": rate or None, "requests": len(e2e),
            "errors": sum(errors.values()), "error_kinds": errors,
-           "rps": len(e2e) / wall, "wall_s": wall,
+           "rps": len(e2e) / duration, "wall_s": wall,  # requests started within `duration`
            "ttft_p50_ms": _pct(ttft, 0.5) * 1e3, "ttft_p99_ms": _pct(ttft, 0.99) * 1e3,
            "e2e_p50_ms": _pct(e2e, 0.5) * 1e3, "e2e_p99_ms": _pct(e2e, 0.99) * 1e3}
     if cpu is not None:
@@ -292,7 +306,8 @@ def _print_row(row: dict[str, Any]) -> None:
     if "router_cpu_us_per_request" in row:
         extra = (f"  router CPU {row['router_cpu_us_per_request']:.0f} us/req "
                  f"({row['router_cores_busy']:.2f} cores busy)")
-    print(f"c={row['concurrency']:>5} {row['mode']:>6}: {row['rps']:.0f} req/s "
+    offered = f" of {row['offered_rps']:.0f} offered" if row.get("offered_rps") else ""
+    print(f"c={row['concurrency']:>5} {row['mode']:>6}: {row['rps']:.0f} req/s{offered} "
           f"({row['requests']} ok, {row['errors']} errors)  "
           f"TTFT p50 {row['ttft_p50_ms']:.1f} ms p99 {row['ttft_p99_ms']:.1f} ms  "
           f"e2e p50 {row['e2e_p50_ms']:.1f} ms p99 {row['e2e_p99_ms']:.1f} ms{extra}", flush=True)
@@ -329,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-cpus", default=None, help="cores for stubs and clients (default: all but --router-cpus)")
     ap.add_argument("--router-workers", type=int, default=None,
                     help="router processes (default: one per --router-cpus core, else 1)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="offered requests/s over all streams (paced; default 0 = closed loop, as fast as answered)")
     ap.add_argument("--modes", default="direct,router", help="which of direct,router to run (default both)")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per measurement (default 15)")
     ap.add_argument("--max-tokens", type=int, default=4, help="tokens per request (default 4)")
@@ -393,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = {}
             for mode in modes:
                 row = run_load(mode, target, conc, min(n_clients, conc), args.duration, args.max_tokens,
-                               load_cpus, router.pid if mode == "router" else None)
+                               load_cpus, router.pid if mode == "router" else None, args.rate)
                 rows[mode] = row
                 _print_row(row)
             entry: dict[str, Any] = {"concurrency": conc, **rows}

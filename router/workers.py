@@ -4,12 +4,10 @@ The calls follow the Worker HTTP API in the contracts exactly: ``GET /health``, 
 ``POST /prefill`` and the NDJSON stream of ``POST /generate``. Connection failures surface as
 ``WorkerUnreachable`` so the caller can mark the worker unhealthy at once.
 
-The client is aiohttp (already installed through kopf): on the router's hot path it is several
-times cheaper per request than httpx, whose connection pool scans every connection per request.
-Bodies are encoded with orjson once and sent as bytes (aiohttp's ``json=`` would run the standard
-library's encoder per call), and the decode stream is read in batches: every line that has
-already arrived is parsed in one go, so a backlog costs one pass through the router, not one per
-line.
+The two calls of every request (``/generate``, ``/prefill``) go through http1.py, a small
+keep-alive HTTP/1.1 client (see there why); the polls use aiohttp. Bodies are encoded with orjson,
+and the decode stream is read in batches: every line that has already arrived is parsed in one
+go, so a backlog costs one pass through the router, not one per line.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from splitserve.router import http1
 from splitserve.router.codec import dumps, loads
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -101,11 +100,16 @@ _NET_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 async def _error_message(resp: aiohttp.ClientResponse) -> tuple[str, str | None]:
-    text = await resp.text()
+    return _error_text(await resp.read(), resp.status)
+
+
+def _error_text(raw: bytes, status: int) -> tuple[str, str | None]:
+    """(message, reason) from an error answer: the worker's JSON error if it is one."""
+    text = raw.decode(errors="replace")
     try:
         data = json.loads(text)
     except ValueError:
-        return text[:500] or f"HTTP {resp.status}", None
+        return text[:500] or f"HTTP {status}", None
     if isinstance(data, dict):
         err = data.get("error", data)
         if isinstance(err, dict):
@@ -128,6 +132,8 @@ class WorkerClient:
         )
         self.probe_timeout = aiohttp.ClientTimeout(total=max(1.0, connect_timeout_s), connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self.pool = http1.Pool(connect_timeout_s)
+        self._addresses: dict[str, tuple[str, int, str]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -138,6 +144,7 @@ class WorkerClient:
         return self._session
 
     async def aclose(self) -> None:
+        self.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -158,17 +165,33 @@ class WorkerClient:
     async def load(self, base: str) -> WorkerLoad:
         return WorkerLoad.from_json(await self._get_json(f"{base}/load"))
 
+    def _address(self, base: str) -> tuple[str, int, str]:
+        found = self._addresses.get(base)
+        if found is None:
+            try:
+                found = self._addresses[base] = http1.split_url(base)
+            except ValueError as exc:
+                raise WorkerUnreachable(str(exc)) from exc
+        return found
+
+    async def post(self, base: str, path: str, body: dict[str, Any], timeout: float) -> http1.Response:
+        """``POST base+path`` on the hot-path client; raises the transport's OSError/TimeoutError."""
+        host, port, prefix = self._address(base)
+        return await self.pool.post(host, port, prefix + path, dumps(body), timeout)
+
     async def prefill(self, base: str, body: dict[str, Any]) -> dict[str, Any]:
+        timeout = self.prefill_timeout.total
         try:
-            async with self.session.post(
-                f"{base}/prefill", data=dumps(body), headers=_JSON_HEADERS, timeout=self.prefill_timeout
-            ) as resp:
-                if resp.status != 200:
-                    msg, reason = await _error_message(resp)
-                    raise WorkerRejected(resp.status, f"prefill {base}: {msg}", reason)
-                raw = await resp.read()
+            resp = await self.post(base, "/prefill", body, timeout)
+            try:
+                raw = await resp.read(timeout)
+            finally:
+                resp.close()
         except _NET_ERRORS as exc:
             raise WorkerUnreachable(f"prefill {base}: {_describe(exc)}") from exc
+        if resp.status != 200:
+            msg, reason = _error_text(raw, resp.status)
+            raise WorkerRejected(resp.status, f"prefill {base}: {msg}", reason)
         try:
             return loads(raw)
         except ValueError as exc:
@@ -180,25 +203,22 @@ class WorkerClient:
 
 class GenerateStream:
     """``async with`` context around decode's ``POST /generate``; leaving it closes the
-    connection, which makes the decode worker abort the sequence and free its blocks."""
+    connection unless the stream was read to its end, which makes the decode worker abort the
+    sequence and free its blocks."""
 
     def __init__(self, client: WorkerClient, base: str, body: dict[str, Any]) -> None:
         self._client, self.base, self._body = client, base, body
-        self._resp: aiohttp.ClientResponse | None = None
+        self._resp: http1.Response | None = None
+        self._idle = client.stream_timeout.sock_read
 
     async def __aenter__(self) -> GenerateStream:
         try:
-            resp = await self._client.session.post(
-                f"{self.base}/generate",
-                data=dumps(self._body),
-                headers=_JSON_HEADERS,
-                timeout=self._client.stream_timeout,
-            )
+            resp = await self._client.post(self.base, "/generate", self._body, self._idle)
         except _NET_ERRORS as exc:
             raise WorkerUnreachable(f"decode {self.base}: {_describe(exc)}") from exc
         if resp.status != 200:
             try:
-                msg, reason = await _error_message(resp)
+                msg, reason = _error_text(await resp.read(self._idle), resp.status)
             except _NET_ERRORS as exc:
                 msg, reason = _describe(exc), None
             finally:
@@ -209,17 +229,14 @@ class GenerateStream:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._resp is not None:
-            self._resp.close()  # not release(): an unfinished stream must drop the connection
+            self._resp.close()  # complete: the connection is kept; unfinished: it is closed
 
     async def finish(self) -> None:
         """After the last line: read the (empty) end of the body so the connection is reused."""
-        if self._resp is None:
+        if self._resp is None or self._resp.complete:
             return
         try:
-            if not self._resp.content.at_eof():  # usually it is: no timer task needed then
-                await asyncio.wait_for(self._resp.content.read(), 1.0)
-            self._resp.release()
-            self._resp = None
+            await self._resp.read(1.0)
         except _NET_ERRORS:
             pass  # __aexit__ closes it; nothing is lost but the connection
 
@@ -228,14 +245,13 @@ class GenerateStream:
         connection or a line that is not JSON raises WorkerUnreachable."""
         if self._resp is None:
             raise RuntimeError("GenerateStream.batches() is only valid inside `async with`")
-        content = self._resp.content
         rest = b""
         try:
             while True:
-                data = await content.readany()
+                data = await self._resp.next_data(self._idle)
                 if not data:
                     break
-                *complete, rest = (rest + data + content.read_nowait(-1)).split(b"\n")
+                *complete, rest = (rest + data).split(b"\n")
                 batch = [loads(line) for line in complete if line.strip()]
                 if batch:
                     yield batch
