@@ -35,10 +35,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitserve.router.dispatch import Chunk, SequenceSpec
 from splitserve.router.errors import RouterError, bad_request
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from splitserve.router.tokenizer import RouterTokenizer
 
 log = logging.getLogger("splitserve.bench.hf_server")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -367,8 +369,12 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
 
-    async def respond(shape: Shape, body: Any, prompts: list[list[int]]) -> Response:
-        result = await serving.serve(shape, body, prompts, max_len, SLO())
+    async def respond(request: Request, shape: Shape, body: Any,
+                      prompts: list[list[int]]) -> Response:
+        result = await _unless_client_leaves(
+            request, serving.serve(shape, body, prompts, max_len, SLO()))
+        if result is None:
+            return Response(status_code=499)  # nobody is listening (nginx's "client closed")
         if isinstance(result, dict):
             return JSONResponse(result)
         return DisconnectAwareStreamingResponse(result.lines, "text/event-stream",
@@ -376,7 +382,7 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
                                                 headers={"cache-control": "no-cache"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model, cfg.served_model_name)
         prompts = []
         for p in body.prompts():
@@ -384,17 +390,17 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
             if not ids or any(not 0 <= t < tokenizer.vocab_size for t in ids):
                 raise bad_request("prompt is empty or has token ids out of range", "prompt")
             prompts.append(ids)
-        return await respond(Shape(chat=False), body, prompts)
+        return await respond(request, Shape(chat=False), body, prompts)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model, cfg.served_model_name)
         try:
             ids = tokenizer.encode_chat([m.template_dict() for m in body.messages],
                                         body.add_generation_prompt)
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from exc
-        return await respond(Shape(chat=True), body, [ids])
+        return await respond(request, Shape(chat=True), body, [ids])
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -413,6 +419,29 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
         return {"role": "hf", **generator.load()}
 
     return app
+
+
+async def _unless_client_leaves(request: Any, work: Awaitable[T],
+                                poll_s: float = 0.5) -> T | None:
+    """``work``'s result, or None if the client disconnects first (``work`` is then cancelled).
+
+    A request waits in the FIFO queue before its first token, and the streaming response (which
+    watches for disconnects) only starts after that; without this, a request its client gave
+    up on (a load-generator timeout) would still be generated later, delaying every request
+    queued behind it.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def warm_up(generator: HFGenerator) -> None:

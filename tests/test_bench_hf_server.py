@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,35 @@ def test_server_streams_the_tokens_generate_gives(
             assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), NEW_TOKENS)
         with pytest.raises(Exception, match="logprobs"):  # refused, not silently ignored
             client.completions.create(model="demo", prompt="hi", max_tokens=2, logprobs=1)
+        _abandoned_request_is_never_generated(base)
+
+
+def _abandoned_request_is_never_generated(base: str) -> None:
+    """A request whose client gives up while it waits in the queue is dropped, not generated
+    later (it would delay everything behind it)."""
+    import threading
+
+    import httpx
+
+    body = {"model": "demo", "prompt": "hello", "max_tokens": 1000, "ignore_eos": True}
+    before = httpx.get(f"{base}/load", timeout=10).json()["sequences_run"]
+    # n=2: two 1000-token sequences one after the other, so the GPU (CPU) stays busy well past
+    # the moment the server notices the second client has gone, even on a fast machine.
+    long = threading.Thread(target=httpx.post, args=(f"{base}/v1/completions",),
+                            kwargs={"json": dict(body, n=2), "timeout": 60})
+    long.start()
+    try:
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/load", timeout=10).json()["running"] == 0:
+            assert time.monotonic() < deadline, "the long request never started"
+            time.sleep(0.05)
+        with pytest.raises(httpx.TimeoutException):  # queued behind the long one; we leave
+            httpx.post(f"{base}/v1/completions", json=dict(body, max_tokens=4), timeout=0.5)
+    finally:
+        long.join(60)
+    time.sleep(1.0)  # the server polls for disconnects every 0.5 s
+    load = httpx.get(f"{base}/load", timeout=10).json()
+    assert (load["waiting"], load["running"], load["sequences_run"]) == (0, 0, before + 2)
 
 
 def test_static_batch_gives_the_same_greedy_tokens(
