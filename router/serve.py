@@ -75,6 +75,7 @@ def serve_processes(config: RouterConfig, workers: int) -> int:
     """Run ``workers`` router processes on one port; returns the exit status."""
     reserve = reuseport_socket(config.host, config.port)
     port = reserve.getsockname()[1]
+    log.info("router: %d processes on %s:%d", workers, config.host, port)
     ctx = mp.get_context("spawn")  # a clean interpreter each: no inherited event loop or threads
     level = logging.getLogger().level
     procs = [ctx.Process(target=_child, args=(config, port, level), name=f"router-{i}", daemon=False)
