@@ -13,10 +13,11 @@ Control uses the TCP connection, handshake and faults of the other socket backen
 * The sender opens the handle once per receiver (a bounded LRU, dropped after ``MAPPING_IDLE_S``
   unused or when a transfer to it failed) and, per layer, enqueues one ``index_copy_`` from the
   layer tensor into the receiver's cache on the sending thread's current stream (where prefill
-  computed the layer, so no cross-stream sync and no CPU sync), records a CUDA event and sends
-  LAYER {layer} (a progress note, no payload). After the last layer it waits for that event,
-  then sends END: when the receiver reads END every byte has landed, so DONE means what it
-  means for every backend.
+  computed the layer, so no cross-stream sync and no CPU sync) and re-records one CUDA event.
+  LAYER {layer} frames carry no payload: they are progress notes, sent in batches (at most
+  ``NOTE_PERIOD_S`` late) because a send per layer cost as much CPU as the scatter itself.
+  After the last layer the sender waits for the event, then sends the notes left and END: when
+  the receiver reads END every byte has landed, so DONE means what it means for every backend.
 * A CPU cache cannot be shared over CUDA IPC: its receiver grants a GPU staging buffer of the
   whole transfer instead, the sender syncs per layer, and the receiver copies each layer out of
   the buffer when its LAYER arrives (a test and fallback configuration, not a fast path).
@@ -81,6 +82,7 @@ MAPPING_IDLE_S = 60.0
 STOP_WAIT_S = 4.0  # how long a failing receiver waits for the sender to stop writing
 UNSEEN_EXIT_GRACE_S = 0.2  # after an EOF from a sender whose process we cannot see
 WATCH_PERIOD_S = 0.5  # the watcher's select timeout (it is woken explicitly when done)
+NOTE_PERIOD_S = 0.005  # longest a LAYER note is held back to share one send with later ones
 PF_EXITING = 0x4  # task flag in /proc/<pid>/stat: the task is inside do_exit
 _PROCESS_NONCE = uuid.uuid4().hex  # tells "same process" apart even across PID namespaces
 _LOCAL_LOCK = threading.Lock()
@@ -459,7 +461,7 @@ class _Grant:
         end = (offset if isinstance(offset, int) else -1) + math.prod(shape)
         if not isinstance(offset, int) or offset < 0 or end * dtype.itemsize > storage.nbytes():
             raise TransferError(FailureReason.PROTOCOL_ERROR, "grant exceeds the shared memory")
-        stride = torch.empty(shape, device="meta").stride()
+        stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]  # contiguous
         return torch.empty(0, dtype=dtype, device=storage.device).set_(
             storage, offset, shape, stride)
 
@@ -473,6 +475,23 @@ def _scatter(grant: _Grant, layer: int, tensor: torch.Tensor, event: torch.cuda.
         tensor = tensor.to(grant.device)
     grant.flat[layer].index_copy_(1, grant.slots, tensor)
     event.record(torch.cuda.current_stream(grant.device))
+
+
+class _Notes:
+    """LAYER frames collected (``send_frame`` writes into it like a socket) for one send."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.since = time.monotonic()
+
+    def sendall(self, data: bytes) -> None:
+        self.parts.append(bytes(data))
+
+    def flush(self, sock: socket.socket) -> None:
+        if self.parts:
+            sock.sendall(b"".join(self.parts))
+            self.parts.clear()
+        self.since = time.monotonic()
 
 
 class CudaIpcSink(LayerSink):
@@ -490,6 +509,7 @@ class CudaIpcSink(LayerSink):
         self._event: torch.cuda.Event | None = None  # re-recorded after every scatter
         self._last: torch.cuda.Event | None = None  # set once something was recorded
         self._layers = 0
+        self._notes = _Notes()
         self._sock: socket.socket | None = None
         self._watcher: threading.Thread | None = None
         self._closing = False
@@ -520,9 +540,12 @@ class CudaIpcSink(LayerSink):
             _scatter(grant, layer, tensor, self._event)
             self._last = self._event
             self._layers += 1
-            if grant.sync_each or layer == self._num_layers - 1:
+            sync = grant.sync_each or layer == self._num_layers - 1
+            if sync:
                 self._event.synchronize()  # staging is read at LAYER; END needs every byte there
-            send_frame(sock, FrameType.LAYER, {"layer": layer})
+            send_frame(self._notes, FrameType.LAYER, {"layer": layer})
+            if sync or time.monotonic() - self._notes.since >= NOTE_PERIOD_S:
+                self._notes.flush(sock)
 
     def drain(self) -> None:
         self.revoke(TransferError(FailureReason.ABORTED, "the sender stopped"))
