@@ -327,9 +327,10 @@ def _demo_model(folder: Path) -> str:
 
 def _default_counts(load_cpus: set[int] | None) -> tuple[int, int]:
     """(stub pairs, client processes) that keep the load side from being the bottleneck: about
-    one core per stub process and the rest for clients, which cost about as much per request."""
+    one core per stub process (the stubs are FastAPI apps, the decode stub answers two requests
+    per routed one) and the rest for clients."""
     n = len(load_cpus) if load_cpus is not None else (os.cpu_count() or 2)
-    pairs = max(1, n // 6)
+    pairs = max(1, n // 4)
     return pairs, max(2, n - 2 * pairs - 2)
 
 

@@ -104,13 +104,19 @@ def create_stub_app(b: StubBehaviour) -> FastAPI:
             return JSONResponse(
                 {"error": "stub prefill refuses", "reason": "stub"}, status_code=b.prefill_status
             )
-        if "http" not in clients:  # one pooled client per app, made on first use (in its loop)
-            import aiohttp
+        import aiohttp
 
+        if "http" not in clients:  # one pooled client per app, made on first use (in its loop)
             clients["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         url = f"http://{body['decode_kv_endpoint']}/stub_kv"
-        async with clients["http"].post(url, json={"request_id": body["request_id"]}) as resp:
-            await resp.read()
+        for attempt in (1, 2):  # idempotent: once more if a kept-alive connection was just closed
+            try:
+                async with clients["http"].post(url, json={"request_id": body["request_id"]}) as resp:
+                    await resp.read()
+                break
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if attempt == 2:
+                    raise
         return JSONResponse(
             {
                 "request_id": body["request_id"],
@@ -210,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         b.output_token_ids = args.tokens
     if args.role == "decode":
         b.kv_endpoint = f"{args.host}:{args.port}"
-    uvicorn.run(create_stub_app(b), host=args.host, port=args.port, log_level="warning")
+    # Keep-alive longer than the clients' (a bench at saturation can leave a connection idle for
+    # seconds); no access log.
+    uvicorn.run(create_stub_app(b), host=args.host, port=args.port, log_level="warning",
+                access_log=False, timeout_keep_alive=30, backlog=4096)
 
 
 if __name__ == "__main__":
