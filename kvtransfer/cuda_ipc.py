@@ -44,9 +44,9 @@ resolves a transfer only once nothing can land in its blocks any more:
   released its GPU context. Where the sender lives in another PID namespace the receiver cannot
   look and waits ``UNSEEN_EXIT_GRACE_S`` instead (a heuristic: run both in one pod, or share
   the process namespace, for the guarantee);
-* a sender that neither acknowledges nor disconnects within ``STOP_WAIT_S`` (a wedged process)
-  is given up on with a warning: writes still queued on its GPU could then land late. Keep the
-  decode side's own wait for the future longer than that.
+* a sender that neither acknowledges nor disconnects within ``STOP_WAIT_S`` of the stop request
+  (a wedged process) is given up on with a warning: writes still queued on its GPU could then
+  land late. Keep the decode side's own wait for the future longer than that.
 
 A sender dying mid-transfer still ends its connection, so the receiver fails at once (plus the
 exit check); the mapping of the receiver's cache is dropped from the sender's LRU on failure.
@@ -283,6 +283,7 @@ class CudaIpcSource(LayerSource):
         self._lock = threading.Lock()  # the handler and interrupt() both send on the socket
         self._granted = self._stop_sent = False
         self._staging: torch.Tensor | None = None
+        self._give_up: threading.Timer | None = None
         if receiver.shared_cache is not None:
             self._target = receiver.shared_cache
         else:  # a CPU cache: the sender fills a GPU buffer on its own GPU, we copy it out
@@ -331,7 +332,10 @@ class CudaIpcSource(LayerSource):
                         err.request_id or "a transfer", STOP_WAIT_S)
 
     def close(self) -> None:
-        self._staging = None
+        with self._lock:
+            if self._give_up is not None:
+                self._give_up.cancel()
+            self._staging = None
 
     def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
         with self._lock:
@@ -342,6 +346,21 @@ class CudaIpcSource(LayerSource):
                 send_frame(sock, FrameType.ERROR, error_meta(err))
             except OSError as exc:  # the sender is gone already: its EOF is what we wait for
                 log.debug("could not ask the kv sender to stop: %s", exc)
+            # a wedged sender never answers: wake the handler (blocked in recv) after the bound
+            self._give_up = threading.Timer(STOP_WAIT_S, _give_up, (sock, err))
+            self._give_up.daemon = True
+            self._give_up.start()
+
+
+def _give_up(sock: socket.socket, err: TransferError) -> None:
+    """The sender did not acknowledge a stop request in time: stop waiting for it."""
+    log.warning("kv sender of %s did not acknowledge the stop within %.1fs; releasing the "
+                "blocks anyway (writes still queued on its GPU could land late)",
+                err.request_id or "a transfer", STOP_WAIT_S)
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError as exc:  # the handler closed it meanwhile
+        log.debug("kv receiver give-up: %s", exc)
 
 
 def _await_eof(sock: socket.socket, deadline: float) -> bool:
