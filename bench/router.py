@@ -21,23 +21,33 @@ one per pinned core) to those cores and the stubs, clients and this process to t
 them. Without it everything shares every core, and on a small machine the clients and stubs cap
 the rate long before the router does.
 
+Closed loop (the default) measures the most requests/s; its latencies are then mostly queueing
+(1,000 streams over N req/s wait ~1000/N s). The latency the router adds is measured paced:
+``--rate 2000`` offers 2,000 req/s spread over the streams, and as long as the router keeps up
+the latencies are service times, router minus direct.
+
 Here (a loaded 2-core machine):
 
     python -m splitserve.bench.router --concurrency 1000 --duration 15 [--policy goodput]
 
 On a 16-core machine that has python3.12 (and maybe torch) but none of the router's libraries:
-build the wheelhouse where there is network (``bash scripts/wheelhouse.sh .wheelhouse``, the
-default folder, which is gitignored; ``--python-version 3.12`` is the default), carry it over, then
-in the repository root:
+build the wheelhouse where there is network (``bash scripts/wheelhouse.sh``: folder
+``.wheelhouse``, gitignored, for ``--python-version 3.12`` by default), carry it over, then in the
+repository root:
 
-    python3 -m venv /tmp/rv && . /tmp/rv/bin/activate
+    python3 -m venv --system-site-packages /tmp/rv && . /tmp/rv/bin/activate
     pip install --no-index --find-links .wheelhouse -r .wheelhouse/requirements.txt
     pip install --no-index --find-links .wheelhouse --no-deps -e .
-    python3 -m splitserve.bench.router --router-cpus 0,1 --concurrency 1,100,1000 --duration 15 \\
-        --out /tmp/router.json
+    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1,100,1000 \
+        --duration 15 --out /tmp/router_closed.json
+    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1000 --rate 2000 \
+        --duration 15 --decisions 0 --out /tmp/router_paced.json
 
-(``--system-site-packages`` on the venv keeps the machine's torch visible; without torch pass
-``--model DIR`` with a model folder, since making the demo model writes its weights with torch.)
+(``--system-site-packages`` keeps the machine's torch and numpy visible: the bench makes its demo
+model with torch; without torch pass ``--model DIR``, any model folder, the router only reads its
+tokenizer and config. ``--router-cpus 0,1`` names cores explicitly. Without ``venv``: ``pip
+install --no-index --find-links .wheelhouse --target /tmp/rl -r .wheelhouse/requirements.txt``,
+``mkdir -p /tmp/ss && ln -sfn "$PWD" /tmp/ss/splitserve`` and ``PYTHONPATH=/tmp/ss:/tmp/rl``.)
 """
 
 from __future__ import annotations
@@ -88,7 +98,9 @@ def parse_cpus(spec: str) -> set[int]:
 
 
 def plan_cpus(router_spec: str | None, load_spec: str | None) -> tuple[set[int] | None, set[int] | None]:
-    """(router cores, load cores): both None when nothing is pinned. The load (stubs, clients,
+    """(router cores, load cores): both None when nothing is pinned. ``router_spec`` is a CPU
+    list or ``first:N`` (the first N cores allowed to this process, for containers whose cores
+    are not numbered from 0). The load (stubs, clients,
     this process) gets every allowed core the router does not, unless told otherwise; an overlap
     or a core this process may not use is an error, not a silently unfair run."""
     if router_spec is None:
@@ -96,7 +108,13 @@ def plan_cpus(router_spec: str | None, load_spec: str | None) -> tuple[set[int] 
             raise ValueError("--load-cpus needs --router-cpus")
         return None, None
     allowed = os.sched_getaffinity(0)
-    router = parse_cpus(router_spec)
+    if router_spec.startswith("first:"):  # the first N cores this process may use, whatever their ids
+        n = int(router_spec.removeprefix("first:"))
+        if not 0 < n < len(allowed):
+            raise ValueError(f"--router-cpus first:N needs 0 < N < {len(allowed)} (cores allowed here)")
+        router = set(sorted(allowed)[:n])
+    else:
+        router = parse_cpus(router_spec)
     load = parse_cpus(load_spec) if load_spec else allowed - router
     for name, cpus in (("--router-cpus", router), ("--load-cpus", load)):
         if not cpus <= allowed:
@@ -341,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,100,1000", help="concurrent streams, comma-separated levels (default 1,100,1000)")
     ap.add_argument("--clients", type=int, default=None, help="client processes sharing the streams (default: from the load cores)")
     ap.add_argument("--stubs", type=int, default=None, help="stub (prefill, decode) pairs, one process each (default: from the load cores)")
-    ap.add_argument("--router-cpus", default=None, help="pin the router to these cores, e.g. 0,1 (default: no pinning)")
+    ap.add_argument("--router-cpus", default=None,
+                    help="pin the router to these cores, e.g. 0,1 or first:2 (default: no pinning)")
     ap.add_argument("--load-cpus", default=None, help="cores for stubs and clients (default: all but --router-cpus)")
     ap.add_argument("--router-workers", type=int, default=None,
                     help="router processes (default: one per --router-cpus core, else 1)")
