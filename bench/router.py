@@ -406,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             pair = {}
             for role in ("prefill", "decode"):
                 port = free_port()
+                # --kv-wait 60: an overloaded load side shows as latency, not as "KV never arrived"
                 procs.append(subprocess.Popen([sys.executable, "-m", "splitserve.router.stub_worker", "--role", role,
-                                               "--port", str(port), "--tokens", "10", "11", "12", "13"],
+                                               "--port", str(port), "--tokens", "10", "11", "12", "13",
+                                               "--kv-wait", "60"],
                                               preexec_fn=_pin(load_cpus)))
                 pair[role] = f"http://127.0.0.1:{port}"
             pair["kv_endpoint"] = pair["decode"].removeprefix("http://")

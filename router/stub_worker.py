@@ -210,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--token-delay", type=float, default=0.0)
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--kv-wait", type=float, default=5.0,
+                    help="decode: seconds to wait for the prefill stub's KV before failing (default 5)")
     args = ap.parse_args(argv)
-    b = StubBehaviour(role=args.role, token_delay_s=args.token_delay)
+    b = StubBehaviour(role=args.role, token_delay_s=args.token_delay, wait_for_kv_s=args.kv_wait)
     if args.tokens:
         b.output_token_ids = args.tokens
     if args.role == "decode":
