@@ -232,19 +232,33 @@ class Dispatcher:
     async def _first_batch(
         batches: AsyncIterator[list[dict[str, Any]]], prefill_task: asyncio.Task | None
     ) -> list[dict[str, Any]] | None:
-        """Decode's first lines, unless the prefill fails first (then raise _PrefillFailed)."""
+        """Decode's first lines, unless the prefill fails first (then raise _PrefillFailed).
+
+        Waits in this task, and a failing prefill cancels the wait (no second task and no
+        ``asyncio.wait`` per request: this runs for every request)."""
         if prefill_task is None:
             return await anext(batches, None)
-        nxt = asyncio.ensure_future(anext(batches, None))
-        await asyncio.wait({nxt, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-        if prefill_task.done() and prefill_task.exception() is not None and not nxt.done():
-            nxt.cancel()
-            try:
-                await nxt
-            except (asyncio.CancelledError, WorkerUnreachable):
-                pass  # the stream is being abandoned; the prefill error is what we report
-            raise prefill_task.exception()
-        return await nxt
+        current = asyncio.current_task()
+        waiting, failed = True, False
+
+        def on_prefill_done(task: asyncio.Task) -> None:
+            nonlocal failed
+            if waiting and not task.cancelled() and task.exception() is not None:
+                failed = True
+                current.cancel()
+
+        prefill_task.add_done_callback(on_prefill_done)
+        try:
+            return await anext(batches, None)
+        except asyncio.CancelledError:
+            if not failed:
+                raise
+            if hasattr(current, "uncancel"):  # Python >= 3.11: this cancellation is handled
+                current.uncancel()
+        finally:
+            waiting = False
+            prefill_task.remove_done_callback(on_prefill_done)
+        raise prefill_task.exception()  # the stream is abandoned; the prefill's error is reported
 
     @staticmethod
     async def _chunks(
