@@ -32,7 +32,10 @@ class EngineWorker:
         from splitserve.engine.metrics import observe_engine
 
         self.options = options
+        from splitserve.engine.warmup import warm_up
+
         self.engine = LLMEngine(options.engine)
+        warm_up(self.engine)  # before metrics observe it and before /health can answer
         observe_engine(self.engine, options.role)
         self.async_engine = AsyncEngine(self.engine)
 
