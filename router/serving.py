@@ -194,7 +194,11 @@ class Serving:
                     finish = choices[idx].finish_reason if choices[idx].finished and not was_finished else None
                     logprobs = formatters[idx].format(chunk.logprobs) if formatters and chunk.logprobs else None
                     out = ""
-                    if text or finish or logprobs or (shape.chat and not sent_first[idx]):
+                    # A chunk goes out for every step that produced tokens, even while their
+                    # text is held back (part of a multi-byte character, or maybe the start of
+                    # a stop string): clients see progress, and time to first token and the
+                    # gaps between tokens measure tokens, not complete characters.
+                    if text or finish or logprobs or chunk.token_ids or (shape.chat and not sent_first[idx]):
                         out = chunk_event(shape.delta(idx, text, finish, not sent_first[idx], logprobs))
                         sent_first[idx] = True
                     if finish and all(c.finished for c in choices):

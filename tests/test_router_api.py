@@ -123,6 +123,20 @@ def test_streaming_chat_with_usage(demo_model, workers) -> None:
         assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
 
 
+def test_a_chunk_per_token_even_while_a_character_is_incomplete(demo_model, workers, tok) -> None:
+    """Each euro sign is three byte-level tokens: the text of the first two is held back, but
+    their chunks still stream (empty text), so a client sees every token as it is made."""
+    ids = tok.encode("\u20ac" * 4, add_special_tokens=False)
+    assert len(ids) == 12
+    for _, b in workers.values():
+        b.output_token_ids, b.token_delay_s = ids, 0.02  # tokens apart, as an engine makes them
+    with router(demo_model, workers) as r:
+        stream = client(r).completions.create(model="demo", prompt="x", max_tokens=6, stream=True)
+        chunks = [ch for ch in stream if ch.choices]
+    assert len(chunks) == 6
+    assert "".join(ch.choices[0].text for ch in chunks) == "\u20ac\u20ac"
+    assert [ch.choices[0].text for ch in chunks[:2]] == ["", ""]
+
 def test_n_and_batched_prompts(demo_model, workers) -> None:
     with router(demo_model, workers) as r:
         out = client(r).completions.create(model="demo", prompt=["a b", "c d e"], n=2, max_tokens=4, seed=11)
