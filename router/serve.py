@@ -29,9 +29,11 @@ def _server(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     _quiet_gc()
-    # access_log off: uvicorn would format a line per request even when the level hides it.
-    # loop/http "auto" = uvloop and httptools when installed (uvicorn[standard]).
-    config = uvicorn.Config(app, log_level="warning", access_log=False, loop="auto", http="auto",
+    # Per request, uvicorn would format an access-log line (even when the level hides it), run
+    # its X-Forwarded-* middleware (the router does not use the client address) and add a
+    # server header: all off. loop/http "auto" = uvloop and httptools when installed.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False,
+                            server_header=False, loop="auto", http="auto",
                             timeout_graceful_shutdown=5, backlog=4096, **kwargs)
     return uvicorn.Server(config)
 
