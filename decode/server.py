@@ -107,8 +107,16 @@ class DecodeWorker(EngineWorker):
             # Transfer failed, timed out or the client left: the blocks are ours to free, but
             # only once the receiver has stopped writing into them (its future is done).
             self.receiver.cancel(seq.request_id)
-            await asyncio.wait([asyncio.wrap_future(fut)], timeout=RECEIVER_STOP_WAIT_S)
-            await self.async_engine.run(self.engine.abort, seq)
+            done, _ = await asyncio.wait([asyncio.wrap_future(fut)], timeout=RECEIVER_STOP_WAIT_S)
+            if done:
+                await self.async_engine.run(self.engine.abort, seq)
+            else:  # a sender writing straight into our cache (cuda_ipc) may not have stopped yet
+                log.warning(
+                    "request %s: the KV receiver has not confirmed within %.0f s that nothing "
+                    "writes its blocks any more; they are freed once it does",
+                    seq.request_id, RECEIVER_STOP_WAIT_S,
+                )
+                fut.add_done_callback(lambda _: self.async_engine.call(self.engine.abort, seq))
             raise
 
 

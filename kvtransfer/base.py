@@ -15,8 +15,10 @@ Block ownership (one owner at a time, so nothing leaks and nothing is written af
 
 * the decode worker allocates the destination blocks *before* ``expect()`` and owns them
   throughout; if the future fails, the decode worker frees them. The receiver never frees blocks.
-* the receiver resolves the future only once it will write no more into those blocks, so freeing
-  them right after a failure is safe.
+* the receiver resolves the future only once nothing will write into those blocks any more:
+  neither the receiver nor, for backends where the sender writes the receiver's memory directly
+  (cuda_ipc), the sender. Freeing them right after the future resolves, even with a failure, is
+  safe; a caller that gives up waiting must defer the free until it does.
 * the prefill worker owns its source blocks; it frees them after ``send()`` returns or raises.
 
 The handshake compares :class:`KVSpec` fields; ``block_size`` may differ between the two sides
