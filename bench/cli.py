@@ -153,41 +153,28 @@ def _add_workloads(bsub: argparse._SubParsersAction) -> None:
 
 def _add_sweep(bsub: argparse._SubParsersAction) -> None:
     from splitserve.bench import goodput
+    from splitserve.bench.entry import add_subcommand
 
-    sweep = bsub.add_parser(
-        "sweep",
-        help="start each system in turn, run workloads over rates, report goodput",
-        description=goodput.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    goodput.add_arguments(sweep)
-    sweep.set_defaults(func=goodput.sweep)
+    add_subcommand(bsub, "sweep", "start each system in turn, run workloads over rates, report goodput",
+                   goodput, goodput.sweep)
 
 
 def _add_engine_vs_hf(bsub: argparse._SubParsersAction) -> None:
     from splitserve.bench import engine_vs_hf
+    from splitserve.bench.entry import add_subcommand
 
-    p = bsub.add_parser(
-        "engine-vs-hf",
-        help="one GPU: the engine (colocated) versus HF transformers at the same rates",
-        description=engine_vs_hf.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    engine_vs_hf.add_arguments(p)
-    p.set_defaults(func=engine_vs_hf.run_from_args)
+    add_subcommand(bsub, "engine-vs-hf",
+                   "one GPU: the engine (colocated) versus HF transformers at the same rates",
+                   engine_vs_hf, engine_vs_hf.run_from_args)
 
 
 def _add_hf_server(bsub: argparse._SubParsersAction) -> None:
     from splitserve.bench import hf_server
+    from splitserve.bench.entry import add_subcommand
 
-    p = bsub.add_parser(
-        "hf-server",
-        help="serve a model with plain HF transformers generate (the baseline), OpenAI API",
-        description=hf_server.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    hf_server.add_arguments(p)
-    p.set_defaults(func=hf_server.run_from_args)
+    add_subcommand(bsub, "hf-server",
+                   "serve a model with plain HF transformers generate (the baseline), OpenAI API",
+                   hf_server, hf_server.run_from_args)
 
 
 def parse_rates(args: argparse.Namespace) -> list[float]:

@@ -492,16 +492,12 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitserve.bench.engine_vs_hf ...``."""
-    parser = argparse.ArgumentParser(prog="python -m splitserve.bench.engine_vs_hf",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_from_args(args)
+    """``python -m splitserve.bench.engine_vs_hf ...``"""
+    import sys
 
+    from splitserve.bench.entry import standalone_main
+
+    return standalone_main(sys.modules[__name__], run_from_args, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

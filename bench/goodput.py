@@ -248,15 +248,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitserve.bench.goodput ...`` (same as ``splitserve bench sweep``)."""
-    parser = argparse.ArgumentParser(prog="python -m splitserve.bench.goodput",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return sweep(args)
+    """``python -m splitserve.bench.goodput ...`` (same as ``splitserve bench sweep``)"""
+    import sys
 
+    from splitserve.bench.entry import standalone_main
+
+    return standalone_main(sys.modules[__name__], sweep, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
