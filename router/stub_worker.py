@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from splitserve.router.streaming import DisconnectAwareStreamingResponse
+from splitserve.router import http1
+from splitserve.router.codec import dumps, loads
+from splitserve.router.hotpath import read_body, send_json
 
 
 @dataclass
@@ -44,143 +43,194 @@ class StubBehaviour:
     aborted: list[str] = field(default_factory=list)
 
 
-def create_stub_app(b: StubBehaviour) -> FastAPI:
-    from contextlib import asynccontextmanager
+def create_stub_app(b: StubBehaviour) -> StubApp:
+    return StubApp(b)
 
-    kv_events: dict[str, asyncio.Event] = {}
-    running = {"n": 0}
-    clients: dict[str, Any] = {}
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if "http" in clients:
-            await clients.pop("http").close()
+class StubApp:
+    """The stub as a plain ASGI app: the load side of bench/router.py, so it must cost less per
+    request than the router it measures (as a FastAPI app with an HTTP middleware the decode stub
+    spent ~3x the router's CPU per request)."""
 
-    app = FastAPI(lifespan=lifespan)
-
-    def event(rid: str) -> asyncio.Event:
-        return kv_events.setdefault(rid, asyncio.Event())
-
-    @app.middleware("http")
-    async def _dead(request: Request, call_next):  # noqa: ANN001, ANN202
-        if b.dead:
-            return JSONResponse({"error": "stub is dead"}, status_code=500)
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "role": b.role,
-            "model": "stub",
-            "kv_endpoint": b.kv_endpoint,
-            "fingerprint": "stub",
+    def __init__(self, b: StubBehaviour) -> None:
+        self.b = b
+        self.kv_events: dict[str, asyncio.Event] = {}
+        self.running = 0
+        self.pool: Any = None  # http1.Pool for the KV hand-off, made on first use (in the loop)
+        self.routes = {
+            ("GET", "/health"): self.health,
+            ("GET", "/load"): self.load,
+            ("POST", "/stub_kv"): self.stub_kv,
+            ("POST", "/prefill"): self.prefill,
+            ("POST", "/generate"): self.generate,
         }
 
-    @app.get("/load")
-    async def load() -> dict:
-        base = {
-            "role": b.role,
-            "waiting": 0,
-            "running": running["n"],
-            "queued_prompt_tokens": 0,
-            "free_blocks": 1000,
-            "total_blocks": 1000,
-            "block_size": 16,
-            "max_model_len": b.max_model_len,
-        }
-        return base | b.load
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if self.b.dead:
+            await send_json(send, 500, {"error": "stub is dead"})
+            return
+        handler = self.routes.get((scope["method"], scope["path"]))
+        if handler is None:
+            await send_json(send, 404, {"error": f"no route {scope['method']} {scope['path']}"})
+            return
+        try:
+            body = loads(await read_body(receive)) if scope["method"] == "POST" else {}
+        except ValueError as exc:
+            await send_json(send, 400, {"error": f"body is not JSON: {exc}"})
+            return
+        await handler(body, receive, send)
 
-    @app.post("/stub_kv")
-    async def stub_kv(body: dict) -> dict:
-        event(body["request_id"]).set()
-        return {"ok": True}
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.pool is not None:
+                    self.pool.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
-    @app.post("/prefill")
-    async def prefill(body: dict) -> JSONResponse:
+    def event(self, rid: str) -> asyncio.Event:
+        return self.kv_events.setdefault(rid, asyncio.Event())
+
+    async def health(self, _body: dict, _receive: Any, send: Any) -> None:
+        b = self.b
+        await send_json(send, 200, {"status": "ok", "role": b.role, "model": "stub",
+                                    "kv_endpoint": b.kv_endpoint, "fingerprint": "stub"})
+
+    async def load(self, _body: dict, _receive: Any, send: Any) -> None:
+        b = self.b
+        base = {"role": b.role, "waiting": 0, "running": self.running, "queued_prompt_tokens": 0,
+                "free_blocks": 1000, "total_blocks": 1000, "block_size": 16,
+                "max_model_len": b.max_model_len}
+        await send_json(send, 200, base | b.load)
+
+    async def stub_kv(self, body: dict, _receive: Any, send: Any) -> None:
+        self.event(body["request_id"]).set()
+        await send_json(send, 200, {"ok": True})
+
+    async def prefill(self, body: dict, _receive: Any, send: Any) -> None:
+        b = self.b
         b.requests.append(body)
         if b.prefill_status != 200:
-            return JSONResponse(
-                {"error": "stub prefill refuses", "reason": "stub"}, status_code=b.prefill_status
-            )
-        import aiohttp
-
-        if "http" not in clients:  # one pooled client per app, made on first use (in its loop)
-            clients["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        url = f"http://{body['decode_kv_endpoint']}/stub_kv"
+            await send_json(send, b.prefill_status, {"error": "stub prefill refuses", "reason": "stub"})
+            return
+        if self.pool is None:
+            self.pool = http1.Pool(connect_timeout_s=5.0)
+        host, _, port = body["decode_kv_endpoint"].rpartition(":")
+        payload = dumps({"request_id": body["request_id"]})
         for attempt in (1, 2):  # idempotent: once more if a kept-alive connection was just closed
             try:
-                async with clients["http"].post(url, json={"request_id": body["request_id"]}) as resp:
-                    await resp.read()
+                resp = await self.pool.post(host, int(port), "/stub_kv", payload, 30.0)
+                try:
+                    await resp.read(30.0)
+                finally:
+                    resp.close()
                 break
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            except OSError:
                 if attempt == 2:
                     raise
-        return JSONResponse(
-            {
-                "request_id": body["request_id"],
-                "first_token": b.output_token_ids[0],
-                "num_prompt_tokens": len(body["token_ids"]),
-                "num_cached_tokens": 0,
-                "prefill_ms": 0.0,
-                "transfer_ms": 0.0,
-            }
-        )
+        await send_json(send, 200, {
+            "request_id": body["request_id"],
+            "first_token": b.output_token_ids[0],
+            "num_prompt_tokens": len(body["token_ids"]),
+            "num_cached_tokens": 0,
+            "prefill_ms": 0.0,
+            "transfer_ms": 0.0,
+        })
 
-    @app.post("/generate")
-    async def generate(body: dict) -> DisconnectAwareStreamingResponse:
-        b.requests.append(body)
+    async def generate(self, body: dict, receive: Any, send: Any) -> None:
+        """The NDJSON stream; a client that disconnects cancels it (recorded in ``aborted``)."""
+        rid = body["request_id"]
+        self.b.requests.append(body)
+        current = asyncio.current_task()
+        gone = streaming = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if streaming:
+                gone = True
+                current.cancel()
+
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")]})
+        watcher = asyncio.ensure_future(watch())
+        streaming = True
+        lines = self._lines(body)
+        try:
+            async for line in lines:
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            if rid not in self.b.aborted:
+                self.b.aborted.append(rid)
+            if hasattr(current, "uncancel"):
+                current.uncancel()
+        finally:
+            streaming = False
+            watcher.cancel()
+            await lines.aclose()
+
+    async def _wait_kv(self, rid: str) -> bool:
+        event = self.event(rid)
+        if event.is_set():
+            return True
+        try:
+            if hasattr(asyncio, "timeout"):  # Python >= 3.11: no extra task per wait
+                async with asyncio.timeout(self.b.wait_for_kv_s):
+                    await event.wait()
+            else:
+                await asyncio.wait_for(event.wait(), self.b.wait_for_kv_s)
+        except (TimeoutError, asyncio.TimeoutError):  # (distinct classes before Python 3.11)
+            return False
+        return True
+
+    async def _lines(self, body: dict) -> AsyncIterator[bytes]:
+        b = self.b
         rid = body["request_id"]
         max_tokens = body["sampling"]["max_tokens"]
         stops = body["sampling"].get("stop") or []
-
-        async def lines() -> AsyncIterator[str]:
-            running["n"] += 1
-            try:
-                if not body.get("recompute"):
-                    try:
-                        await asyncio.wait_for(event(rid).wait(), b.wait_for_kv_s)
-                    except asyncio.TimeoutError:
-                        yield (
-                            json.dumps({"error": "KV never arrived", "finish_reason": "error"})
-                            + "\n"
-                        )
-                        return
-                out: list[int] = []
-                pending: list[int] = []
-                i = 0
-                while True:
-                    tok = b.output_token_ids[i % len(b.output_token_ids)]
-                    i += 1
-                    if b.die_after_tokens is not None and len(out) >= b.die_after_tokens:
-                        b.dead = True  # a dead worker stays dead: health polls fail too
-                        raise ConnectionAbortedError("stub decode dies mid-stream")
-                    out.append(tok)
-                    pending.append(tok)
-                    finish, hit = _finish(b, out, tok, max_tokens, stops)
-                    if finish or len(pending) >= b.tokens_per_chunk:
-                        yield (
-                            json.dumps(
-                                {"token_ids": pending, "finish_reason": finish, "stop_string": hit}
-                            )
-                            + "\n"
-                        )
-                        pending = []
-                    if finish:
-                        return
-                    if b.token_delay_s:
-                        await asyncio.sleep(b.token_delay_s)
-            except asyncio.CancelledError:
+        self.running += 1
+        try:
+            if not body.get("recompute") and not await self._wait_kv(rid):
+                yield dumps({"error": "KV never arrived", "finish_reason": "error"}) + b"\n"
+                return
+            out: list[int] = []
+            pending: list[int] = []
+            i = 0
+            while True:
+                tok = b.output_token_ids[i % len(b.output_token_ids)]
+                i += 1
+                if b.die_after_tokens is not None and len(out) >= b.die_after_tokens:
+                    b.dead = True  # a dead worker stays dead: health polls fail too
+                    raise ConnectionAbortedError("stub decode dies mid-stream")
+                out.append(tok)
+                pending.append(tok)
+                finish, hit = _finish(b, out, tok, max_tokens, stops)
+                if finish or len(pending) >= b.tokens_per_chunk:
+                    yield dumps({"token_ids": pending, "finish_reason": finish, "stop_string": hit}) + b"\n"
+                    pending = []
+                if finish:
+                    return
+                if b.token_delay_s:
+                    await asyncio.sleep(b.token_delay_s)
+        except asyncio.CancelledError:
+            if rid not in b.aborted:
                 b.aborted.append(rid)
-                raise
-            finally:
-                running["n"] -= 1
-                kv_events.pop(rid, None)
-
-        return DisconnectAwareStreamingResponse(lines(), "application/x-ndjson")
-
-    return app
+            raise
+        finally:
+            self.running -= 1
+            self.kv_events.pop(rid, None)
 
 
 def _finish(
