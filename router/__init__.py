@@ -9,8 +9,10 @@ Entry points (imported from their modules so ``import splitserve.router`` stays 
 - ``splitserve.router.policy.build_policy(name)``: round_robin, least_loaded, prefix_aware, goodput
 - ``splitserve.router.stub_worker``: model-less workers speaking the Worker HTTP API (tests, benches)
 
-Modules, in request order: protocol (request bodies) -> tokenizer -> serving (choices, n, SSE)
--> dispatch (admission, pick, decode stream + prefill, retry) -> policy/ -> workers (HTTP calls)
--> pool (health and load polling) <- registry (static URLs or Redis); output (detokenize, stop
-strings), metrics, errors, auth, streaming.
+Modules, in request order: hotpath (the completion endpoints as plain ASGI) -> protocol
+(request bodies) -> tokenizer -> serving (choices, n, SSE) -> dispatch (admission, pick, decode
+stream + prefill, retry) -> policy/ -> workers (HTTP calls; http1, the keep-alive client of the
+hot path) -> pool (health and load polling) <- registry (static URLs or Redis); output
+(detokenize, stop strings), codec (orjson), metrics, errors, auth, streaming; serve (one process
+or ``--workers N`` on one port), ``python -m splitserve.router`` (the router command alone).
 """
