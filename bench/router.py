@@ -439,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         router_port = free_port()
         target["router"] = f"http://127.0.0.1:{router_port}"
         cmd = [sys.executable, "-m", "splitserve.router", "--log-level", "WARNING",
-               "--model", model, "--port", str(router_port), "--policy", args.policy]
+               "--model", model, "--served-model-name", "demo",  # the name the clients send
+               "--port", str(router_port), "--policy", args.policy]
         if router_workers > 1:
             cmd += ["--workers", str(router_workers)]
         for pair in target["pairs"]:
