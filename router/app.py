@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from splitserve.router.auth import APIKeyMiddleware
 from splitserve.router.config import RouterConfig
 from splitserve.router.dispatch import Dispatcher
@@ -182,7 +182,7 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         state.metrics.worker_healthy.clear()  # workers that left the registry disappear
         for w in state.pool.workers.values():
             state.metrics.worker_healthy.labels(w.role, w.url).set(1 if w.healthy else 0)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     state_created = time.time()
     return app

@@ -125,6 +125,7 @@ class Dispatcher:
         first_at = last_at = None
         tokens = 0
         self.metrics.inflight.inc()
+        self.metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
         try:
             for attempt in range(1, self.config.max_attempts + 1):
                 try:

@@ -5,15 +5,18 @@ Labelled children are looked up once and kept (``child``): ``labels()`` takes a 
 validates its arguments on every call, and the hot path updates several labelled metrics per
 request.
 
-With ``splitserve router --workers N`` every process has its own registry, and ``/metrics``
-shows the process that answered the scrape; sum over the processes (or scrape each) for totals.
+With ``splitserve router --workers N`` the processes share prometheus_client's multiprocess
+directory (``PROMETHEUS_MULTIPROC_DIR``, set by the parent before it starts them), so whichever
+process answers a scrape reports the totals of all of them: counters and histograms summed,
+gauges summed (queued, in flight) or maxed (worker health) over the live processes.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -83,18 +86,37 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "splitserve_router_prompt_tokens",
+            "Prompt tokens of the sequences routed (the planner's prefill load)",
+            registry=r,
+        )
         self.queued = Gauge(
-            "splitserve_router_queued_requests", "Requests waiting in admission", registry=r
+            "splitserve_router_queued_requests", "Requests waiting in admission", registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight = Gauge(
-            "splitserve_router_inflight_sequences", "Sequences being served", registry=r
+            "splitserve_router_inflight_sequences", "Sequences being served", registry=r,
+            multiprocess_mode="livesum",
         )
         self.worker_healthy = Gauge(
             "splitserve_router_worker_healthy",
             "1 if the router considers the worker healthy",
             ["role", "url"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this registry, or every router process's values when they
+        share a multiprocess directory."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            shared = CollectorRegistry()
+            multiprocess.MultiProcessCollector(shared)
+            return generate_latest(shared)
+        return generate_latest(self.registry)
 
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, cached (not for metrics whose children are cleared)."""

@@ -14,9 +14,12 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing as mp
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -77,6 +80,11 @@ def serve_processes(config: RouterConfig, workers: int) -> int:
     """Run ``workers`` router processes on one port; returns the exit status."""
     reserve = reuseport_socket(config.host, config.port)
     port = reserve.getsockname()[1]
+    # Metrics of all processes in one directory, so any process answers a scrape with totals
+    # (router/metrics.py). The children are spawned, so they import prometheus_client afresh
+    # and see the variable.
+    metrics_dir = tempfile.mkdtemp(prefix="splitserve-router-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     log.info("router: %d processes on %s:%d", workers, config.host, port)
     ctx = mp.get_context("spawn")  # a clean interpreter each: no inherited event loop or threads
     level = logging.getLogger().level
@@ -114,4 +122,6 @@ def serve_processes(config: RouterConfig, workers: int) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         reserve.close()
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         sys.stdout.flush()

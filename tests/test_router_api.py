@@ -346,10 +346,6 @@ def test_metrics_record_latency_and_outcomes(demo_model, workers) -> None:
             assert needle in text, needle
 
 
-
-
-
-
 def test_goodput_queues_within_bound_until_a_worker_frees_up(demo_model, workers, tmp_path) -> None:
     """Both decode workers report a batch too big for the TPOT target; one drains while the
     request waits in admission: it is admitted (not shed) once the poll shows room."""
