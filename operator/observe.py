@@ -12,8 +12,11 @@ Read from the router (names are the contract with ``router/metrics.py``):
   sequences in flight over the window (sum of their durations / window);
 - ``splitserve_router_inflight_sequences`` (gauge): sequences in flight at the scrape;
 - ``splitserve_router_slo_requests{ttft,tpot}``: SLO attainment (both targets met / finished);
-- ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second. The router does not
-  export it yet; without it ``prompt_tokens_per_s`` is None and the planner holds prefill.
+- ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second (from a router that
+  lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill).
+
+With ``--workers N`` the router's processes share one multiprocess metrics directory, so one
+scrape through the Service already gives the totals of every process of that pod.
 
 Only this module's ``fetch`` does I/O; everything else is pure and unit-tested on metric text.
 """
