@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_sweep(bsub)
     _add_engine_vs_hf(bsub)
     _add_hf_server(bsub)
+    _add_split_vs_colocated(bsub)
 
 
 def _add_run(bsub: argparse._SubParsersAction) -> None:
@@ -166,6 +167,15 @@ def _add_engine_vs_hf(bsub: argparse._SubParsersAction) -> None:
     add_subcommand(bsub, "engine-vs-hf",
                    "one GPU: the engine (colocated) versus HF transformers at the same rates",
                    engine_vs_hf, engine_vs_hf.run_from_args)
+
+
+def _add_split_vs_colocated(bsub: argparse._SubParsersAction) -> None:
+    from splitserve.bench import split_vs_colocated
+    from splitserve.bench.entry import add_subcommand
+
+    add_subcommand(bsub, "split-vs-colocated",
+                   "two devices: 1 prefill + 1 decode worker against 2 colocated workers",
+                   split_vs_colocated, split_vs_colocated.run)
 
 
 def _add_hf_server(bsub: argparse._SubParsersAction) -> None:

@@ -62,7 +62,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from splitserve.bench.goodput import System, started
+from splitserve.bench.goodput import System, command_template, started
 from splitserve.bench.loadgen import LoadConfig
 from splitserve.bench.report import SystemResult, build_report, goodput_text
 from splitserve.bench.results import clean_json, find_runs, run_path
@@ -118,13 +118,6 @@ def parse_rate_list(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag}: not a comma-separated list of numbers: {text!r}") from exc
 
 
-def _template(parts: list[str]) -> str:
-    """A command template for ``goodput.started``: every part quoted, braces escaped, then
-    ``{host}``/``{port}`` placeholders (filled in when the system starts) appended."""
-    quoted = " ".join(shlex.quote(p).replace("{", "{{").replace("}", "}}") for p in parts)
-    return quoted + " --host {host} --port {port}"
-
-
 def engine_command(args: argparse.Namespace, name: str) -> str:
     """``splitserve up`` colocated: zero prefill workers, one decode worker that prefills
     too, with chunked prefill (the engine's colocated mode)."""
@@ -138,7 +131,7 @@ def engine_command(args: argparse.Namespace, name: str) -> str:
              f"--worker-args={shlex.join(worker)}"]  # '=': the value starts with '--'
     if args.device:
         parts += ["--devices", args.device]
-    return _template(parts)
+    return command_template(parts)
 
 
 def hf_command(args: argparse.Namespace, name: str) -> str:
@@ -152,7 +145,7 @@ def hf_command(args: argparse.Namespace, name: str) -> str:
         parts += ["--dtype", args.dtype]
     if args.random_weights:
         parts.append("--random-weights")
-    return _template(parts)
+    return command_template(parts)
 
 
 def _slo(args: argparse.Namespace) -> SLO:

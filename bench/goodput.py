@@ -59,6 +59,13 @@ class System:
     num_gpus: int | None = None
 
 
+def command_template(parts: list[str]) -> str:
+    """A command template for ``started``: every part quoted, braces escaped, then
+    ``{host}``/``{port}`` placeholders (filled in when the system starts) appended."""
+    quoted = " ".join(shlex.quote(p).replace("{", "{{").replace("}", "}}") for p in parts)
+    return quoted + " --host {host} --port {port}"
+
+
 def parse_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     """``LABEL=VALUE`` strings (an item without '=' or with an empty label is an error)."""
     out = []
