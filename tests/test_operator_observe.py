@@ -23,13 +23,7 @@ class MetricsStub:
 
     def __init__(self, load: Callable[[RouterMetrics, Counter], None] | None = None) -> None:
         self.metrics = RouterMetrics()
-        # what the router will export once its prompt-token counter exists (not yet: then the
-        # router's own is used and this one is not registered twice)
-        own = getattr(self.metrics, "prompt_tokens", None)
-        self.prompt_tokens = own or Counter(
-            observe.PROMPT_TOKENS, "Prompt tokens of routed sequences",
-            registry=self.metrics.registry,
-        )  # fmt: skip
+        self.prompt_tokens = self.metrics.prompt_tokens
         self.load = load
         self.scrapes = 0
         stub = self
@@ -109,6 +103,7 @@ def test_window_from_router_metrics_text() -> None:
     observe_n(m, 8, ttft=0.3, tpot=0.04, e2e=2.0)  # meets both targets
     observe_n(m, 2, ttft=0.7, tpot=0.04, e2e=3.0)  # misses TTFT
     m.inflight.set(7)
+    m.prompt_tokens.inc(500)
     after = observe.parse(text_of(m), at=110.0)
     w = observe.window(before, after)
     assert w is not None
@@ -123,7 +118,7 @@ def test_window_from_router_metrics_text() -> None:
     m.inflight.set(0)
     quiet = observe.window(before, observe.parse(text_of(m), at=110.0))
     assert quiet is not None and quiet.concurrent_seqs == pytest.approx(2.2)
-    assert w.prompt_tokens_per_s is None  # the router does not export it (yet)
+    assert w.prompt_tokens_per_s == pytest.approx(50.0)  # 500 prompt tokens in 10 s
     status = w.to_status()
     assert status["ttftP90Ms"] == 750.0 and status["concurrentSequences"] == 7
 
