@@ -7,8 +7,11 @@ the router's CPU time per request (bench/router.py measures it). Here the body i
 one pydantic-core call from the raw bytes (same models, same 400 messages), errors are OpenAI's
 JSON shape with the same statuses, and the SSE stream is written straight to the server.
 
-A client that disconnects mid-stream is noticed at once (a small watcher on ``receive``): the
-stream is cancelled, which closes the decode worker's stream, which aborts the sequence there.
+A client that disconnects is noticed at once, from the moment its body has been read (one small
+watcher on ``receive``): whatever the request is doing is cancelled: waiting in the admission
+queue, waiting for its first token, streaming (which closes the decode worker's stream, which
+aborts the sequence there). A request nobody waits for any more gives its place back at once
+instead of being queued, prefilled and decoded for nobody.
 """
 
 from __future__ import annotations
@@ -143,13 +146,17 @@ class CompletionsEndpoint:
             await send_json(send, 405, error_body("Method Not Allowed"))
             return
         state = self.state
+        watch = None
         try:
             body = parse(self.model, scope, await read_body(receive))
             check_model(body.model, state.config.served_model_name)
             prompts = self.prompts(body)
             slo = request_slo(scope, state.config.slo)
+            watch = ClientWatch(receive)  # the body is read: receive() now only reports a disconnect
             result = await state.serving.serve(self.shape, body, prompts, state.max_model_len(), slo)
         except RouterError as exc:
+            if watch is not None:
+                watch.stop()
             self.count(path, _OUTCOMES.get(exc.status, "error"))
             extra = [(b"retry-after", b"1")] if exc.status == 429 else None
             await send_json(send, exc.status, exc.body(), extra)
@@ -157,31 +164,58 @@ class CompletionsEndpoint:
         except ConnectionAbortedError:
             self.count(path, "client_closed")
             return
+        except asyncio.CancelledError:
+            if watch is None or not watch.absorb():
+                raise
+            self.count(path, "client_closed")  # left while queued or waiting for its answer
+            return
+        except Exception:
+            if watch is not None:
+                watch.stop()
+            raise
         if isinstance(result, dict):
+            watch.stop()
             self.count(path, "ok")
             await send_json(send, 200, result)
             return
-        self.count(path, await stream_sse(result, receive, send))
+        self.count(path, await stream_sse(result, watch, send))
 
 
-async def stream_sse(result: SSEStream, receive: Receive, send: Send) -> str:
-    """Send the SSE stream; returns the outcome (ok, error, client_closed). The events that are
-    ready together go out as one write, the last one with the end of the body."""
-    current = asyncio.current_task()
-    gone = streaming = False
+class ClientWatch:
+    """Cancels the handler's task when the client disconnects, while ``active`` (the server also
+    says "disconnect" once a response is complete: that one must not cancel anything)."""
 
-    async def watch() -> None:
-        nonlocal gone
+    def __init__(self, receive: Receive) -> None:
+        self.gone, self.active = False, True
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if streaming:  # (the server also says "disconnect" once the response is complete)
-            gone = True
-            current.cancel()  # the stream may be waiting on the decode worker: stop it now
+        if self.active:
+            self.gone = True
+            self._task.cancel()  # it may be queued or waiting on a worker: stop it now
 
+    def absorb(self) -> bool:
+        """In ``except CancelledError``: whether the cancellation was this watch's (then it is
+        handled here and must not propagate)."""
+        if not self.gone:
+            return False
+        if hasattr(self._task, "uncancel"):  # Python >= 3.11
+            self._task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        self.active = False
+        self._watcher.cancel()
+
+
+async def stream_sse(result: SSEStream, watch: ClientWatch, send: Send) -> str:
+    """Send the SSE stream; returns the outcome (ok, error, client_closed). The events that are
+    ready together go out as one write, the last one with the end of the body."""
     await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-    watcher = asyncio.ensure_future(watch())
     outcome = "client_closed"
-    streaming = True
     try:
         async for text in result.lines:
             last = text.endswith(_DONE)
@@ -193,15 +227,12 @@ async def stream_sse(result: SSEStream, receive: Receive, send: Send) -> str:
         if outcome != "error":
             outcome = "ok"
     except asyncio.CancelledError:
-        if not gone:
+        if not watch.absorb():
             raise
-        if hasattr(current, "uncancel"):  # Python >= 3.11: this cancellation is handled
-            current.uncancel()
     except OSError:
         pass  # the client's connection broke while sending: the outcome stays client_closed
     finally:
-        streaming = False
-        watcher.cancel()
+        watch.stop()
         await result.close()
         if hasattr(result.lines, "aclose"):
             await result.lines.aclose()

@@ -364,6 +364,29 @@ def test_goodput_queues_within_bound_until_a_worker_frees_up(demo_model, workers
         assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="goodput"} 1.0' in httpx.get(r.url + "/metrics").text
 
 
+
+def test_a_client_that_leaves_while_queued_gives_its_place_back_at_once(demo_model, workers, tmp_path) -> None:
+    """No decode worker has room: the request waits in admission (for up to 10 s); its client
+    gives up after 0.3 s; the router notices the disconnect at once, leaves the queue and never
+    sends the request to a worker once room appears."""
+    model = tmp_path / "latency.json"
+    model.write_text(json.dumps({"decode": {"base_ms": 10, "per_seq_ms": 1, "per_context_token_ms": 0}}))
+    workers["d0"][1].load, workers["d1"][1].load = {"running": 200}, {"running": 200}
+    with router(demo_model, workers, policy="goodput", latency_model_path=str(model), max_queue_ms=10000) as r:
+        for stream in (False, True):
+            body = {"model": "demo", "prompt": "x", "max_tokens": 2, "stream": stream}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(r.url + "/v1/completions", json=body, timeout=0.3)
+            deadline = time.monotonic() + 2
+            while "splitserve_router_queued_requests 0.0" not in httpx.get(r.url + "/metrics").text:
+                assert time.monotonic() < deadline, "the abandoned request stayed queued"
+                time.sleep(0.05)
+        workers["d1"][1].load.update(running=0)
+        time.sleep(0.5)  # a poll shows room: nothing abandoned may be sent there now
+        assert not workers["d0"][1].requests and not workers["d1"][1].requests
+        text = httpx.get(r.url + "/metrics").text
+        assert 'splitserve_router_requests_total{endpoint="/v1/completions",outcome="client_closed"} 2.0' in text
+
 def test_missing_key_is_401_before_anything_else(demo_model, workers) -> None:
     with router(demo_model, workers, api_key="k") as r:
         _error(httpx.post(r.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 401)
