@@ -62,7 +62,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from splitserve.bench.goodput import System, command_template, started
+from splitserve.bench.goodput import (
+    System,
+    add_length_and_slo_arguments,
+    command_template,
+    started,
+)
 from splitserve.bench.loadgen import LoadConfig
 from splitserve.bench.report import SystemResult, build_report, goodput_text
 from splitserve.bench.results import clean_json, find_runs, run_path
@@ -453,14 +458,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=1000)
     p.add_argument("--skip-below", type=float, default=0.3,
                    help="skip a system's higher rates once its attainment falls below this")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--length-scale", type=float, default=0.5,
-                   help="multiply drawn lengths (default 0.5 keeps HF's runs short)")
-    p.add_argument("--max-input", type=int, default=None)
-    p.add_argument("--max-output", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--ttft-ms", type=float, default=None, help="default: the workload's")
-    p.add_argument("--tpot-ms", type=float, default=None, help="default: the workload's")
+    add_length_and_slo_arguments(p, 0.5, "multiply drawn lengths (default 0.5 keeps HF's runs short)")
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--timeout", type=float, default=120.0,
                    help="per-request timeout, s (a timed-out request is a miss)")

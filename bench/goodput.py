@@ -214,6 +214,19 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_length_and_slo_arguments(p: argparse.ArgumentParser, length_scale: float = 1.0,
+                                  scale_help: str | None = None) -> None:
+    """The options every goodput bench shares: the seed, how drawn lengths are scaled and
+    capped, and the SLO (defaults per workload)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length-scale", type=float, default=length_scale, help=scale_help)
+    p.add_argument("--max-input", type=int, default=None)
+    p.add_argument("--max-output", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--ttft-ms", type=float, default=None, help="default: the workload's")
+    p.add_argument("--tpot-ms", type=float, default=None, help="default: the workload's")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep's command-line options (``splitserve bench sweep``)."""
     p.add_argument("--model", required=True, help="model folder, substituted for {model}")
@@ -231,16 +244,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate.add_argument("--rate", type=float)
     rate.add_argument("--rates", help="comma-separated rates, e.g. 1,2,4,8")
     p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=2.0)
     p.add_argument("--tokenizer", default=None, help="default: the model folder's tokenizer")
-    p.add_argument("--length-scale", type=float, default=1.0)
-    p.add_argument("--max-input", type=int, default=None)
-    p.add_argument("--max-output", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--ttft-ms", type=float, default=None, help="default: per workload")
-    p.add_argument("--tpot-ms", type=float, default=None, help="default: per workload")
+    add_length_and_slo_arguments(p)
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--slo-headers", action="store_true",
                    help="send x-slo-ttft-ms / x-slo-tpot-ms with every request")
