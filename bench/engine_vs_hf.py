@@ -378,8 +378,9 @@ def make_8b_shape(model_dir: str) -> Path:
 def check_vocab(model_dir: str) -> None:
     """Refuse a model whose vocabulary is much larger than its tokenizer's (e.g. a random-weight
     config with Llama-3's 128,256 rows over the demo's ~700-token tokenizer): ids the tokenizer
-    cannot decode stream as empty text, the router sends no SSE event for them, and TTFT/TPOT
-    would measure the wrong thing for both systems. Padding rows (a few percent) are fine."""
+    cannot decode stream as empty text (the router still sends one SSE event per step, so the
+    timings hold, but the outputs say nothing and the tokenizer-based prompt lengths no longer
+    match the model). Padding rows (a few percent) are fine."""
     from splitserve.router.tokenizer import RouterTokenizer
 
     path = Path(model_dir) / "config.json"
