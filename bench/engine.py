@@ -86,7 +86,7 @@ def graph_replay_ms(engine, batch: int, iters: int = 50) -> float:
     """GPU time of the captured decode step alone (no scheduling, input building or sampling):
     the gap to ``decode_step_ms`` is host overhead."""
     graphs = engine.runner.graphs
-    bs = next(s for s in graphs.sizes if s >= batch)
+    bs = graphs.bucket(batch)
     graphs.graphs[bs].replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
