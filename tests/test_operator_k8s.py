@@ -348,8 +348,16 @@ def test_model_change_rolls_prefill_and_decode_together(
     old = generations()
     k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
                 "-p", '{"spec": {"image": "splitserve:cpu-v2"}}')  # fmt: skip
-    new = wait_until("new generation", lambda: (g := generations()) != old and g, 30)
-    assert new["prefill"] == new["decode"] != old["prefill"]
+    # The two Deployments are separate API writes, so a read can land between them: wait for
+    # both to leave the old generation, then require that they arrived at the same one.
+    new = wait_until(
+        "new generation on both pools",
+        lambda: (g := generations())["prefill"] != old["prefill"]
+        and g["decode"] != old["decode"]
+        and g,
+        30,
+    )
+    assert new["prefill"] == new["decode"]
     obj = wait_ready(k8s, operator, ns, "tiny", timeout=120)
     assert obj["status"]["servingGeneration"] == new["prefill"]
 
