@@ -156,3 +156,7 @@ class SchedulerConfig:
 class EngineConfig:
     runner: RunnerConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Queue each decode step before the previous one's tokens reach the host, so the host's
+    # work per step hides behind the GPU's (default: on where steps are asynchronous, CUDA;
+    # on the CPU a step computes while it is queued, so overlapping would only delay tokens).
+    overlap: bool | None = None

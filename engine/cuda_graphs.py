@@ -4,6 +4,11 @@ A decode step of a small model is a few hundred kernel launches; from Python tha
 than the GPU work. Each bucket's forward pass is captured once into static input buffers and
 replayed: the step costs one launch. Rows past the real batch are padding: they write into a
 scratch block that no sequence owns and attend over one token of it.
+
+A row's input token may still be on the device: when the engine queues a step before the
+previous step's tokens have reached the host, the row names where that token sits in the
+previous step's samples (``prev_rows``, -1 for a token the host knows) and the graph itself
+gathers it from ``prev_tokens``, where every step leaves its samples (``keep_samples``).
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
         self.sizes = bucket_sizes(max_batch)
         self.max_batch, self.width = max_batch, max_blocks_per_seq
-        # Every per-step input lives in two device buffers (int64: token ids, positions, slots;
-        # int32: context lengths, then block tables), mirrored by two pinned host buffers: a step
+        # Every per-step input lives in two device buffers (int64: token ids, positions, slots,
+        # rows of the previous step's samples; int32: context lengths, then block tables), mirrored by two pinned host buffers: a step
         # fills the host side with numpy and moves it with two copies, instead of building,
         # pinning and copying a tensor per input (each a few microseconds of host time while
         # the GPU waits between steps).
-        self._dev64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)
+        self._dev64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
         self._dev32 = torch.zeros(max_batch * (1 + max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._host64 = torch.zeros(self._dev64.shape, dtype=torch.int64, pin_memory=True)
         self._host32 = torch.zeros(self._dev32.shape, dtype=torch.int32, pin_memory=True)
@@ -47,7 +52,9 @@ class DecodeGraphs:
         self._h_ctx = self._h32[:max_batch]
         self._h_tables = self._h32[max_batch:].reshape(max_batch, max_blocks_per_seq)
         self._copied = torch.cuda.Event()  # the host buffers may be rewritten once this passed
-        self.input_ids, self.positions, self.slot_mapping = self._dev64.unbind(0)
+        self.input_ids, self.positions, self.slot_mapping, self.prev_rows = self._dev64.unbind(0)
+        self.prev_rows.fill_(-1)
+        self.prev_tokens = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.context_lens = self._dev32[:max_batch]
         self.block_tables = self._dev32[max_batch:].view(max_batch, max_blocks_per_seq)
         self.slot_mapping.fill_(scratch_slot)
@@ -70,7 +77,9 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache, self._meta(bs))
+        rows = self.prev_rows[:bs]
+        ids = torch.where(rows >= 0, self.prev_tokens[rows.clamp(min=0)], self.input_ids[:bs])
+        hidden = self.model(ids, self.positions[:bs], self.kv_cache, self._meta(bs))
         return self.model.logits(hidden)
 
     @torch.inference_mode()
@@ -90,6 +99,14 @@ class DecodeGraphs:
     def can_run(self, batch: int, width: int) -> bool:
         return batch <= self.sizes[-1] and width <= self.block_tables.shape[1]
 
+    def keep_samples(self, tokens: torch.Tensor) -> bool:
+        """Leave a step's sampled tokens where the next replay can read them (one device copy,
+        queued after the sampling); False when there are more of them than rows."""
+        if len(tokens) > self.max_batch:
+            return False
+        self.prev_tokens[: len(tokens)].copy_(tokens)
+        return True
+
     def bucket(self, batch: int) -> int:
         """The smallest captured batch size that holds ``batch`` rows."""
         return next(s for s in self.sizes if s >= batch)
@@ -102,19 +119,24 @@ class DecodeGraphs:
         slots: list[int],
         context_lens: list[int],
         block_tables: list[list[int]],
+        prev_rows: list[int] | None = None,
     ) -> torch.Tensor:
         """Replay the smallest bucket that holds the batch; returns (batch, vocab) logits.
 
-        Rows past the batch are padding (slot = the scratch slot, context of one token); their
-        block-table rows keep whatever they held, which is always a valid block to read.
+        ``prev_rows[i] >= 0``: row i's input token is that row of the last ``keep_samples``
+        (``token_ids[i]`` is then a placeholder). Rows past the batch are padding (slot = the
+        scratch slot, context of one token); their block-table rows keep whatever they held,
+        which is always a valid block to read.
         """
         n = len(token_ids)
         bs = self.bucket(n)
         self._copied.synchronize()  # the previous step's copies have read the host buffers
         h64 = self._h64
         h64[0, :n], h64[1, :n], h64[2, :n] = token_ids, positions, slots
+        h64[3, :n] = -1 if prev_rows is None else prev_rows
         h64[:2, n:bs] = 0
         h64[2, n:bs] = self.scratch_slot
+        h64[3, n:bs] = -1
         self._h_ctx[:n] = context_lens
         self._h_ctx[n:bs] = 1
         tables = self._h_tables

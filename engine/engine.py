@@ -1,5 +1,14 @@
 """The engine: scheduler + model runner + stop rules, one step at a time.
 
+Overlap. On CUDA a decode step is queued before the previous step's tokens have reached the host:
+the new step reads them on the device (each sequence carries a ``PLACEHOLDER`` until its token
+lands), and the host turns the previous step's tokens into outputs (stop checks, prefix-cache
+commits, freeing) while the GPU computes. So outputs come one ``step()`` call after their step was
+queued, a finished sequence may ride one extra step (its sample is dropped), and the scheduler
+holds freed blocks until the steps that may still write them are done. Before anything that needs
+the exact state (a prefill, logprobs, a possible preemption, a sequence at its length limit) the
+engine settles the step in flight first, as a synchronous engine would.
+
 Three roles share it. A *colocated* engine prefills and decodes (the baseline, and the decode
 worker's recompute path). A *prefill* engine stops each sequence after its first token and keeps
 its blocks until the worker has shipped the KV (``release``). A *decode* engine also takes
@@ -16,10 +25,10 @@ from pathlib import Path
 
 from splitserve.engine.block_manager import BlockManager, NoFreeBlocks
 from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
-from splitserve.engine.runner import ModelRunner
+from splitserve.engine.runner import Launched, ModelRunner
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 from splitserve.engine.stopping import StopChecker
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,19 @@ class StepStats:
     seconds: float
 
 
+@dataclass
+class _Step:
+    """A queued step and what its outputs need once its tokens land."""
+
+    number: int
+    launched: Launched
+    is_prefill: bool
+    computed: int
+    context: int
+    started: float
+    token_index: dict[int, int]  # seq_id -> index in token_ids of the token this step samples
+
+
 class PromptTooLong(ValueError):
     """The prompt leaves no room in the context for a generated token."""
 
@@ -67,6 +89,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.runner.model_dir)
         self.stopper = StopChecker(self.tokenizer, self.eos_token_ids(), self.runner.max_model_len)
         self.step_observers: list[Callable[[StepStats], None]] = []
+        overlap = config.overlap
+        self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Step | None = None
+        self._last_done = 0.0
 
     @property
     def max_model_len(self) -> int:
@@ -126,27 +152,91 @@ class LLMEngine:
         self.scheduler.abort(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step(self) -> list[StepOutput]:
+        """Queue the next step; return the outputs of the steps that finished meanwhile (with
+        overlap, the previous one; without, this one)."""
+        try:
+            return self._step()
+        except BaseException:
+            # A failed step leaves nothing to wait for: whatever the GPU still had is lost with
+            # the requests the caller now fails, and the blocks they held go back.
+            self._in_flight = None
+            self.scheduler.settle(self.scheduler.launched)
+            raise
+
+    def _step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        prev = self._in_flight
+        if prev is not None and not self._can_overlap(prev):
+            outputs += self._finish(prev)
+            prev = None
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
+            if prev is not None:
+                outputs += self._finish(prev)
+            return outputs
         started = time.perf_counter()
-        computed = sum(s.num_scheduled_tokens for s in seqs)
-        tokens = self.runner.run(seqs, is_prefill)
-        stats = StepStats(is_prefill, len(seqs), computed, sum(len(s) for s in seqs), time.perf_counter() - started)
+        number = self.scheduler.begin_step()
+        launched = self.runner.launch(seqs, is_prefill, prev.launched if prev else None)
+        step = _Step(
+            number, launched, is_prefill, sum(s.num_scheduled_tokens for s in seqs),
+            sum(len(s) for s in seqs), started, {},
+        )
+        if prev is not None:
+            outputs += self._finish(prev)
+        for seq in seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            if seq.seq_id in launched.row_of and seq.status == SeqStatus.RUNNING:
+                step.token_index[seq.seq_id] = len(seq.token_ids)
+                seq.token_ids.append(PLACEHOLDER)
+        self._in_flight = step
+        if not (self.overlap and launched.logits is None and not is_prefill):
+            outputs += self._finish(step)
+        return outputs
+
+    def _can_overlap(self, prev: _Step) -> bool:
+        """Whether the next step may be queued before ``prev``'s tokens are known: only a decode
+        step that follows a decode step and whose scheduling needs no token values (no prefill
+        waiting, no preemption, no sequence at its length limit)."""
+        sched, blocks = self.scheduler, self.blocks
+        if not self.overlap or prev.is_prefill or sched.waiting:
+            return False
+        running = sched.running
+        if len(running) > self.config.scheduler.max_num_seqs:
+            return False
+        new_blocks = 0
+        for seq in running:
+            if seq.num_uncomputed_tokens != 1:
+                return False
+            if seq.num_output_tokens >= seq.sampling.max_tokens or len(seq) >= self.max_model_len:
+                return False
+            new_blocks += len(seq) > len(seq.block_table) * blocks.block_size
+        return new_blocks <= blocks.num_free_blocks
+
+    def _finish(self, step: _Step) -> list[StepOutput]:
+        """Wait for ``step``'s tokens and turn them into outputs."""
+        sampled = self.runner.fetch(step.launched)
+        if self._in_flight is step:
+            self._in_flight = None
+        self.scheduler.settle(step.number)
+        done = time.perf_counter()
+        # With overlap the step was queued while the previous one ran: it took from then on.
+        seconds = done - max(step.started, self._last_done)
+        self._last_done = done
+        stats = StepStats(step.is_prefill, len(step.launched.seqs), step.computed, step.context, seconds)
         for observe in self.step_observers:
             observe(stats)
         outputs = []
-        for seq, sampled in zip(seqs, tokens, strict=True):
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
+        for seq, result in zip(step.launched.seqs, sampled, strict=True):
+            index = step.token_index.get(seq.seq_id)
+            if result is None or index is None or seq.status != SeqStatus.RUNNING:
+                continue  # a prompt chunk, or a sequence that finished while this step ran
+            seq.token_ids[index] = result.token
             self.blocks.commit(seq)
-            if sampled is None:  # a prompt chunk that is not the last: nothing to emit yet
-                continue
-            seq.token_ids.append(sampled.token)
-            outputs.append(self._after_token(seq, sampled.token, sampled.logprobs))
+            outputs.append(self._after_token(seq, result.token, result.logprobs))
         return outputs
 
     def _after_token(self, seq: Sequence, token: int, logprobs: dict | None = None) -> StepOutput:

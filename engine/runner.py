@@ -16,8 +16,8 @@ import torch
 from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
 from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
-from splitserve.engine.sampling import make_generator, sample, token_logprobs
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sampling import make_generator, sample_tokens, token_logprobs
+from splitserve.engine.sequence import PLACEHOLDER, Sequence
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 class Sampled(NamedTuple):
     token: int
     logprobs: dict[str, Any] | None
+
+
+class Launched(NamedTuple):
+    """A queued step: its samples are on the device (``tokens``, in the order of ``complete``)
+    and on their way to the host (``host``, landed once ``ready`` has passed)."""
+
+    seqs: list[Sequence]
+    complete: list[int]  # indices into seqs of the sequences this step samples for
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: Any  # torch.cuda.Event | None
+    logits: torch.Tensor | None  # kept only when a sequence asked for logprobs
+    row_of: dict[int, int]  # seq_id -> row of tokens
+    in_graph_buffer: bool  # the decode graphs hold these samples too (keep_samples)
 
 
 class ModelRunner:
@@ -62,6 +76,9 @@ class ModelRunner:
                 self.model, self.kv_cache, config.max_num_seqs,
                 -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size,
             )
+        self._host_tokens = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
+        self._flip = 0
 
     @property
     def bytes_per_block(self) -> int:
@@ -144,13 +161,30 @@ class ModelRunner:
         )
         return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor([len(s) - 1 for s in seqs]), meta
 
+    def _prev_rows(self, seqs: list[Sequence], prev: Launched | None) -> list[int] | None:
+        """Where each sequence's input token sits among ``prev``'s samples (-1: the host has it);
+        None when every token is on the host."""
+        if not any(s.token_ids[-1] == PLACEHOLDER for s in seqs):
+            return None
+        if prev is None:
+            raise RuntimeError("a sequence waits for a token, but no step is in flight")
+        return [prev.row_of[s.seq_id] if s.token_ids[-1] == PLACEHOLDER else -1 for s in seqs]
+
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[Sampled | None]:
-        """Compute each sequence's scheduled tokens; return the next token (and, when asked, its
-        logprobs) of each sequence that this step brings to its end (None for a prompt chunk that
-        is not the last)."""
-        if not is_prefill and self.graphs is not None and self.graphs.can_run(
-            len(seqs), max(len(s.block_table) for s in seqs)
+    def launch(self, seqs: list[Sequence], is_prefill: bool, prev: Launched | None = None) -> Launched:
+        """Queue a step: compute each sequence's scheduled tokens and sample the next token of
+        each sequence that this step brings to its end. Returns at once on CUDA; ``fetch`` waits.
+
+        A sequence whose last token is ``PLACEHOLDER`` takes its input from ``prev``'s samples
+        on the device, so this step can be queued before ``prev``'s tokens reach the host."""
+        prev_rows = self._prev_rows(seqs, prev)
+        if is_prefill and prev_rows is not None:
+            raise RuntimeError("a prefill step needs every token on the host")
+        if (
+            not is_prefill
+            and self.graphs is not None
+            and self.graphs.can_run(len(seqs), max(len(s.block_table) for s in seqs))
+            and (prev_rows is None or prev.in_graph_buffer)
         ):
             logits = self.graphs.run(
                 [s.token_ids[-1] for s in seqs],
@@ -158,10 +192,14 @@ class ModelRunner:
                 [self._slot(s, len(s) - 1) for s in seqs],
                 [len(s) for s in seqs],
                 [s.block_table for s in seqs],
+                prev_rows,
             )
         else:
             prepare = self.prepare_prefill if is_prefill else self.prepare_decode
             input_ids, positions, meta = prepare(seqs)
+            if prev_rows is not None:
+                rows = self._tensor(prev_rows)
+                input_ids = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], input_ids)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             logits = self.model.logits(hidden[meta.last_token_index])
         complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
@@ -171,13 +209,51 @@ class ModelRunner:
         for seq in sampled:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)
-        tokens = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
-        results = iter([
-            Sampled(t, None if s.sampling.logprobs is None else token_logprobs(logits[j], t, s.sampling.logprobs))
-            for j, (s, t) in enumerate(zip(sampled, tokens, strict=True))
-        ])
-        chosen = set(complete)
-        return [next(results) if i in chosen else None for i in range(len(seqs))]
+        tokens = sample_tokens(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+        in_graph_buffer = not is_prefill and self.graphs is not None and self.graphs.keep_samples(tokens)
+        host, ready = self._to_host(tokens)
+        wants_logprobs = any(s.sampling.logprobs is not None for s in sampled)
+        return Launched(
+            seqs, complete, tokens, host, ready, logits if wants_logprobs else None,
+            {s.seq_id: row for row, s in enumerate(sampled)}, in_graph_buffer,
+        )
+
+    def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start the copy of a step's tokens into one of two pinned buffers (the step being
+        fetched keeps the other), with an event that says when they have landed."""
+        if self.device.type != "cuda":
+            return tokens, None
+        self._flip ^= 1
+        buf, event = self._host_tokens[self._flip], self._copied[self._flip]
+        if buf.numel() < len(tokens):
+            buf = self._host_tokens[self._flip] = torch.empty(2 * len(tokens), dtype=torch.int64, pin_memory=True)
+        host = buf[: len(tokens)]
+        host.copy_(tokens, non_blocking=True)
+        event.record()
+        return host, event
+
+    @torch.inference_mode()
+    def fetch(self, launched: Launched) -> list[Sampled | None]:
+        """Wait for a launched step's tokens; one entry per sequence (None for a prompt chunk
+        that is not the last), with logprobs where the request asked for them."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens = launched.host.tolist()
+        results = []
+        for row, i in enumerate(launched.complete):
+            params = launched.seqs[i].sampling
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = token_logprobs(launched.logits[row], tokens[row], params.logprobs)
+            results.append(Sampled(tokens[row], logprobs))
+        out: list[Sampled | None] = [None] * len(launched.seqs)
+        for i, result in zip(launched.complete, results, strict=True):
+            out[i] = result
+        return out
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[Sampled | None]:
+        """``launch`` then ``fetch``: one step, synchronously."""
+        return self.fetch(self.launch(seqs, is_prefill))
 
     def wire_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of a request's tokens, on the device: what ``gather_layer`` reads to build

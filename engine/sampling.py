@@ -84,21 +84,30 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """One next token per row of ``logits (B, vocab)``, left on the logits' device: nothing here
+    waits for the GPU, so the engine can queue its next step before these tokens reach the host."""
+    logits = logits.float()
+    out = logits.argmax(-1)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        out[i] = torch.multinomial(row.softmax(-1), 1, generator=generators[i])[0]
+    return out
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """One next token per row of ``logits (B, vocab)``."""
-    logits = logits.float()
-    out = logits.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+    """``sample_tokens``, brought to the host."""
+    return sample_tokens(logits, params, generators).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:

@@ -8,6 +8,12 @@ baseline, as in vLLM and DeepSpeed-FastGen's split-fuse) every step carries all 
 plus prompt chunks that fill the rest of the token budget, so long prompts never stall decodes
 for a whole prefill. When the cache runs out during decode, the most recently started sequence is
 preempted back to the queue and recomputed later, so running requests always make progress.
+
+Blocks and steps in flight. The engine may queue a step before the previous one is done
+(``begin_step``/``settle``); a sequence that finishes or is aborted meanwhile may still be in a
+queued step, which will write its cache slot. Its blocks are held until every step queued when
+it left has settled, so no other request (or an incoming KV transfer) is handed a block that a
+queued step still writes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,30 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.launched = 0  # steps queued so far
+        self.settled = 0  # steps known done
+        self._held: dict[int, tuple[int, Sequence]] = {}  # seq_id -> (step it waits for, seq)
+
+    def begin_step(self) -> int:
+        """A step is being queued; returns its number."""
+        self.launched += 1
+        return self.launched
+
+    def settle(self, step: int) -> None:
+        """Steps up to ``step`` are done: free the blocks that waited for them."""
+        self.settled = max(self.settled, step)
+        for seq_id, (wait_for, seq) in list(self._held.items()):
+            if wait_for <= self.settled:
+                del self._held[seq_id]
+                self.blocks.free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.seq_id in self._held:
+            return
+        if self.launched > self.settled:
+            self._held[seq.seq_id] = (self.launched, seq)
+        else:
+            self.blocks.free(seq)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -120,6 +150,8 @@ class Scheduler:
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.launched > self.settled:  # the engine settles before any step that may preempt
+            raise RuntimeError("cannot preempt while a step is in flight")
         self.blocks.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -133,12 +165,12 @@ class Scheduler:
         if seq.prefill_only and reason != "abort":
             seq.status = SeqStatus.PREFILLED
             return
-        self.blocks.free(seq)
+        self._free(seq)
         seq.status = SeqStatus.FINISHED
 
     def release(self, seq: Sequence) -> None:
         """Free a PREFILLED sequence's blocks after its transfer succeeded or failed."""
-        self.blocks.free(seq)
+        self._free(seq)
         seq.status = SeqStatus.FINISHED
 
     def abort(self, seq: Sequence) -> None:
@@ -149,5 +181,5 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         if seq.block_table:
-            self.blocks.free(seq)
+            self._free(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"

@@ -25,6 +25,10 @@ class SeqStatus(enum.Enum):
 
 _ids = itertools.count()
 
+# The value of a sampled token that is still on its way from the device: the engine queues the
+# next step before the previous step's tokens reach the host (see ``LLMEngine.step``).
+PLACEHOLDER = -1
+
 
 @dataclass(eq=False)
 class Sequence:
