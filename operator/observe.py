@@ -15,8 +15,11 @@ Read from the router (names are the contract with ``router/metrics.py``):
 - ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second (from a router that
   lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill).
 
-With ``--workers N`` the router's processes share one multiprocess metrics directory, so one
-scrape through the Service already gives the totals of every process of that pod.
+A router Deployment has several pods (``spec.router.replicas``, an HPA), each with its own
+counters, so the SLO loop scrapes every ready pod, not the Service (which would answer from a
+random pod each time): ``delta`` reads one pod's scrapes, and ``merge`` adds the pods' deltas
+into one ``Window`` (bucket counts, SLO verdicts and rates add). With ``--workers N`` one pod's
+processes share one multiprocess metrics directory, so one scrape gives that whole pod.
 
 Only this module's ``fetch`` does I/O; everything else is pure and unit-tested on metric text.
 """
@@ -194,10 +197,35 @@ def _ms(h: Histogram | None, q: float) -> float | None:
     return None if v is None else v * 1000.0
 
 
-def window(prev: Snapshot, cur: Snapshot) -> Window | None:
-    """The window between two scrapes, or None when it cannot be read: no time passed, or a
-    counter went down (a router restart, or a Service that answered from another router pod).
-    The caller then keeps ``cur`` as the new baseline."""
+@dataclass(frozen=True)
+class Delta:
+    """What one router pod did between two of its scrapes: histogram deltas, SLO verdicts,
+    prompt tokens over ``seconds``, and its in-flight gauge at the later scrape."""
+
+    seconds: float
+    ttft: Histogram | None
+    tpot: Histogram | None
+    e2e: Histogram | None
+    slo_met: float
+    slo_total: float
+    prompt_tokens: float | None
+    inflight: float | None
+
+    @property
+    def finished(self) -> float:
+        return self.e2e.count if self.e2e is not None else 0.0
+
+    @property
+    def concurrent_seqs(self) -> float:
+        """Little's law: mean sequences in flight = their summed durations / the window. It lags
+        a rising load (sequences still running are not in it), so the gauge counts too."""
+        littles = (self.e2e.total / self.seconds) if self.e2e is not None else 0.0
+        return max(littles, self.inflight or 0.0)
+
+
+def delta(prev: Snapshot, cur: Snapshot) -> Delta | None:
+    """One pod's delta between two of its scrapes, or None when it cannot be read: no time
+    passed, or a counter went down (that pod restarted: its counters began again)."""
     seconds = cur.at - prev.at
     if seconds <= 0:
         return None
@@ -211,22 +239,61 @@ def window(prev: Snapshot, cur: Snapshot) -> Window | None:
         prompt = cur.prompt_tokens - (prev.prompt_tokens or 0.0)
     if any(resets) or slo_met < 0 or slo_total < 0 or (prompt is not None and prompt < 0):
         return None
-    finished = e2e.count if e2e is not None else 0.0
-    # Little's law: mean sequences in flight = their summed durations / the window. It lags a
-    # rising load (sequences still running are not in it), so the gauge at the scrape counts too.
-    littles = (e2e.total / seconds) if e2e is not None else 0.0
+    return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight)
+
+
+def _sum_histograms(hs: list[Histogram | None]) -> Histogram | None:
+    """Bucket-wise sum of the pods' histogram deltas; None when none has one, or when their
+    bucket layouts differ (routers of different versions: no honest merged quantile)."""
+    present = [h for h in hs if h is not None]
+    if not present:
+        return None
+    layout = [b for b, _ in present[0].buckets]
+    if any([b for b, _ in h.buckets] != layout for h in present[1:]):
+        return None
+    counts = [sum(h.buckets[i][1] for h in present) for i in range(len(layout))]
+    return Histogram(
+        tuple(zip(layout, counts, strict=True)),
+        sum(h.count for h in present),
+        sum(h.total for h in present),
+    )
+
+
+def merge(deltas: list[Delta]) -> Window:
+    """The window of a router Deployment from its pods' own deltas. Counts add (histogram
+    buckets, finished, SLO verdicts), so quantiles and attainment are those of all requests;
+    rates add each pod's count over its own seconds (a pod that appeared later has a shorter
+    baseline); concurrency adds each pod's estimate. The prompt-token rate is None when any pod
+    lacks the counter (an older router): a part must not read as the whole."""
+    if not deltas:
+        raise ValueError("merge needs at least one pod's delta")
+    ttft = _sum_histograms([d.ttft for d in deltas])
+    tpot = _sum_histograms([d.tpot for d in deltas])
+    slo_met = sum(d.slo_met for d in deltas)
+    slo_total = sum(d.slo_total for d in deltas)
+    prompts = [d.prompt_tokens for d in deltas]
+    prompt_rate = None
+    if all(p is not None for p in prompts):
+        prompt_rate = sum((p / d.seconds for p, d in zip(prompts, deltas, strict=True) if p), 0.0)
     return Window(
-        seconds=seconds,
-        finished=finished,
-        requests_per_s=finished / seconds,
+        seconds=max(d.seconds for d in deltas),
+        finished=sum(d.finished for d in deltas),
+        requests_per_s=sum(d.finished / d.seconds for d in deltas),
         ttft_p50_ms=_ms(ttft, 0.5),
         ttft_p90_ms=_ms(ttft, 0.9),
         tpot_p50_ms=_ms(tpot, 0.5),
         tpot_p90_ms=_ms(tpot, 0.9),
         attainment=(slo_met / slo_total) if slo_total > 0 else None,
-        prompt_tokens_per_s=None if prompt is None else prompt / seconds,
-        concurrent_seqs=max(littles, cur.inflight or 0.0),
+        prompt_tokens_per_s=prompt_rate,
+        concurrent_seqs=sum(d.concurrent_seqs for d in deltas),
     )
+
+
+def window(prev: Snapshot, cur: Snapshot) -> Window | None:
+    """The window between two scrapes of one pod (``delta`` then ``merge``), or None when it
+    cannot be read; the caller then keeps ``cur`` as that pod's new baseline."""
+    d = delta(prev, cur)
+    return None if d is None else merge([d])
 
 
 def fetch(url: str, timeout: float = 5.0) -> str:

@@ -7,9 +7,14 @@ SLO loop (``slo_loop.py``):
   scraped and the planner runs. The metrics window itself is ``spec.autoscaling.windowSeconds``
   (each tick compares with the scrape that is at least that old), so one operator serves
   services with different windows.
-- ``SPLITSERVE_METRICS_URL``: where to scrape, a template with ``{name}`` and ``{namespace}``;
-  default the router Service's cluster DNS name (``http://{name}-router.{namespace}.svc:8000``).
-  Tests point it at a local server.
+- ``SPLITSERVE_ROUTER_POD_METRICS_URL``: how to reach one router pod's /metrics, a template with
+  ``{host}`` (the pod's address, IPv6 in brackets), ``{port}`` (the router Service's ``http``
+  port on the pod), ``{pod}``, ``{name}`` and ``{namespace}``; default
+  ``http://{host}:{port}/metrics``. The loop scrapes every ready router pod (``router_pods``).
+  Tests map pods to a local server with it (kwok pods have fake addresses).
+- ``SPLITSERVE_METRICS_URL``: a single URL to scrape instead (``{name}``, ``{namespace}``), e.g.
+  a port-forwarded router in local use; no pod discovery then, and with several router pods
+  behind it each scrape reads one random pod, so use it for one router only.
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
@@ -25,7 +30,7 @@ import os
 import kopf
 
 PREFIX = "splitserve.io"
-DEFAULT_METRICS_URL = "http://{name}-router.{namespace}.svc:8000/metrics"
+DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
 
 
 def _positive_float(var: str, default: float) -> float:
@@ -45,16 +50,28 @@ SLO_TICK_SECONDS = _positive_float("SPLITSERVE_SLO_TICK_SECONDS", 15.0)
 LATENCY_MODEL = os.environ.get("SPLITSERVE_LATENCY_MODEL") or None
 
 
-def metrics_url(name: str, namespace: str) -> str:
-    """The /metrics URL of one InferenceService's router (``SPLITSERVE_METRICS_URL`` template,
-    else the router Service's DNS name; must match ``manifests.endpoint``)."""
-    template = os.environ.get("SPLITSERVE_METRICS_URL") or DEFAULT_METRICS_URL
+def _format(var: str, template: str, **fields: str | int) -> str:
     try:
-        return template.format(name=name, namespace=namespace)
+        return template.format(**fields)
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"SPLITSERVE_METRICS_URL {template!r}: only {{name}} and {{namespace}} may appear"
-        ) from exc
+        allowed = ", ".join(f"{{{k}}}" for k in fields)
+        raise ValueError(f"{var} {template!r}: only {allowed} may appear") from exc
+
+
+def metrics_url(name: str, namespace: str) -> str | None:
+    """The single /metrics URL set by ``SPLITSERVE_METRICS_URL`` for one InferenceService, or
+    None (the default): scrape each ready router pod instead."""
+    template = os.environ.get("SPLITSERVE_METRICS_URL")
+    if not template:
+        return None
+    return _format("SPLITSERVE_METRICS_URL", template, name=name, namespace=namespace)
+
+
+def pod_metrics_url(name: str, namespace: str, pod: str, host: str, port: int) -> str:
+    """The /metrics URL of one router pod (``SPLITSERVE_ROUTER_POD_METRICS_URL`` template)."""
+    var = "SPLITSERVE_ROUTER_POD_METRICS_URL"
+    template = os.environ.get(var) or DEFAULT_POD_METRICS_URL
+    return _format(var, template, host=host, port=port, pod=pod, name=name, namespace=namespace)
 
 
 def configure(settings: kopf.OperatorSettings) -> None:

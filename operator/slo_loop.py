@@ -1,16 +1,21 @@
 """The SLO loop: each tick, per InferenceService, measure -> report -> plan -> scale.
 
-1. scrape the router's /metrics (``settings.metrics_url``) and keep the scrape in memory (after
-   an operator restart the first window just starts again);
-2. read the window against the newest kept scrape at least ``spec.autoscaling.windowSeconds``
-   old (``observe.window``): p50/p90 TTFT and TPOT, attainment, load;
+1. find the ready router pods (``router_pods``: the router Service's EndpointSlices; or the one
+   ``SPLITSERVE_METRICS_URL``) and scrape each pod's /metrics, concurrently; each pod's scrapes
+   are kept in memory under its uid (after an operator restart the first window just starts
+   again);
+2. read each pod's delta against its own scrape at least ``spec.autoscaling.windowSeconds`` old
+   and add the pods' deltas into one window (``pod_windows``, ``observe.merge``): p50/p90 TTFT
+   and TPOT, attainment, load of the whole router Deployment;
 3. write ``status.ttftMs``/``tpotMs`` (p90), ``attainment`` and ``status.observed``;
 4. when ``spec.autoscaling.enabled``, run the planner with its memory from the status, write its
    choice to ``status.autoscaling`` and apply the prefill and decode Deployments at that size
    (``scaling.py`` says why the spec is never written), with a ``Scaled`` Event saying why.
 
-A tick that cannot scrape changes nothing (no data is not "no load"); a window in which a
-counter went down (router restart) is skipped and the scrape becomes the new baseline.
+A pod that cannot be scraped is left out of the tick (warned once per failure streak); a tick
+that can scrape no pod changes nothing (no data is not "no load"). A pod whose counters went
+down (its router restarted) starts a new baseline of its own; a pod that appeared starts one; a
+pod that is gone drops out.
 
 Why one operator-wide loop and not ``@kopf.timer``: kopf puts a finalizer on every object that
 has a timer or daemon (to stop it before the object goes), and this operator deliberately has
@@ -28,27 +33,40 @@ import functools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 from splitserve.operator import capacity as capacity_mod
-from splitserve.operator import crd, kube, metrics, observe, reconcile, scaling, settings
+from splitserve.operator import (
+    crd,
+    kube,
+    metrics,
+    observe,
+    pod_windows,
+    reconcile,
+    router_pods,
+    scaling,
+    settings,
+)
 from splitserve.operator.planner import Decision, Observation, plan
 from splitserve.router.policy.latency import LatencyModel
 
 log = logging.getLogger(__name__)
 # what a tick may raise that is not a bug: logged in one line and retried at the next tick
 EXPECTED_ERRORS = (kopf.TemporaryError, kopf.PermanentError, ApiException, ValueError, OSError)
+MAX_PARALLEL_SCRAPES = 8  # router pods scraped at once (each scrape waits at most 5 s)
 
 
 @dataclass
 class Memory:
     """What one InferenceService's loop keeps between ticks in this process."""
 
-    scrapes: list[observe.Snapshot] = field(default_factory=list)
-    failing: bool = False  # the last scrape failed (warn once per failure streak)
+    history: pod_windows.History = field(default_factory=pod_windows.History)
+    failing: set[str] = field(default_factory=set)  # pods whose last scrape failed (warn once)
+    no_pods: bool = False  # the last tick found no ready router pod (log once)
 
 
 def _iso(t: float) -> str:
@@ -59,12 +77,6 @@ def _iso(t: float) -> str:
 def latency_model(path: str | None) -> LatencyModel | None:
     """The mounted latency model, loaded once; a bad file is an error, never a silent default."""
     return LatencyModel.load(path) if path else None
-
-
-def baseline(scrapes: list[observe.Snapshot], now: float, window_s: float) -> int | None:
-    """Index of the newest scrape at least ``window_s`` old, or None while none is."""
-    old = [i for i, s in enumerate(scrapes) if now - s.at >= window_s]
-    return old[-1] if old else None
 
 
 def observed_status(win: observe.Window, now: float) -> dict[str, Any]:
@@ -124,34 +136,52 @@ def decide(
     return d, patch, message
 
 
-def _scrape(url: str, memory: Memory, logger: logging.Logger) -> observe.Snapshot | None:
-    try:
-        snap = observe.parse(observe.fetch(url), time.monotonic())
-    except observe.MetricsUnavailable as exc:
-        metrics.SCRAPES.labels("error").inc()
-        if not memory.failing:
-            logger.warning("SLO loop: %s (pools keep their size until it answers)", exc)
-        memory.failing = True
-        return None
-    metrics.SCRAPES.labels("ok").inc()
-    if memory.failing:
-        logger.info("SLO loop: %s answers again", url)
-    memory.failing = False
-    return snap
+def _scrape_one(target: router_pods.Target) -> observe.Snapshot:
+    return observe.parse(observe.fetch(target.url), time.monotonic())
 
 
-def _window(memory: Memory, snap: observe.Snapshot, window_s: float) -> observe.Window | None:
-    """Add ``snap`` to the memory and return the window it closes, if one is complete."""
-    i = baseline(memory.scrapes, snap.at, window_s)
-    if i is None:
-        memory.scrapes.append(snap)
-        return None
-    base = memory.scrapes[i]
-    memory.scrapes = memory.scrapes[i:] + [snap]  # older ones can never be a baseline again
-    win = observe.window(base, snap)
-    if win is None:
-        memory.scrapes = [snap]  # counters went down: start again from here
-    return win
+def _scrape(
+    targets: list[router_pods.Target], memory: Memory, logger: logging.Logger
+) -> tuple[dict[str, observe.Snapshot], set[str]]:
+    """Scrape every target concurrently: (pod key -> snapshot, keys that failed)."""
+    if not targets:
+        memory.failing = set()
+        return {}, set()
+    scraped: dict[str, observe.Snapshot] = {}
+    failed: set[str] = set()
+    with ThreadPoolExecutor(min(len(targets), MAX_PARALLEL_SCRAPES)) as pool:
+        futures = [(t, pool.submit(_scrape_one, t)) for t in targets]
+        for target, fut in futures:
+            try:
+                scraped[target.key] = fut.result()
+            except observe.MetricsUnavailable as exc:
+                metrics.SCRAPES.labels("error").inc()
+                failed.add(target.key)
+                if target.key not in memory.failing:
+                    logger.warning("SLO loop: router pod %s: %s (left out until it answers)",
+                                   target.pod, exc)  # fmt: skip
+                continue
+            metrics.SCRAPES.labels("ok").inc()
+            if target.key in memory.failing:
+                logger.info("SLO loop: router pod %s answers again", target.pod)
+    memory.failing = failed
+    return scraped, failed
+
+
+def _window(
+    name: str, namespace: str, memory: Memory, window_s: float, logger: logging.Logger
+) -> observe.Window | None:
+    """Scrape the router pods and return the window this tick closes, if one is complete."""
+    targets = router_pods.targets(name, namespace)
+    if not targets:
+        if not memory.no_pods:
+            logger.info("SLO loop: no ready router pod to scrape (pools keep their size)")
+        memory.no_pods = True
+    else:
+        memory.no_pods = False
+    scraped, failed = _scrape(targets, memory, logger)
+    # no pod read: None (no data is not "no load"); pods now gone are forgotten all the same
+    return pod_windows.update(memory.history, scraped, failed, window_s)
 
 
 def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log) -> None:
@@ -161,10 +191,7 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     spec = crd.defaulted_spec(dict(obj["spec"]))
-    snap = _scrape(settings.metrics_url(name, namespace), memory, logger)
-    if snap is None:
-        return
-    win = _window(memory, snap, float(spec["autoscaling"]["windowSeconds"]))
+    win = _window(name, namespace, memory, float(spec["autoscaling"]["windowSeconds"]), logger)
     if win is None:
         return
     now = time.time()

@@ -30,13 +30,12 @@ class MetricsStub:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                if self.path != "/metrics":
+                with stub.lock:
+                    body = stub.body(self.path)
+                    stub.scrapes += body is not None
+                if body is None:
                     self.send_error(404)
                     return
-                if stub.load is not None:
-                    stub.load(stub.metrics, stub.prompt_tokens)
-                stub.scrapes += 1
-                body = generate_latest(stub.metrics.registry)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -46,9 +45,18 @@ class MetricsStub:
             def log_message(self, *args: object) -> None:
                 pass
 
+        self.lock = threading.Lock()  # the operator scrapes pods concurrently
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def body(self, path: str) -> bytes | None:
+        """The answer to GET ``path`` (None: 404)."""
+        if path != "/metrics":
+            return None
+        if self.load is not None:
+            self.load(self.metrics, self.prompt_tokens)
+        return generate_latest(self.metrics.registry)
 
     def __enter__(self) -> MetricsStub:
         self.thread.start()
@@ -183,3 +191,72 @@ def test_fetch_and_parse_two_real_scrapes(loaded_stub: MetricsStub) -> None:
     assert w is not None and loaded_stub.scrapes == 2
     assert w.finished == 4 and w.prompt_tokens_per_s == pytest.approx(1000.0)
     assert w.ttft_p90_ms == pytest.approx(475.0) and w.attainment == 1.0
+
+
+# ---------------------------------------------------------------- several router pods ----------
+def pod_delta(m_before: str, m_after: str, seconds: float) -> observe.Delta:
+    d = observe.delta(observe.parse(m_before, at=0.0), observe.parse(m_after, at=seconds))
+    assert d is not None
+    return d
+
+
+def test_merge_adds_pods_buckets_verdicts_rates_and_concurrency() -> None:
+    a, b = RouterMetrics(), RouterMetrics()
+    a0, b0 = text_of(a), text_of(b)
+    observe_n(a, 4, ttft=0.3, tpot=0.04, e2e=2.0)  # pod a: 4 in SLO
+    a.inflight.set(10)
+    a.prompt_tokens.inc(1000)
+    observe_n(b, 1, ttft=0.7, tpot=0.04, e2e=2.0)  # pod b: 1 misses TTFT
+    b.inflight.set(20)
+    b.prompt_tokens.inc(500)
+    da, db = pod_delta(a0, text_of(a), 10.0), pod_delta(b0, text_of(b), 5.0)  # b: newer baseline
+    w = observe.merge([da, db])
+    alone = observe.merge([da])
+    assert w.finished == 5 and w.attainment == pytest.approx(0.8) and alone.attainment == 1.0
+    # the summed buckets: 4 TTFTs in (0.25, 0.5], 1 in (0.5, 1] -> p90 = 0.5 + 0.5 * 0.5
+    assert w.ttft_p90_ms == pytest.approx(750.0) and alone.ttft_p90_ms < 500
+    # rates: each pod's count over its own seconds, added
+    assert w.requests_per_s == pytest.approx(4 / 10 + 1 / 5)
+    assert w.prompt_tokens_per_s == pytest.approx(1000 / 10 + 500 / 5)
+    assert w.concurrent_seqs == 30 and w.seconds == 10  # gauges add
+    assert observe.window(observe.parse(a0, 0.0), observe.parse(text_of(a), 10.0)) == alone
+
+
+def test_merge_of_mixed_pods_says_what_it_cannot_know() -> None:
+    old = HAND_WRITTEN.replace("# TYPE splitserve_router_prompt_tokens counter\n", "")
+    old = "\n".join(x for x in old.splitlines() if "prompt_tokens_total" not in x) + "\n"
+    d_old = pod_delta(old.format(a=0, b=0, c=0, s=0, g=0), old.format(a=1, b=1, c=1, s=0, g=0), 1)
+    d_new = pod_delta(HAND_WRITTEN.format(a=0, b=0, c=0, s=0, p=0, g=0),
+                      HAND_WRITTEN.format(a=0, b=2, c=2, s=0, p=9, g=0), 1)  # fmt: skip
+    assert d_old.prompt_tokens is None and d_new.prompt_tokens == 9
+    w = observe.merge([d_old, d_new])
+    assert w.prompt_tokens_per_s is None  # one pod's part must not read as the whole
+    assert w.ttft_p90_ms is not None  # same bucket layout: merged
+    m = RouterMetrics()  # a different bucket layout: no honest merged quantile
+    other = pod_delta(text_of(m), (observe_n(m, 1, 0.3, 0.04, 1.0), text_of(m))[1], 1)
+    assert observe.merge([d_new, other]).ttft_p90_ms is None
+    with pytest.raises(ValueError, match="at least one"):
+        observe.merge([])
+
+
+class PodsMetricsStub(MetricsStub):
+    """Several router pods' /metrics behind one server: ``/<pod>/metrics`` is pod ``<pod>``'s
+    own RouterMetrics (made on its first scrape). ``load(i, metrics)`` runs before each scrape
+    of the ``i``-th pod seen, so pods can carry different traffic; ``url_template`` is the
+    ``SPLITSERVE_ROUTER_POD_METRICS_URL`` that maps a pod to its path."""
+
+    def __init__(self, load: Callable[[int, RouterMetrics], None]) -> None:
+        self.pods: dict[str, RouterMetrics] = {}
+        self.pod_load = load
+        super().__init__()
+        self.url_template = self.url.replace("/metrics", "/{pod}/metrics")
+
+    def body(self, path: str) -> bytes | None:
+        parts = path.strip("/").split("/")
+        if len(parts) != 2 or parts[1] != "metrics":
+            return None
+        if parts[0] not in self.pods:
+            self.pods[parts[0]] = RouterMetrics()
+        m = self.pods[parts[0]]
+        self.pod_load(list(self.pods).index(parts[0]), m)
+        return generate_latest(m.registry)

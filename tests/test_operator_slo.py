@@ -11,6 +11,8 @@ from splitserve.operator import (
     crd,
     manifests,
     observe,
+    pod_windows,
+    router_pods,
     scaling,
     settings,
     slo_loop,
@@ -111,32 +113,101 @@ def test_capacity_sources_and_latency_model_math() -> None:
     assert got.source == "prefill latency model, decode spec"
 
 
+def snap(at: float, ttft_count: float, inflight: float = 0.0) -> observe.Snapshot:
+    """A scrape with ``ttft_count`` TTFTs and as many finished sequences of 1 s each."""
+    h = observe.Histogram(((0.1, ttft_count), (float("inf"), ttft_count)), ttft_count, 0.0)
+    e2e = observe.Histogram(((float("inf"), ttft_count),), ttft_count, ttft_count)
+    return observe.Snapshot(at, h, None, e2e, inflight, 0.0, 0.0, None)
+
+
 def test_window_bookkeeping_waits_for_window_and_rebases_on_reset() -> None:
-    def snap(at: float, ttft_count: float) -> observe.Snapshot:
-        h = observe.Histogram(((0.1, ttft_count), (float("inf"), ttft_count)), ttft_count, 0.0)
-        return observe.Snapshot(at, h, None, None, 0.0, 0.0, 0.0, None)
+    hist = pod_windows.History()
 
-    mem = slo_loop.Memory()
-    assert slo_loop._window(mem, snap(0, 1), 10) is None  # first scrape: baseline only
-    assert slo_loop._window(mem, snap(5, 2), 10) is None  # nothing 10 s old yet
-    w = slo_loop._window(mem, snap(12, 4), 10)
-    assert w is not None and w.seconds == 12 and w.finished == 0  # no e2e: nothing finished
-    assert [s.at for s in mem.scrapes] == [0, 5, 12]
-    w = slo_loop._window(mem, snap(16, 5), 10)
+    def tick(s: observe.Snapshot) -> observe.Window | None:
+        return pod_windows.update(hist, {"pod": s}, (), 10)
+
+    assert tick(snap(0, 1)) is None  # first scrape: baseline only
+    assert tick(snap(5, 2)) is None  # nothing 10 s old yet
+    w = tick(snap(12, 4))
+    assert w is not None and w.seconds == 12 and w.finished == 3
+    assert [s.at for s in hist.pods["pod"]] == [0, 5, 12]
+    w = tick(snap(16, 5))
     assert w is not None and w.seconds == 11  # against t=5, the newest >= 10 s old
-    assert [s.at for s in mem.scrapes] == [5, 12, 16]
-    assert slo_loop._window(mem, snap(30, 0), 10) is None  # went down: a restarted router
-    assert [s.at for s in mem.scrapes] == [30]
+    assert [s.at for s in hist.pods["pod"]] == [5, 12, 16]
+    assert tick(snap(30, 0)) is None  # went down: a restarted router
+    assert [s.at for s in hist.pods["pod"]] == [30]
 
 
-def test_metrics_url_template(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert settings.metrics_url("tiny", "ns") == "http://tiny-router.ns.svc:8000/metrics"
-    assert settings.metrics_url("tiny", "ns") == manifests.endpoint("tiny", "ns") + "/metrics"
+def test_pods_keep_their_own_baselines() -> None:
+    """Two pods; one restarts, one appears, one vanishes, one fails: each only moves its own
+    baseline, and the window is the sum of the pods' own deltas."""
+    hist = pod_windows.History()
+
+    def tick(scraped: dict[str, observe.Snapshot], failed: tuple[str, ...] = ()) -> observe.Window:
+        w = pod_windows.update(hist, scraped, failed, 10)
+        assert w is not None
+        return w
+
+    assert pod_windows.update(hist, {"a": snap(0, 100), "b": snap(0, 50)}, (), 10) is None
+    w = tick({"a": snap(10, 110, inflight=3), "b": snap(10, 70, inflight=4)})
+    assert (w.finished, w.concurrent_seqs, w.requests_per_s) == (30, 7, 3.0)
+    # b restarted (its count went down): only b starts again, a's window still counts
+    w = tick({"a": snap(20, 130), "b": snap(20, 5)})
+    assert w.finished == 20 and [s.at for s in hist.pods["b"]] == [20]
+    # c appears: a baseline only, then its delta over its own (shorter) time
+    w = tick({"a": snap(25, 140), "b": snap(25, 9), "c": snap(25, 1000)})
+    assert w.finished == 30 + 4 and "c" in hist.pods  # a vs t=10, b vs t=20 (partial)
+    w = tick({"a": snap(30, 150), "b": snap(30, 15), "c": snap(30, 1010)})
+    assert w.finished == 20 + 10 + 10  # a vs t=20, b vs t=20, c vs t=25 (partial)
+    assert w.requests_per_s == pytest.approx(2 + 1 + 2)  # c: 10 in its own 5 s
+    # a fails to scrape: left out, its history kept; c vanished: dropped
+    w = tick({"b": snap(35, 16)}, failed=("a",))
+    assert w.finished == 7 and set(hist.pods) == {"a", "b"}  # b vs t=25
+    w = tick({"a": snap(40, 160), "b": snap(40, 17)})  # a answers again, vs its t=30
+    assert w.finished == 10 + 2
+    # nothing scraped (all failed): no window, histories kept; all gone: dropped
+    assert pod_windows.update(hist, {}, ("a", "b"), 10) is None and set(hist.pods) == {"a", "b"}
+    assert pod_windows.update(hist, {}, (), 10) is None and hist.pods == {}
+
+
+def test_metrics_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPLITSERVE_METRICS_URL", raising=False)
+    monkeypatch.delenv("SPLITSERVE_ROUTER_POD_METRICS_URL", raising=False)
+    assert settings.metrics_url("tiny", "ns") is None  # default: scrape each router pod
+    url = settings.pod_metrics_url("tiny", "ns", "tiny-router-x", "10.1.2.3", 8000)
+    assert url == "http://10.1.2.3:8000/metrics"
+    monkeypatch.setenv("SPLITSERVE_ROUTER_POD_METRICS_URL", "http://127.0.0.1:9/{namespace}/{pod}")
+    assert settings.pod_metrics_url("a", "b", "p", "h", 1) == "http://127.0.0.1:9/b/p"
     monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://127.0.0.1:9/{namespace}/{name}")
-    assert settings.metrics_url("a", "b") == "http://127.0.0.1:9/b/a"
+    assert settings.metrics_url("a", "b") == "http://127.0.0.1:9/b/a"  # single-URL mode
+    assert router_pods.targets("a", "b") == [router_pods.Target(*["http://127.0.0.1:9/b/a"] * 3)]
     monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://x/{pod}")
     with pytest.raises(ValueError, match="SPLITSERVE_METRICS_URL"):
         settings.metrics_url("a", "b")
+
+
+def test_ready_endpoints_from_endpoint_slices() -> None:
+    def ep(pod: str, ip: str, ready: bool | None = True) -> dict:
+        out = {"addresses": [ip], "targetRef": {"kind": "Pod", "name": pod, "uid": f"uid-{pod}"}}
+        return out | ({"conditions": {"ready": ready}} if ready is not None else {})
+
+    http = [{"name": "http", "port": 8000, "protocol": "TCP"}]
+    slices = [
+        {"ports": http, "endpoints": [ep("r-b", "10.0.0.2"), ep("r-c", "10.0.0.3", False)]},
+        {"ports": http, "endpoints": [ep("r-a", "10.0.0.1", None), ep("r-b", "10.0.0.2")]},
+        {"ports": [{"name": "other", "port": 1}], "endpoints": [ep("r-d", "10.0.0.4")]},
+        {"ports": http, "endpoints": [ep("r-e", "fd00::5")], "addressType": "IPv6"},
+        {"ports": None, "endpoints": None},  # a Service with no pods yet
+    ]
+    got = router_pods.ready_endpoints(slices)
+    # not ready (c) and not serving http (d) left out; b once; unknown readiness reads as ready
+    assert [(e.pod, e.key, e.host, e.port) for e in got] == [
+        ("r-a", "uid-r-a", "10.0.0.1", 8000),
+        ("r-b", "uid-r-b", "10.0.0.2", 8000),
+        ("r-e", "uid-r-e", "fd00::5", 8000),
+    ]
+    assert router_pods.url_host("fd00::5") == "[fd00::5]"
+    assert router_pods.url_host("10.0.0.1") == "10.0.0.1"
 
 
 def test_loop_tracks_objects_from_watch_events() -> None:
