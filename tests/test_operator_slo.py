@@ -1,11 +1,15 @@
 """The SLO loop's pure parts: where replicas live, planner inputs from spec and status,
-capacity from a latency model, the window bookkeeping, and the renderers honouring the planner."""
+capacity from a latency model, the per-pod window bookkeeping, router pod discovery from
+EndpointSlices, and the renderers honouring the planner; and on the real control plane, a router
+of two pods whose different /metrics the status adds up."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
+from k8s_env import K8sEnv, k8s_fixture, wait_until  # noqa: F401  (the session fixture `k8s`)
 from splitserve.operator import (
     capacity,
     crd,
@@ -18,7 +22,10 @@ from splitserve.operator import (
     slo_loop,
     status,
 )
+from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy.latency import LatencyModel
+from test_operator_k8s import OperatorProcess, crd_installed, example, isvc  # noqa: F401
+from test_operator_observe import PodsMetricsStub
 
 BASE = {"model": {"name": "tiny", "path": "/models/tiny"}, "image": "splitserve:cpu"}
 
@@ -220,3 +227,60 @@ def test_loop_tracks_objects_from_watch_events() -> None:
     assert loop.tracked() == [("ns", "b")]
     with pytest.raises(ValueError, match="interval"):
         slo_loop.SloLoop(0)
+
+
+@pytest.mark.k8s
+@pytest.mark.timeout(120, func_only=True)
+@pytest.mark.usefixtures("crd_installed")
+def test_status_adds_up_every_router_pod(k8s: K8sEnv) -> None:
+    """Two router pods (kwok) serving different /metrics (a local server stands in for each,
+    through SPLITSERVE_ROUTER_POD_METRICS_URL): the status is their sum, never one pod's share;
+    scaled to one router pod, the one left alone."""
+    ns = k8s.create_namespace("slo-pods")
+
+    def load(i: int, m: RouterMetrics) -> None:  # one scrape interval of one pod's traffic
+        ttfts = (0.3, 0.3, 0.3, 0.3) if i == 0 else (0.7,)  # pod 0 in SLO, pod 1 misses TTFT
+        for ttft in ttfts:
+            m.observe_sequence(ttft, 0.04, 0.5, 10, slo_ttft_s=0.5, slo_tpot_s=0.05)
+        m.inflight.set(10 if i == 0 else 20)
+
+    def observed(concurrent: tuple[float, ...]) -> dict[str, Any] | None:
+        """The status once its concurrency is one of ``concurrent``, else None."""
+        op.assert_alive()
+        st = isvc(k8s, ns, "pods").get("status", {})
+        return st if st.get("observed", {}).get("concurrentSequences") in concurrent else None
+
+    with PodsMetricsStub(load) as stub:
+        env = {"SPLITSERVE_ROUTER_POD_METRICS_URL": stub.url_template,
+               "SPLITSERVE_SLO_TICK_SECONDS": "1"}  # fmt: skip
+        op = OperatorProcess(k8s, ns, env=env).start()
+        try:
+            doc = example("pods")
+            doc["spec"] |= {
+                "model": {"name": "tiny-qwen2", "path": "/models/tiny-qwen2"},
+                "redis": {"managed": False, "url": "redis://redis.example:6379/0"},
+                "decode": {"replicas": 1},
+                "router": {"replicas": 2},
+                "autoscaling": {"enabled": False, "windowSeconds": 1},
+            }
+            k8s.apply(doc, namespace=ns)
+            # both pods' traffic: 4 + 1 finished per interval, 10 + 20 in flight
+            st = wait_until("status of both router pods", lambda: observed((30,)), 60)
+            assert st["attainment"] == 0.8
+            # 4 TTFTs in (0.25, 0.5] and 1 in (0.5, 1] in the summed buckets: p90 = 0.75 s
+            assert st["ttftMs"] == 750.0 and st["tpotMs"] == 38.0
+            assert len(stub.pods) == 2 and all(p.startswith("pods-router-") for p in stub.pods)
+
+            k8s.kubectl("patch", "infsvc", "pods", "-n", ns, "--type=merge",
+                        "-p", '{"spec": {"router": {"replicas": 1}}}')  # fmt: skip
+            # one pod left: its own numbers alone (which one stays is the ReplicaSet's choice)
+            st = wait_until("status of the one router pod", lambda: observed((10, 20)), 30)
+            assert st["attainment"] == (1.0 if st["observed"]["concurrentSequences"] == 10 else 0)
+            log = op.log()
+            assert "Traceback" not in log, log[-4000:]
+        except BaseException:
+            print(op.log()[-6000:])
+            raise
+        finally:
+            op.stop()
+            k8s.kubectl("delete", "namespace", ns, "--wait=false")
