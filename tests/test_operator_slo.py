@@ -5,6 +5,7 @@ of two pods whose different /metrics the status adds up."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -191,6 +192,24 @@ def test_metrics_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://x/{pod}")
     with pytest.raises(ValueError, match="SPLITSERVE_METRICS_URL"):
         settings.metrics_url("a", "b")
+
+
+def test_a_pod_that_fails_is_left_out_and_warned_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=slo_loop.log.name)
+    with PodsMetricsStub(lambda i, m: m.inflight.set(5)) as stub:
+        good = router_pods.Target("uid-a", "a", stub.url_template.format(pod="a"))
+        bad = router_pods.Target("uid-b", "b", stub.url.replace("/metrics", "/b/nope"))
+        mem = slo_loop.Memory()
+        for _ in range(2):
+            scraped, failed = slo_loop._scrape([good, bad], mem, slo_loop.log)
+            assert set(scraped) == {"uid-a"} and failed == {"uid-b"}
+        assert scraped["uid-a"].inflight == 5
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "router pod b" in warned[0]  # once per failure streak
+        back = router_pods.Target("uid-b", "b", stub.url_template.format(pod="b"))
+        scraped, failed = slo_loop._scrape([good, back], mem, slo_loop.log)
+        assert set(scraped) == {"uid-a", "uid-b"} and not failed and not mem.failing
+        assert "router pod b answers again" in caplog.text
 
 
 def test_ready_endpoints_from_endpoint_slices() -> None:
