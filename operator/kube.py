@@ -136,6 +136,13 @@ def list_owned(kind: str, namespace: str, instance: str) -> list[dict[str, Any]]
     return list(data.get("items", []))
 
 
+def list_endpoint_slices(service: str, namespace: str) -> list[dict[str, Any]]:
+    """The EndpointSlices of ``service``: the pods it routes to (RBAC: list endpointslices)."""
+    path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+    query = [("labelSelector", f"kubernetes.io/service-name={service}")]
+    return list(_call("GET", path, query=query).get("items", []))
+
+
 def delete(kind: str, namespace: str, name: str) -> None:
     try:
         _call("DELETE", _path(kind, namespace, name))

@@ -21,7 +21,6 @@ from typing import Any
 from splitserve.operator import kube, manifests, settings
 
 PORT_NAME = "http"  # the router Service's port name (manifests.render_router)
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 @dataclass(frozen=True)
@@ -72,21 +71,13 @@ def url_host(address: str) -> str:
         return address
 
 
-def list_slices(service: str, namespace: str) -> list[dict[str, Any]]:
-    """The EndpointSlices of ``service`` (RBAC: list endpointslices in discovery.k8s.io)."""
-    path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
-    # kube.py has no EndpointSlice helper of its own; its one request function is reused
-    data = kube._call("GET", path, query=[("labelSelector", f"{SERVICE_NAME_LABEL}={service}")])
-    return list(data.get("items", []))
-
-
 def targets(name: str, namespace: str) -> list[Target]:
     """What to scrape for one InferenceService this tick: the configured single URL, else each
     ready router pod (``settings.pod_metrics_url``). May raise ApiException."""
     single = settings.metrics_url(name, namespace)
     if single is not None:
         return [Target(single, single, single)]
-    slices = list_slices(manifests.child_name(name, "router"), namespace)
+    slices = kube.list_endpoint_slices(manifests.child_name(name, "router"), namespace)
     return [
         Target(e.key, e.pod, settings.pod_metrics_url(name, namespace, e.pod, url_host(e.host),
                                                       e.port))
