@@ -81,6 +81,7 @@ def decode_step_ms(engine, batch: int, prompt_len: int, steps: int, rng: random.
     ms = (time.perf_counter() - start) * 1e3 / steps
     for s in seqs:
         engine.abort(s)
+    engine.flush()
     return ms
 
 

@@ -166,6 +166,11 @@ class LLMEngine:
             self.scheduler.settle(self.scheduler.launched)
             raise
 
+    def flush(self) -> list[StepOutput]:
+        """Wait for the step in flight, if any, and return its outputs: afterwards every block a
+        finished or aborted sequence held is free again."""
+        return self._finish(self._in_flight) if self._in_flight is not None else []
+
     def _step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         prev = self._in_flight

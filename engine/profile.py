@@ -50,6 +50,7 @@ class Profiler:
     def _drain(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self.engine.abort(seq)
+        self.engine.flush()  # their blocks are free once no queued step can write them
 
     def prefill_points(self, sizes: list[int]) -> Iterator[list[float]]:
         params = SamplingParams(max_tokens=1, temperature=0)

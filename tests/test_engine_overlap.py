@@ -105,7 +105,7 @@ def test_blocks_of_an_aborted_sequence_wait_for_the_step_in_flight(demo_model):
     assert engine.has_work() and PLACEHOLDER in seq.token_ids
     engine.abort(seq)
     assert engine.blocks.num_free_blocks == 8 - 6  # held: the step in flight writes block 6
-    assert engine.step() == []  # settles the step; the aborted sequence's sample is dropped
+    assert engine.flush() == []  # settles the step; the aborted sequence's sample is dropped
     assert engine.blocks.num_free_blocks == 8 and not engine.has_work()
 
 
