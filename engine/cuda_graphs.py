@@ -40,10 +40,10 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_batch)
         self.max_batch, self.width = max_batch, max_blocks_per_seq
         # Every per-step input lives in two device buffers (int64: token ids, positions, slots,
-        # rows of the previous step's samples; int32: context lengths, then block tables), mirrored by two pinned host buffers: a step
-        # fills the host side with numpy and moves it with two copies, instead of building,
-        # pinning and copying a tensor per input (each a few microseconds of host time while
-        # the GPU waits between steps).
+        # rows of the previous step's samples; int32: context lengths, then block tables),
+        # mirrored by two pinned host buffers: a step fills the host side with numpy and moves
+        # it with two copies, instead of building, pinning and copying a tensor per input (each
+        # a few microseconds of host time while the GPU waits between steps).
         self._dev64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
         self._dev32 = torch.zeros(max_batch * (1 + max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._host64 = torch.zeros(self._dev64.shape, dtype=torch.int64, pin_memory=True)
