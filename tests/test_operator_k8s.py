@@ -96,6 +96,23 @@ class OperatorProcess:
 
 
 # ---------------------------------------------------------------- helpers -----------------------
+@contextlib.contextmanager
+def operator_in(k8s: K8sEnv, ns: str, env: dict[str, str]) -> Iterator[OperatorProcess]:
+    """An operator for one test's namespace: its log is printed if the test fails, it must log
+    no traceback, and the namespace is deleted with it."""
+    op = OperatorProcess(k8s, ns, env=env).start()
+    try:
+        yield op
+        log = op.log()
+        assert "Traceback" not in log, log[-4000:]
+    except BaseException:
+        print(op.log()[-6000:])
+        raise
+    finally:
+        op.stop()
+        k8s.kubectl("delete", "namespace", ns, "--wait=false")
+
+
 def example(name: str | None = None) -> dict[str, Any]:
     doc = yaml.safe_load(EXAMPLE.read_text())
     if name:
@@ -424,8 +441,7 @@ def test_slo_loop_scales_pools_from_router_metrics(k8s: K8sEnv, crd_installed: N
 
     with MetricsStub(load) as stub:
         env = {"SPLITSERVE_METRICS_URL": stub.url, "SPLITSERVE_SLO_TICK_SECONDS": "1"}
-        op = OperatorProcess(k8s, ns, env=env).start()
-        try:
+        with operator_in(k8s, ns, env) as op:
             doc = example("auto")
             doc["spec"] |= {
                 "model": {"name": "tiny-qwen2", "path": "/models/tiny-qwen2"},
@@ -465,14 +481,6 @@ def test_slo_loop_scales_pools_from_router_metrics(k8s: K8sEnv, crd_installed: N
                         "-p", '{"spec": {"autoscaling": {"enabled": false}}}')  # fmt: skip
             wait_until("decode back to 1", lambda: replicas("decode") == 1, 30)
             assert replicas("prefill") == 1
-            log = op.log()
-            assert "Traceback" not in log, log[-4000:]
-        except BaseException:
-            print(op.log()[-6000:])
-            raise
-        finally:
-            op.stop()
-            k8s.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def test_helm_lint_and_template_valid_against_api_server(
