@@ -11,17 +11,27 @@ heads, head dim 128, bf16: 128 KiB per token). Measured in the same process, sam
 - ``tcp xN``: the TCP backend with the layers spread over N connections (``--streams``).
 Prints one table with GB/s and the ratio to the socket copy (best of ``--repeats``).
 ``python -m splitserve.bench.kvtransfer [--tokens 2048] [--repeats 3] [--json PATH]``.
+
+``--latency``: the fixed cost instead of the bandwidth, as a decode request's TTFT sees it. The
+receiver runs in a second process (the real deployment: two interpreters, two GILs), one
+long-lived sender and receiver, ``--transfers`` back-to-back transfers of a ``--latency-tokens``
+prompt (default 1 token, 4 KiB per layer) with 1 and 32 layers; per transfer the median, p90 and
+min of ``send()`` (which returns after the receiver's DONE, so the decode side has the KV).
+``python -m splitserve.bench.kvtransfer --latency [--transfers 300] [--backends tcp,shm]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
+import statistics
 import threading
 import time
+from multiprocessing.connection import Connection
 
 import torch
 from splitserve.kvtransfer import KVSpec, available_backends, create_receiver, create_sender
@@ -113,6 +123,91 @@ def run(tokens: int, repeats: int, extra_streams: tuple[int, ...] = ()) -> list[
              "vs_socket_copy": base / seconds} for path, seconds in best.items()]
 
 
+LATENCY_WARMUP = 10  # first transfers left out: connection setup, lazy imports, page faults
+
+
+def _latency_spec(backend: str, layers: int) -> KVSpec:
+    return KVSpec("bench", DTYPE, layers, HEADS, DIM, BLOCK, backend=backend)
+
+
+def _latency_receiver(
+    backend: str, layers: int, tokens: int, count: int, pipe: Connection
+) -> None:
+    """Child process: one receiver expecting ``count`` transfers (all registered up front, so
+    the sender never waits for expect()); sends its endpoint, then "ok" or the first error."""
+    blocks = -(-tokens // BLOCK)
+    cache = torch.zeros(layers, 2, blocks + 1, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    with create_receiver(backend, _latency_spec(backend, layers), cache) as rx:
+        futures = [rx.expect(f"r{i}", tokens, list(range(blocks)), timeout=300)
+                   for i in range(count)]
+        pipe.send(rx.endpoint)
+        try:
+            for future in futures:
+                future.result(timeout=300)
+        except Exception as exc:  # reported to the parent, which raises it
+            pipe.send(repr(exc))
+            return
+    pipe.send("ok")
+
+
+def latency_seconds(backend: str, layers: int, tokens: int, transfers: int) -> list[float]:
+    """Seconds of each of ``transfers`` back-to-back ``send()`` calls to a receiver in another
+    process (after ``LATENCY_WARMUP`` transfers that are not counted)."""
+    count = transfers + LATENCY_WARMUP
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_latency_receiver, args=(backend, layers, tokens, count, child),
+                       daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(120):
+            raise RuntimeError(f"{backend} receiver process did not start")
+        endpoint = parent.recv()
+        torch.manual_seed(0)
+        kv = [torch.randn(2, tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+        times: list[float] = []
+        with create_sender(backend, _latency_spec(backend, layers)) as tx:
+            for i in range(count):
+                start = time.perf_counter()
+                tx.send(f"r{i}", endpoint, iter(kv), 1, num_tokens=tokens)
+                times.append(time.perf_counter() - start)
+        status = parent.recv() if parent.poll(60) else "no answer within 60 s"
+        if status != "ok":
+            raise RuntimeError(f"{backend} receiver failed: {status}")
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    return times[LATENCY_WARMUP:]
+
+
+def run_latency(backends: list[str], tokens: int, transfers: int) -> list[dict]:
+    """Per backend and layer count (1, then LAYERS): median, p90 and min ms per transfer."""
+    rows = []
+    for backend in backends:
+        for layers in (1, LAYERS):
+            times = sorted(latency_seconds(backend, layers, tokens, transfers))
+            rows.append({"backend": backend, "layers": layers, "tokens": tokens,
+                         "transfers": len(times),
+                         "median_ms": statistics.median(times) * 1e3,
+                         "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3,
+                         "min_ms": times[0] * 1e3})
+    return rows
+
+
+def print_latency(rows: list[dict]) -> None:
+    tokens = rows[0]["tokens"]
+    print(f"KV transfer latency, {tokens}-token prompt ({HEADS} KV heads x {DIM}, bf16: "
+          f"{_latency_spec('tcp', 1).layer_nbytes(tokens)} B per layer), receiver in another "
+          f"process, {rows[0]['transfers']} back-to-back transfers; {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}")
+    print(f"{'backend':<9}{'layers':>7}{'median ms':>11}{'p90 ms':>9}{'min ms':>9}")
+    for row in rows:
+        print(f"{row['backend']:<9}{row['layers']:>7}{row['median_ms']:>11.3f}"
+              f"{row['p90_ms']:>9.3f}{row['min_ms']:>9.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default 2048)")
@@ -120,9 +215,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, nargs="*", default=[4],
                         help="also run TCP over this many parallel connections (default 4)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--latency", action="store_true",
+                        help="measure per-transfer latency (two processes) instead of bandwidth")
+    parser.add_argument("--transfers", type=int, default=300,
+                        help="--latency: back-to-back transfers per row (default 300)")
+    parser.add_argument("--latency-tokens", type=int, default=1,
+                        help="--latency: prompt tokens (default 1)")
+    parser.add_argument("--backends", default="tcp,shm",
+                        help="--latency: comma-separated backends (default tcp,shm)")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats must be >= 1")
+    if args.latency:
+        backends = [b for b in args.backends.split(",") if b]
+        unknown = set(backends) - set(available_backends())
+        if unknown or args.transfers < 1 or args.latency_tokens < 1:
+            parser.error(f"bad --backends {sorted(unknown)} or --transfers/--latency-tokens < 1")
+        rows = run_latency(backends, args.latency_tokens, args.transfers)
+        print_latency(rows)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"latency": rows}, fh, indent=2)
+        return 0
     rows = run(args.tokens, args.repeats, tuple(n for n in args.streams if n > 1))
     mib = rows[0]["bytes"] / 2**20
     print(f"KV of {args.tokens} tokens, Llama-3-8B shape, bf16: {mib:.0f} MiB; "
