@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
 from splitserve.engine.loader import load_model, random_model
@@ -101,9 +102,14 @@ class ModelRunner:
             )
         return blocks
 
-    def _tensor(self, data: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """Host list -> device tensor; on CUDA through pinned memory without a sync, so building a
-        step's inputs never waits for the GPU."""
+    def _tensor(self, data: list | np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Host list or array -> device tensor; on CUDA through pinned memory without a sync, so
+        building a step's inputs never waits for the GPU."""
+        if isinstance(data, np.ndarray):
+            host = torch.from_numpy(data).to(dtype)
+            if self.device.type != "cuda":
+                return host
+            return host.pin_memory().to(self.device, non_blocking=True)
         if self.device.type != "cuda":
             return torch.tensor(data, dtype=dtype)
         return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
@@ -116,12 +122,17 @@ class ModelRunner:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        # numpy per sequence, not Python per token: a 32 x 512-token batch took 12 ms of host
+        # time to build token by token (on the critical path of every prefill)
+        bs = self.block_size
         ids, positions, slots, cu, last = [], [], [], [0], []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self._slot(seq, p) for p in range(start, end))
+            pos = np.arange(start, end, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
             cu.append(cu[-1] + end - start)
             last.append(cu[-1] - 1)
         streaming = [s for s in seqs if s.on_layer_kv is not None
@@ -129,13 +140,13 @@ class ModelRunner:
         meta = AttentionMetadata(
             is_prefill=True,
             layer_hook=self._layer_hook(streaming) if streaming else None,
-            slot_mapping=self._tensor(slots),
+            slot_mapping=self._tensor(np.concatenate(slots)),
             block_tables=self._block_tables(seqs),
             context_lens=self._tensor([s.num_computed_tokens + s.num_scheduled_tokens for s in seqs], torch.int32),
             cu_seqlens_q=self._tensor(cu, torch.int32),
             last_token_index=self._tensor(last),
         )
-        return self._tensor(ids), self._tensor(positions), meta
+        return self._tensor(np.concatenate(ids)), self._tensor(np.concatenate(positions)), meta
 
     def _layer_hook(self, seqs: list[Sequence]) -> Callable[[int], None]:
         """Hand each streaming sequence its prompt's KV for a layer as soon as that layer has
