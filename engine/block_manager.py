@@ -12,18 +12,11 @@ Single-threaded by design: only the engine thread calls it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from splitserve.engine.prefix_hash import iter_block_hashes, iter_prompt_block_hashes
 from splitserve.engine.sequence import Sequence
-
-
-def block_hash(prev_hash: bytes, token_ids: list[int]) -> bytes:
-    """Chained, process-independent hash of one full block (the router computes the same)."""
-    h = hashlib.blake2b(prev_hash, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids))
-    return h.digest()
 
 
 @dataclass
@@ -78,12 +71,10 @@ class BlockManager:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks matching the prompt's leading full blocks (never the whole prompt:
         the last prompt token must be computed to produce logits)."""
-        bs, hits, prev = self.block_size, [], b""
-        for i in range((seq.num_prompt_tokens - 1) // bs):
-            tokens = seq.block_tokens(i, bs)
-            prev = block_hash(prev, tokens)
-            block_id = self._by_hash.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+        bs, hits = self.block_size, []
+        for i, h in enumerate(iter_prompt_block_hashes(seq.prompt_token_ids, bs)):
+            block_id = self._by_hash.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != seq.block_tokens(i, bs):
                 break
             hits.append(block_id)
         return hits
@@ -141,9 +132,9 @@ class BlockManager:
         first = full
         while first > 0 and self.blocks[table[first - 1]].hash is None:
             first -= 1
+        if first == full:
+            return
         prev = self.blocks[table[first - 1]].hash if first else b""
-        for i in range(first, full):
-            block = self.blocks[table[i]]
-            tokens = seq.block_tokens(i, bs)
-            self._register(block, block_hash(prev, tokens), tokens)
-            prev = block.hash
+        hashes = iter_block_hashes(seq.token_ids[first * bs : full * bs], bs, prev)
+        for i, h in enumerate(hashes, start=first):
+            self._register(self.blocks[table[i]], h, seq.block_tokens(i, bs))

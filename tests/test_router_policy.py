@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from splitserve.engine.prefix_hash import prompt_block_hashes
 from splitserve.router.config import SLO
 from splitserve.router.policy import (
     LatencyModel,
@@ -14,7 +15,7 @@ from splitserve.router.policy import (
     build_policy,
 )
 from splitserve.router.policy.filters import HasKVEndpoint, HasRoom, Healthy
-from splitserve.router.policy.prefix import PrefixIndex, prompt_block_hashes
+from splitserve.router.policy.prefix import PrefixIndex
 from splitserve.router.policy.scorers import DecodeLoadScorer, PrefillQueueScorer, PrefixHitScorer
 from splitserve.router.workers import WorkerLoad, WorkerState
 
@@ -132,12 +133,16 @@ def test_prefix_aware_sends_shared_prefix_to_the_same_prefill() -> None:
     assert other.prefill is not None  # no prefix anywhere: any worker (by load) is fine
 
 
-def test_prefix_hashes_match_the_engine_block_manager() -> None:
-    from splitserve.engine import block_manager
+def test_prefix_hashes_are_chained_and_skip_the_last_prompt_token() -> None:
+    import hashlib
+    import struct
+
     tokens = list(range(70))
     prev, expected = b"", []
-    for i in range((len(tokens) - 1) // 16):
-        prev = block_manager.block_hash(prev, tokens[i * 16 : (i + 1) * 16])
+    for i in range((len(tokens) - 1) // 16):  # the definition, written out
+        h = hashlib.blake2b(prev, digest_size=16)
+        h.update(struct.pack("<16I", *tokens[i * 16 : (i + 1) * 16]))
+        prev = h.digest()
         expected.append(prev)
     assert prompt_block_hashes(tokens, 16) == expected
     assert len(expected) == 4  # the block holding the last prompt token is never cached

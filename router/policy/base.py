@@ -14,8 +14,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from splitserve.engine.prefix_hash import prompt_block_hashes
 from splitserve.router.config import SLO
-from splitserve.router.policy.prefix import prompt_block_hashes
 from splitserve.router.workers import WorkerState
 
 
