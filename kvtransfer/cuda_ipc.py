@@ -562,7 +562,7 @@ class CudaIpcSink(LayerSink):
             sync = grant.sync_each or layer == self._num_layers - 1
             if sync:
                 self._event.synchronize()  # staging is read at LAYER; END needs every byte there
-            send_frame(self._notes, FrameType.LAYER, {"layer": layer})
+            send_frame(self._notes, FrameType.LAYER, index=layer)
             if sync or time.monotonic() - self._notes.since >= NOTE_PERIOD_S:
                 self._notes.flush(sock)
 

@@ -106,7 +106,7 @@ class SlotSink(LayerSink):
             self.on_frame(expect_frame(sock, FrameType.CREDIT))
         slot = self._free.popleft()
         self.fill(slot, tensor)
-        send_frame(sock, FrameType.LAYER, {"layer": layer, "slot": slot})
+        send_frame(sock, FrameType.LAYER, {"slot": slot}, index=layer)
 
     def on_frame(self, frame: Frame) -> None:
         slot = frame.meta.get("slot")
@@ -150,6 +150,7 @@ class SocketSender(KVSender):
         self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
         self._dtype = getattr(torch, spec.dtype)
+        self._spec_dict = spec.to_dict()  # HELLO's; the spec is frozen
         self._lock = threading.Lock()
         self._active: set[socket.socket] = set()
         self._closed = False
@@ -215,7 +216,7 @@ class SocketSender(KVSender):
         lanes: list[_Lane] = []
         try:
             main = self._open_lane(address, nbytes, FrameType.HELLO, {
-                "request_id": request_id, "spec": self.spec.to_dict(), "num_tokens": num_tokens,
+                "request_id": request_id, "spec": self._spec_dict, "num_tokens": num_tokens,
                 "meta": meta, "streams": streams,
             }, self.accept_timeout)
             lanes.append(main)
@@ -286,22 +287,27 @@ class SocketSender(KVSender):
     def _stream_layers(
         self, lanes: list[_Lane], pending: Iterator[Any], num_tokens: int, nbytes: int
     ) -> int:
-        """Send every layer, layer i on lane i % len(lanes); returns the number of layers."""
+        """Send every layer, layer i on lane i % len(lanes); returns the number of layers.
+        The bytes metric is updated once per transfer (also when it fails part-way), not per
+        layer: a labelled Prometheus update costs a few microseconds, like a small layer."""
         count = 0
-        for layer, tensor in enumerate(pending):
-            if layer >= self.spec.num_layers:
-                raise TransferError(
-                    FailureReason.INVALID_INPUT,
-                    f"kv_layers yielded more than num_layers={self.spec.num_layers} layers",
-                )
-            tensor = self._check_layer(tensor, layer, num_tokens)
-            lane = lanes[layer % len(lanes)]
-            if len(lanes) == 1:
-                lane.write(layer, tensor)
-            else:
-                lane.submit(layer, tensor, self.io_timeout, lanes)
-            metrics.record_bytes("send", self.backend, nbytes)
-            count += 1
+        try:
+            for layer, tensor in enumerate(pending):
+                if layer >= self.spec.num_layers:
+                    raise TransferError(
+                        FailureReason.INVALID_INPUT,
+                        f"kv_layers yielded more than num_layers={self.spec.num_layers} layers",
+                    )
+                tensor = self._check_layer(tensor, layer, num_tokens)
+                lane = lanes[layer % len(lanes)]
+                if len(lanes) == 1:
+                    lane.write(layer, tensor)
+                else:
+                    lane.submit(layer, tensor, self.io_timeout, lanes)
+                count += 1
+        finally:
+            if count:
+                metrics.record_bytes("send", self.backend, nbytes * count)
         for lane in lanes:
             lane.finish(self.io_timeout)
         return count
@@ -349,9 +355,13 @@ class SocketSender(KVSender):
                 FailureReason.INVALID_INPUT,
                 f"layer {layer} dtype {tensor.dtype} != spec dtype {self.spec.dtype}",
             )
-        if self.layer_device is None:
-            return tensor.detach().contiguous()
-        return tensor.detach().to(self.layer_device).contiguous()
+        # each step only when needed: three no-op torch calls cost more than a small layer's
+        # sendmsg (the result is the same tensor either way)
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if self.layer_device is not None and tensor.device.type != self.layer_device:
+            tensor = tensor.to(self.layer_device)
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def _next_layer(layers: Iterator[Any]) -> Any:

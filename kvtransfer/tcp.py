@@ -40,7 +40,7 @@ class InlineSink(LayerSink):
     """Writes each layer as a LAYER frame whose payload is the tensor's bytes."""
 
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        send_frame(sock, FrameType.LAYER, {"layer": layer}, tensor_bytes(tensor))
+        send_frame(sock, FrameType.LAYER, payload=tensor_bytes(tensor), index=layer)
 
 
 class TCPReceiver(SocketReceiver):

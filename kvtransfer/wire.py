@@ -2,14 +2,18 @@
 
 Every frame is a fixed header, a JSON metadata object and an optional raw payload::
 
-    !4s B B H I Q  = magic b"SSKV", version, frame type, reserved, meta length, payload length
+    !4s B B H I Q  = magic b"SSKV", version, frame type, index, meta length, payload length
+
+``index`` carries the layer number of LAYER frames, which then need no JSON at all (meta length
+0 means ``{}``): a layer is the per-transfer hot path, and JSON plus the second ``recv`` for the
+metadata cost about as much as moving a small layer's bytes.
 
 Conversation (sender -> receiver unless marked <-)::
 
     HELLO {request_id, spec, num_tokens, meta, ...backend fields}
     <- ACCEPT {}            or  <- ERROR {reason, message, field}
-    LAYER {layer: i} + payload (T*2*H*D elements, token-major), i = 0 .. num_layers-1
-    (shm: LAYER {layer, slot} without payload, <- CREDIT {slot} when the slot may be reused)
+    LAYER [index i] + payload (T*2*H*D elements, token-major), i = 0 .. num_layers-1
+    (shm: LAYER [i] {slot} without payload, <- CREDIT {slot} when the slot may be reused)
     END {first_token}
     <- DONE {bytes}
     Either side may send ERROR at any point and close.
@@ -37,9 +41,11 @@ import torch
 from .base import FailureReason, TransferError
 
 MAGIC = b"SSKV"
-VERSION = 1
+VERSION = 2  # 2: LAYER frames carry the layer in the header's index field, not in JSON
 HEADER = struct.Struct("!4sBBHIQ")
+MAX_INDEX = 0xFFFF
 MAX_META_BYTES = 1 << 20
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # built once, not per frame
 
 
 class FrameType(enum.IntEnum):
@@ -62,6 +68,7 @@ class Frame:
     type: FrameType
     meta: dict[str, Any]
     payload_len: int
+    index: int = 0  # LAYER: the layer number
 
 
 def send_frame(
@@ -69,11 +76,16 @@ def send_frame(
     ftype: FrameType,
     meta: dict[str, Any] | None = None,
     payload: memoryview | None = None,
+    *,
+    index: int = 0,
 ) -> None:
-    """Write one frame; the payload (if any) goes to the kernel without an extra copy."""
-    body = json.dumps(meta or {}, separators=(",", ":")).encode()
+    """Write one frame; the payload (if any) goes to the kernel without an extra copy, in the
+    same ``sendmsg`` as the header when the kernel takes it all."""
+    if not 0 <= index <= MAX_INDEX:
+        raise ValueError(f"frame index must be in [0, {MAX_INDEX}], got {index}")
+    body = _ENCODE(meta).encode() if meta else b""
     plen = 0 if payload is None else payload.nbytes
-    head = HEADER.pack(MAGIC, VERSION, int(ftype), 0, len(body), plen) + body
+    head = HEADER.pack(MAGIC, VERSION, ftype, index, len(body), plen) + body
     if not plen:
         sock.sendall(head)
         return
@@ -117,14 +129,22 @@ def recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n)  # almost always the whole thing: one call, no extra buffer
+    if len(data) == n:
+        return data
+    if not data:
+        raise PeerClosed("peer closed the connection")
     buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf))
+    buf[: len(data)] = data
+    recv_into_exact(sock, memoryview(buf)[len(data) :])
     return bytes(buf)
 
 
 def recv_frame(sock: socket.socket) -> Frame:
     """Read one frame's header and metadata (the caller reads ``payload_len`` bytes after)."""
-    magic, version, ftype, _, meta_len, payload_len = HEADER.unpack(recv_exact(sock, HEADER.size))
+    magic, version, ftype, index, meta_len, payload_len = HEADER.unpack(
+        recv_exact(sock, HEADER.size)
+    )
     if magic != MAGIC or version != VERSION:
         raise TransferError(
             FailureReason.PROTOCOL_ERROR, f"bad frame header (magic {magic!r}, version {version})"
@@ -138,7 +158,7 @@ def recv_frame(sock: socket.socket) -> Frame:
         raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad frame: {exc}") from exc
     if not isinstance(meta, dict):
         raise TransferError(FailureReason.PROTOCOL_ERROR, "frame metadata must be a JSON object")
-    return Frame(kind, meta, payload_len)
+    return Frame(kind, meta, payload_len, index)
 
 
 def expect_frame(sock: socket.socket, *kinds: FrameType) -> Frame:

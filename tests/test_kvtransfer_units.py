@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -187,3 +188,93 @@ def test_iter_cache_layers_yields_the_wire_tensors_lazily():
     got = iter_cache_layers(cache, table, n)
     assert all(torch.equal(next(got), gather_layer(cache, layer, slots)) for layer in range(3))
     assert next(got, None) is None
+
+
+def test_layer_frames_carry_the_layer_in_the_header_and_no_json():
+    """LAYER frames: the layer number in the header's index field, no metadata bytes; a header
+    that arrives in pieces is still read whole."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(2)
+        payload = memoryview(bytes(range(16)))
+        send_frame(b, FrameType.LAYER, payload=payload, index=7)
+        head = a.recv(HEADER.size, socket.MSG_PEEK)
+        assert HEADER.unpack(head)[3:] == (7, 0, 16)  # index, meta length, payload length
+        frame = recv_frame(a)
+        assert (frame.type, frame.index, frame.meta, frame.payload_len) == (
+            FrameType.LAYER, 7, {}, 16)
+        assert a.recv(16) == bytes(range(16))
+        raw = HEADER.pack(b"SSKV", 2, FrameType.CREDIT, 1, 2, 0) + b"{}"
+        b.sendall(raw[:5])
+        threading.Timer(0.05, b.sendall, (raw[5:],)).start()
+        assert recv_frame(a).index == 1
+        with pytest.raises(ValueError, match="index"):
+            send_frame(b, FrameType.LAYER, index=1 << 16)
+
+
+def test_cuda_ipc_layer_notes_are_header_only_layer_frames():
+    """cuda_ipc's batched LAYER notes (built without CUDA here) parse as the receiver expects."""
+    from splitserve.kvtransfer.cuda_ipc import _Notes
+
+    notes = _Notes()
+    for layer in (0, 1, 2):
+        send_frame(notes, FrameType.LAYER, index=layer)
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(2)
+        notes.flush(b)
+        frames = [recv_frame(a) for _ in range(3)]
+    assert [(f.type, f.index, f.meta, f.payload_len) for f in frames] == [
+        (FrameType.LAYER, i, {}, 0) for i in range(3)]
+
+
+def test_shm_ring_covers_small_transfers_and_falls_back_to_credits(monkeypatch):
+    """A small transfer's ring holds every layer (no CREDIT needed); a ring smaller than the
+    layer count (big layers) still round-trips through CREDITs."""
+    from splitserve.kvtransfer import shm
+
+    assert shm.ring_slots(4096, 32) == 32
+    assert shm.ring_slots(8 << 20, 32) == shm.SLOTS
+    assert shm.ring_slots(4096, 1) == shm.SLOTS
+    for ring_bytes in (shm.RING_BYTES, 0):
+        monkeypatch.setattr(shm, "RING_BYTES", ring_bytes)
+        s = spec(backend="shm", num_layers=6)
+        cache = torch.zeros(6, 2, 8, 4, 2, 4)
+        kv = [torch.randn(2, 10, 2, 4) for _ in range(6)]
+        table = [5, 1, 7]
+        with create_receiver("shm", s, cache) as rx, create_sender("shm", s) as tx:
+            fut = rx.expect("r", 10, table, timeout=10)
+            tx.send("r", rx.endpoint, iter(kv), 1)
+            fut.result(timeout=10)
+        slots = token_slots(table, 10, 4, 8)
+        assert all(torch.equal(gather_layer(cache, i, slots), kv[i]) for i in range(6))
+
+
+def test_receiver_reuses_connection_threads_and_retires_idle_ones(monkeypatch):
+    """Back-to-back transfers run on the same few threads (no thread per connection); once
+    idle, the extra ones exit and the receiver is back to its one accepting thread."""
+    from splitserve.kvtransfer import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "IDLE_THREAD_S", 0.2)
+    s = spec()
+    cache = torch.zeros(2, 2, 8, 4, 2, 4)
+    kv = [torch.randn(2, 3, 2, 4) for _ in range(2)]
+    with create_receiver("tcp", s, cache) as rx, create_sender("tcp", s) as tx:
+        baseline = threading.active_count()  # with the receiver's one accepting thread
+        idents = set()
+        for i in range(20):
+            fut = rx.expect(f"r{i}", 3, [i % 8], timeout=10)
+            tx.send(f"r{i}", rx.endpoint, iter(kv), 1)
+            fut.result(timeout=10)
+            idents |= {t.ident for t in threading.enumerate()}
+        # a few threads (a sender may connect again before the last handler parked), not 20
+        assert threading.active_count() <= baseline + 3
+        assert len(idents) <= baseline + 6
+        deadline = time.monotonic() + 5
+        while threading.active_count() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() == baseline
+        assert rx.stats()["handlers"] == 0
+        fut = rx.expect("late", 3, [0], timeout=10)  # and it still serves after shrinking
+        tx.send("late", rx.endpoint, iter(kv), 1)
+        assert fut.result(timeout=10).num_tokens == 3
