@@ -1,4 +1,4 @@
-"""Greedy tokens of our engine (on this machine's GPU: Triton kernels, CUDA graphs) against
+"""Greedy tokens of our engine (on this machine's GPU: Triton kernels, CUDA graphs, overlapped steps) against
 Hugging Face transformers on the same weights, for several demo architectures in fp32.
 
 Usage: python bench/engine_exactness.py   (prints one line per model, exits 1 on a mismatch)
@@ -37,7 +37,7 @@ def main() -> int:
         same = sum(a == b for a, b in zip(ours, ref, strict=True))
         graphs = engine.runner.graphs is not None
         print(f"{name:>18}: {same}/{len(prompts)} prompts token-identical to transformers "
-              f"(device {engine.runner.device}, cuda graphs {graphs})")
+              f"(device {engine.runner.device}, cuda graphs {graphs}, overlap {engine.overlap})")
         failed += same != len(prompts)
     return 1 if failed else 0
 
