@@ -5,7 +5,11 @@ decode's expect() arrives) -> per layer, pull the next tensor from the caller's 
 it to the backend's :class:`LayerSink` -> END {first_token} -> wait for DONE.
 
 Backpressure comes from the socket: ``sendall`` blocks while the receiver is behind, so at most
-one layer plus the kernel's socket buffers are in flight; nothing is queued in Python. Every
+one layer plus the kernel's socket buffers are in flight. Small layers are the exception: a sink
+may hold their frames (copied) and send several in one call (:class:`HeldFrames`), because each
+send wakes the receiver, a cross-process wake-up that costs more than a small layer's bytes; at
+most ``COALESCE_BYTES`` of layers are held, a frame waits at most one layer's compute past
+``HOLD_S``, and the last layers leave before END. Every
 socket operation has a timeout; every failure is a :class:`TransferError` with a reason, and when
 the failure is ours (bad input, the caller's iterator raised) the receiver is told with an ERROR
 frame so its future fails at once instead of on a timeout.
@@ -41,6 +45,7 @@ from .base import (
 from .wire import (
     Frame,
     FrameType,
+    encode_frame,
     error_from_meta,
     error_meta,
     expect_frame,
@@ -51,6 +56,9 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
+
+COALESCE_BYTES = 64 << 10  # layers smaller than this go out in batches of up to this many bytes
+HOLD_S = 0.001  # a held frame goes out with the next layer once it waited this long
 
 
 class LayerSink(ABC):
@@ -73,6 +81,11 @@ class LayerSink(ABC):
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
         """Ship one contiguous layer tensor (on the sender's ``layer_device``)."""
 
+    def flush(self, sock: socket.socket) -> None:
+        """Send what :meth:`write` held back (see :class:`HeldFrames`); called after the last
+        layer, before END. Default: write() holds nothing."""
+        return None
+
     def on_frame(self, frame: Frame) -> None:
         """A control frame from the receiver other than ERROR/DONE (shm: CREDIT)."""
         raise TransferError(FailureReason.PROTOCOL_ERROR, f"unexpected {frame.type.name} frame")
@@ -88,14 +101,46 @@ class LayerSink(ABC):
         return None
 
 
+class HeldFrames:
+    """Frames of small layers (under ``COALESCE_BYTES`` each), copied and held back to leave in
+    one send: about one wake-up of the receiver per ``COALESCE_BYTES`` instead of one per
+    layer. Copied, so the caller may reuse a layer's memory as soon as the next one is asked
+    for, as it may when nothing is held."""
+
+    def __init__(self, layer_nbytes: int) -> None:
+        self.enabled = layer_nbytes < COALESCE_BYTES
+        self._layer_nbytes = layer_nbytes
+        self._frames = bytearray()
+        self._held = 0  # layer bytes held
+        self._since = 0.0
+
+    def add(self, sock: socket.socket, *parts: bytes | memoryview) -> None:
+        """Hold one layer's frame (``parts`` in order); send everything held when enough bytes
+        are held or the oldest frame waited ``HOLD_S``."""
+        if not self._held:
+            self._since = time.monotonic()
+        for part in parts:
+            self._frames += part
+        self._held += self._layer_nbytes
+        if self._held >= COALESCE_BYTES or time.monotonic() - self._since >= HOLD_S:
+            self.flush(sock)
+
+    def flush(self, sock: socket.socket) -> None:
+        if self._frames:
+            sock.sendall(self._frames)
+            self._frames.clear()
+        self._held = 0
+
+
 class SlotSink(LayerSink):
     """A sink whose layers go through a ring of ``slots`` buffers that the receiver reads in place
     (shared memory): LAYER {layer, slot} announces a filled slot, CREDIT {slot} hands it
     back. The ring bounds memory and gives backpressure: with no free slot the sender waits for a
     credit (with the I/O timeout)."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, nbytes: int) -> None:
         self._free = collections.deque(range(slots))
+        self._notes = HeldFrames(nbytes)  # LAYER notes of small layers
 
     @abstractmethod
     def fill(self, slot: int, tensor: torch.Tensor) -> None:
@@ -103,10 +148,17 @@ class SlotSink(LayerSink):
 
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
         while not self._free:  # ring full: wait for the receiver to hand a slot back
+            self._notes.flush(sock)  # (it can only if it has heard of the filled ones)
             self.on_frame(expect_frame(sock, FrameType.CREDIT))
         slot = self._free.popleft()
         self.fill(slot, tensor)
-        send_frame(sock, FrameType.LAYER, {"slot": slot}, index=layer)
+        if self._notes.enabled:
+            self._notes.add(sock, encode_frame(FrameType.LAYER, {"slot": slot}, index=layer))
+        else:
+            send_frame(sock, FrameType.LAYER, {"slot": slot}, index=layer)
+
+    def flush(self, sock: socket.socket) -> None:
+        self._notes.flush(sock)
 
     def on_frame(self, frame: Frame) -> None:
         slot = frame.meta.get("slot")
@@ -461,7 +513,10 @@ class _Lane:
                     raise TimeoutError("send lane stalled") from None
 
     def finish(self, timeout: float) -> None:
-        """Wait until this lane's thread sent everything queued; re-raise its failure."""
+        """Send what the sink held back, or wait until this lane's thread sent everything
+        queued (and flushed); re-raise its failure."""
+        if self._thread is None and self.error is None:
+            self.sink.flush(self.sock)
         if self._thread is not None:
             try:
                 self._queue.put(None, timeout=timeout)
@@ -500,11 +555,14 @@ class _Lane:
                 item = self._queue.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if item is None:
-                return
             if self.error is not None:
+                if item is None:
+                    return
                 continue  # failed: drop queued work until told to stop
             try:
+                if item is None:
+                    self.sink.flush(self.sock)
+                    return
                 self.write(*item)
             except BaseException as exc:  # handed to the caller's thread via self.error
                 self.error = exc

@@ -97,7 +97,7 @@ class ShmSink(SlotSink):
             os.close(fd)
         self._mem: torch.Tensor | None = _map(self._path, slots * nbytes)
         self._view: memoryview | None = memoryview(self._mem.numpy())
-        super().__init__(slots)
+        super().__init__(slots, nbytes)
 
     def hello_fields(self) -> dict[str, Any]:
         return {"shm_path": self._path, "shm_slots": self._slots}

@@ -15,8 +15,8 @@ import torch
 from .base import FailureReason, TransferError
 from .layout import PagedWriter
 from .receiver import LayerSource, SocketReceiver
-from .sender import LayerSink, SocketSender
-from .wire import Frame, FrameType, send_frame, tensor_bytes
+from .sender import HeldFrames, LayerSink, SocketSender
+from .wire import Frame, FrameType, encode_frame, send_frame, tensor_bytes
 
 
 class InlineSource(LayerSource):
@@ -37,10 +37,22 @@ class InlineSource(LayerSource):
 
 
 class InlineSink(LayerSink):
-    """Writes each layer as a LAYER frame whose payload is the tensor's bytes."""
+    """Writes each layer as a LAYER frame whose payload is the tensor's bytes (small layers in
+    batches, see :class:`~.sender.HeldFrames`)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._held = HeldFrames(nbytes)
 
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        send_frame(sock, FrameType.LAYER, payload=tensor_bytes(tensor), index=layer)
+        payload = tensor_bytes(tensor)
+        if self._held.enabled:
+            self._held.add(sock, encode_frame(FrameType.LAYER, None, payload.nbytes, index=layer),
+                           payload)
+        else:
+            send_frame(sock, FrameType.LAYER, payload=payload, index=layer)
+
+    def flush(self, sock: socket.socket) -> None:
+        self._held.flush(sock)
 
 
 class TCPReceiver(SocketReceiver):
@@ -55,4 +67,4 @@ class TCPSender(SocketSender):
     max_streams = 16
 
     def open_sink(self, nbytes: int) -> LayerSink:
-        return InlineSink()
+        return InlineSink(nbytes)

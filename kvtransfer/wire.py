@@ -81,11 +81,8 @@ def send_frame(
 ) -> None:
     """Write one frame; the payload (if any) goes to the kernel without an extra copy, in the
     same ``sendmsg`` as the header when the kernel takes it all."""
-    if not 0 <= index <= MAX_INDEX:
-        raise ValueError(f"frame index must be in [0, {MAX_INDEX}], got {index}")
-    body = _ENCODE(meta).encode() if meta else b""
     plen = 0 if payload is None else payload.nbytes
-    head = HEADER.pack(MAGIC, VERSION, ftype, index, len(body), plen) + body
+    head = encode_frame(ftype, meta, plen, index=index)
     if not plen:
         sock.sendall(head)
         return
@@ -95,6 +92,16 @@ def send_frame(
         sock.sendall(payload)
     elif sent < len(head) + plen:
         sock.sendall(payload[sent - len(head) :])
+
+
+def encode_frame(
+    ftype: FrameType, meta: dict[str, Any] | None = None, payload_len: int = 0, *, index: int = 0
+) -> bytes:
+    """A frame's header and metadata (``payload_len`` payload bytes must follow)."""
+    if not 0 <= index <= MAX_INDEX:
+        raise ValueError(f"frame index must be in [0, {MAX_INDEX}], got {index}")
+    body = _ENCODE(meta).encode() if meta else b""
+    return HEADER.pack(MAGIC, VERSION, ftype, index, len(body), payload_len) + body
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -278,3 +279,48 @@ def test_receiver_reuses_connection_threads_and_retires_idle_ones(monkeypatch):
         fut = rx.expect("late", 3, [0], timeout=10)  # and it still serves after shrinking
         tx.send("late", rx.endpoint, iter(kv), 1)
         assert fut.result(timeout=10).num_tokens == 3
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_small_layers_are_batched_but_copied_and_all_sent_before_end(backend):
+    """Small layers leave in batches (HeldFrames), yet a caller that refills one buffer for
+    every layer still gets each layer's own data across, and the last batch goes before END."""
+    s = spec(backend=backend, num_layers=5)
+    cache = torch.zeros(5, 2, 8, 4, 2, 4)
+    kv = [torch.randn(2, 6, 2, 4) for _ in range(5)]
+    buffer = torch.empty(2, 6, 2, 4)
+
+    def reused() -> Iterator[torch.Tensor]:
+        for layer in kv:
+            buffer.copy_(layer)
+            yield buffer
+
+    with create_receiver(backend, s, cache) as rx, create_sender(backend, s) as tx:
+        fut = rx.expect("r", 6, [3, 6], timeout=10)
+        tx.send("r", rx.endpoint, reused(), 1)
+        fut.result(timeout=10)
+    slots = token_slots([3, 6], 6, 4, 8)
+    assert all(torch.equal(gather_layer(cache, i, slots), kv[i]) for i in range(5))
+
+
+def test_held_frames_flush_by_size_and_by_age(monkeypatch):
+    from splitserve.kvtransfer import sender as sender_module
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendall(self, data: bytes) -> None:
+            self.sent.append(bytes(data))
+
+    monkeypatch.setattr(sender_module, "COALESCE_BYTES", 300)
+    assert not sender_module.HeldFrames(300).enabled
+    held, sock = sender_module.HeldFrames(100), Sink()
+    for i in range(3):
+        held.add(sock, bytes([i]))
+    assert sock.sent == [b"\x00\x01\x02"]  # 300 layer bytes held: sent together
+    monkeypatch.setattr(sender_module, "HOLD_S", 0.0)
+    held.add(sock, b"x")  # waited long enough (0 s): goes at once
+    assert sock.sent[-1] == b"x"
+    held.flush(sock)  # nothing held: nothing sent
+    assert len(sock.sent) == 2
