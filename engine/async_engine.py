@@ -21,7 +21,22 @@ from splitserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[StepOutput | BaseException], None]
+
+class _Listener:
+    """Where one sequence's outputs go: a queue that a coroutine on ``loop`` reads."""
+
+    __slots__ = ("items", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, items: asyncio.Queue) -> None:
+        self.loop, self.items = loop, items
+
+    def send(self, item: StepOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for items, out in batch:
+        items.put_nowait(out)
 
 
 class AsyncEngine:
@@ -30,7 +45,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        self._listeners: dict[int, Listener] = {}
+        self._listeners: dict[int, _Listener] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -41,7 +56,7 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
         for listener in self._listeners.values():
-            listener(RuntimeError("the worker is shutting down"))
+            listener.send(RuntimeError("the worker is shutting down"))
         self._listeners.clear()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
@@ -54,7 +69,7 @@ class AsyncEngine:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.call(fn, *args))
 
-    def _listen_and_submit(self, seq: Sequence, listener: Listener, submit: Callable) -> None:
+    def _listen_and_submit(self, seq: Sequence, listener: _Listener, submit: Callable) -> None:
         self._listeners[seq.seq_id] = listener
         try:
             first = submit(seq)
@@ -62,19 +77,15 @@ class AsyncEngine:
             del self._listeners[seq.seq_id]
             raise
         if isinstance(first, StepOutput):
-            self._deliver(first)
+            self._deliver([first])
 
     async def stream(
         self, seq: Sequence, submit: Callable[[Sequence], Any]
     ) -> AsyncIterator[StepOutput]:
         """Submit ``seq`` (``submit`` runs in the engine thread, e.g. ``engine.add``) and yield its
         outputs until it finishes. Leaving early (client gone) aborts it and frees its blocks."""
-        loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
-
-        def listener(item: StepOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-
+        listener = _Listener(asyncio.get_running_loop(), items)
         await self.run(self._listen_and_submit, seq, listener, submit)
         finished = False
         try:
@@ -95,12 +106,19 @@ class AsyncEngine:
         self._listeners.pop(seq.seq_id, None)
         self.engine.abort(seq)
 
-    def _deliver(self, out: StepOutput) -> None:
-        listener = self._listeners.get(out.seq.seq_id)
-        if listener is not None:
-            listener(out)
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up of each event loop per step, not
+        one per sequence (each is a write to the loop's self-pipe, and a batch of 64 paid 64)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        for out in outputs:
+            listener = self._listeners.get(out.seq.seq_id)
+            if listener is None:
+                continue
+            batches.setdefault(listener.loop, []).append((listener.items, out))
             if out.finished:
                 del self._listeners[out.seq.seq_id]
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _run_commands(self) -> None:
         while True:
@@ -121,7 +139,7 @@ class AsyncEngine:
             self.engine.abort(seq)
             listener = self._listeners.pop(seq.seq_id, None)
             if listener is not None:
-                listener(RuntimeError(f"engine step failed: {exc}"))
+                listener.send(RuntimeError(f"engine step failed: {exc}"))
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
@@ -136,5 +154,4 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the requests in it")
                 self._fail_running(exc)
                 continue
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(outputs)
