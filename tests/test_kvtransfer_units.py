@@ -281,8 +281,9 @@ def test_receiver_reuses_connection_threads_and_retires_idle_ones(monkeypatch):
         assert fut.result(timeout=10).num_tokens == 3
 
 
+@pytest.mark.parametrize("first_token", [5, lambda: 5])  # END with the last batch / after it
 @pytest.mark.parametrize("backend", ["tcp", "shm"])
-def test_small_layers_are_batched_but_copied_and_all_sent_before_end(backend):
+def test_small_layers_are_batched_but_copied_and_all_sent_before_end(backend, first_token):
     """Small layers leave in batches (HeldFrames), yet a caller that refills one buffer for
     every layer still gets each layer's own data across, and the last batch goes before END."""
     s = spec(backend=backend, num_layers=5)
@@ -297,8 +298,8 @@ def test_small_layers_are_batched_but_copied_and_all_sent_before_end(backend):
 
     with create_receiver(backend, s, cache) as rx, create_sender(backend, s) as tx:
         fut = rx.expect("r", 6, [3, 6], timeout=10)
-        tx.send("r", rx.endpoint, reused(), 1)
-        fut.result(timeout=10)
+        assert tx.send("r", rx.endpoint, reused(), first_token).first_token == 5
+        assert fut.result(timeout=10).first_token == 5
     slots = token_slots([3, 6], 6, 4, 8)
     assert all(torch.equal(gather_layer(cache, i, slots), kv[i]) for i in range(5))
 
