@@ -1,8 +1,8 @@
 """Sampling parameters (the JSON that travels router -> workers) and the sampler.
 
-Greedy rows are one batched argmax; sampled rows apply temperature, top-k and top-p and draw
-from a per-request generator, so a request with a ``seed`` gives the same tokens on any worker
-and at any batch composition.
+Greedy rows are one batched argmax; sampled rows apply temperature, top-k and top-p in one
+batched pass; a request with a ``seed`` draws from its own generator, so it gives the same
+tokens on any worker and at any batch composition.
 """
 
 from __future__ import annotations
@@ -71,17 +71,47 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row values on ``device`` without a sync: a plain ``torch.tensor(..., device=cuda)``
+    copies from pageable memory and waits for the GPU, which would stall the overlapped step."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _filter_sorted(sorted_logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k then top-p on logits sorted in descending order, one row per entry of ``params``
+    (masked entries become -inf). Top-p applies to the distribution top-k left, and always keeps
+    the token that crosses ``top_p``."""
+    rows, vocab = sorted_logits.shape
+    dev = sorted_logits.device
+    if any(0 < p.top_k < vocab for p in params):
+        ks = _on(dev, [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64)
+        beyond = torch.arange(vocab, device=dev)[None, :] >= ks[:, None]
+        sorted_logits = sorted_logits.masked_fill(beyond, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        # rows without top-p keep everything (a cumulative sum can round past 1.0)
+        ps = _on(dev, [p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > ps[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+    return sorted_logits
+
+
+def _draw(
+    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of ``logits (rows, vocab)``: temperature, top-k/top-p, a draw. Filters
+    work on the sorted rows (one sort for the whole batch) and the draw maps back through it."""
+    temps = _on(logits.device, [p.temperature for p in params], torch.float32)
+    logits = logits / temps[:, None]
+    if all(p.top_k == -1 and p.top_p == 1.0 for p in params):
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = _filter_sorted(sorted_logits, params).softmax(-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(1, choice)[:, 0]
 
 
 def sample_tokens(
@@ -90,24 +120,23 @@ def sample_tokens(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     """One next token per row of ``logits (B, vocab)``, left on the logits' device: nothing here
-    waits for the GPU, so the engine can queue its next step before these tokens reach the host."""
+    waits for the GPU, so the engine can queue its next step before these tokens reach the host.
+
+    Greedy rows: one argmax. Sampled rows without a seed: one batched draw (a handful of kernels
+    for the whole batch, not per row). Rows with a seed draw alone from their own generator, so
+    their tokens do not depend on the batch they ran in."""
     logits = logits.float()
     out = logits.argmax(-1)
+    shared = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
+    if len(shared) == len(params):
+        out = _draw(logits, params, None)
+    elif shared:
+        rows = _on(logits.device, shared, torch.int64)
+        out = out.index_copy(0, rows, _draw(logits.index_select(0, rows), [params[i] for i in shared], None))
     for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        out[i] = torch.multinomial(row.softmax(-1), 1, generator=generators[i])[0]
+        if not p.greedy and generators[i] is not None:
+            out[i] = _draw(logits[i : i + 1], [p], generators[i])[0]
     return out
-
-
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-) -> list[int]:
-    """``sample_tokens``, brought to the host."""
-    return sample_tokens(logits, params, generators).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
