@@ -5,9 +5,11 @@ the new step reads them on the device (each sequence carries a ``PLACEHOLDER`` u
 lands), and the host turns the previous step's tokens into outputs (stop checks, prefix-cache
 commits, freeing) while the GPU computes. So outputs come one ``step()`` call after their step was
 queued, a finished sequence may ride one extra step (its sample is dropped), and the scheduler
-holds freed blocks until the steps that may still write them are done. Before anything that needs
-the exact state (a prefill, logprobs, a possible preemption, a sequence at its length limit) the
-engine settles the step in flight first, as a synchronous engine would.
+holds freed blocks until the steps that may still write them are done. With chunked prefill
+(the colocated baseline) mixed steps overlap too, so the baseline gets the same help. Before
+anything that needs the exact state (a whole-prompt prefill, logprobs, a possible preemption, a
+sequence at its length limit) the engine settles the step in flight first, as a synchronous
+engine would.
 
 Three roles share it. A *colocated* engine prefills and decodes (the baseline, and the decode
 worker's recompute path). A *prefill* engine stops each sequence after its first token and keeps
@@ -198,28 +200,39 @@ class LLMEngine:
                 step.token_index[seq.seq_id] = len(seq.token_ids)
                 seq.token_ids.append(PLACEHOLDER)
         self._in_flight = step
-        if not (self.overlap and launched.logits is None and not is_prefill):
+        if not self._stays_in_flight(step):
             outputs += self._finish(step)
         return outputs
 
     def _can_overlap(self, prev: _Step) -> bool:
-        """Whether the next step may be queued before ``prev``'s tokens are known: only a decode
-        step that follows a decode step and whose scheduling needs no token values (no prefill
-        waiting, no preemption, no sequence at its length limit)."""
+        """Whether the next step may be queued before ``prev``'s tokens are known: its scheduling
+        must need no token values (no preemption, no sequence at its length limit) and, without
+        chunked prefill, it must be a decode step (a whole-prompt prefill runs on settled state).
+        With chunked prefill, prompt chunks ride along: their tokens are the prompt's."""
         sched, blocks = self.scheduler, self.blocks
-        if not self.overlap or prev.is_prefill or sched.waiting:
-            return False
-        running = sched.running
-        if len(running) > self.config.scheduler.max_num_seqs:
+        if not self.overlap or (sched.waiting and not self.config.scheduler.chunked_prefill):
             return False
         new_blocks = 0
-        for seq in running:
+        for seq in sched.running:
             if seq.num_uncomputed_tokens != 1:
-                return False
+                if not self.config.scheduler.chunked_prefill:
+                    return False
+                continue  # a prompt mid-chunking: its blocks are allocated
             if seq.num_output_tokens >= seq.sampling.max_tokens or len(seq) >= self.max_model_len:
                 return False
             new_blocks += len(seq) > len(seq.block_table) * blocks.block_size
         return new_blocks <= blocks.num_free_blocks
+
+    def _stays_in_flight(self, step: _Step) -> bool:
+        """Whether ``step`` may run on while the next one is queued: not with logprobs (they are
+        computed from its logits on the host), not a prefill-only step (its worker ships the KV
+        as soon as the first token is known), and a prefill step only among chunked ones."""
+        return (
+            self.overlap
+            and step.launched.logits is None
+            and (not step.is_prefill or self.config.scheduler.chunked_prefill)
+            and not any(s.prefill_only for s in step.launched.seqs)
+        )
 
     def _finish(self, step: _Step) -> list[StepOutput]:
         """Wait for ``step``'s tokens and turn them into outputs."""

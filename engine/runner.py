@@ -189,8 +189,6 @@ class ModelRunner:
         A sequence whose last token is ``PLACEHOLDER`` takes its input from ``prev``'s samples
         on the device, so this step can be queued before ``prev``'s tokens reach the host."""
         prev_rows = self._prev_rows(seqs, prev)
-        if is_prefill and prev_rows is not None:
-            raise RuntimeError("a prefill step needs every token on the host")
         if (
             not is_prefill
             and self.graphs is not None
@@ -209,7 +207,10 @@ class ModelRunner:
             prepare = self.prepare_prefill if is_prefill else self.prepare_decode
             input_ids, positions, meta = prepare(seqs)
             if prev_rows is not None:
-                rows = self._tensor(prev_rows)
+                # a waiting token is always its sequence's last scheduled one (the only token it
+                # computes: a prompt chunk never waits), so it sits at last_token_index
+                rows = torch.full_like(input_ids, -1)
+                rows[meta.last_token_index] = self._tensor(prev_rows)
                 input_ids = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], input_ids)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
             logits = self.model.logits(hidden[meta.last_token_index])

@@ -36,6 +36,11 @@ def make_engine(model_dir, overlap: bool, blocks: int = 128, **sched) -> LLMEngi
 def run(engine: LLMEngine, seqs: list[Sequence]) -> list[list[int]]:
     for seq in seqs:
         engine.add(seq)
+    return finish(engine, seqs)
+
+
+def finish(engine: LLMEngine, seqs: list[Sequence]) -> list[list[int]]:
+    """Step to the end; nothing may be left waiting for a token or holding a block."""
     while engine.has_work():
         engine.step()
     assert all(PLACEHOLDER not in s.token_ids for s in seqs)
@@ -136,3 +141,23 @@ def test_decode_worker_activation_joins_an_overlapped_batch(demo_model):
         decode.step()
     assert [first.output_token_ids, late.output_token_ids] == want
     assert decode.blocks.num_free_blocks == decode.blocks.num_blocks
+
+
+def test_chunked_prefill_steps_overlap_too(demo_model):
+    """The colocated baseline: a step carrying decodes and a prompt chunk is left in flight like
+    a decode step, and the tokens still equal the synchronous engine's."""
+    prompts = hf_tokenize(demo_model, [PROMPTS[0], PROMPTS[1]])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outputs = []
+    for overlap in (False, True):
+        engine = make_engine(demo_model, overlap=overlap, chunked_prefill=True, max_num_batched_tokens=16)
+        first, late = Sequence("a", prompts[0], params), Sequence("b", prompts[1], params)
+        engine.add(first)
+        for _ in range(3):
+            engine.step()
+        engine.add(late)  # its prompt needs several 16-token chunks
+        engine.step()
+        assert late.num_computed_tokens < len(prompts[1])  # mid-prompt: a mixed step ran
+        assert (PLACEHOLDER in first.token_ids) == overlap
+        outputs.append(finish(engine, [first, late]))
+    assert outputs[0] == outputs[1] and all(len(o) == 12 for o in outputs[0])
