@@ -249,12 +249,14 @@ class LLMEngine:
             observe(stats)
         outputs = []
         for seq, result in zip(step.launched.seqs, sampled, strict=True):
+            if seq.status != SeqStatus.RUNNING:
+                continue  # it finished (or was aborted) while this step ran: its sample is dropped
             index = step.token_index.get(seq.seq_id)
-            if result is None or index is None or seq.status != SeqStatus.RUNNING:
-                continue  # a prompt chunk, or a sequence that finished while this step ran
-            seq.token_ids[index] = result.token
-            self.blocks.commit(seq)
-            outputs.append(self._after_token(seq, result.token, result.logprobs))
+            if index is not None:
+                seq.token_ids[index] = result.token
+            self.blocks.commit(seq)  # a prompt chunk's full blocks are reusable at once too
+            if index is not None:
+                outputs.append(self._after_token(seq, result.token, result.logprobs))
         return outputs
 
     def _after_token(self, seq: Sequence, token: int, logprobs: dict | None = None) -> StepOutput:
