@@ -7,8 +7,8 @@ commits, freeing) while the GPU computes. So outputs come one ``step()`` call af
 queued, a finished sequence may ride one extra step (its sample is dropped), and the scheduler
 holds freed blocks until the steps that may still write them are done. With chunked prefill
 (the colocated baseline) mixed steps overlap too, so the baseline gets the same help. Before
-anything that needs the exact state (a whole-prompt prefill, logprobs, a possible preemption, a
-sequence at its length limit) the engine settles the step in flight first, as a synchronous
+anything that needs the exact state (a whole-prompt prefill, a possible preemption, a sequence at
+its length limit) the engine settles the step in flight first, as a synchronous
 engine would.
 
 Three roles share it. A *colocated* engine prefills and decodes (the baseline, and the decode
@@ -224,12 +224,11 @@ class LLMEngine:
         return new_blocks <= blocks.num_free_blocks
 
     def _stays_in_flight(self, step: _Step) -> bool:
-        """Whether ``step`` may run on while the next one is queued: not with logprobs (they are
-        computed from its logits on the host), not a prefill-only step (its worker ships the KV
-        as soon as the first token is known), and a prefill step only among chunked ones."""
+        """Whether ``step`` may run on while the next one is queued: not a prefill-only step (its
+        worker ships the KV as soon as the first token is known), and a prefill step only among
+        chunked ones."""
         return (
             self.overlap
-            and step.launched.logits is None
             and (not step.is_prefill or self.config.scheduler.chunked_prefill)
             and not any(s.prefill_only for s in step.launched.seqs)
         )

@@ -17,7 +17,7 @@ import torch
 from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
 from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
-from splitserve.engine.sampling import make_generator, sample_tokens, token_logprobs
+from splitserve.engine.sampling import Logprobs, make_generator, sample_tokens
 from splitserve.engine.sequence import PLACEHOLDER, Sequence
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
@@ -38,7 +38,7 @@ class Launched(NamedTuple):
     tokens: torch.Tensor
     host: torch.Tensor
     ready: Any  # torch.cuda.Event | None
-    logits: torch.Tensor | None  # kept only when a sequence asked for logprobs
+    logprobs: Logprobs | None  # of the sampled rows whose request asked for them
     row_of: dict[int, int]  # seq_id -> row of tokens
     in_graph_buffer: bool  # the decode graphs hold these samples too (keep_samples)
 
@@ -223,10 +223,14 @@ class ModelRunner:
                 seq.generator = make_generator(seq.sampling, self.device)
         tokens = sample_tokens(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
         in_graph_buffer = not is_prefill and self.graphs is not None and self.graphs.keep_samples(tokens)
-        host, ready = self._to_host(tokens)
-        wants_logprobs = any(s.sampling.logprobs is not None for s in sampled)
+        asked = [row for row, s in enumerate(sampled) if s.sampling.logprobs is not None]
+        logprobs = None
+        if asked:
+            logprobs = Logprobs(logits, tokens, asked, [sampled[r].sampling.logprobs for r in asked])
+            logprobs.to_host(non_blocking=True)
+        host, ready = self._to_host(tokens)  # its event also covers the logprobs' copies
         return Launched(
-            seqs, complete, tokens, host, ready, logits if wants_logprobs else None,
+            seqs, complete, tokens, host, ready, logprobs,
             {s.seq_id: row for row, s in enumerate(sampled)}, in_graph_buffer,
         )
 
@@ -251,16 +255,10 @@ class ModelRunner:
         if launched.ready is not None:
             launched.ready.synchronize()
         tokens = launched.host.tolist()
-        results = []
-        for row, i in enumerate(launched.complete):
-            params = launched.seqs[i].sampling
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs = token_logprobs(launched.logits[row], tokens[row], params.logprobs)
-            results.append(Sampled(tokens[row], logprobs))
+        logprobs = launched.logprobs.entries(tokens) if launched.logprobs is not None else {}
         out: list[Sampled | None] = [None] * len(launched.seqs)
-        for i, result in zip(launched.complete, results, strict=True):
-            out[i] = result
+        for row, i in enumerate(launched.complete):
+            out[i] = Sampled(tokens[row], logprobs.get(row))
         return out
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[Sampled | None]:

@@ -139,13 +139,36 @@ def sample_tokens(
     return out
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+class Logprobs:
     """Log-probabilities of the model's own distribution (before temperature and filtering, as
-    OpenAI reports them) for one row: the chosen token's and the ``top`` most likely tokens'."""
-    lp = logits.float().log_softmax(-1)
-    values, ids = lp.topk(top) if top else (lp[:0], lp[:0].long())
-    return {
-        "token_id": token,
-        "logprob": float(lp[token]),
-        "top": [[int(i), float(v)] for i, v in zip(ids.tolist(), values.tolist(), strict=True)],
-    }
+    OpenAI reports them) for the rows that asked: computed on the device in one batched pass
+    when the step is queued, and copied to the host with its tokens (``to_host``), so asking for
+    logprobs costs no per-row synchronisation and does not stop the next step being queued."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: list[int]) -> None:
+        self.rows, self.top = rows, top
+        index = _on(logits.device, rows, torch.int64)
+        lp = logits.index_select(0, index).float().log_softmax(-1)
+        self.chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+        self.top_values, self.top_ids = lp.topk(max(top), -1) if max(top) else (lp[:, :0], lp[:, :0].long())
+
+    def to_host(self, non_blocking: bool) -> None:
+        """Start the copies into pinned memory (they land with the step's tokens)."""
+        pin = non_blocking and self.chosen.device.type == "cuda"
+        self.chosen, self.top_values, self.top_ids = (
+            t.to("cpu", non_blocking=True) if not pin else
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t in (self.chosen, self.top_values, self.top_ids)
+        )
+
+    def entries(self, tokens: list[int]) -> dict[int, dict[str, Any]]:
+        """Row -> {"token_id", "logprob", "top": [[id, logprob], ...]}; call once landed."""
+        chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
+        return {
+            row: {
+                "token_id": tokens[row],
+                "logprob": chosen[i],
+                "top": [[t, v] for t, v in zip(ids[i][:k], values[i][:k], strict=True)],
+            }
+            for i, (row, k) in enumerate(zip(self.rows, self.top, strict=True))
+        }

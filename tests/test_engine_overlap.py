@@ -161,3 +161,29 @@ def test_chunked_prefill_steps_overlap_too(demo_model):
         assert (PLACEHOLDER in first.token_ids) == overlap
         outputs.append(finish(engine, [first, late]))
     assert outputs[0] == outputs[1] and all(len(o) == 12 for o in outputs[0])
+
+
+def test_logprobs_requests_overlap_and_match_the_synchronous_engine(demo_model):
+    prompts = hf_tokenize(demo_model, PROMPTS[:3])
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)]  # fmt: skip
+    got = []
+    for overlap in (False, True):
+        engine = make_engine(demo_model, overlap=overlap)
+        seqs = [Sequence(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        for seq in seqs:
+            engine.add(seq)
+        entries: dict[str, list] = {s.request_id: [] for s in seqs}
+        while engine.has_work():
+            for out in engine.step():
+                entries[out.seq.request_id].append(out.logprobs)
+        assert entries["s1"] == [None] * 8
+        assert [len(e["top"]) for e in entries["s0"]] == [3] * 6
+        got.append((finish(engine, seqs), entries))
+    (sync_tokens, sync_lp), (tokens, lp) = got
+    assert tokens == sync_tokens
+    for rid in ("s0", "s2"):
+        for a, b in zip(lp[rid], sync_lp[rid], strict=True):
+            assert a["token_id"] == b["token_id"] and [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)

@@ -86,3 +86,21 @@ def test_greedy_and_sampled_rows_mix():
     tokens = sample_tokens(logits, params, [None] * 4)
     # a vanishing temperature samples the argmax too
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_logprobs_are_the_models_own_log_softmax():
+    from splitserve.engine.sampling import Logprobs
+
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50)
+    tokens = torch.tensor([5, 7, 9, 11])
+    lp = Logprobs(logits, tokens, rows=[1, 3], top=[2, 0])
+    lp.to_host(non_blocking=True)
+    got = lp.entries(tokens.tolist())
+    ref = logits.log_softmax(-1)
+    assert set(got) == {1, 3}
+    assert got[1]["token_id"] == 7 and got[1]["logprob"] == pytest.approx(float(ref[1, 7]), abs=1e-6)
+    values, ids = ref[1].topk(2)
+    assert [t for t, _ in got[1]["top"]] == ids.tolist()
+    assert [v for _, v in got[1]["top"]] == pytest.approx(values.tolist(), abs=1e-6)
+    assert got[3]["top"] == [] and got[3]["logprob"] == pytest.approx(float(ref[3, 11]), abs=1e-6)
