@@ -222,7 +222,8 @@ class ModelRunner:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)
         tokens = sample_tokens(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
-        in_graph_buffer = not is_prefill and self.graphs is not None and self.graphs.keep_samples(tokens)
+        # every step leaves its samples for the graphs: the next step may be a captured decode
+        in_graph_buffer = self.graphs is not None and self.graphs.keep_samples(tokens)
         asked = [row for row, s in enumerate(sampled) if s.sampling.logprobs is not None]
         logprobs = None
         if asked:
