@@ -93,6 +93,9 @@ class LLMEngine:
         self.step_observers: list[Callable[[StepStats], None]] = []
         overlap = config.overlap
         self.overlap = self.runner.device.type == "cuda" if overlap is None else overlap
+        log.info("engine on %s: steps %s", self.runner.device,
+                 "overlapped (each queued before the previous one's tokens reach the host)"
+                 if self.overlap else "synchronous")
         self._in_flight: _Step | None = None
         self._last_done = 0.0
 

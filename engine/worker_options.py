@@ -30,9 +30,10 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
     parser.add_argument("--redis-namespace", default="splitserve", help="key prefix in Redis, so services can share one Redis (default splitserve)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for the decode step (debugging)")
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="wait for each step's tokens before queuing the next (on CUDA the "
-                             "engine overlaps them by default; debugging and comparison)")
+    parser.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                        help="queue each step before the previous step's tokens reach the host "
+                             "(auto: on CUDA, where it hides the host's work; off: for debugging "
+                             "and comparison; on: also on the CPU, for testing)")
     parser.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (timing only)")
 
 
@@ -73,7 +74,7 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
             max_num_batched_tokens=args.max_num_batched_tokens,
             chunked_prefill=args.chunked_prefill,
         ),
-        overlap=False if args.no_overlap else None,
+        overlap={"auto": None, "on": True, "off": False}[args.overlap],
     )
     advertise = args.advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
     return WorkerOptions(

@@ -73,13 +73,14 @@ def test_greedy_concurrent_matches_transformers(client, demo_model):
 
 
 def test_greedy_matches_transformers_on_qwen2_tied(tmp_path):
-    """A second architecture end to end: Qwen2 (q/k/v bias, tied embeddings, one KV head)."""
+    """A second architecture end to end: Qwen2 (q/k/v bias, tied embeddings, one KV head), with
+    the workers' steps overlapped as on a GPU (``--overlap on``)."""
     from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
 
     model = init_demo_model(tmp_path / "qwen2", DemoModelSpec(model_type="qwen2", tie_word_embeddings=True,
                                                               num_kv_heads=1, seed=1))
-    cfg = UpConfig(model=str(model), served_model_name="qwen", port=free_port(), worker_args=WORKER_ARGS,
-                   log_dir=tmp_path / "logs")
+    cfg = UpConfig(model=str(model), served_model_name="qwen", port=free_port(),
+                   worker_args=(*WORKER_ARGS, "--overlap", "on"), log_dir=tmp_path / "logs")
     with Deployment(cfg) as dep:
         def complete(prompt):
             r = httpx.post(f"{dep.base_url}/completions", timeout=60, json={
