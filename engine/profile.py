@@ -1,9 +1,10 @@
-"""Measure this hardware's latency model: prefill time vs batched prompt tokens, decode step
-time vs batch size and context, KV transfer time vs tokens.
+"""Measure this hardware's latency model: prefill time vs batched prompt tokens (and vs the
+prefix-cache hit in front of them), decode step time vs batch size and context, KV transfer time
+vs tokens.
 
 The router's goodput policy and the planner predict TTFT and TPOT from these points (the JSON
 format is ``splitserve.router.policy.latency``'s). Each point is the median of a few timed steps
-of the real engine, on random prompts that share no prefix.
+of the real engine, on random prompts that share no prefix, except where a point measures a hit.
 """
 
 from __future__ import annotations
@@ -62,6 +63,27 @@ class Profiler:
                 times.append(self._timed_step())
                 self.engine.release(seq)
             yield [n, statistics.median(times)]
+
+    def prefix_points(self, cached_sizes: list[int], new_sizes: list[int]) -> Iterator[list[float]]:
+        """[new tokens, cached tokens, ms]: a prompt whose first tokens hit the prefix cache (a
+        first prompt leaves them there; each timed one adds different new tokens after them)."""
+        params = SamplingParams(max_tokens=1, temperature=0)
+        for c in cached_sizes:
+            prefix = self._prompt(c)
+            first = Sequence("profile-prefix", prefix + self._prompt(1), params, prefill_only=True)
+            self.engine.add(first)
+            self.engine.step()
+            self.engine.release(first)
+            for n in new_sizes:
+                times, hits = [], []
+                for _ in range(REPEATS):
+                    seq = Sequence("profile", prefix + self._prompt(n), params, prefill_only=True)
+                    self.engine.add(seq)
+                    times.append(self._timed_step())
+                    hits.append(seq.num_cached_tokens)
+                    self.engine.release(seq)
+                cached = min(hits)
+                yield [len(prefix) + n - cached, cached, statistics.median(times)]
 
     def decode_points(self, batches: list[int], contexts: list[int]) -> Iterator[list[float]]:
         params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
@@ -123,6 +145,10 @@ def profile(config: EngineConfig, progress: Callable[[str], None] = lambda _: No
     for point in prof.prefill_points(sizes):
         doc["prefill"]["points"].append(point)
         progress(f"prefill {point[0]:>6} tokens: {point[1]:8.2f} ms")
+    cached_sizes = [c for c in (256, 1024) if 2 * c < top]
+    for point in prof.prefix_points(cached_sizes, [n for n in (16, 128, 512) if n <= top // 2]):
+        doc["prefill"]["points"].append(point)
+        progress(f"prefill {point[0]:>6} tokens after a {point[1]}-token prefix hit: {point[2]:8.2f} ms")
     for point in prof.decode_points(batches, contexts):
         doc["decode"]["points"].append(point)
         progress(f"decode batch {point[0]:>3}, context {point[1]:>7}: {point[2]:8.2f} ms")

@@ -21,3 +21,22 @@ def test_profile_writes_a_loadable_latency_model(demo_model):
     assert len(lines) == sum(len(doc[s]["points"]) for s in ("prefill", "decode", "transfer"))
     model = LatencyModel.from_dict(doc)
     assert model.prefill_ms(64) > 0 and model.decode_step_ms(2, 512) > 0
+
+
+def test_prefix_hits_are_measured_and_fitted(demo_model):
+    """Prefill after a prefix-cache hit: the points say how many tokens were cached, and the
+    fitted model charges the new tokens' attention over the cached ones."""
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.profile import Profiler
+
+    engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=16, num_kv_blocks=64)))
+    points = list(Profiler(engine).prefix_points([64], [8, 32]))
+    assert [(p[0], p[1]) for p in points] == [(8, 64), (32, 64)] and all(p[2] > 0 for p in points)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    model = LatencyModel.from_dict({"prefill": {"points": [[16, 2.0], [64, 5.0], [256, 30.0], *points]}})
+    assert model.prefill_ms(32, 32 * 64) >= model.prefill_ms(32)
+
+
+def test_latency_model_without_prefix_points_charges_cached_attention_like_its_own():
+    model = LatencyModel.from_dict({"prefill": {"points": [[16, 2.0], [64, 5.0], [256, 30.0], [512, 90.0]]}})
+    assert model.prefill_per_cached_pair_ms == 2 * model.prefill_per_token2_ms > 0

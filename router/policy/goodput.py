@@ -48,7 +48,7 @@ class GoodputPolicy(Policy):
         bs = load.block_size if load else req.block_size
         cached = self.prefix.matched_blocks(req.block_hashes, p.url) * bs
         own = max(1, req.num_prompt_tokens - cached)
-        return self.model.prefill_ms(queued + own) + self.model.transfer_ms(req.num_prompt_tokens)
+        return self.model.prefill_ms(queued + own, own * cached) + self.model.transfer_ms(req.num_prompt_tokens)
 
     def predict_tpot_ms(self, req: RouteRequest, d: WorkerState) -> float:
         load = d.load

@@ -4,17 +4,22 @@ Loaded from the JSON that ``splitserve profile`` writes (or written by hand). Fo
 in milliseconds; each section gives either coefficients or measured points to fit::
 
     {
-      "prefill":  {"base_ms": 5, "per_token_ms": 0.05, "per_token2_ms": 0.0},
+      "prefill":  {"base_ms": 5, "per_token_ms": 0.05, "per_token2_ms": 0.0,
+                   "per_cached_pair_ms": 0.0},
       "decode":   {"base_ms": 8, "per_seq_ms": 0.3, "per_context_token_ms": 0.0005},
       "transfer": {"base_ms": 1, "per_token_ms": 0.01},
       "meta": {...anything, e.g. hardware and model...}
     }
 
-    or "prefill": {"points": [[tokens, ms], ...]},
+    or "prefill": {"points": [[tokens, ms] or [tokens, cached_tokens, ms], ...]},
        "decode": {"points": [[batch, context_tokens, ms], ...]},
        "transfer": {"points": [[tokens, ms], ...]}
 
-prefill_ms(t) = base + per_token*t + per_token2*t^2 (t = tokens in the batch);
+prefill_ms(t, p) = base + per_token*t + per_token2*t^2 + per_cached_pair*p (t = tokens computed
+in the batch; p = pairs of (computed token, cached prefix token it attends to): a prompt of n new
+tokens after a prefix-cache hit of c tokens adds n*c). Prefill points with a cached prefix fit
+per_cached_pair; without any, it is taken as 2*per_token2 (attention over c cached tokens costs
+n*c, over its own n tokens causally about n^2/2);
 decode_step_ms(b, c) = base + per_seq*b + per_context_token*c (c = total context in the batch);
 transfer_ms(t) = base + per_token*t.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 _SECTIONS = {
-    "prefill": ("base_ms", "per_token_ms", "per_token2_ms"),
+    "prefill": ("base_ms", "per_token_ms", "per_token2_ms", "per_cached_pair_ms"),
     "decode": ("base_ms", "per_seq_ms", "per_context_token_ms"),
     "transfer": ("base_ms", "per_token_ms"),
 }
@@ -37,12 +42,22 @@ def _fit(section: str, points: list[list[float]]) -> dict[str, float]:
     """Least-squares coefficients (clipped at 0) for a section's measured points."""
     import numpy as np  # here: only fitting measured points needs it, not the router's hot path
 
+    if section == "prefill":  # [tokens, ms] rows are [tokens, 0 cached, ms]
+        points = [[row[0], 0.0, row[1]] if len(row) == 2 else row for row in points]
     pts = np.asarray(points, dtype=float)
     if pts.ndim != 2 or len(pts) < 2:
         raise ValueError(f"latency model {section}.points needs at least 2 rows")
     if section == "prefill":
-        x, y = pts[:, 0], pts[:, 1]
-        design = np.stack([np.ones_like(x), x, x * x], 1)
+        if pts.shape[1] != 3:
+            raise ValueError("latency model prefill.points rows are [tokens, ms] or [tokens, cached, ms]")
+        x, cached, y = pts[:, 0], pts[:, 1], pts[:, 2]
+        columns = [np.ones_like(x), x, x * x]
+        if cached.any():
+            columns.append(x * cached)
+        coef = np.linalg.lstsq(np.stack(columns, 1), y, rcond=None)[0].clip(min=0.0)
+        if not cached.any():
+            coef = np.append(coef, 2 * coef[2])
+        return dict(zip(_SECTIONS[section], (float(c) for c in coef), strict=True))
     elif section == "decode":
         if pts.shape[1] != 3:
             raise ValueError("latency model decode.points rows are [batch, context_tokens, ms]")
@@ -60,6 +75,7 @@ class LatencyModel:
     prefill_base_ms: float = 5.0
     prefill_per_token_ms: float = 0.05
     prefill_per_token2_ms: float = 0.0
+    prefill_per_cached_pair_ms: float = 0.0
     decode_base_ms: float = 8.0
     decode_per_seq_ms: float = 0.3
     decode_per_context_token_ms: float = 0.0005
@@ -71,8 +87,15 @@ class LatencyModel:
             if getattr(self, f.name) < 0:
                 raise ValueError(f"latency model {f.name} must be >= 0, got {getattr(self, f.name)}")
 
-    def prefill_ms(self, tokens: float) -> float:
-        return self.prefill_base_ms + self.prefill_per_token_ms * tokens + self.prefill_per_token2_ms * tokens**2
+    def prefill_ms(self, tokens: float, cached_pairs: float = 0.0) -> float:
+        """A prefill batch computing ``tokens`` tokens, whose tokens attend to cached prefix
+        tokens ``cached_pairs`` times in all (n new tokens after a c-token hit: n*c)."""
+        return (
+            self.prefill_base_ms
+            + self.prefill_per_token_ms * tokens
+            + self.prefill_per_token2_ms * tokens**2
+            + self.prefill_per_cached_pair_ms * cached_pairs
+        )
 
     def decode_step_ms(self, batch: float, context_tokens: float) -> float:
         return self.decode_base_ms + self.decode_per_seq_ms * batch + self.decode_per_context_token_ms * context_tokens
