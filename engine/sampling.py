@@ -125,8 +125,10 @@ def sample_tokens(
     Greedy rows: one argmax. Sampled rows without a seed: one batched draw (a handful of kernels
     for the whole batch, not per row). Rows with a seed draw alone from their own generator, so
     their tokens do not depend on the batch they ran in."""
+    out = logits.argmax(-1)  # on the model's dtype: widening is exact, so the same argmax
+    if all(p.greedy for p in params):
+        return out
     logits = logits.float()
-    out = logits.argmax(-1)
     shared = [i for i, p in enumerate(params) if not p.greedy and generators[i] is None]
     if len(shared) == len(params):
         out = _draw(logits, params, None)
