@@ -142,6 +142,7 @@ class AsyncEngine:
                 listener.send(RuntimeError(f"engine step failed: {exc}"))
 
     def _loop(self) -> None:
+        self.engine.runner.bind_thread()
         while not self._stopped.is_set():
             self._run_commands()
             if not self.engine.has_work():

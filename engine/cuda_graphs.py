@@ -61,7 +61,7 @@ class DecodeGraphs:
         self.context_lens.fill_(1)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.last_index = torch.arange(max_batch, dtype=torch.int64, device=dev)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(dev))
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
@@ -87,13 +87,13 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self._forward(bs)  # warm up: Triton compiles outside the capture
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.kv_cache.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[bs] = self._forward(bs)
             pool = pool or graph.pool()
             self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.kv_cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def can_run(self, batch: int, width: int) -> bool:
@@ -145,6 +145,6 @@ class DecodeGraphs:
         used32 = self.max_batch + bs * self.width
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.kv_cache.device))
         self.graphs[bs].replay()
         return self.logits[bs][:n]

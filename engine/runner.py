@@ -49,6 +49,7 @@ class ModelRunner:
         self.model_config = ModelConfig.from_pretrained(config.model_dir)
         mc = self.model_config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.bind_thread()
         self.dtype = dtype_from_name(config.dtype or mc.torch_dtype)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.block_size = config.block_size
@@ -80,6 +81,23 @@ class ModelRunner:
         self._host_tokens = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
         self._flip = 0
+
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the calling thread's current device. Call it in every thread
+        that runs steps: Triton launches, events and ``synchronize()`` without arguments use the
+        current device, which is cuda:0 in a new thread whatever ``--device`` said."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def wait_idle(self) -> None:
+        """Wait for every step queued on the GPU (after a failed step, before its blocks go back:
+        an incoming KV transfer must not get a block that a queued write still targets)."""
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as exc:  # a broken context runs nothing more
+            log.warning("could not wait for the GPU after a failed step: %s", exc)
 
     @property
     def bytes_per_block(self) -> int:
@@ -189,6 +207,10 @@ class ModelRunner:
         A sequence whose last token is ``PLACEHOLDER`` takes its input from ``prev``'s samples
         on the device, so this step can be queued before ``prev``'s tokens reach the host."""
         prev_rows = self._prev_rows(seqs, prev)
+        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        # rows to sample, as a device index: indexing with a Python list would copy it from
+        # pageable memory and wait for the GPU (the step in flight), killing the overlap
+        chosen = self._tensor(complete) if len(complete) < len(seqs) else None
         if (
             not is_prefill
             and self.graphs is not None
@@ -203,6 +225,8 @@ class ModelRunner:
                 [s.block_table for s in seqs],
                 prev_rows,
             )
+            if chosen is not None:
+                logits = logits.index_select(0, chosen)
         else:
             prepare = self.prepare_prefill if is_prefill else self.prepare_decode
             input_ids, positions, meta = prepare(seqs)
@@ -213,10 +237,8 @@ class ModelRunner:
                 rows[meta.last_token_index] = self._tensor(prev_rows)
                 input_ids = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], input_ids)
             hidden = self.model(input_ids, positions, self.kv_cache, meta)
-            logits = self.model.logits(hidden[meta.last_token_index])
-        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
-        if len(complete) < len(seqs):
-            logits = logits[complete]
+            rows = meta.last_token_index  # the LM head only for rows that sample
+            logits = self.model.logits(hidden[rows if chosen is None else rows.index_select(0, chosen)])
         sampled = [seqs[i] for i in complete]
         for seq in sampled:
             if seq.generator is None and seq.sampling.seed is not None:
@@ -246,7 +268,7 @@ class ModelRunner:
             buf = self._host_tokens[self._flip] = torch.empty(2 * len(tokens), dtype=torch.int64, pin_memory=True)
         host = buf[: len(tokens)]
         host.copy_(tokens, non_blocking=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return host, event
 
     @torch.inference_mode()

@@ -99,6 +99,15 @@ def _filter_sorted(sorted_logits: torch.Tensor, params: list[SamplingParams]) ->
     return sorted_logits
 
 
+def _sample_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of ``probs``: argmax of p / E with E ~ Exp(1) picks token i with
+    probability p_i (torch.multinomial's own one-sample path, written out because some torch
+    versions check its input with a synchronising ``.item()``). E is kept above 0 so that a
+    masked token (p = 0) can never win by 0/0."""
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / e).argmax(-1)
+
+
 def _draw(
     logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -107,11 +116,10 @@ def _draw(
     temps = _on(logits.device, [p.temperature for p in params], torch.float32)
     logits = logits / temps[:, None]
     if all(p.top_k == -1 and p.top_p == 1.0 for p in params):
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        return _sample_one(logits.softmax(-1), generator)
     sorted_logits, order = logits.sort(-1, descending=True)
     probs = _filter_sorted(sorted_logits, params).softmax(-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return order.gather(1, choice)[:, 0]
+    return order.gather(1, _sample_one(probs, generator)[:, None])[:, 0]
 
 
 def sample_tokens(
