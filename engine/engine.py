@@ -97,6 +97,7 @@ class LLMEngine:
                  "overlapped (each queued before the previous one's tokens reach the host)"
                  if self.overlap else "synchronous")
         self._in_flight: _Step | None = None
+        self._early: list[StepOutput] = []  # outputs of a step settled between two step() calls
         self._last_done = 0.0
 
     @property
@@ -134,6 +135,10 @@ class LLMEngine:
     def reserve(self, seq: Sequence) -> list[int]:
         """Allocate private blocks for a prompt whose KV a transfer will fill; returns the table."""
         self.check_prompt(seq.prompt_token_ids)
+        if not self.blocks.can_allocate(seq, use_prefix_cache=False) and self._in_flight is not None:
+            # blocks of sequences that finished meanwhile are held until the step in flight is
+            # done: settle it now (its outputs go out with the next step's)
+            self._early += self._finish(self._in_flight)
         if not self.blocks.can_allocate(seq, use_prefix_cache=False):
             raise NoFreeBlocks(
                 f"no room for {len(seq)} tokens: {self.blocks.num_free_blocks} free blocks of "
@@ -155,9 +160,11 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)
+        if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:  # its token will never be read
+            seq.token_ids.pop()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._early)
 
     def step(self) -> list[StepOutput]:
         """Queue the next step; return the outputs of the steps that finished meanwhile (with
@@ -165,9 +172,11 @@ class LLMEngine:
         try:
             return self._step()
         except BaseException:
-            # A failed step leaves nothing to wait for: whatever the GPU still had is lost with
-            # the requests the caller now fails, and the blocks they held go back.
+            # A failed step leaves nothing in flight: the requests in it are failed by the
+            # caller, and the blocks they held go back once the GPU has nothing queued that
+            # could still write them.
             self._in_flight = None
+            self.runner.wait_idle()
             self.scheduler.settle(self.scheduler.launched)
             raise
 
@@ -177,7 +186,7 @@ class LLMEngine:
         return self._finish(self._in_flight) if self._in_flight is not None else []
 
     def _step(self) -> list[StepOutput]:
-        outputs: list[StepOutput] = []
+        outputs, self._early = self._early, []
         prev = self._in_flight
         if prev is not None and not self._can_overlap(prev):
             outputs += self._finish(prev)
@@ -213,7 +222,7 @@ class LLMEngine:
         chunked prefill, it must be a decode step (a whole-prompt prefill runs on settled state).
         With chunked prefill, prompt chunks ride along: their tokens are the prompt's."""
         sched, blocks = self.scheduler, self.blocks
-        if not self.overlap or (sched.waiting and not self.config.scheduler.chunked_prefill):
+        if not self.overlap or (not self.config.scheduler.chunked_prefill and sched.can_admit()):
             return False
         new_blocks = 0
         for seq in sched.running:

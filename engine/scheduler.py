@@ -70,6 +70,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """Whether the next whole-prompt prefill batch would start now (the first waiting
+        prompt fits in the batch and the cache), as ``_schedule_prefill`` decides."""
+        return (
+            bool(self.waiting)
+            and len(self.running) < self.config.max_num_seqs
+            and self.blocks.can_allocate(self.waiting[0])
+        )
+
     @property
     def queued_prompt_tokens(self) -> int:
         return sum(len(s) for s in self.waiting)

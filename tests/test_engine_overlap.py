@@ -187,3 +187,43 @@ def test_logprobs_requests_overlap_and_match_the_synchronous_engine(demo_model):
         for a, b in zip(lp[rid], sync_lp[rid], strict=True):
             assert a["token_id"] == b["token_id"] and [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
+
+
+def test_a_prompt_that_cannot_start_yet_does_not_stop_the_overlap(demo_model):
+    engine = make_engine(demo_model, overlap=True, blocks=8)
+    prompt = hf_tokenize(demo_model, [PROMPTS[1]])[0] * 2
+    assert len(prompt) >= 60
+    running = Sequence("a", prompt[:20], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.add(running)
+    engine.step()  # prefill: 3 of the 8 blocks
+    engine.add(Sequence("b", prompt[:60], SamplingParams(max_tokens=2)))  # needs 8: must wait
+    for _ in range(3):
+        engine.step()
+        assert PLACEHOLDER in running.token_ids  # decode steps still overlap
+
+
+def test_a_reservation_settles_the_step_holding_the_blocks_it_needs(demo_model):
+    """Blocks of a sequence that finished during the step in flight are held; a decode worker's
+    reservation for an incoming transfer that needs them settles that step instead of failing,
+    and the settled step's outputs come with the next step()."""
+    engine = make_engine(demo_model, overlap=True, blocks=9)
+    prompt = hf_tokenize(demo_model, [PROMPTS[1]])[0] * 2
+    assert len(prompt) >= 40
+    short = hf_tokenize(demo_model, ["a"])[0]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    want = run(make_engine(demo_model, overlap=False), [Sequence("k", short, params)])[0]
+    first = Sequence("a", prompt[:40], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    keep = Sequence("k", short, params)  # one block
+    engine.add(first)
+    engine.add(keep)
+    engine.step()
+    engine.step()  # a decode step in flight; first holds 6 of the 9 blocks (41 tokens)
+    engine.abort(first)
+    assert PLACEHOLDER not in first.token_ids
+    incoming = Sequence("b", prompt[:40], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    table = engine.reserve(incoming)  # 5 blocks, 2 free: only with the 6 held ones back
+    assert len(table) == 5 and engine.blocks.num_free_blocks == 3  # 9 - keep 1 - 5
+    outputs = engine.step()  # the settled step's output (keep's token) comes first
+    assert outputs[0].seq is keep and outputs[0].token_id == want[1]
+    engine.abort(incoming)
+    assert finish(engine, [keep]) == [want]
