@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+MAX_LAYERS = 0xFFFF  # the wire's LAYER frames number layers in 16 bits (wire.MAX_INDEX)
 
 # Fields both sides must agree on; block_size is deliberately absent (the layout is translated).
 HANDSHAKE_FIELDS = ("model_fingerprint", "dtype", "num_layers", "num_kv_heads", "head_dim", "backend")
@@ -123,6 +124,8 @@ class KVSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KVSpec.{name} must be an int >= 1, got {value!r}")
+        if self.num_layers > MAX_LAYERS:  # a LAYER frame carries its number in 16 bits
+            raise ValueError(f"KVSpec.num_layers must be <= {MAX_LAYERS}, got {self.num_layers}")
 
     @property
     def element_size(self) -> int:
@@ -207,7 +210,9 @@ class KVSender(ABC):
         layer i+1 is computed. ``first_token`` may be a callable, evaluated after the last layer
         (the token is sampled after the forward pass). Pass ``num_tokens`` to handshake before the
         first layer exists. Raises :class:`TransferError` (with ``reason``) on any failure; the
-        caller frees its own source blocks either way.
+        caller frees its own source blocks either way. Over one stream a layer's memory may be
+        reused once the next layer is asked for; with several streams (big transfers), only
+        after ``send`` returns: a lane may still be sending it.
         """
 
     def close(self) -> None:

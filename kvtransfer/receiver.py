@@ -8,8 +8,9 @@ Threads take turns (leader/followers): one thread, the leader, accepts; when a c
 arrives it hands the leadership to a parked thread (or starts one, when none is parked) and
 serves the connection itself, then leads again or parks. So the thread the kernel woke with the
 connection handles it: no thread start (~0.1-0.15 ms on a busy 2-core machine) and no hand-over
-on a transfer's path; a parked thread exits after ``IDLE_THREAD_S`` without work. The leader
-also expires timed-out transfers every ``WATCHDOG_PERIOD_S``.
+on a transfer's path; a parked thread exits after ``IDLE_THREAD_S`` without work, except the
+last one, kept as a spare so that a sender after a quiet spell pays no thread start either. The
+leader also expires timed-out transfers every ``WATCHDOG_PERIOD_S``.
 
 Life cycle of one connection: read HELLO -> check the spec -> wait (bounded) for expect() of that
 request -> ACCEPT -> per layer: read, scatter into the blocks -> END -> resolve the future -> DONE.
@@ -232,13 +233,18 @@ class SocketReceiver(KVReceiver):
             for conn in self._conns - claimed:  # senders still in the handshake
                 _shutdown(conn, socket.SHUT_RD)  # (claimed ones were stopped by _abort_locked)
             self._cond.notify_all()
+        # New senders are refused at once (not left in the backlog while handlers wind down);
+        # the leader's accept fails and, seeing _closed, it leaves.
+        self._listener.close()
         with self._pool:
-            self._pool.notify_all()  # parked threads exit; the leader within WATCHDOG_PERIOD_S
-        deadline = time.monotonic() + 10.0  # the leader's accept, then any handler's wind-down
+            self._pool.notify_all()  # parked threads exit
+        deadline = time.monotonic() + 10.0  # any handler's wind-down (cuda_ipc: STOP_WAIT_S)
         while (threads := self._live_threads()) and time.monotonic() < deadline:
             for thread in threads:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._listener.close()
+                try:
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                except RuntimeError:  # registered but not started yet: look again
+                    time.sleep(0.001)
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -296,6 +302,7 @@ class SocketReceiver(KVReceiver):
             with self._pool:
                 self._threads.discard(thread)
                 self._leader = False
+                self._pool.notify()  # a thread that parked meanwhile leads instead
             raise
 
     def _live_threads(self) -> list[threading.Thread]:
@@ -361,6 +368,9 @@ class SocketReceiver(KVReceiver):
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if not self._parked:  # stay as the one spare: a later sender then pays
+                        deadline = time.monotonic() + IDLE_THREAD_S  # no thread start
+                        continue
                     return False
                 self._parked += 1
                 try:
@@ -417,7 +427,9 @@ class SocketReceiver(KVReceiver):
                 return
             entry = self._handshake(conn, hello)
             self._receive(conn, entry, hello)
-        except (TransferError, OSError) as exc:  # OSError: PeerClosed, reset, shut down, stalled
+        except Exception as exc:  # noqa: BLE001 - any failure fails the transfer, never the thread
+            # OSError: PeerClosed, reset, shut down, stalled; TransferError; anything else (e.g.
+            # out of GPU memory for a staging buffer) must still resolve the future with a reason
             self._finish_failed(conn, entry, _transfer_error(exc).with_request(request_id))
         finally:
             with self._cond:

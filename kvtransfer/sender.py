@@ -104,8 +104,9 @@ class LayerSink(ABC):
 class HeldFrames:
     """Frames of small layers (under ``COALESCE_BYTES`` each), copied and held back to leave in
     one send: about one wake-up of the receiver per ``COALESCE_BYTES`` instead of one per
-    layer. Copied, so the caller may reuse a layer's memory as soon as the next one is asked
-    for, as it may when nothing is held."""
+    layer. Copied, so holding them changes nothing for a caller that reuses a layer's memory
+    once the next layer is asked for (safe over one stream; with several streams a lane may
+    still be sending a layer then, see ``KVSender.send``)."""
 
     def __init__(self, layer_nbytes: int) -> None:
         self.enabled = layer_nbytes < COALESCE_BYTES
@@ -567,6 +568,8 @@ class _Lane:
             except BaseException as exc:  # handed to the caller's thread via self.error
                 self.error = exc
                 _shutdown(self.sock)
+                if item is None:  # the last flush failed: finish() must not wait for more
+                    return
 
     def _poll_peer(self) -> None:
         """Between layers, read whatever the receiver sent (an ERROR stops us early)."""
