@@ -47,6 +47,7 @@ for step in "${steps[@]}"; do
     check)
       run check_kernels 240 env SPLITSERVE_TEST_DEVICE=cuda python3 -m pytest -q --noconftest \
         tests/test_kernels_triton.py tests/test_kernels_gemv.py
+      run check_overlap 180 python3 -m pytest -q --noconftest tests/test_engine_gpu_overlap.py
       run check_engine 240 python3 -m splitserve.bench.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
         tests/test_kvtransfer_contract.py -k cuda_ipc ;;
