@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
+from splitserve.engine.host_copy import to_device
 from splitserve.engine.loader import load_model, random_model
 from splitserve.engine.model import AttentionMetadata
 from splitserve.engine.sampling import Logprobs, make_generator, sample_tokens
@@ -121,16 +122,9 @@ class ModelRunner:
         return blocks
 
     def _tensor(self, data: list | np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """Host list or array -> device tensor; on CUDA through pinned memory without a sync, so
-        building a step's inputs never waits for the GPU."""
-        if isinstance(data, np.ndarray):
-            host = torch.from_numpy(data).to(dtype)
-            if self.device.type != "cuda":
-                return host
-            return host.pin_memory().to(self.device, non_blocking=True)
-        if self.device.type != "cuda":
-            return torch.tensor(data, dtype=dtype)
-        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        """Host values on this runner's device, so that building a step's inputs never waits
+        for the GPU (``host_copy.to_device``)."""
+        return to_device(data, self.device, dtype)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -142,15 +136,13 @@ class ModelRunner:
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         # numpy per sequence, not Python per token: a 32 x 512-token batch took 12 ms of host
         # time to build token by token (on the critical path of every prefill)
-        bs = self.block_size
+        num_blocks = self.kv_cache.shape[2]
         ids, positions, slots, cu, last = [], [], [], [0], []
         for seq in seqs:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            pos = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(seq.block_table, dtype=np.int64)
             ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots.append(token_slots(seq.block_table, end, self.block_size, num_blocks, start).numpy())
             cu.append(cu[-1] + end - start)
             last.append(cu[-1] - 1)
         streaming = [s for s in seqs if s.on_layer_kv is not None
@@ -250,7 +242,7 @@ class ModelRunner:
         logprobs = None
         if asked:
             logprobs = Logprobs(logits, tokens, asked, [sampled[r].sampling.logprobs for r in asked])
-            logprobs.to_host(non_blocking=True)
+            logprobs.to_host()
         host, ready = self._to_host(tokens)  # its event also covers the logprobs' copies
         return Launched(
             seqs, complete, tokens, host, ready, logprobs,
@@ -283,10 +275,6 @@ class ModelRunner:
         for row, i in enumerate(launched.complete):
             out[i] = Sampled(tokens[row], logprobs.get(row))
         return out
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[Sampled | None]:
-        """``launch`` then ``fetch``: one step, synchronously."""
-        return self.fetch(self.launch(seqs, is_prefill))
 
     def wire_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Cache slots of a request's tokens, on the device: what ``gather_layer`` reads to build

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from splitserve.engine.config import MAX_LOGPROBS
+from splitserve.engine.host_copy import to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,6 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """Per-row values on ``device`` without a sync: a plain ``torch.tensor(..., device=cuda)``
-    copies from pageable memory and waits for the GPU, which would stall the overlapped step."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def _filter_sorted(sorted_logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Top-k then top-p on logits sorted in descending order, one row per entry of ``params``
     (masked entries become -inf). Top-p applies to the distribution top-k left, and always keeps
@@ -87,12 +79,12 @@ def _filter_sorted(sorted_logits: torch.Tensor, params: list[SamplingParams]) ->
     rows, vocab = sorted_logits.shape
     dev = sorted_logits.device
     if any(0 < p.top_k < vocab for p in params):
-        ks = _on(dev, [p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64)
+        ks = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], dev, torch.int64)
         beyond = torch.arange(vocab, device=dev)[None, :] >= ks[:, None]
         sorted_logits = sorted_logits.masked_fill(beyond, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         # rows without top-p keep everything (a cumulative sum can round past 1.0)
-        ps = _on(dev, [p.top_p if p.top_p < 1.0 else float("inf") for p in params], torch.float32)
+        ps = to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params], dev, torch.float32)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > ps[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -113,7 +105,7 @@ def _draw(
 ) -> torch.Tensor:
     """One token per row of ``logits (rows, vocab)``: temperature, top-k/top-p, a draw. Filters
     work on the sorted rows (one sort for the whole batch) and the draw maps back through it."""
-    temps = _on(logits.device, [p.temperature for p in params], torch.float32)
+    temps = to_device([p.temperature for p in params], logits.device, torch.float32)
     logits = logits / temps[:, None]
     if all(p.top_k == -1 and p.top_p == 1.0 for p in params):
         return _sample_one(logits.softmax(-1), generator)
@@ -141,7 +133,7 @@ def sample_tokens(
     if len(shared) == len(params):
         out = _draw(logits, params, None)
     elif shared:
-        rows = _on(logits.device, shared, torch.int64)
+        rows = to_device(shared, logits.device, torch.int64)
         out = out.index_copy(0, rows, _draw(logits.index_select(0, rows), [params[i] for i in shared], None))
     for i, p in enumerate(params):
         if not p.greedy and generators[i] is not None:
@@ -157,18 +149,16 @@ class Logprobs:
 
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: list[int]) -> None:
         self.rows, self.top = rows, top
-        index = _on(logits.device, rows, torch.int64)
+        index = to_device(rows, logits.device, torch.int64)
         lp = logits.index_select(0, index).float().log_softmax(-1)
         self.chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
         self.top_values, self.top_ids = lp.topk(max(top), -1) if max(top) else (lp[:, :0], lp[:, :0].long())
 
-    def to_host(self, non_blocking: bool) -> None:
-        """Start the copies into pinned memory (they land with the step's tokens)."""
-        pin = non_blocking and self.chosen.device.type == "cuda"
+    def to_host(self) -> None:
+        """Start the copies to the host (they land with the step's tokens: read them after its
+        event)."""
         self.chosen, self.top_values, self.top_ids = (
-            t.to("cpu", non_blocking=True) if not pin else
-            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            for t in (self.chosen, self.top_values, self.top_ids)
+            to_host(t) for t in (self.chosen, self.top_values, self.top_ids)
         )
 
     def entries(self, tokens: list[int]) -> dict[int, dict[str, Any]]:

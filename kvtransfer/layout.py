@@ -38,11 +38,14 @@ def check_cache(spec: KVSpec, kv_cache: torch.Tensor) -> None:
 
 
 def token_slots(
-    block_table: Sequence[int], num_tokens: int, block_size: int, num_blocks: int
+    block_table: Sequence[int], num_tokens: int, block_size: int, num_blocks: int, start: int = 0
 ) -> torch.Tensor:
-    """Flat slot (block * block_size + offset) of each of the first ``num_tokens`` tokens."""
+    """Flat slot (block * block_size + offset) of each of the first ``num_tokens`` tokens, or of
+    tokens ``start`` .. ``num_tokens - 1`` (a prompt chunk after its computed part)."""
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if not 0 <= start < num_tokens:
+        raise ValueError(f"start must be in [0, {num_tokens}), got {start}")
     needed = -(-num_tokens // block_size)
     # numpy, not torch: a handful of tiny torch CPU ops cost ~1 ms here (7 ms in a busy GPU
     # process), on the path of every transfer's handshake; this is ~30 us
@@ -55,7 +58,7 @@ def token_slots(
     used = table[:needed]
     if int(used.min()) < 0 or int(used.max()) >= num_blocks:
         raise ValueError(f"block_table entries must be in [0, {num_blocks})")
-    t = np.arange(num_tokens, dtype=np.int64)
+    t = np.arange(start, num_tokens, dtype=np.int64)
     return torch.from_numpy(used[t // block_size] * block_size + t % block_size)
 
 
