@@ -113,14 +113,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0  # num_cached_tokens stays: it records what the cache gave
 
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether the token that the next step writes (the last) lies past ``seq``'s blocks."""
+        return len(seq) > len(seq.block_table) * self.block_size
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for the token that the next step will write (a new block when one is full)."""
-        needs_block = len(seq) > len(seq.block_table) * self.block_size
-        return not needs_block or bool(self._free)
+        return not self.needs_block(seq) or bool(self._free)
 
     def append_slot(self, seq: Sequence) -> None:
         """Before a decode step: make sure the last token has a block."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+        if self.needs_block(seq):
             seq.block_table.append(self._take_fresh().block_id)
 
     def commit(self, seq: Sequence) -> None:

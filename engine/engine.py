@@ -232,7 +232,7 @@ class LLMEngine:
                 continue  # a prompt mid-chunking: its blocks are allocated
             if seq.num_output_tokens >= seq.sampling.max_tokens or len(seq) >= self.max_model_len:
                 return False
-            new_blocks += len(seq) > len(seq.block_table) * blocks.block_size
+            new_blocks += blocks.needs_block(seq)
         return new_blocks <= blocks.num_free_blocks
 
     def _stays_in_flight(self, step: _Step) -> bool:
