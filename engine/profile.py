@@ -53,37 +53,29 @@ class Profiler:
             self.engine.abort(seq)
         self.engine.flush()  # their blocks are free once no queued step can write them
 
+    def _timed_prefill(self, prompt: list[int]) -> tuple[float, int]:
+        """One prefill of ``prompt`` alone: (ms, prompt tokens its prefix-cache hit covered)."""
+        seq = Sequence("profile", prompt, SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
+        self.engine.add(seq)
+        ms = self._timed_step()
+        self.engine.release(seq)
+        return ms, seq.num_cached_tokens
+
     def prefill_points(self, sizes: list[int]) -> Iterator[list[float]]:
-        params = SamplingParams(max_tokens=1, temperature=0)
         for n in sizes:
-            times = []
-            for _ in range(REPEATS):
-                seq = Sequence("profile", self._prompt(n), params, prefill_only=True)
-                self.engine.add(seq)
-                times.append(self._timed_step())
-                self.engine.release(seq)
+            times = [self._timed_prefill(self._prompt(n))[0] for _ in range(REPEATS)]
             yield [n, statistics.median(times)]
 
     def prefix_points(self, cached_sizes: list[int], new_sizes: list[int]) -> Iterator[list[float]]:
         """[new tokens, cached tokens, ms]: a prompt whose first tokens hit the prefix cache (a
         first prompt leaves them there; each timed one adds different new tokens after them)."""
-        params = SamplingParams(max_tokens=1, temperature=0)
         for c in cached_sizes:
             prefix = self._prompt(c)
-            first = Sequence("profile-prefix", prefix + self._prompt(1), params, prefill_only=True)
-            self.engine.add(first)
-            self.engine.step()
-            self.engine.release(first)
+            self._timed_prefill(prefix + self._prompt(1))  # leaves the prefix's blocks cached
             for n in new_sizes:
-                times, hits = [], []
-                for _ in range(REPEATS):
-                    seq = Sequence("profile", prefix + self._prompt(n), params, prefill_only=True)
-                    self.engine.add(seq)
-                    times.append(self._timed_step())
-                    hits.append(seq.num_cached_tokens)
-                    self.engine.release(seq)
-                cached = min(hits)
-                yield [len(prefix) + n - cached, cached, statistics.median(times)]
+                runs = [self._timed_prefill(prefix + self._prompt(n)) for _ in range(REPEATS)]
+                cached = min(hit for _, hit in runs)
+                yield [len(prefix) + n - cached, cached, statistics.median(ms for ms, _ in runs)]
 
     def decode_points(self, batches: list[int], contexts: list[int]) -> Iterator[list[float]]:
         params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
