@@ -115,6 +115,22 @@ class HeldFrames:
         self._held = 0  # layer bytes held
         self._since = 0.0
 
+    def send(
+        self,
+        sock: socket.socket,
+        ftype: FrameType,
+        meta: dict[str, Any] | None = None,
+        payload: memoryview | None = None,
+        *,
+        index: int = 0,
+    ) -> None:
+        """``send_frame``, held back when this transfer's layers are small (``enabled``)."""
+        if not self.enabled:
+            send_frame(sock, ftype, meta, payload, index=index)
+            return
+        head = encode_frame(ftype, meta, 0 if payload is None else payload.nbytes, index=index)
+        self.add(sock, *((head,) if payload is None else (head, payload)))
+
     def add(self, sock: socket.socket, *parts: bytes | memoryview) -> None:
         """Hold one layer's frame (``parts`` in order); send everything held when enough bytes
         are held or the oldest frame waited ``HOLD_S``."""
@@ -153,10 +169,7 @@ class SlotSink(LayerSink):
             self.on_frame(expect_frame(sock, FrameType.CREDIT))
         slot = self._free.popleft()
         self.fill(slot, tensor)
-        if self._notes.enabled:
-            self._notes.add(sock, encode_frame(FrameType.LAYER, {"slot": slot}, index=layer))
-        else:
-            send_frame(sock, FrameType.LAYER, {"slot": slot}, index=layer)
+        self._notes.send(sock, FrameType.LAYER, {"slot": slot}, index=layer)
 
     def flush(self, sock: socket.socket) -> None:
         self._notes.flush(sock)

@@ -16,7 +16,7 @@ from .base import FailureReason, TransferError
 from .layout import PagedWriter
 from .receiver import LayerSource, SocketReceiver
 from .sender import HeldFrames, LayerSink, SocketSender
-from .wire import Frame, FrameType, encode_frame, send_frame, tensor_bytes
+from .wire import Frame, FrameType, tensor_bytes
 
 
 class InlineSource(LayerSource):
@@ -44,12 +44,7 @@ class InlineSink(LayerSink):
         self._held = HeldFrames(nbytes)
 
     def write(self, sock: socket.socket, layer: int, tensor: torch.Tensor) -> None:
-        payload = tensor_bytes(tensor)
-        if self._held.enabled:
-            self._held.add(sock, encode_frame(FrameType.LAYER, None, payload.nbytes, index=layer),
-                           payload)
-        else:
-            send_frame(sock, FrameType.LAYER, payload=payload, index=layer)
+        self._held.send(sock, FrameType.LAYER, payload=tensor_bytes(tensor), index=layer)
 
     def flush(self, sock: socket.socket) -> None:
         self._held.flush(sock)
