@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from splitserve.bench.child import LineChild
 from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
@@ -93,11 +92,12 @@ class IpcPath:
         self.cache = torch.zeros(LAYERS, 2, self.blocks, BLOCK, HEADS, DIM, dtype=torch.bfloat16,
                                  device=device)
         self.rx = create_receiver("cuda_ipc", self.spec, self.cache)
-        self.child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps(self.spec.to_dict()), str(tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
-        )
-        if self.child.stdout.readline().strip() != "READY":
+        self.child = LineChild(CHILD, json.dumps(self.spec.to_dict()), str(tokens), what="sender")
+        try:
+            ready = self.child.read().strip() == "READY"
+        except RuntimeError:
+            ready = False
+        if not ready:
             self.close()
             raise RuntimeError("the sender process did not start")
         self.count = 0
@@ -107,11 +107,8 @@ class IpcPath:
         rid = f"bench-{self.count}"
         table = torch.randperm(self.blocks)[: -(-self.tokens // BLOCK)].tolist()
         fut = self.rx.expect(rid, self.tokens, table, timeout=120)
-        self.child.stdin.write(f"{rid} {self.rx.endpoint}\n")
-        self.child.stdin.flush()
-        line = self.child.stdout.readline()
-        if not line:
-            raise RuntimeError("the sender process died")
+        self.child.send(f"{rid} {self.rx.endpoint}")
+        line = self.child.read()
         fut.result(timeout=120)
         self.verify(table)
         return json.loads(line)["seconds"]
@@ -125,12 +122,7 @@ class IpcPath:
                 raise RuntimeError(f"cuda_ipc: layer {layer} arrived corrupted")
 
     def close(self) -> None:
-        self.child.stdin.close()
-        try:
-            self.child.wait(30)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait(5)
+        self.child.close()
         self.rx.close()
 
 

@@ -18,7 +18,6 @@ import concurrent.futures
 import json
 import queue
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from splitserve.bench.child import LineChild
 from splitserve.bench.engine import LLAMA3_8B, make_engine
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
@@ -78,15 +78,11 @@ class ReceiverProcess:
     """The decode side in a child process (its own CUDA context on the same GPU)."""
 
     def __init__(self, spec: Any, num_blocks: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, json.dumps(spec.to_dict()), str(num_blocks)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
+        self.child = LineChild(CHILD, json.dumps(spec.to_dict()), str(num_blocks), what="receiver")
         self.endpoint = self._read()["endpoint"]
 
     def expect(self, rid: str, num_tokens: int) -> None:
-        self.proc.stdin.write(json.dumps({"rid": rid, "tokens": num_tokens}) + "\n")
-        self.proc.stdin.flush()
+        self.child.send(json.dumps({"rid": rid, "tokens": num_tokens}))
         self._read()
 
     def digest(self) -> list[int]:
@@ -96,18 +92,10 @@ class ReceiverProcess:
         return reply["digest"]
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        self.child.close()
 
     def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the receiver process died")
-        return json.loads(line)
+        return json.loads(self.child.read())
 
 
 def run_once(engine, receiver: ReceiverProcess | None, sender, n: int, rng: random.Random
