@@ -50,6 +50,8 @@ class ModelRunner:
         self.model_config = ModelConfig.from_pretrained(config.model_dir)
         mc = self.model_config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current GPU, named
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.bind_thread()
         self.dtype = dtype_from_name(config.dtype or mc.torch_dtype)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
