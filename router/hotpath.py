@@ -183,7 +183,12 @@ class CompletionsEndpoint:
 
 class ClientWatch:
     """Cancels the handler's task when the client disconnects, while ``active`` (the server also
-    says "disconnect" once a response is complete: that one must not cancel anything)."""
+    says "disconnect" once a response is complete: that one must not cancel anything).
+
+    ``stop()`` only deactivates the watch: the watcher ends by itself when the server reports the
+    response complete. Cancelling it instead left a reference cycle per request (the
+    CancelledError's traceback holds the watcher's frame, which holds the request's objects);
+    collecting ~20,000 such objects took the router 4-40 ms at a time, its p99 latency."""
 
     def __init__(self, receive: Receive) -> None:
         self.gone, self.active = False, True
@@ -208,7 +213,6 @@ class ClientWatch:
 
     def stop(self) -> None:
         self.active = False
-        self._watcher.cancel()
 
 
 async def stream_sse(result: SSEStream, watch: ClientWatch, send: Send) -> str:
