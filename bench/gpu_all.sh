@@ -5,7 +5,7 @@
 #   bash bench/gpu_all.sh OUTDIR [STEP ...]
 #
 # Steps (default: all, in this order): check (GPU tests of the kernels and the cuda_ipc KV
-# backend, the engine's greedy equality with transformers), engine, kernels, kvtransfer,
+# backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up), engine, kernels, kvtransfer,
 # prefill_transfer, router, engine_vs_hf, split (only with two GPUs). Each writes OUTDIR/<step>.log and its JSON. Run from
 # a folder where the repository is importable as `splitserve` (the script makes one in /tmp if
 # not). Without the router's libraries (fastapi, uvicorn, orjson, ...), carry a wheelhouse:
@@ -47,7 +47,8 @@ for step in "${steps[@]}"; do
     check)
       run check_kernels 240 env SPLITSERVE_TEST_DEVICE=cuda python3 -m pytest -q --noconftest \
         tests/test_kernels_triton.py tests/test_kernels_gemv.py
-      run check_overlap 180 python3 -m pytest -q --noconftest tests/test_engine_gpu_overlap.py
+      run check_overlap 240 python3 -m pytest -q --noconftest tests/test_engine_gpu_overlap.py \
+        tests/test_warmup_gpu.py
       run check_engine 240 python3 -m splitserve.bench.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
         tests/test_kvtransfer_contract.py -k cuda_ipc ;;

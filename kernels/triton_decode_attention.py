@@ -31,7 +31,9 @@ from splitserve.kernels._launch import (
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block table's width changes between eager calls (see the prefill kernel's note): not a
+# reason to compile again.
+@triton.jit(do_not_specialize=["stride_btb"])
 def _decode_split_kernel(
     q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,

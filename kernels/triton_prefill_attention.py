@@ -121,7 +121,11 @@ def _attend(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Triton compiles a kernel anew for each specialisation of an integer argument (== 1, divisible
+# by 16, neither). The sequence count and the block table's width change with every batch, so
+# specialising on them compiled the kernel in the middle of serving (an H200 run stalled ~1.4 s
+# on its first prompt of 16 blocks); they only index scalar loads, where the hint buys nothing.
+@triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr,
     k_ptr, v_ptr, desc_k, desc_v,
@@ -292,7 +296,8 @@ def prefill_attention_triton(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
         EVEN_D=head_dim == next_pow2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        SEQ_CHUNK=min(256, max(16, next_pow2(num_seqs))), DOT_PRECISION=precision,
+        # Fixed, not sized from num_seqs: each size was one more compile during serving.
+        SEQ_CHUNK=64, DOT_PRECISION=precision,
         FRESH=fresh, USE_DESC=use_desc, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
