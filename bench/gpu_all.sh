@@ -45,7 +45,7 @@ run() {  # run STEP SECONDS COMMAND...: bounded, logged, the tail shown
 for step in "${steps[@]}"; do
   case "$step" in
     check)
-      run check_kernels 240 env SPLITSERVE_TEST_DEVICE=cuda python3 -m pytest -q --noconftest \
+      run check_kernels 360 env SPLITSERVE_TEST_DEVICE=cuda python3 -m pytest -q --noconftest \
         tests/test_kernels_triton.py tests/test_kernels_gemv.py
       run check_overlap 240 python3 -m pytest -q --noconftest tests/test_engine_gpu_overlap.py \
         tests/test_warmup_gpu.py
