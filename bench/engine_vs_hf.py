@@ -71,7 +71,7 @@ from splitserve.bench.goodput import (
 from splitserve.bench.loadgen import LoadConfig
 from splitserve.bench.report import SystemResult, build_report, goodput_text
 from splitserve.bench.results import clean_json, find_runs, run_path
-from splitserve.bench.runner import RunSpec, run_sweep
+from splitserve.bench.runner import RunSpec, requests_at, run_sweep
 from splitserve.bench.stats import SLO, Goodput
 from splitserve.bench.workloads import LengthCaps, get_workload
 
@@ -107,7 +107,7 @@ class Plan:
 
     def num_requests(self, rate: float) -> int:
         """``rate x duration`` requests, clamped to [min, max]."""
-        return max(self.min_requests, min(self.max_requests, round(rate * self.duration_s)))
+        return requests_at(rate, self.duration_s, self.min_requests, self.max_requests)
 
     def rates_for(self, label: str) -> list[float]:
         """Sorted rates one system runs."""

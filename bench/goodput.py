@@ -170,6 +170,7 @@ def _spec(args: argparse.Namespace, system: System, base: str, name: str, worklo
         cv=1.0 if args.arrival == "poisson" else args.cv, caps=caps, tokenizer=tokenizer,
         slo=slo, out_dir=str(args.out), label=system.label, num_gpus=system.num_gpus,
         warmup=args.warmup, cooldown_s=args.cooldown, progress=args.progress, plots=False,
+        duration_s=args.duration, max_requests=max(args.max_requests, args.num_requests),
     )
 
 
@@ -243,7 +244,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate = p.add_mutually_exclusive_group(required=True)
     rate.add_argument("--rate", type=float)
     rate.add_argument("--rates", help="comma-separated rates, e.g. 1,2,4,8")
-    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--num-requests", type=int, default=200,
+                   help="requests per rate (default 200); with --duration, the least per rate")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of arrivals per rate: rate x duration requests, at least "
+                        "--num-requests, at most --max-requests (default: --num-requests at every rate)")
+    p.add_argument("--max-requests", type=int, default=1000,
+                   help="most requests per rate with --duration (default 1000)")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=2.0)
     p.add_argument("--tokenizer", default=None, help="default: the model folder's tokenizer")

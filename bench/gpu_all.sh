@@ -10,6 +10,11 @@
 # a folder where the repository is importable as `splitserve` (the script makes one in /tmp if
 # not). Without the router's libraries (fastapi, uvicorn, orjson, ...), carry a wheelhouse:
 # `bash scripts/wheelhouse.sh .wheelhouse --bench` here, and this installs from it.
+#
+# A lent machine runs one command for at most 10 minutes, but keeps the processes a command
+# started in a new session: for the longer steps (split takes ~20 minutes), start this with
+# `setsid nohup bash bench/gpu_all.sh /tmp/out split > /tmp/out/main.log 2>&1 < /dev/null &`
+# and collect /tmp/out in the following calls (made within the machine's idle release).
 set -uo pipefail
 
 out="${1:?usage: bash bench/gpu_all.sh OUTDIR [STEP ...]}"

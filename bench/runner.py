@@ -23,6 +23,16 @@ from splitserve.bench.workloads import LengthCaps, Request, build_requests, get_
 log = logging.getLogger("splitserve.bench")
 
 
+def requests_at(rate: float, duration_s: float | None, min_requests: int, max_requests: int) -> int:
+    """How many requests one rate sends: ``min_requests`` without a duration, else the arrivals
+    of ``duration_s`` seconds at ``rate``, clamped to [min, max]. Equal time per rate keeps a
+    sweep's length predictable (200 requests at 1 req/s are 200 s, at 16 req/s 12 s), while the
+    floor keeps the low rates' attainment from resting on a handful of requests."""
+    if duration_s is None:
+        return min_requests
+    return max(min_requests, min(max_requests, round(rate * duration_s)))
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one sweep needs; validated when built."""
@@ -30,7 +40,7 @@ class RunSpec:
     load: LoadConfig
     workload: str
     rates: list[float]
-    num_requests: int
+    num_requests: int  # per rate; with duration_s, the least per rate
     seed: int = 0
     cv: float = 1.0
     caps: LengthCaps = field(default_factory=LengthCaps)
@@ -43,6 +53,8 @@ class RunSpec:
     cooldown_s: float = 0.0
     progress: bool = True
     plots: bool = True
+    duration_s: float | None = None  # arrivals per rate: rate x duration requests (see requests_at)
+    max_requests: int = 1000
 
     def __post_init__(self) -> None:
         get_workload(self.workload)  # unknown name -> ValueError listing known ones
@@ -50,6 +62,10 @@ class RunSpec:
             raise ValueError(f"rates must be a non-empty list of positive numbers: {self.rates}")
         if self.num_requests < 1:
             raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"duration must be > 0, got {self.duration_s}")
+        if self.max_requests < self.num_requests:
+            raise ValueError(f"max_requests ({self.max_requests}) must be >= num_requests ({self.num_requests})")
         if self.warmup < 0 or self.cooldown_s < 0:
             raise ValueError("warmup and cooldown must be >= 0")
         if self.num_gpus is not None and self.num_gpus < 1:
@@ -125,7 +141,8 @@ def run_sweep(spec: RunSpec) -> tuple[list[SystemResult], SLO]:
 
 def run_one(spec: RunSpec, rate: float, slo: SLO) -> Path:
     """One rate: build the (seeded) requests, send them open-loop, write the run file."""
-    reqs = build_requests(spec.workload, spec.num_requests, rate, spec.seed, spec.cv,
+    n = requests_at(rate, spec.duration_s, spec.num_requests, spec.max_requests)
+    reqs = build_requests(spec.workload, n, rate, spec.seed, spec.cv,
                           spec.caps, spec.tokenizer)
     result = run_load_sync(reqs.requests, spec.load, spec.progress,
                            f"{spec.label} {spec.workload} @ {rate:g}/s")

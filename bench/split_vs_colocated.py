@@ -22,7 +22,7 @@ On two GPUs, a Llama-3-8B-shaped model (demo vocabulary, random bf16 weights):
 On the CPU with the demo model, as a smoke test of the whole path:
 
     python -m splitserve.bench.split_vs_colocated --model /tmp/demo --devices cpu,cpu \\
-        --dtype float32 --kv-backend tcp --workloads chat --rates 0.5 --num-requests 4 \\
+        --dtype float32 --kv-backend tcp --workloads chat --rates 0.5 --num-requests 4 --duration 8 \\
         --max-input 64 --max-output 8 --ttft-ms 5000 --tpot-ms 2000 --out /tmp/split
 """
 
@@ -63,6 +63,7 @@ def sweep_argv(args: argparse.Namespace) -> list[str]:
     """``splitserve bench sweep`` arguments for both systems and the shared load options."""
     argv = ["--model", args.model, "--out", args.out, "--workloads", args.workloads,
             "--rates", args.rates, "--num-requests", str(args.num_requests),
+            "--duration", str(args.duration), "--max-requests", str(args.max_requests),
             "--seed", str(args.seed), "--length-scale", str(args.length_scale)]
     for kind in args.systems.split(","):
         argv += ["--system", f"{kind}={system_command(kind, args)}", "--gpus", f"{kind}=2"]
@@ -124,7 +125,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help="which to run (default both)")
     p.add_argument("--workloads", default="chat,summarisation")
     p.add_argument("--rates", default="1,2,4,6,8,12,16", help="req/s, comma-separated")
-    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--duration", type=float, default=30.0,
+                   help="seconds of arrivals per rate (rate x duration requests; default 30, so the "
+                        "default sweep, both systems and both workloads, fits in ~20 minutes)")
+    p.add_argument("--num-requests", type=int, default=40, help="least requests per rate (default 40)")
+    p.add_argument("--max-requests", type=int, default=1000, help="most requests per rate (default 1000)")
     goodput.add_length_and_slo_arguments(p)
     p.add_argument("--loose", type=float, default=4.0,
                    help="also judge every SLO multiplied by this (default 4; 1 = skip)")

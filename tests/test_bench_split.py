@@ -38,7 +38,7 @@ def test_cpu_run_of_both_systems_writes_reports_at_both_slos(demo_model, tmp_pat
     out = tmp_path / "split"
     status = svc.main([
         "--model", str(demo_model), "--devices", "cpu,cpu", "--dtype", "float32",
-        "--kv-backend", "tcp", "--workloads", "chat", "--rates", "0.5", "--num-requests", "3",
+        "--kv-backend", "tcp", "--workloads", "chat", "--rates", "0.5", "--num-requests", "3", "--duration", "2",
         "--max-input", "48", "--max-output", "6", "--ttft-ms", "5000", "--tpot-ms", "2000",
         "--out", str(out), "--no-progress",
     ])
