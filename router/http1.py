@@ -95,6 +95,16 @@ class Response:
         self._conn.finish(self)
 
 
+class _ClosedParser:
+    """Stands in for a closed connection's parser (no callback runs after connection_lost)."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise httptools.HttpParserError("connection closed")
+
+
+_CLOSED_PARSER = _ClosedParser()
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
         self.pool, self.key = pool, key
@@ -120,6 +130,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.response is not None:
             self.response._fail(ResponseError(f"connection closed by the worker{f': {exc}' if exc else ''}"))
+        # The parser and the transport both point back at this protocol: drop them so a closed
+        # connection is freed by reference counting, not left to the cyclic collector.
+        self.transport = None
+        self.parser = _CLOSED_PARSER
 
     # httptools callbacks
     def on_headers_complete(self) -> None:
@@ -142,8 +156,10 @@ class _Connection(asyncio.Protocol):
 
     # used by Pool / Response
     def request(self, head: bytes, body: bytes) -> Response:
+        if self.transport is None:  # the worker closed it between connecting and this request
+            raise ResponseError("connection closed by the worker")
         self.response = Response(self)
-        self.transport.write(head + body)  # type: ignore[union-attr]
+        self.transport.write(head + body)
         return self.response
 
     def finish(self, response: Response) -> None:
