@@ -228,6 +228,21 @@ def add_length_and_slo_arguments(p: argparse.ArgumentParser, length_scale: float
     p.add_argument("--tpot-ms", type=float, default=None, help="default: the workload's")
 
 
+def add_request_count_arguments(p: argparse.ArgumentParser, *, num_requests: int,
+                                duration: float | None) -> None:
+    """How many requests each rate sends (``runner.requests_at``): --num-requests, or with
+    --duration the arrivals of that many seconds, at least --num-requests, at most
+    --max-requests."""
+    p.add_argument("--num-requests", type=int, default=num_requests,
+                   help=f"requests per rate; with --duration, the least per rate (default {num_requests})")
+    p.add_argument("--duration", type=float, default=duration,
+                   help="seconds of arrivals per rate: rate x duration requests, at least "
+                        "--num-requests, at most --max-requests (default: "
+                        + ("--num-requests at every rate)" if duration is None else f"{duration:g})"))
+    p.add_argument("--max-requests", type=int, default=1000,
+                   help="most requests per rate with --duration (default 1000)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep's command-line options (``splitserve bench sweep``)."""
     p.add_argument("--model", required=True, help="model folder, substituted for {model}")
@@ -244,13 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate = p.add_mutually_exclusive_group(required=True)
     rate.add_argument("--rate", type=float)
     rate.add_argument("--rates", help="comma-separated rates, e.g. 1,2,4,8")
-    p.add_argument("--num-requests", type=int, default=200,
-                   help="requests per rate (default 200); with --duration, the least per rate")
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds of arrivals per rate: rate x duration requests, at least "
-                        "--num-requests, at most --max-requests (default: --num-requests at every rate)")
-    p.add_argument("--max-requests", type=int, default=1000,
-                   help="most requests per rate with --duration (default 1000)")
+    add_request_count_arguments(p, num_requests=200, duration=None)
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=2.0)
     p.add_argument("--tokenizer", default=None, help="default: the model folder's tokenizer")

@@ -193,7 +193,7 @@ class ClientWatch:
     def __init__(self, receive: Receive) -> None:
         self.gone, self.active = False, True
         self._task = asyncio.current_task()
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher = asyncio.ensure_future(self._watch(receive))  # held: the loop keeps tasks weakly
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
