@@ -46,6 +46,16 @@ PREINSTALL_CRDS = [REPO / "charts" / "splitserve" / "crds"]
 FAKE_NODES = 2
 NODE_ALLOCATABLE = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "8"}
 
+# Every address the test cluster hands out lies in 127.0.0.0/8: no server of ours is at any
+# other address, and the tests must never send traffic there (the operator scrapes ready router
+# pods at their pod IP; kubectl logs/exec follow the node IP). A pod no process backs then
+# refuses a connection at once. The suite also runs in a loopback-only network namespace
+# (scripts/test.sh), so a regression fails instead of reaching the network.
+POD_CIDR = "127.244.0.0/16"
+NODE_IP = "127.240.0.1"
+SERVICE_CIDR = "127.96.0.0/24"
+SERVICE_IP = "127.96.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
+
 
 # ---------------------------------------------------------------- binaries ----------------------
 def bin_dir() -> Path:
@@ -107,7 +117,7 @@ class Pki:
                 attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
             return x509.Name(attrs)
 
-        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         later = now + dt.timedelta(days=2)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca = (
@@ -147,7 +157,7 @@ class Pki:
                "kubernetes.default.svc.cluster.local"]  # fmt: skip
         sans = [x509.DNSName(d) for d in dns] + [
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address(SERVICE_IP)),
         ]
         server = leaf(name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
         admin = leaf(name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, None)
@@ -326,7 +336,7 @@ class K8sEnv:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--api-audiences=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
@@ -349,7 +359,7 @@ class K8sEnv:
             str(b / "kwok"), kc, f"--config={b / 'kwok-stages.yaml'}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--node-ip=10.240.0.1", "--cidr=10.244.0.0/16",
+            f"--node-ip={NODE_IP}", f"--cidr={POD_CIDR}",
             f"--server-address=127.0.0.1:{free_port()}",
         ])  # fmt: skip
         self.create_fake_nodes()

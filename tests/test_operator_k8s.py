@@ -11,6 +11,7 @@ own namespace. The operator runs as a real process (``python -m splitserve.opera
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -295,6 +296,28 @@ def test_apply_creates_children_pods_ready_and_status(
     assert {"TTFT", "TPOT", "AGE"} <= set(header)
     assert table[1].split()[:5] == ["tiny", "True", "1/1", "2/2", st["endpoint"]], table
     assert reconciled_events(k8s, ns, "tiny"), "no Reconciled event"
+    assert_every_cluster_address_is_loopback(k8s)
+
+
+def assert_every_cluster_address_is_loopback(k8s: K8sEnv) -> None:
+    """Every pod IP, host IP, node address and Service IP the test cluster hands out is in
+    127.0.0.0/8: the operator and the tests follow these addresses, and no server of ours is at
+    any other (issue 12)."""
+    seen: list[tuple[str, str]] = []
+    for pod in k8s.get_json("pods", "-A")["items"]:
+        st, who = pod.get("status", {}), f"pod {pod['metadata']['name']}"
+        seen += [(who, a) for a in [st.get("podIP"), st.get("hostIP")] if a]
+        seen += [(who, a["ip"]) for a in st.get("podIPs", []) + st.get("hostIPs", [])]
+    for node in k8s.get_json("nodes")["items"]:
+        for addr in node.get("status", {}).get("addresses", []):
+            if addr["type"] in ("InternalIP", "ExternalIP"):
+                seen.append((f"node {node['metadata']['name']}", addr["address"]))
+    for svc in k8s.get_json("services", "-A")["items"]:
+        ips = svc["spec"].get("clusterIPs") or [svc["spec"].get("clusterIP")]
+        seen += [(f"service {svc['metadata']['name']}", ip) for ip in ips if ip and ip != "None"]
+    assert any(who.startswith("pod") for who, _ in seen), "no pod addresses to check"
+    off_loopback = [(who, a) for who, a in seen if not ipaddress.ip_address(a).is_loopback]
+    assert not off_loopback, off_loopback
 
 
 def test_edit_decode_replicas_changes_only_decode(
