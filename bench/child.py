@@ -4,7 +4,8 @@ real peer worker has), driven one line at a time over its stdin and stdout."""
 from __future__ import annotations
 
 import subprocess
-import sys
+
+from splitserve.launcher.processes import python_command
 
 
 class LineChild:
@@ -13,7 +14,7 @@ class LineChild:
     def __init__(self, code: str, *args: str, what: str) -> None:
         self.what = what
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [*python_command("-c"), code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
     def send(self, line: str) -> None:

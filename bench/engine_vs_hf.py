@@ -58,7 +58,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from splitserve.bench.results import clean_json, find_runs, run_path
 from splitserve.bench.runner import RunSpec, requests_at, run_sweep
 from splitserve.bench.stats import SLO, Goodput
 from splitserve.bench.workloads import LengthCaps, get_workload
+from splitserve.launcher.processes import python_command
 
 log = logging.getLogger("splitserve.bench.engine_vs_hf")
 
@@ -131,7 +132,7 @@ def engine_command(args: argparse.Namespace, name: str) -> str:
         worker += ["--dtype", args.dtype]
     if args.random_weights:
         worker.append("--random-weights")
-    parts = [sys.executable, "-m", "splitserve.cli", "up", "--model", args.model,
+    parts = [*python_command("-m"), "splitserve.cli", "up", "--model", args.model,
              "--served-model-name", name, "--prefill", "0", "--decode", "1",
              f"--worker-args={shlex.join(worker)}"]  # '=': the value starts with '--'
     if args.device:
@@ -141,7 +142,7 @@ def engine_command(args: argparse.Namespace, name: str) -> str:
 
 def hf_command(args: argparse.Namespace, name: str) -> str:
     """The HF transformers server on the same model folder and device."""
-    parts = [sys.executable, "-m", "splitserve.bench.hf_server", "--model", args.model,
+    parts = [*python_command("-m"), "splitserve.bench.hf_server", "--model", args.model,
              "--served-model-name", name, "--batch", str(args.hf_batch),
              *shlex.split(args.hf_args)]
     if args.device:
@@ -323,7 +324,7 @@ def compare(args: argparse.Namespace, plan: Plan, commands: dict[str, str],
     rows = comparison_rows(results)
     doc = {
         "schema": SCHEMA,
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": socket.gethostname(),
         "model": args.model, "device": args.device, "dtype": args.dtype,
         "random_weights": args.random_weights, "hf_batch": args.hf_batch,
@@ -485,7 +486,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m splitserve.bench.engine_vs_hf ...``"""
-    import sys
 
     from splitserve.bench.entry import standalone_main
 

@@ -29,7 +29,9 @@ if ! python3 -c "import splitserve" 2>/dev/null; then
   mkdir -p /tmp/splitserve-path && ln -sfn "$repo" /tmp/splitserve-path/splitserve
   export PYTHONPATH="/tmp/splitserve-path${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1
+# safe-path mode: the repository root (this folder) never goes on sys.path, where our kernels/,
+# router/, ... would shadow installed packages of the same name
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 if [ -d .wheelhouse ] && ! python3 -c "import fastapi, uvicorn, orjson, httptools" 2>/dev/null; then
   python3 -m pip install -q --break-system-packages --no-index -f .wheelhouse \
     -r .wheelhouse/requirements.txt 2>&1 | tail -2

@@ -157,7 +157,7 @@ async def _one(
         # httpx's timeout bounds each read; wait_for bounds the whole request
         await asyncio.wait_for(_stream(client, config, req, sent, record),
                                config.request_timeout_s)
-    except asyncio.TimeoutError:  # first: on 3.11+ it is the builtin, an OSError subclass
+    except TimeoutError:  # first: on 3.11+ it is the builtin, an OSError subclass
         record.error = f"timeout after {config.request_timeout_s:g} s"
     except (httpx.HTTPError, OSError, ValueError) as exc:  # recorded, counted as an SLO miss
         record.error = f"{type(exc).__name__}: {exc}"[:500]

@@ -37,7 +37,7 @@ import json
 import math
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def write_run(path: Path, payload: dict[str, Any]) -> Path:
     """Write a run file (adds schema, time and host), creating folders; returns the path."""
     doc = {
         "schema": RUN_SCHEMA,
-        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": socket.gethostname(),
         **payload,
     }

@@ -66,7 +66,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from splitserve.launcher.processes import wait_http_ok
+from splitserve.launcher.processes import python_command, wait_http_ok
 from splitserve.launcher.up import free_port
 
 
@@ -284,7 +284,7 @@ async def _client_loop(mode: str, target: dict[str, Any], streams: int, first_st
                     a, b = await call(k, i)
                     ttft.append(a)
                     e2e.append(b)
-                except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError, RuntimeError) as exc:
                     key = f"{type(exc).__name__}: {exc}"[:120]
                     errors[key] = errors.get(key, 0) + 1
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             for role in ("prefill", "decode"):
                 port = free_port()
                 # --kv-wait 60: an overloaded load side shows as latency, not as "KV never arrived"
-                procs.append(subprocess.Popen([sys.executable, "-m", "splitserve.router.stub_worker", "--role", role,
+                procs.append(subprocess.Popen([*python_command("-m"), "splitserve.router.stub_worker", "--role", role,
                                                "--port", str(port), "--tokens", "10", "11", "12", "13",
                                                "--kv-wait", "60"],
                                               preexec_fn=_pin(load_cpus)))
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             target["pairs"].append(pair)
         router_port = free_port()
         target["router"] = f"http://127.0.0.1:{router_port}"
-        cmd = [sys.executable, "-m", "splitserve.router", "--log-level", "WARNING",
+        cmd = [*python_command("-m"), "splitserve.router", "--log-level", "WARNING",
                "--model", model, "--served-model-name", "demo",  # the name the clients send
                "--port", str(router_port), "--policy", args.policy]
         if router_workers > 1:

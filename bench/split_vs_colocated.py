@@ -35,6 +35,7 @@ from pathlib import Path
 
 from splitserve.bench import goodput
 from splitserve.bench.goodput import command_template
+from splitserve.launcher.processes import python_command
 
 SYSTEMS = ("split", "colocated")
 
@@ -52,7 +53,7 @@ def system_command(kind: str, args: argparse.Namespace) -> str:
         worker.append("--chunked-prefill")
     else:
         raise ValueError(f"unknown system {kind!r}; expected one of {SYSTEMS}")
-    parts = [sys.executable, "-m", "splitserve.cli", "up", "--model", "{model}",
+    parts = [*python_command("-m"), "splitserve.cli", "up", "--model", "{model}",
              "--served-model-name", "{name}", *layout, "--devices", args.devices,
              "--policy", args.policy, f"--worker-args={shlex.join(worker)}"]
     # the sweep fills {model} and {name}: keep their braces, escape every other

@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polling is not news
 
 
+def python_command(*args: str) -> list[str]:
+    """This interpreter in safe-path mode (``-P``), followed by ``args``.
+
+    Why: ``python -m``/``-c`` otherwise put the working directory first on ``sys.path``, and run
+    from the repository root, our top-level folders (``kernels``, ``router``, ``engine``, ...)
+    shadow installed distributions of the same name (transformers imports Hugging Face's
+    ``kernels``). Every process the project starts goes through here."""
+    return [sys.executable, "-P", *args]
+
+
 def wait_http_ok(url: str, timeout: float) -> None:
     """Block until ``url`` answers 200; TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -45,7 +55,7 @@ class Component:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "splitserve.cli", *self.args]
+        return python_command("-m", "splitserve.cli", *self.args)
 
 
 class ProcessGroup:

@@ -21,7 +21,7 @@ POOLS = ("prefill", "decode", "router")
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pool_status(deployment: dict[str, Any] | None, desired: int) -> dict[str, Any]:

@@ -191,7 +191,7 @@ class StubApp:
                     await event.wait()
             else:
                 await asyncio.wait_for(event.wait(), self.b.wait_for_kv_s)
-        except (TimeoutError, asyncio.TimeoutError):  # (distinct classes before Python 3.11)
+        except TimeoutError:  # (distinct classes before Python 3.11)
             return False
         return True
 

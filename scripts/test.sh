@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh machine, then run the whole test suite.
-#   - Python packages (editable install with the test and bench extras; pip reuses its cache)
+#   - a virtual environment (SPLITSERVE_VENV, default .venv) with the pinned packages of
+#     requirements.lock and this project (editable); pip reuses its download cache
 #   - redis-server (Debian package) for the registry tests
 #   - a real Kubernetes control plane built from Go modules into ~/.cache/splitserve/k8s (once)
+# Then pytest runs in a loopback-only network namespace (scripts/loopback-netns.sh), with
+# Python's safe-path mode on, so no process of the suite has the repository root on sys.path.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k engine`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "Python >= 3.11 is required (python3 is $(python3 --version 2>&1))" >&2; exit 1; }
+
+VENV="${SPLITSERVE_VENV:-.venv}"
+if [ ! -x "${VENV}/bin/python" ]; then
+  echo "creating the virtual environment ${VENV}"
+  python3 -m venv "${VENV}"
+fi
+VENV="$(cd "${VENV}" && pwd)"
+pip=("${VENV}/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install --quiet -r requirements.lock
+"${pip[@]}" install --quiet --no-deps -e .
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (Debian package)"
@@ -16,8 +30,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
-if [ -f scripts/k8s-build.sh ]; then
-  bash scripts/k8s-build.sh
-fi
+bash scripts/k8s-build.sh >/dev/null
 
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+export VIRTUAL_ENV="${VENV}" PATH="${VENV}/bin:${PATH}" PYTHONSAFEPATH=1
+exec bash scripts/loopback-netns.sh python -m pytest -q -p no:cacheprovider "$@"

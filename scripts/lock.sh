@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Regenerate requirements.lock: every package the tests and benchmarks need, pinned, resolved
+# from pyproject.toml's ranges (the `test` and `bench` extras). scripts/test.sh installs exactly
+# these versions, so a newcomer months from now gets what CI tested.
+#
+#   bash scripts/lock.sh            re-resolve to today's newest versions within the ranges
+#   bash scripts/lock.sh --check    exit 1 if requirements.lock is out of date with pyproject.toml
+#
+# The resolver is uv's (`uv pip compile`): one universal lock for every platform and Python >= 3.11
+# in seconds, where pip-tools needs one lock per platform. uv lives in a tool environment under
+# the user's cache, never in the project's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS="${XDG_CACHE_HOME:-${HOME}/.cache}/splitserve/lock-tools"
+if [ ! -x "${TOOLS}/bin/uv" ]; then
+  python3 -m venv "${TOOLS}"
+  "${TOOLS}/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.5"
+fi
+compile=("${TOOLS}/bin/uv" pip compile pyproject.toml --extra test --extra bench --universal
+         --python-version 3.11 --quiet --no-header --custom-compile-command "bash scripts/lock.sh")
+if [ "${1:-}" = "--check" ]; then
+  # the lock is current when resolving again, preferring its own pins, changes nothing
+  tmp=$(mktemp); trap 'rm -f "$tmp"' EXIT
+  cp requirements.lock "$tmp"
+  "${compile[@]}" -o "$tmp" >/dev/null
+  diff -u requirements.lock "$tmp" && echo "requirements.lock is up to date"
+  exit
+fi
+"${compile[@]}" --upgrade -o requirements.lock
+echo "wrote requirements.lock ($(grep -c '==' requirements.lock) pinned packages)"
