@@ -136,11 +136,11 @@ def list_owned(kind: str, namespace: str, instance: str) -> list[dict[str, Any]]
     return list(data.get("items", []))
 
 
-def list_endpoint_slices(service: str, namespace: str) -> list[dict[str, Any]]:
-    """The EndpointSlices of ``service``: the pods it routes to (RBAC: list endpointslices)."""
-    path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
-    query = [("labelSelector", f"kubernetes.io/service-name={service}")]
-    return list(_call("GET", path, query=query).get("items", []))
+def list_pods(labels: dict[str, str], namespace: str) -> list[dict[str, Any]]:
+    """The pods in ``namespace`` that carry every label of ``labels`` (RBAC: list pods)."""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    data = _call("GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)])
+    return list(data.get("items", []))
 
 
 def delete(kind: str, namespace: str, name: str) -> None:

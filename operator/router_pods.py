@@ -1,12 +1,16 @@
-"""Which router pods the SLO loop scrapes: the ready endpoints of the router Service.
+"""Which router pods the SLO loop scrapes: the ready pods the router Service selects.
 
 Scraping the Service itself would land on one random pod per scrape, so with more than one router
 replica a window would mix pods (counters seem to go down, or read one pod's share). The loop
-instead reads the Service's EndpointSlices (``discovery.k8s.io/v1``, label
-``kubernetes.io/service-name``), which the endpoint-slice controller keeps to exactly the pods the
-Service routes to: ready ones, with their address and the resolved number of the ``http`` port,
-and each pod's name and uid (``targetRef``) to key its scrape history by, so a pod deleted and
-recreated under the same name still starts a fresh baseline.
+instead lists the pods of the router's selector (the Service's own selector,
+``manifests.selector_labels``): those Ready and not terminating, with their address, the number
+of their container port named ``http``, and each pod's uid to key its scrape history by, so a pod
+deleted and recreated under the same name still starts a fresh baseline. This is the ``pod``
+role of Prometheus' Kubernetes discovery.
+
+Why pods and not the Service's EndpointSlices: the API refuses loopback addresses in
+EndpointSlices, so a cluster whose pod addresses lie in 127.0.0.0/8 (the test cluster, where every
+address must be loopback) would have none, while the pods are the truth on every cluster.
 
 ``SPLITSERVE_METRICS_URL`` (``settings.metrics_url``) keeps the old single-URL mode for local
 use: one target, no API call. ``ready_endpoints`` is pure; ``targets`` does the one API call.
@@ -25,10 +29,10 @@ PORT_NAME = "http"  # the router Service's port name (manifests.render_router)
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One ready router pod as an EndpointSlice lists it."""
+    """One ready router pod: its uid, name, address and http port."""
 
-    key: str  # pod uid (the address when the slice has no targetRef)
-    pod: str  # pod name (the address when the slice has no targetRef)
+    key: str  # pod uid
+    pod: str  # pod name
     host: str
     port: int
 
@@ -42,25 +46,22 @@ class Target:
     url: str
 
 
-def ready_endpoints(slices: list[dict[str, Any]], port_name: str = PORT_NAME) -> list[Endpoint]:
-    """The ready endpoints of ``slices`` serving ``port_name``, one per pod, sorted by pod.
-
-    ``conditions.ready`` unset means unknown, which the API says to read as ready. A pod listed
-    twice (an IPv4 and an IPv6 slice) counts once: the first address seen.
-    """
-    found: dict[str, Endpoint] = {}
-    for s in slices:
-        ports = [p for p in s.get("ports") or [] if p.get("name") == port_name and p.get("port")]
-        if not ports:
+def ready_endpoints(pods: list[dict[str, Any]], port_name: str = PORT_NAME) -> list[Endpoint]:
+    """The pods of ``pods`` that serve: Ready, not terminating, with an address and a container
+    port named ``port_name``; sorted by pod name."""
+    found = []
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or [])  # fmt: skip
+        if not ready or meta.get("deletionTimestamp") or not status.get("podIP"):
             continue
-        for ep in s.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready") is False or not ep.get("addresses"):
-                continue
-            host = ep["addresses"][0]
-            ref = ep.get("targetRef") or {}
-            key = ref.get("uid") or host
-            found.setdefault(key, Endpoint(key, ref.get("name") or host, host, ports[0]["port"]))
-    return sorted(found.values(), key=lambda e: (e.pod, e.key))
+        ports = [p["containerPort"] for c in (pod.get("spec") or {}).get("containers") or []
+                 for p in c.get("ports") or [] if p.get("name") == port_name]  # fmt: skip
+        if ports:
+            name = meta.get("name") or status["podIP"]
+            found.append(Endpoint(meta.get("uid") or name, name, status["podIP"], ports[0]))
+    return sorted(found, key=lambda e: (e.pod, e.key))
 
 
 def url_host(address: str) -> str:
@@ -77,9 +78,9 @@ def targets(name: str, namespace: str) -> list[Target]:
     single = settings.metrics_url(name, namespace)
     if single is not None:
         return [Target(single, single, single)]
-    slices = kube.list_endpoint_slices(manifests.child_name(name, "router"), namespace)
+    pods = kube.list_pods(manifests.selector_labels(name, "router"), namespace)
     return [
         Target(e.key, e.pod, settings.pod_metrics_url(name, namespace, e.pod, url_host(e.host),
                                                       e.port))
-        for e in ready_endpoints(slices)
+        for e in ready_endpoints(pods)
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The SLO loop: each tick, per InferenceService, measure -> report -> plan -> scale.
 
-1. find the ready router pods (``router_pods``: the router Service's EndpointSlices; or the one
+1. find the ready router pods (``router_pods``: the ready pods the router Service selects; or the one
    ``SPLITSERVE_METRICS_URL``) and scrape each pod's /metrics, concurrently; each pod's scrapes
    are kept in memory under its uid (after an operator restart the first window just starts
    again);

@@ -1,6 +1,6 @@
 """The SLO loop's pure parts: where replicas live, planner inputs from spec and status,
 capacity from a latency model, the per-pod window bookkeeping, router pod discovery from
-EndpointSlices, and the renderers honouring the planner; and on the real control plane, a router
+pods, and the renderers honouring the planner; and on the real control plane, a router
 of two pods whose different /metrics the status adds up."""
 
 from __future__ import annotations
@@ -212,24 +212,29 @@ def test_a_pod_that_fails_is_left_out_and_warned_once(caplog: pytest.LogCaptureF
         assert "router pod b answers again" in caplog.text
 
 
-def test_ready_endpoints_from_endpoint_slices() -> None:
-    def ep(pod: str, ip: str, ready: bool | None = True) -> dict:
-        out = {"addresses": [ip], "targetRef": {"kind": "Pod", "name": pod, "uid": f"uid-{pod}"}}
-        return out | ({"conditions": {"ready": ready}} if ready is not None else {})
+def test_ready_endpoints_from_pods() -> None:
+    def pod(name: str, ip: str | None, ready: str = "True", port: str = "http",
+            terminating: bool = False) -> dict:
+        meta = {"name": name, "uid": f"uid-{name}"}
+        if terminating:
+            meta["deletionTimestamp"] = "2026-12-04T00:00:00Z"
+        status = {"conditions": [{"type": "Ready", "status": ready}]}
+        if ip:
+            status["podIP"] = ip
+        ports = [{"name": port, "containerPort": 8000}]
+        return {"metadata": meta, "status": status, "spec": {"containers": [{"ports": ports}]}}
 
-    http = [{"name": "http", "port": 8000, "protocol": "TCP"}]
-    slices = [
-        {"ports": http, "endpoints": [ep("r-b", "10.0.0.2"), ep("r-c", "10.0.0.3", False)]},
-        {"ports": http, "endpoints": [ep("r-a", "10.0.0.1", None), ep("r-b", "10.0.0.2")]},
-        {"ports": [{"name": "other", "port": 1}], "endpoints": [ep("r-d", "10.0.0.4")]},
-        {"ports": http, "endpoints": [ep("r-e", "fd00::5")], "addressType": "IPv6"},
-        {"ports": None, "endpoints": None},  # a Service with no pods yet
-    ]
-    got = router_pods.ready_endpoints(slices)
-    # not ready (c) and not serving http (d) left out; b once; unknown readiness reads as ready
+    pods = [
+        pod("r-b", "127.244.0.2"), pod("r-c", "127.244.0.3", ready="False"),
+        pod("r-a", "127.244.0.1"), pod("r-d", "127.244.0.4", port="other"),
+        pod("r-e", "fd00::5"), pod("r-f", None),  # scheduled, no address yet
+        pod("r-g", "127.244.0.7", terminating=True),
+    ]  # fmt: skip
+    got = router_pods.ready_endpoints(pods)
+    # not ready (c), not serving http (d), no address (f) and terminating (g) left out
     assert [(e.pod, e.key, e.host, e.port) for e in got] == [
-        ("r-a", "uid-r-a", "10.0.0.1", 8000),
-        ("r-b", "uid-r-b", "10.0.0.2", 8000),
+        ("r-a", "uid-r-a", "127.244.0.1", 8000),
+        ("r-b", "uid-r-b", "127.244.0.2", 8000),
         ("r-e", "uid-r-e", "fd00::5", 8000),
     ]
     assert router_pods.url_host("fd00::5") == "[fd00::5]"

@@ -39,7 +39,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* What the operator does to InferenceServices and their children (one list for both Role
      and ClusterRole). SSA needs create+patch; pruning needs list+delete; the SLO loop lists the
-     router Service's EndpointSlices to scrape each router pod. */}}
+     router's pods to scrape each ready one. */}}
 {{- define "splitserve.rules" -}}
 - apiGroups: ["splitserve.io"]
   resources: ["inferenceservices"]
@@ -59,7 +59,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-- apiGroups: ["discovery.k8s.io"]
-  resources: ["endpointslices"]
+- apiGroups: [""]
+  resources: ["pods"]
   verbs: ["list"]
 {{- end -}}
