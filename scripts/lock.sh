@@ -6,18 +6,12 @@
 #   bash scripts/lock.sh            re-resolve to today's newest versions within the ranges
 #   bash scripts/lock.sh --check    exit 1 if requirements.lock is out of date with pyproject.toml
 #
-# The resolver is uv's (`uv pip compile`): one universal lock for every platform and Python >= 3.11
-# in seconds, where pip-tools needs one lock per platform. uv lives in a tool environment under
-# the user's cache, never in the project's.
+# The resolver is uv's (`uv pip compile`, scripts/uv.sh): one universal lock for every platform
+# and Python >= 3.11 in seconds, where pip-tools needs one lock per platform.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLS="${XDG_CACHE_HOME:-${HOME}/.cache}/splitserve/lock-tools"
-if [ ! -x "${TOOLS}/bin/uv" ]; then
-  python3 -m venv "${TOOLS}"
-  "${TOOLS}/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-fi
-compile=("${TOOLS}/bin/uv" pip compile pyproject.toml --extra test --extra bench --universal
+compile=(bash scripts/uv.sh pip compile pyproject.toml --extra test --extra bench --universal
          --python-version 3.11 --quiet --no-header --custom-compile-command "bash scripts/lock.sh")
 if [ "${1:-}" = "--check" ]; then
   # the lock is current when resolving again, preferring its own pins, changes nothing

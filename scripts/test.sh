@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh machine, then run the whole test suite.
 #   - a virtual environment (SPLITSERVE_VENV, default .venv) with the pinned packages of
-#     requirements.lock and this project (editable); pip reuses its download cache
+#     requirements.lock and this project (editable), installed by uv from its wheel cache
+#     (scripts/uv.sh says why not pip)
 #   - redis-server (Debian package) for the registry tests
 #   - a real Kubernetes control plane built from Go modules into ~/.cache/splitserve/k8s (once)
 # Then pytest runs in a loopback-only network namespace (scripts/loopback-netns.sh), with
@@ -19,9 +20,9 @@ if [ ! -x "${VENV}/bin/python" ]; then
   python3 -m venv "${VENV}"
 fi
 VENV="$(cd "${VENV}" && pwd)"
-pip=("${VENV}/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install --quiet -r requirements.lock
-"${pip[@]}" install --quiet --no-deps -e .
+install=(bash scripts/uv.sh pip install --quiet --python "${VENV}/bin/python")
+"${install[@]}" -r requirements.lock
+"${install[@]}" --no-deps -e .
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (Debian package)"
