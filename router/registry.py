@@ -6,7 +6,9 @@
   heartbeat interval. A worker that stops heartbeating expires and leaves the candidate set
   within one TTL; several routers read the same keys. If Redis goes away the router keeps the
   last set it saw (and says so in the log) instead of failing requests, and picks up again when
-  Redis is back; heartbeats re-create their keys after a Redis restart.
+  Redis is back; heartbeats re-create their keys after a Redis restart. A worker whose key
+  vanished stays a candidate for ``grace_s`` (one TTL) after it was last seen, so a Redis that
+  comes back empty does not empty the pool until the heartbeats have written it again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,7 +62,8 @@ def worker_key(namespace: str, role: str, url: str) -> str:
 class RedisRegistry:
     """Reads worker keys from Redis; the static URLs (if any) are always included."""
 
-    def __init__(self, redis_url: str, namespace: str = "splitserve", static: StaticRegistry | None = None) -> None:
+    def __init__(self, redis_url: str, namespace: str = "splitserve", static: StaticRegistry | None = None,
+                 grace_s: float = 3.0) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.from_url(
@@ -68,6 +72,8 @@ class RedisRegistry:
         self._namespace = namespace
         self._static = static or StaticRegistry((), ())
         self._last: list[WorkerInfo] = []
+        self._seen: dict[tuple[str, str], tuple[WorkerInfo, float]] = {}  # (role, url) -> last seen
+        self.grace_s = grace_s
         self.redis_ok = False
 
     async def workers(self) -> list[WorkerInfo]:
@@ -82,10 +88,19 @@ class RedisRegistry:
         else:
             if not self.redis_ok:
                 log.info("Redis registry: %d workers", len(found))
-            self.redis_ok, self._last = True, found
+            self.redis_ok, self._last = True, self._with_recent(found)
         static = await self._static.workers()
         seen = {(w.role, w.url) for w in static}
         return static + [w for w in self._last if (w.role, w.url) not in seen]
+
+    def _with_recent(self, found: list[WorkerInfo]) -> list[WorkerInfo]:
+        """``found`` plus the workers seen within ``grace_s`` whose keys are missing now (a Redis
+        restarted empty, before their next heartbeat)."""
+        now = time.monotonic()
+        for w in found:
+            self._seen[(w.role, w.url)] = (w, now)
+        self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= self.grace_s}
+        return sorted((w for w, _ in self._seen.values()), key=lambda w: (w.role, w.url))
 
     async def _scan(self) -> list[WorkerInfo]:
         keys = [k async for k in self._redis.scan_iter(match=f"{self._namespace}:worker:*", count=500)]
