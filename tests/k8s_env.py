@@ -56,6 +56,14 @@ NODE_IP = "127.240.0.1"
 SERVICE_CIDR = "127.96.0.0/24"
 SERVICE_IP = "127.96.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
 
+# One more kwok node whose pods kwok leaves alone: tests/pod_processes.py runs them as real
+# processes. It is tainted, so only pods of namespaces that ask for it land there
+# (``process_backed_namespace``: the PodNodeSelector and PodTolerationRestriction admission
+# plugins give every pod of such a namespace the node selector and the toleration).
+PROCESS_NODE = "proc-node-0"
+PROCESS_NODE_LABEL = ("splitserve.io/test-node", "process")
+PROCESS_NODE_TAINT = "splitserve.io/process-backed"
+
 
 # ---------------------------------------------------------------- binaries ----------------------
 def bin_dir() -> Path:
@@ -341,6 +349,7 @@ class K8sEnv:
             "--allow-privileged=true",
             "--profiling=false",
             f"--cert-dir={self.root / 'apiserver-certs'}",
+            "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
         ])  # fmt: skip
         wait_until("kube-apiserver /readyz", lambda: self._readyz(api), 90)
         for crds in PREINSTALL_CRDS:
@@ -356,7 +365,7 @@ class K8sEnv:
             str(b / "kube-scheduler"), kc, "--leader-elect=false", "--secure-port=0",
         ])  # fmt: skip
         self._start("kwok", [
-            str(b / "kwok"), kc, f"--config={b / 'kwok-stages.yaml'}",
+            str(b / "kwok"), kc, f"--config={self.kwok_stages()}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--node-ip={NODE_IP}", f"--cidr={POD_CIDR}",
@@ -374,6 +383,19 @@ class K8sEnv:
             ),
             60,
         )
+
+    def kwok_stages(self) -> Path:
+        """The built stage config, with every pod stage skipping the process-backed node (its
+        pods' status and deletion belong to tests/pod_processes.py), written under the root."""
+        docs = list(yaml.safe_load_all((self.bins / "kwok-stages.yaml").read_text()))
+        for doc in docs:
+            if doc and doc["spec"]["resourceRef"]["kind"] == "Pod":
+                exprs = doc["spec"].setdefault("selector", {}).setdefault("matchExpressions", [])
+                exprs.append({"key": ".spec.nodeName", "operator": "NotIn",
+                              "values": [PROCESS_NODE]})  # fmt: skip
+        path = self.root / "kwok-stages.yaml"
+        path.write_text(yaml.safe_dump_all(docs))
+        return path
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -414,11 +436,11 @@ class K8sEnv:
             if any(c["type"] == "Ready" and c["status"] == "True"
                    for c in n.get("status", {}).get("conditions", []))
         ]  # fmt: skip
-        return len(ready) >= FAKE_NODES
+        return len(ready) >= FAKE_NODES + 1
 
     def create_fake_nodes(self) -> None:
         docs = []
-        for i in range(FAKE_NODES):
+        for i in range(FAKE_NODES + 1):
             docs.append({
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -432,6 +454,12 @@ class K8sEnv:
                 },
                 "status": {"allocatable": NODE_ALLOCATABLE, "capacity": NODE_ALLOCATABLE},
             })  # fmt: skip
+        proc_node = docs[-1]  # the last one runs real processes
+        proc_node["metadata"]["name"] = PROCESS_NODE
+        proc_node["metadata"]["labels"] |= {"kubernetes.io/hostname": PROCESS_NODE,
+                                            PROCESS_NODE_LABEL[0]: PROCESS_NODE_LABEL[1]}
+        proc_node["spec"] = {"taints": [{"key": PROCESS_NODE_TAINT, "value": "true",
+                                         "effect": "NoSchedule"}]}  # fmt: skip
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
 
     # -- clients --
@@ -469,14 +497,30 @@ class K8sEnv:
 
     def create_namespace(self, name: str) -> str:
         self.kubectl("create", "namespace", name)
+        self._wait_default_serviceaccount(name)
+        return name
+
+    def _wait_default_serviceaccount(self, namespace: str) -> None:
+        """Pods are refused until the controller-manager made the namespace's account."""
         wait_until(
-            f"default ServiceAccount in {name}",
-            lambda: (
-                self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
-                == 0
-            ),
+            f"default ServiceAccount in {namespace}",
+            lambda: self.kubectl("get", "serviceaccount", "default", "-n", namespace,
+                                 check=False).returncode == 0,
             30,
-        )
+        )  # fmt: skip
+
+    def process_backed_namespace(self, name: str) -> str:
+        """A namespace whose pods all land on the process-backed node (and run for real once a
+        ``pod_processes.PodProcesses`` runs for that node)."""
+        toleration = [{"key": PROCESS_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]
+        self.apply({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "annotations": {
+                "scheduler.alpha.kubernetes.io/node-selector": "=".join(PROCESS_NODE_LABEL),
+                "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(toleration),
+            }},
+        })  # fmt: skip
+        self._wait_default_serviceaccount(name)
         return name
 
     def token_kubeconfig(self, namespace: str, serviceaccount: str, path: Path) -> Path:
