@@ -104,7 +104,8 @@ def decide(
     before = scaling.effective_replicas(spec, status)
     states = {pool: scaling.pool_state(spec, status, pool) for pool in scaling.POOLS}
     cfg = scaling.planner_config(spec, cap.capacity)
-    obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs)
+    obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs,
+                      ttft_attainment=win.ttft_attainment, tpot_attainment=win.tpot_attainment)
     d = plan(cfg, obs, states["prefill"], states["decode"], now)
     after = {"prefill": d.prefill, "decode": d.decode}
     patch: dict[str, Any] = {
