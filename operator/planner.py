@@ -225,7 +225,8 @@ def _rising(demand: tuple[tuple[float, float], ...], forecast: Forecast) -> bool
     return len(values) > 1 and steady and values[-1] > values[0] and forecast.rising >= len(values)
 
 
-def _replicas(demand: float, per_replica: float, utilisation: float, margin: float) -> int:
+def replicas_for(demand: float, per_replica: float, utilisation: float, margin: float) -> int:
+    """Replicas that serve ``demand`` at ``utilisation`` of their SLO capacity, with ``margin``."""
     return math.ceil(round(demand * margin / (per_replica * utilisation), 9))
 
 
@@ -240,10 +241,10 @@ def _step(state: PoolState, x: PoolInput, now: float, cfg: PlannerConfig) -> tup
     demand += ((now, x.demand),)
     held = min(v for _, v in demand)  # the need that held over the whole up-window
     ahead = forecast.ahead(cfg.lead_time_s, dt, cfg) if _rising(demand, forecast) else 0.0
-    want_up = _replicas(max(held, ahead), x.per_replica, cfg.headroom, margin)
+    want_up = replicas_for(max(held, ahead), x.per_replica, cfg.headroom, margin)
     if x.behind:  # falling behind: size for what is asked now, no waiting
-        want_up = max(want_up, _replicas(x.demand, x.per_replica, cfg.headroom, margin))
-    down = x.bounds.clamp(_replicas(x.demand, x.per_replica, cfg.headroom * cfg.hysteresis, margin))
+        want_up = max(want_up, replicas_for(x.demand, x.per_replica, cfg.headroom, margin))
+    down = x.bounds.clamp(replicas_for(x.demand, x.per_replica, cfg.headroom * cfg.hysteresis, margin))
     history = tuple((t, n) for t, n in state.history if now - t < cfg.window_s) + ((now, down),)
     kept = replace(state, history=history, demand=demand, forecast=forecast, margin=margin,
                    observed_since=min(state.observed_since, now))
