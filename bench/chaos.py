@@ -188,7 +188,8 @@ def standard_faults(num_prefill: int) -> list[tuple[str, Fault | None, Load]]:
     """The faults the suite runs, each with its load."""
     faults: list[tuple[str, Fault | None, Load]] = [
         ("none (baseline)", None, Load()),
-        ("clients leave at every stage", None, Load(clients=8, leave_after_s=(0.0, 0.6))),
+        ("clients leave at every stage", None,
+         Load(clients=8, max_tokens=64, leave_after_s=(0.0, 0.25))),
         ("decode-0 SIGSTOP 3 s", pause("decode-0", 3.0), Load()),
         ("decode-0 kill -9", kill("decode-0"), Load()),
     ]

@@ -2,10 +2,14 @@
 
 A request's life here: reserved (blocks allocated for the prompt, so a full cache is refused up
 front with 503) -> receiving (the KV receiver fills those blocks; a transfer that fails, stalls or
-never starts ends the request within the transfer timeout, and the blocks are freed) -> running
-(joins the decode batch with the prefill worker's first token) -> done. With ``recompute`` the
-worker prefills the prompt itself: the fallback when no prefill worker can serve.
-Tokens stream back as NDJSON lines; a client that disconnects aborts the sequence.
+never starts ends the request within the transfer timeout) -> running (joins the decode batch
+with the prefill worker's first token) -> done. With ``recompute`` the worker prefills the prompt
+itself: the fallback when no prefill worker can serve. Tokens stream back as NDJSON lines.
+
+Each request's blocks are held by a :class:`~splitserve.engine.block_lease.BlockLease` from
+before the reserve until they are freed, once, however the request ends: finished, failed, or
+cancelled at any await (the reserve, the wait for KV, the stream) and even when the response
+body is never iterated (the client left before the headers went out: ``LeasedStream``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
+from fastapi.responses import StreamingResponse
+from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.block_manager import NoFreeBlocks
 from splitserve.engine.engine import StepOutput
 from splitserve.engine.metrics import REQUESTS
@@ -33,8 +40,6 @@ from splitserve.engine.worker import (
 )
 
 log = logging.getLogger(__name__)
-
-RECEIVER_STOP_WAIT_S = 5.0  # a cancelled transfer's future resolves within milliseconds
 
 
 class GenerateRequest(WorkerRequest):
@@ -77,52 +82,87 @@ class DecodeWorker(EngineWorker):
         self.receiver.close()
         super().close()
 
-    async def reserve(self, seq: Sequence) -> list[int]:
-        return await self.async_engine.run(self.engine.reserve, seq)
+    def lease(self, seq: Sequence) -> BlockLease:
+        """The owner of ``seq``'s blocks: releasing aborts it in the engine (after any reserve
+        sent before); stopping the receiver cancels its transfer."""
+        return BlockLease(
+            seq.request_id,
+            release=lambda: self.async_engine.abort(seq),
+            stop_receiver=lambda: self.receiver.cancel(seq.request_id),
+        )
 
-    async def generate(self, seq: Sequence, recompute: bool) -> AsyncIterator[bytes]:
+    async def reserve(self, seq: Sequence, lease: BlockLease) -> None:
+        """Allocate blocks for the prompt's KV (NoFreeBlocks, ValueError). A caller cancelled
+        here ends the lease, which frees them after the reserve has run."""
+        lease.advance(Stage.RESERVING)
+        await self.async_engine.run(self.engine.reserve, seq)
+        lease.advance(Stage.RESERVED)
+
+    async def generate(self, seq: Sequence, lease: BlockLease, recompute: bool) -> AsyncIterator[bytes]:
         """Stream the sequence's tokens; for a transferred prompt, blocks are already reserved."""
         try:
             if recompute:
+                lease.advance(Stage.QUEUED)
                 submit = self.engine.add
             else:
-                result = await self._receive(seq)
+                result = await self._receive(seq, lease)
+                lease.advance(Stage.RUNNING)
                 submit = lambda s: self.engine.activate(s, result.first_token)  # noqa: E731
             async for out in self.async_engine.stream(seq, submit):
                 yield _token_line(out)
+            lease.finish()
             REQUESTS.labels("decode", "ok").inc()
         except asyncio.CancelledError:
+            lease.end(Stage.CANCELLED)
             REQUESTS.labels("decode", "client_gone").inc()
             raise
         except Exception as exc:
+            lease.end(Stage.FAILED)
             REQUESTS.labels("decode", "failed").inc()
             log.warning("request %s failed: %s", seq.request_id, exc)
             yield _line({"error": str(exc), "finish_reason": "error"})
+        finally:  # closed at a yield (GeneratorExit): the client is gone
+            lease.end(Stage.CANCELLED)
 
-    async def _receive(self, seq: Sequence):
+    async def _receive(self, seq: Sequence, lease: BlockLease) -> Any:
+        """Wait for the prompt's KV. The lease learns from the receiver's future when nothing
+        writes the blocks any more: a request that ends before then is released only after."""
         fut = self.receiver.expect(seq.request_id, seq.num_prompt_tokens, list(seq.block_table), self.options.kv_timeout)
+        lease.advance(Stage.RECEIVING)
+        fut.add_done_callback(lambda _: lease.receiver_stopped())
+        return await asyncio.wrap_future(fut)
+
+
+class LeasedStream(StreamingResponse):
+    """A streaming response that ends its request's lease however the response ends. Starlette
+    cancels the body when the client disconnects, possibly before the body generator has
+    started (then none of its own cleanup ever runs): this frees the blocks in that case too."""
+
+    def __init__(self, content: AsyncIterator[bytes], lease: BlockLease) -> None:
+        super().__init__(content, media_type="application/x-ndjson")
+        self.lease = lease
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            return await asyncio.wrap_future(fut)
-        except BaseException:
-            # Transfer failed, timed out or the client left: the blocks are ours to free, but
-            # only once the receiver has stopped writing into them (its future is done).
-            self.receiver.cancel(seq.request_id)
-            done, _ = await asyncio.wait([asyncio.wrap_future(fut)], timeout=RECEIVER_STOP_WAIT_S)
-            if done:
-                await self.async_engine.run(self.engine.abort, seq)
-            else:  # a sender writing straight into our cache (cuda_ipc) may not have stopped yet
-                log.warning(
-                    "request %s: the KV receiver has not confirmed within %.0f s that nothing "
-                    "writes its blocks any more; they are freed once it does",
-                    seq.request_id, RECEIVER_STOP_WAIT_S,
-                )
-                fut.add_done_callback(lambda _: self.async_engine.call(self.engine.abort, seq))
-            raise
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.lease.end(Stage.CANCELLED):
+                REQUESTS.labels("decode", "client_gone").inc()
+
+
+def _refuse(worker: DecodeWorker, request_id: str, exc: Exception):
+    """The answer to a request refused before streaming: 503 for a full cache, 400 for bad
+    input; the prefill side (already told to send) is stopped at once either way."""
+    if isinstance(exc, NoFreeBlocks):
+        REQUESTS.labels("decode", "no_room").inc()
+        worker.receiver.reject(request_id, "no_space", str(exc))
+        return error(503, str(exc))
+    REQUESTS.labels("decode", "bad_request").inc()
+    worker.receiver.reject(request_id, "invalid_input", str(exc))
+    return error(400, str(exc))
 
 
 def create_app(options: WorkerOptions):
-    from fastapi.responses import StreamingResponse
-
     worker = DecodeWorker(options)
     app = make_app("decode")
     state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=worker.kv_endpoint)
@@ -133,19 +173,21 @@ def create_app(options: WorkerOptions):
     async def generate(req: GenerateRequest):
         try:
             seq = Sequence(req.request_id, req.token_ids, SamplingParams.from_dict(req.sampling))
+        except ValueError as exc:
+            return _refuse(worker, req.request_id, exc)
+        lease = worker.lease(seq)
+        try:
             if req.recompute:
                 worker.engine.check_prompt(seq.prompt_token_ids)
             else:
-                await worker.reserve(seq)
-        except NoFreeBlocks as exc:
-            REQUESTS.labels("decode", "no_room").inc()
-            worker.receiver.reject(req.request_id, "no_space", str(exc))  # the prefill side stops now
-            return error(503, str(exc))
-        except ValueError as exc:
-            REQUESTS.labels("decode", "bad_request").inc()
-            worker.receiver.reject(req.request_id, "invalid_input", str(exc))
-            return error(400, str(exc))
-        return StreamingResponse(worker.generate(seq, req.recompute), media_type="application/x-ndjson")
+                await worker.reserve(seq, lease)
+        except (NoFreeBlocks, ValueError) as exc:
+            lease.end(Stage.FAILED)
+            return _refuse(worker, req.request_id, exc)
+        except BaseException as exc:
+            lease.end(Stage.FAILED if isinstance(exc, Exception) else Stage.CANCELLED)
+            raise
+        return LeasedStream(worker.generate(seq, lease, req.recompute), lease)
 
     app.state.worker = worker
     return app

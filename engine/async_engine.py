@@ -2,8 +2,11 @@
 
 The engine and its block manager are single-threaded by design; this wrapper is the only door
 in. HTTP handlers send it commands (``run``), which execute in the engine thread between steps,
-and receive each sequence's tokens through ``stream``. A failing step fails the requests in it
-with the error, not the worker: nothing waits forever on a dead thread.
+and receive each sequence's tokens through ``stream``. Commands run in the order they were sent,
+so an ``abort`` sent after a ``reserve`` undoes it even if the reserve's caller stopped waiting.
+A sequence that makes a step fail fails alone (``LLMEngine`` narrows the step down); should a
+step still raise, the requests in the engine fail with the error, not the worker: nothing waits
+forever on a dead thread.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class _Listener:
         self.loop.call_soon_threadsafe(self.items.put_nowait, item)
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+def _put_all(batch: list[tuple[asyncio.Queue, StepOutput | Exception]]) -> None:
     for items, out in batch:
         items.put_nowait(out)
 
@@ -86,9 +89,10 @@ class AsyncEngine:
         outputs until it finishes. Leaving early (client gone) aborts it and frees its blocks."""
         items: asyncio.Queue = asyncio.Queue()
         listener = _Listener(asyncio.get_running_loop(), items)
-        await self.run(self._listen_and_submit, seq, listener, submit)
         finished = False
         try:
+            # inside the try: cancelled while the submit runs, the sequence is aborted after it
+            await self.run(self._listen_and_submit, seq, listener, submit)
             while True:
                 item = await items.get()
                 if isinstance(item, BaseException):
@@ -100,7 +104,12 @@ class AsyncEngine:
                     return
         finally:
             if not finished:
-                self.call(self._abort, seq)
+                self.abort(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Abort ``seq`` in the engine thread, after every command sent before: frees whatever it
+        holds, wherever it is. Fire and forget, never awaited, so cancellation cannot skip it."""
+        self.call(self._abort, seq)
 
     def _abort(self, seq: Sequence) -> None:
         self._listeners.pop(seq.seq_id, None)
@@ -109,12 +118,14 @@ class AsyncEngine:
     def _deliver(self, outputs: list[StepOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up of each event loop per step, not
         one per sequence (each is a write to the loop's self-pipe, and a batch of 64 paid 64)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput | Exception]]] = {}
         for out in outputs:
             listener = self._listeners.get(out.seq.seq_id)
             if listener is None:
                 continue
-            batches.setdefault(listener.loop, []).append((listener.items, out))
+            batches.setdefault(listener.loop, []).append(
+                (listener.items, out if out.error is None else out.error)
+            )
             if out.finished:
                 del self._listeners[out.seq.seq_id]
         for loop, batch in batches.items():

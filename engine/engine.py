@@ -44,6 +44,7 @@ class StepOutput:
     token_id: int
     finished: bool
     logprobs: dict | None = None  # {"token_id", "logprob", "top": [[id, logprob], ...]} when asked
+    error: Exception | None = None  # this sequence failed (and only it): token_id is meaningless
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,16 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens; the context is {self.max_model_len} "
                 "tokens and needs room for at least one generated token"
             )
+        self.check_tokens(token_ids, "prompt")
+
+    def check_tokens(self, token_ids: list[int], what: str) -> None:
+        """Token ids must index the embedding: one out of range would fail the whole batch's
+        step, so it is refused here, for its own request only."""
         vocab = self.runner.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
+        bad = [t for t in token_ids if isinstance(t, bool) or not hasattr(t, "__index__")
+               or not 0 <= t.__index__() < vocab]
         if bad:
-            raise ValueError(f"token ids out of the vocabulary (size {vocab}): {bad[:5]}")
+            raise ValueError(f"{what} token ids out of the vocabulary (size {vocab}): {bad[:5]}")
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence for prefill (then decode, unless it is prefill-only)."""
@@ -148,7 +155,9 @@ class LLMEngine:
         return list(seq.block_table)
 
     def activate(self, seq: Sequence, first_token: int) -> StepOutput:
-        """The prompt KV has landed: append the prefill worker's first token and start decoding."""
+        """The prompt KV has landed: append the prefill worker's first token and start decoding.
+        A first token outside the vocabulary raises ValueError (the caller then frees the blocks)."""
+        self.check_tokens([first_token], "first")
         seq.num_computed_tokens = len(seq)
         self.blocks.commit(seq)  # the received KV is real now: later prompts may reuse it
         seq.token_ids.append(first_token)
@@ -196,25 +205,84 @@ class LLMEngine:
             if prev is not None:
                 outputs += self._finish(prev)
             return outputs
-        started = time.perf_counter()
-        number = self.scheduler.begin_step()
-        launched = self.runner.launch(seqs, is_prefill, prev.launched if prev else None)
-        step = _Step(
-            number, launched, is_prefill, sum(s.num_scheduled_tokens for s in seqs),
-            sum(len(s) for s in seqs), started, {},
-        )
+        try:
+            step = self._launch(seqs, is_prefill, prev)
+        except Exception as exc:  # noqa: BLE001 - isolated: only the sequences at fault fail
+            return outputs + self._isolate(seqs, is_prefill, prev, exc)
         if prev is not None:
             outputs += self._finish(prev)
-        for seq in seqs:
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            seq.num_scheduled_tokens = 0
-            if seq.seq_id in launched.row_of and seq.status == SeqStatus.RUNNING:
-                step.token_index[seq.seq_id] = len(seq.token_ids)
-                seq.token_ids.append(PLACEHOLDER)
+        self._mark_launched(step)
         self._in_flight = step
         if not self._stays_in_flight(step):
             outputs += self._finish(step)
         return outputs
+
+    def _launch(self, seqs: list[Sequence], is_prefill: bool, prev: _Step | None) -> _Step:
+        """Queue a step of ``seqs`` (sequence state is updated by ``_mark_launched``, once the
+        previous step's outputs are out). If the runner raises, the step's number is settled."""
+        started = time.perf_counter()
+        number = self.scheduler.begin_step()
+        try:
+            launched = self.runner.launch(seqs, is_prefill, prev.launched if prev else None)
+        except BaseException:
+            self.runner.wait_idle()  # nothing it queued may still write a block that goes back
+            self.scheduler.settle(number)
+            raise
+        return _Step(
+            number, launched, is_prefill, sum(s.num_scheduled_tokens for s in seqs),
+            sum(len(s) for s in seqs), started, {},
+        )
+
+    @staticmethod
+    def _mark_launched(step: _Step) -> None:
+        """The step's tokens are computed (or will be): each sampling sequence gets a placeholder
+        for its token."""
+        for seq in step.launched.seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            if seq.seq_id in step.launched.row_of and seq.status == SeqStatus.RUNNING:
+                step.token_index[seq.seq_id] = len(seq.token_ids)
+                seq.token_ids.append(PLACEHOLDER)
+
+    def _isolate(
+        self, seqs: list[Sequence], is_prefill: bool, prev: _Step | None, exc: Exception
+    ) -> list[StepOutput]:
+        """A step raised: fail only the sequence(s) that made it raise, never the batch.
+
+        Runs the batch again in halves, recursively, each group as a step of its own and run to
+        its end: a group that passes gives its sequences their tokens (the same ones: a step
+        computes each sequence on its own, the runner restores seeded generators that a failed
+        step advanced, and a re-sent prompt layer is the one already sent), and a sequence that
+        fails alone is failed with the error. A bad request costs O(log batch) extra steps."""
+        log.warning("a step of %d sequences failed (%s); finding the sequence(s) at fault", len(seqs), exc)
+        outputs = self._finish(prev) if prev is not None else []  # placeholders land first
+        if len(seqs) == 1:
+            return [*outputs, self._fail(seqs[0], exc)]
+        half = len(seqs) // 2
+        groups = [seqs[half:], seqs[:half]]  # a stack: the first half runs first
+        while groups:
+            group = [s for s in groups.pop() if s.status == SeqStatus.RUNNING]
+            if not group:
+                continue
+            try:
+                step = self._launch(group, is_prefill, None)
+            except Exception as group_exc:  # noqa: BLE001 - narrowed down further, or failed alone
+                if len(group) == 1:
+                    outputs.append(self._fail(group[0], group_exc))
+                else:
+                    half = len(group) // 2
+                    groups += [group[half:], group[:half]]
+                continue
+            self._mark_launched(step)
+            outputs += self._finish(step)
+        return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
+        """End ``seq`` alone with ``exc``: its blocks go back, the batch runs on."""
+        log.warning("request %s failed in the engine: %s", seq.request_id, exc)
+        self.abort(seq)
+        seq.finish_reason = "error"
+        return StepOutput(seq, PLACEHOLDER, True, error=exc)
 
     def _can_overlap(self, prev: _Step) -> bool:
         """Whether the next step may be queued before ``prev``'s tokens are known: its scheduling
@@ -267,7 +335,10 @@ class LLMEngine:
                 seq.token_ids[index] = result.token
             self.blocks.commit(seq)  # a prompt chunk's full blocks are reusable at once too
             if index is not None:
-                outputs.append(self._after_token(seq, result.token, result.logprobs))
+                try:
+                    outputs.append(self._after_token(seq, result.token, result.logprobs))
+                except Exception as exc:  # noqa: BLE001 - e.g. a stop check: fails this one only
+                    outputs.append(self._fail(seq, exc))
         return outputs
 
     def _after_token(self, seq: Sequence, token: int, logprobs: dict | None = None) -> StepOutput:

@@ -20,16 +20,18 @@ REQUESTS = Counter("splitserve_worker_requests_total", "Requests handled by the 
 
 
 def observe_engine(engine: LLMEngine, role: str) -> None:
-    """Export step timings and queue/cache gauges of ``engine`` under ``role``."""
+    """Export step timings of ``engine`` under ``role``, and its queue and cache gauges read at
+    scrape time: an idle worker reports its idle state, not the last step's (a gauge set only on
+    steps froze at its busy values, and blocks freed between steps never showed)."""
 
     def observe(stats: StepStats) -> None:
         phase = "prefill" if stats.is_prefill else "decode"
         STEP_SECONDS.labels(role, phase).observe(stats.seconds)
         STEP_TOKENS.labels(role, phase).inc(stats.num_tokens)
-        RUNNING.labels(role).set(len(engine.scheduler.running))
-        WAITING.labels(role).set(len(engine.scheduler.waiting))
-        free = engine.blocks.num_free_blocks
-        KV_BLOCKS_FREE.labels(role).set(free)
-        KV_BLOCKS_USED.labels(role).set(engine.blocks.num_blocks - free)
 
+    # Reads from the scraping thread: each is one len() of a container the engine thread owns.
+    RUNNING.labels(role).set_function(lambda: len(engine.scheduler.running))
+    WAITING.labels(role).set_function(lambda: len(engine.scheduler.waiting))
+    KV_BLOCKS_FREE.labels(role).set_function(lambda: engine.blocks.num_free_blocks)
+    KV_BLOCKS_USED.labels(role).set_function(lambda: engine.blocks.num_blocks - engine.blocks.num_free_blocks)
     engine.step_observers.append(observe)

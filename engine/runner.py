@@ -237,14 +237,21 @@ class ModelRunner:
         for seq in sampled:
             if seq.generator is None and seq.sampling.seed is not None:
                 seq.generator = make_generator(seq.sampling, self.device)
-        tokens = sample_tokens(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+        # A failed step is run again (LLMEngine._isolate): seeded rows must draw the same again.
+        seeded = [(s.generator, s.generator.get_state()) for s in sampled if s.generator is not None]
+        try:
+            tokens = sample_tokens(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+            asked = [row for row, s in enumerate(sampled) if s.sampling.logprobs is not None]
+            logprobs = None
+            if asked:
+                logprobs = Logprobs(logits, tokens, asked, [sampled[r].sampling.logprobs for r in asked])
+                logprobs.to_host()
+        except BaseException:
+            for generator, state in seeded:
+                generator.set_state(state)
+            raise
         # every step leaves its samples for the graphs: the next step may be a captured decode
         in_graph_buffer = self.graphs is not None and self.graphs.keep_samples(tokens)
-        asked = [row for row, s in enumerate(sampled) if s.sampling.logprobs is not None]
-        logprobs = None
-        if asked:
-            logprobs = Logprobs(logits, tokens, asked, [sampled[r].sampling.logprobs for r in asked])
-            logprobs.to_host()
         host, ready = self._to_host(tokens)  # its event also covers the logprobs' copies
         return Launched(
             seqs, complete, tokens, host, ready, logprobs,

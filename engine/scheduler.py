@@ -184,7 +184,10 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is (queued, running, prefilled, or holding blocks reserved
-        for a transfer) and free whatever it holds."""
+        for a transfer) and free whatever it holds. A no-op for a finished sequence (its blocks
+        are already freed, or held for a step in flight), so a worker may abort it in any state."""
+        if seq.status == SeqStatus.FINISHED:
+            return
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:

@@ -25,6 +25,31 @@ PLANNER_REPLICAS = Gauge(
     ["namespace", "name", "pool"],
 )
 
+# The planner's inputs and its unbounded need, so that users of their own autoscaler (an HPA on
+# an external metric through prometheus-adapter, or KEDA's Prometheus scaler) can scale on
+# what the planner sees: charts/splitserve/examples/hpa-external-metric.yaml.
+PLANNER_DEMAND = Gauge(
+    "splitserve_operator_planner_demand",
+    "Demand the planner saw this tick: prompt tokens/s (prefill, with the queue to drain), "
+    "concurrent sequences (decode)",
+    ["namespace", "name", "pool"],
+)
+PLANNER_FORECAST = Gauge(
+    "splitserve_operator_planner_forecast",
+    "The demand forecast one pod start time ahead (Holt's damped trend)",
+    ["namespace", "name", "pool"],
+)
+PLANNER_DESIRED = Gauge(
+    "splitserve_operator_planner_desired_replicas",
+    "Replicas the pool needs now at the SLO targets (before bounds, windows and cooldowns)",
+    ["namespace", "name", "pool"],
+)
+PLANNER_MARGIN = Gauge(
+    "splitserve_operator_planner_margin",
+    "The feedback margin on the pool's capacity (raised when its SLO target is missed)",
+    ["namespace", "name", "pool"],
+)
+
 
 @contextlib.contextmanager
 def reconcile_timer(cause: str) -> Iterator[None]:

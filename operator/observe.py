@@ -11,7 +11,8 @@ Read from the router (names are the contract with ``router/metrics.py``):
 - ``splitserve_router_e2e_seconds``: finished requests, and by Little's law the mean number of
   sequences in flight over the window (sum of their durations / window);
 - ``splitserve_router_inflight_sequences`` (gauge): sequences in flight at the scrape;
-- ``splitserve_router_slo_requests{ttft,tpot}``: SLO attainment (both targets met / finished);
+- ``splitserve_router_slo_requests{ttft,tpot}``: SLO attainment (both targets met / finished),
+  and each target's own (the planner's feedback: TTFT misses are prefill's, TPOT misses decode's);
 - ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second (from a router that
   lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill).
 
@@ -97,6 +98,8 @@ class Snapshot:
     slo_met: float  # finished sequences that met both targets
     slo_total: float  # finished sequences with a verdict
     prompt_tokens: float | None
+    ttft_met: float = 0.0  # finished sequences that met the TTFT target
+    tpot_met: float = 0.0  # finished sequences that met the TPOT target
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Window:
     attainment: float | None
     prompt_tokens_per_s: float | None
     concurrent_seqs: float
+    ttft_attainment: float | None = None
+    tpot_attainment: float | None = None
 
     def to_status(self) -> dict[str, Any]:
         """The ``status.observed`` block (camelCase, rounded for people reading kubectl)."""
@@ -181,6 +186,8 @@ def parse(text: str, at: float) -> Snapshot:
         slo_met=_value(families, f"{SLO}_total", ttft="met", tpot="met") or 0.0,
         slo_total=_value(families, f"{SLO}_total") or 0.0,
         prompt_tokens=_value(families, f"{PROMPT_TOKENS}_total"),
+        ttft_met=_value(families, f"{SLO}_total", ttft="met") or 0.0,
+        tpot_met=_value(families, f"{SLO}_total", tpot="met") or 0.0,
     )
 
 
@@ -210,6 +217,8 @@ class Delta:
     slo_total: float
     prompt_tokens: float | None
     inflight: float | None
+    ttft_met: float = 0.0
+    tpot_met: float = 0.0
 
     @property
     def finished(self) -> float:
@@ -239,7 +248,10 @@ def delta(prev: Snapshot, cur: Snapshot) -> Delta | None:
         prompt = cur.prompt_tokens - (prev.prompt_tokens or 0.0)
     if any(resets) or slo_met < 0 or slo_total < 0 or (prompt is not None and prompt < 0):
         return None
-    return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight)
+    met = cur.ttft_met - prev.ttft_met, cur.tpot_met - prev.tpot_met
+    if min(met) < 0:
+        return None
+    return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight, *met)
 
 
 def _sum_histograms(hs: list[Histogram | None]) -> Histogram | None:
@@ -286,6 +298,8 @@ def merge(deltas: list[Delta]) -> Window:
         attainment=(slo_met / slo_total) if slo_total > 0 else None,
         prompt_tokens_per_s=prompt_rate,
         concurrent_seqs=sum(d.concurrent_seqs for d in deltas),
+        ttft_attainment=(sum(d.ttft_met for d in deltas) / slo_total) if slo_total > 0 else None,
+        tpot_attainment=(sum(d.tpot_met for d in deltas) / slo_total) if slo_total > 0 else None,
     )
 
 

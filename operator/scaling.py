@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from splitserve.operator.planner import Capacity, PlannerConfig, PoolBounds, PoolState
+from splitserve.operator.planner import Capacity, Forecast, PlannerConfig, PoolBounds, PoolState
 
 POOLS = ("prefill", "decode")
 HISTORY_KEEP = 64  # ticks of history kept in the status at most (it is pruned by time first)
@@ -45,9 +45,10 @@ def bounds(spec: dict[str, Any], pool: str) -> PoolBounds:
 
 def planner_config(spec: dict[str, Any], capacity: Capacity) -> PlannerConfig:
     """PlannerConfig from a defaulted spec. The scale-down stabilisation window is the
-    scale-down cooldown (as HPA's ``behavior.scaleDown.stabilizationWindowSeconds``):
-    ``windowSeconds`` is the metrics window, a different thing."""
-    auto = spec["autoscaling"]
+    scale-down cooldown (as HPA's ``behavior.scaleDown.stabilizationWindowSeconds``); a need
+    must hold over one metrics window (``windowSeconds``) before a scale-up, unless the forecast
+    or a queue older than the TTFT target says otherwise; the SLO's targets drive the feedback."""
+    auto, slo = spec["autoscaling"], spec["slo"]
     down = float(auto["scaleDownCooldownSeconds"])
     return PlannerConfig(
         prefill=bounds(spec, "prefill"),
@@ -57,6 +58,9 @@ def planner_config(spec: dict[str, Any], capacity: Capacity) -> PlannerConfig:
         window_s=down,
         scale_up_cooldown_s=float(auto["scaleUpCooldownSeconds"]),
         scale_down_cooldown_s=down,
+        scale_up_window_s=float(auto["windowSeconds"]),
+        ttft_target_s=float(slo["ttftMs"]) / 1000,
+        target_attainment=float(slo["attainment"]),
     )
 
 
@@ -79,7 +83,14 @@ def pool_state(spec: dict[str, Any], status: dict[str, Any] | None, pool: str) -
     replicas = effective_replicas(spec, status)[pool]
     last = saved.get("lastChangeTime")
     history = tuple((float(t), int(n)) for t, n in saved.get("history") or ())
-    return PoolState(replicas, float(last) if last is not None else -math.inf, history)
+    demand = tuple((float(t), float(v)) for t, v in saved.get("demand") or ())
+    f = saved.get("forecast") or {}
+    forecast = Forecast(f.get("level"), float(f.get("trend", 0.0)),
+                        float(f.get("time", -math.inf)), int(f.get("rising", 0)))
+    since = saved.get("observedSince")
+    return PoolState(replicas, float(last) if last is not None else -math.inf, history, demand,
+                     forecast, float(saved.get("margin", 1.0)),
+                     float(since) if since is not None else math.inf)
 
 
 def pool_state_status(state: PoolState) -> dict[str, Any]:
@@ -87,7 +98,15 @@ def pool_state_status(state: PoolState) -> dict[str, Any]:
     out: dict[str, Any] = {
         "replicas": state.replicas,
         "history": [[round(t, 3), n] for t, n in state.history[-HISTORY_KEEP:]],
+        "demand": [[round(t, 3), round(v, 3)] for t, v in state.demand[-HISTORY_KEEP:]],
+        "margin": round(state.margin, 3),
     }
+    f = state.forecast
+    if f.level is not None and math.isfinite(f.time):
+        out["forecast"] = {"level": round(f.level, 3), "trend": round(f.trend, 6),
+                           "time": round(f.time, 3), "rising": f.rising}
     if math.isfinite(state.last_change_s):
         out["lastChangeTime"] = round(state.last_change_s, 3)
+    if math.isfinite(state.observed_since):
+        out["observedSince"] = round(state.observed_since, 3)
     return out

@@ -51,7 +51,7 @@ from splitserve.operator import (
     scaling,
     settings,
 )
-from splitserve.operator.planner import Decision, Observation, plan
+from splitserve.operator.planner import Decision, Observation, plan, replicas_for
 from splitserve.router.policy.latency import LatencyModel
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def decide(
     before = scaling.effective_replicas(spec, status)
     states = {pool: scaling.pool_state(spec, status, pool) for pool in scaling.POOLS}
     cfg = scaling.planner_config(spec, cap.capacity)
-    obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs)
+    obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs,
+                      ttft_attainment=win.ttft_attainment, tpot_attainment=win.tpot_attainment)
     d = plan(cfg, obs, states["prefill"], states["decode"], now)
     after = {"prefill": d.prefill, "decode": d.decode}
     patch: dict[str, Any] = {
@@ -184,6 +185,26 @@ def _window(
     return pod_windows.update(memory.history, scraped, failed, window_s)
 
 
+def record_planner_metrics(namespace: str, name: str, decision: Decision,
+                           spec: dict[str, Any], cap: capacity_mod.SourcedCapacity) -> None:
+    """The planner's choice, need, inputs and margin per pool, as Prometheus gauges."""
+    cfg = scaling.planner_config(spec, cap.capacity)
+    per_replica = {"prefill": cap.capacity.prefill_tokens_per_s_at_ttft,
+                   "decode": cap.capacity.decode_seqs_at_tpot}
+    for pool in scaling.POOLS:
+        state = getattr(decision, f"{pool}_state")
+        labels = (namespace, name, pool)
+        metrics.PLANNER_REPLICAS.labels(*labels).set(getattr(decision, pool))
+        metrics.PLANNER_MARGIN.labels(*labels).set(state.margin)
+        if state.demand:
+            now_demand = state.demand[-1][1]
+            metrics.PLANNER_DEMAND.labels(*labels).set(now_demand)
+            metrics.PLANNER_DESIRED.labels(*labels).set(
+                replicas_for(now_demand, per_replica[pool], cfg.headroom, state.margin))
+        if state.forecast.level is not None:
+            metrics.PLANNER_FORECAST.labels(*labels).set(state.forecast.level)
+
+
 def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log) -> None:
     """One tick for one InferenceService (``SloLoop`` calls it in a worker thread; API errors
     propagate to it and the next tick tries again)."""
@@ -211,9 +232,7 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
         reconcile.apply_worker_replicas(
             obj, {"prefill": decision.prefill, "decode": decision.decode}
         )
-    for pool in scaling.POOLS:
-        replicas = getattr(decision, pool)
-        metrics.PLANNER_REPLICAS.labels(namespace, name, pool).set(replicas)
+    record_planner_metrics(namespace, name, decision, spec, cap)
     if message:
         logger.info("Scaled: %s", message)
         kopf.info(obj, reason="Scaled", message=message)

@@ -4,8 +4,11 @@ decode worker the router chose.
 A request's life here: connecting (the transfer to the decode worker opens and handshakes at once)
 -> queued (waiting for a prefill batch with room in the token budget and the cache) -> prefilling
 (each layer's KV goes on the wire as soon as the layer is computed) -> prefilled (first token
-sampled and sent; blocks held until the decode side acknowledges) -> released (blocks freed, whether the transfer succeeded or failed; the
-response says which). Prompts that share a prefix reuse its cached blocks.
+sampled and sent; blocks held until the decode side acknowledges) -> released (blocks freed,
+whether the transfer succeeded or failed; the response says which). Prompts that share a prefix
+reuse its cached blocks. A :class:`~splitserve.engine.block_lease.BlockLease` (queued -> sending
+-> finished, or cancelled / failed from either) frees the blocks exactly once on every path,
+without awaiting: a request cancelled during its cleanup still gives them back.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 from pydantic import Field
+from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
@@ -75,18 +79,22 @@ class PrefillWorker(EngineWorker):
         )
         started = time.perf_counter()
         first_logprobs = None
+        lease = BlockLease(seq.request_id, release=lambda: self.async_engine.abort(seq))
         try:
+            lease.advance(Stage.QUEUED)
             async for out in self.async_engine.stream(seq, self.engine.add):
                 stream.finish(out.token_id)
                 first_logprobs = out.logprobs
+            lease.advance(Stage.SENDING)
             prefilled = time.perf_counter()
             await transfer
+            lease.finish()
         except BaseException as exc:
+            # first, without awaiting: the sender reads copies of the layers, never the blocks
+            lease.end(Stage.FAILED if isinstance(exc, Exception) else Stage.CANCELLED)
             stream.fail(exc)  # the sender stops at once; the decode side learns of it
             await asyncio.gather(transfer, return_exceptions=True)
             raise
-        finally:
-            await self.async_engine.run(self.engine.release, seq)
         return {
             "request_id": req.request_id,
             "first_token": stream.first_token(),
@@ -105,10 +113,16 @@ class LayerStream:
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
+        self._next = 0  # the next layer to pass on
         self._layers: queue.Queue = queue.Queue()
         self._first: concurrent.futures.Future = concurrent.futures.Future()
 
     def put(self, layer: int, kv) -> None:
+        """Pass on layer ``layer``'s KV; a layer already passed on is dropped (a step the engine
+        runs again after a failure computes the same KV once more)."""
+        if layer < self._next:
+            return
+        self._next = layer + 1
         self._layers.put(kv)
 
     def finish(self, first_token: int) -> None:

@@ -121,6 +121,8 @@ def test_window_from_router_metrics_text() -> None:
     assert w.ttft_p90_ms == pytest.approx((0.5 + 0.5 * 1 / 2) * 1000)
     assert w.tpot_p90_ms == pytest.approx((0.02 + 0.02 * 0.9) * 1000)  # all in (0.02, 0.04]
     assert w.attainment == pytest.approx(0.8)
+    # each target's own attainment, for the planner's per-pool feedback
+    assert (w.ttft_attainment, w.tpot_attainment) == (pytest.approx(0.8), 1.0)
     # Little's law: (8 * 2 s + 2 * 3 s) / 10 s = 2.2 in flight on average; the gauge says 7
     assert w.concurrent_seqs == 7
     m.inflight.set(0)

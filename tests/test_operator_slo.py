@@ -87,6 +87,25 @@ def test_decide_scales_decode_up_and_says_why() -> None:
     assert patch2["autoscaling"]["decode"]["lastChangeTime"] == 1000.0
 
 
+def test_planner_inputs_exported_for_hpa_and_keda_users() -> None:
+    from prometheus_client import REGISTRY
+
+    full = spec(decodeSequencesPerReplica=10, prefillTokensPerSecond=2000, headroom=0.8)
+    cap = capacity.for_spec(full, None)
+    d, _, _ = slo_loop.decide(full, None, window(30, 10_000), cap, now=1000.0)
+    slo_loop.record_planner_metrics("ns-m", "svc-m", d, full, cap)
+
+    def gauge(name: str, pool: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"namespace": "ns-m", "name": "svc-m", "pool": pool})
+
+    assert gauge("splitserve_operator_planner_replicas", "decode") == 4
+    assert gauge("splitserve_operator_planner_demand", "decode") == 30
+    assert gauge("splitserve_operator_planner_desired_replicas", "decode") == 4  # 30 / (10 x 0.8)
+    assert gauge("splitserve_operator_planner_desired_replicas", "prefill") == 7  # unbounded need
+    assert gauge("splitserve_operator_planner_margin", "prefill") == 1.0
+    assert gauge("splitserve_operator_planner_forecast", "decode") == 30
+
+
 def test_unmeasured_prompt_rate_holds_prefill() -> None:
     full = spec(decodeSequencesPerReplica=10)
     d, _, _ = slo_loop.decide(full, None, window(1, None), capacity.for_spec(full, None), 0)
