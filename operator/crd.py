@@ -268,6 +268,23 @@ def status_schema() -> Schema:
                 "description": "(time, wanted) per tick over the stabilisation window.",
                 "items": {"type": "array", "items": {"type": "number"}},
             },
+            "demand": {
+                "type": "array",
+                "description": "(time, demand) per tick over the scale-up window.",
+                "items": {"type": "array", "items": {"type": "number"}},
+            },
+            "margin": {"type": "number", "description": "The feedback margin on the need."},
+            "forecast": {
+                "type": "object",
+                "description": "Holt's damped trend of the demand.",
+                "properties": {k: {"type": "number"} for k in ("level", "trend", "time")}
+                | {"rising": _int(0)},
+            },
+            "observedSince": {
+                "type": "number",
+                "description": "Unix seconds of the first measured tick (a whole window is "
+                "observed before any scale-down).",
+            },
         },
     }
     condition = {

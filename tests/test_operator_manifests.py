@@ -253,3 +253,16 @@ def test_crd_backends_are_the_registered_ones() -> None:
     from splitserve.operator.crd import KV_BACKENDS
 
     assert sorted(KV_BACKENDS) == sorted(available_backends())
+
+
+def test_status_schema_keeps_everything_the_planner_remembers() -> None:
+    """The API server prunes status fields its schema does not name; a planner field missing
+    there is lost between ticks (a lost observedSince kept every scale-down waiting forever)."""
+    from splitserve.operator.planner import Forecast, PoolState
+    from splitserve.operator.scaling import pool_state_status
+
+    state = PoolState(2, 10.0, ((1.0, 2),), ((1.0, 3.5),), Forecast(3.5, 0.1, 1.0, 1), 1.1, 1.0)
+    saved = pool_state_status(state)
+    schema = crd.status_schema()["properties"]["autoscaling"]["properties"]["prefill"]
+    assert set(saved) <= set(schema["properties"]), set(saved) - set(schema["properties"])
+    assert set(saved["forecast"]) <= set(schema["properties"]["forecast"]["properties"])
