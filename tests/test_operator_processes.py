@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -212,3 +213,75 @@ def ready_pods(served: Served, component: str) -> list[str]:
         and any(c["type"] == "Ready" and c["status"] == "True"
                 for c in p["status"].get("conditions", []))
     )  # fmt: skip
+
+
+LONG_PROMPT = "cluster pod node memory compute batch stream transfer layer attention " * 40
+
+
+def test_autoscaling_long_prompt_ramp_raises_prefill_only_and_idle_returns_to_min(
+    served: Served,
+) -> None:
+    """Autoscaling on real traffic: a ramp of long prompts with few tokens out raises prefill
+    (prompt tokens/s over one replica's capacity) and not decode (few sequences at once); idle,
+    both pools return to their minimum; no request fails; the Scaled Events say why."""
+    k8s, ns = served.k8s, served.ns
+    patch = {"spec": {
+        "prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 2},
+        "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 2},
+        "autoscaling": {"enabled": True, "windowSeconds": 2, "scaleUpCooldownSeconds": 0,
+                        "scaleDownCooldownSeconds": 8, "prefillTokensPerSecond": 300,
+                        "decodeSequencesPerReplica": 16},
+    }}  # fmt: skip
+    k8s.kubectl("patch", "infsvc", NAME, "-n", ns, "--type=merge", "-p", json.dumps(patch))
+    wait_until("1 prefill and 1 decode pod", lambda: len(served.pods("decode")) == 1
+               and len(ready_pods(served, "prefill")) == 1, 90)  # fmt: skip
+
+    def replicas() -> tuple[int, int]:
+        return tuple(k8s.get_json("deployment", f"{NAME}-{pool}", "-n", ns)["spec"]["replicas"]
+                     for pool in ("prefill", "decode"))  # type: ignore[return-value]
+
+    client = served.client(timeout=60)
+    users: list[concurrent.futures.Future] = []
+    stop = threading.Event()
+    outcomes: list[str] = []
+    seen: list[tuple[int, int]] = []
+
+    def user() -> None:
+        while not stop.is_set():
+            try:
+                client.completions.create(model="tiny-qwen2", prompt=LONG_PROMPT, max_tokens=2,
+                                          temperature=0)  # fmt: skip
+                outcomes.append("ok")
+            except Exception as exc:  # noqa: BLE001 (every failure is counted, not raised)
+                outcomes.append(repr(exc)[:200])
+
+    def watch(goal: tuple[int, int]) -> bool:
+        seen.append(replicas())
+        return seen[-1] == goal and len(ready_pods(served, "prefill")) == goal[0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        try:
+            for _ in range(3):  # the ramp: one more user every few seconds
+                users.append(pool.submit(user))
+                time.sleep(3)
+            wait_until("prefill scaled to 2 and serving", lambda: watch((2, 1)), 90, interval=1)
+            time.sleep(3)  # traffic on both prefill pods
+        finally:
+            stop.set()
+        for u in users:
+            u.result(90)
+    try:
+        wait_until("idle: both pools back to 1", lambda: watch((1, 1)), 90, interval=1)
+    except TimeoutError:
+        print("STATUS", json.dumps(isvc(k8s, ns, NAME).get("status", {}).get("autoscaling")))
+        raise
+    wait_until("the scaled-down prefill pod removed", lambda: len(served.pods("prefill")) == 1, 60)
+    assert max(d for _, d in seen) == 1, seen  # decode never scaled
+    failed = [o for o in outcomes if o != "ok"]
+    assert outcomes and not failed, failed
+    sel = f"involvedObject.name={NAME},reason=Scaled"
+    events = [e["message"] for e in k8s.get_json("events", "-n", ns, "--field-selector", sel)
+              ["items"]]  # fmt: skip
+    assert any("prefill: 1->2" in m for m in events), events
+    assert any("prefill: 2->1" in m for m in events), events
+    print("\n".join(events))
