@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from k8s_env import NODE_IP, PROCESS_NODE, SERVICE_IP, K8sEnv, die_with_parent
+from k8s_env import NODE_IP, PROCESS_NODE, SERVICE_IP, K8sEnv, die_with_parent, wait_until
 from service_net import ServiceNet
 
 log = logging.getLogger("pod_processes")
@@ -566,6 +566,16 @@ class PodProcesses:
             self.gone.append(runtime)
 
     # -- for tests --
+    def wait_reachable(self, ip: str, port: int, timeout: float = 30) -> None:
+        """Wait until ``ip:port`` (a ClusterIP) accepts connections: its proxy follows the pods'
+        readiness one tick later, as kube-proxy follows EndpointSlices."""
+
+        def accepts() -> bool:
+            socket.create_connection((ip, port), timeout=1).close()
+            return True
+
+        wait_until(f"{ip}:{port} reachable", accepts, timeout)
+
     def runtime(self, ns: str, name: str) -> PodRuntime | None:
         return next((r for r in [*self.pods.values(), *self.gone]
                      if (r.ns, r.name) == (ns, name)), None)  # fmt: skip

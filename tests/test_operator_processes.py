@@ -88,6 +88,7 @@ def served(k8s: K8sEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             k8s.apply(doc, namespace=ns)
             wait_ready(k8s, op, ns, NAME, timeout=180)
             router_ip = k8s.get_json("service", f"{NAME}-router", "-n", ns)["spec"]["clusterIP"]
+            node.wait_reachable(router_ip, 8000)
             yield Served(k8s, node, op, ns, model, router_ip)
             k8s.kubectl("delete", "infsvc", NAME, "-n", ns, "--wait=true", timeout=200)
             wait_until("pods gone", lambda: not k8s.get_json("pods", "-n", ns)["items"], 60)
