@@ -2,7 +2,8 @@
 
 etcd, kube-apiserver (TLS, client certificates, RBAC, service-account tokens),
 kube-controller-manager, kube-scheduler and kwok (fake nodes that turn scheduled pods Running and
-Ready) run as local processes on free loopback ports, from binaries that
+Ready; on one more node, ``PROCESS_NODE``, tests/pod_processes.py runs the pods as real processes
+instead) run as local processes on free loopback ports, from binaries that
 ``scripts/k8s-build.sh`` builds once per machine into ``~/.cache/splitserve/k8s/<version>/bin``.
 The ``k8s`` fixture starts it once per test session and tears it down at the end.
 

@@ -104,6 +104,18 @@ def served(k8s: K8sEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             k8s.kubectl("delete", "namespace", ns, system, "--wait=false")
 
 
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, served: Served) -> Iterator[None]:
+    """A failed test prints the operator's and the pods' logs (the call's report is counted
+    before this teardown runs)."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        print(served.op.log()[-5000:])
+        print(served.node.logs(served.ns)[-12000:])
+        print("kubelet errors:", served.node.errors[-10:])
+
+
 def complete(client, prompt: str) -> str:  # noqa: ANN001
     r = client.completions.create(model="tiny-qwen2", prompt=prompt, max_tokens=MAX_TOKENS,
                                   temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
