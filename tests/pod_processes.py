@@ -232,7 +232,8 @@ class Container:
         """Restart an exited process (with a growing back-off), probe a running one."""
         now = time.monotonic()
         if self.proc is not None and self.proc.poll() is not None:
-            log.warning("%s exited with %s", self.log_path.name, self.proc.returncode)
+            log.warning("container %s at %s exited with %s (log: %s)", self.name, self.pod_ip,
+                        self.proc.returncode, self.log_path)  # fmt: skip
             self.proc, self.probe.ready = None, False
             self.restarts += 1
             self.restart_at = now + min(10.0, 0.5 * 2**self.restarts)
