@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     p.add_argument("--policy", default="round_robin", help="routing policy (default round_robin)")
     p.add_argument("--devices", default="", help="comma-separated devices assigned round robin, prefill first (e.g. cuda:0,cuda:1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of each GPU's memory for the workers placed on it, divided evenly "
+                        "among them (default 0.85: two workers on cuda:0 get 0.425 each); a "
+                        "--gpu-memory-utilization in --worker-args sets every worker's own instead")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
     p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
@@ -63,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         router_args=tuple(shlex.split(args.router_args)),
         log_dir=Path(args.log_dir) if args.log_dir else None,
         redis_url=args.redis_url,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     deployment = Deployment(cfg)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM as on Ctrl-C
