@@ -78,6 +78,7 @@ def plan(cfg: UpConfig) -> list[Component]:
     devices = [cfg.devices[i % len(cfg.devices)] if cfg.devices else None for i in range(n)]
     shares = memory_shares(devices, cfg.gpu_memory_utilization)
     own_share = _sets_option(cfg.worker_args, "--gpu-memory-utilization")
+    own_kv_port = _sets_option(cfg.worker_args, "--kv-port")
     for i in range(n):
         role = "prefill" if i < cfg.num_prefill else "decode"
         index = i if role == "prefill" else i - cfg.num_prefill
@@ -85,6 +86,9 @@ def plan(cfg: UpConfig) -> list[Component]:
         args = [role, "--model", cfg.model, "--host", "127.0.0.1", "--port", str(ports[i]), *cfg.worker_args]
         if cfg.redis_url:
             args += ["--redis-url", cfg.redis_url]
+        if role == "decode" and not own_kv_port:
+            # a fixed KV port, so a restarted decode worker is where prefill workers expect it
+            args += ["--kv-port", str(free_port())]
         if devices[i]:
             args += ["--device", devices[i]]
         if shares[i] is not None and not own_share:
