@@ -181,12 +181,15 @@ class MemoryPlan:
         )
 
     def check_free(self, free: int, kv_bytes: int) -> None:
-        """Refuse a KV cache the device cannot hold now: something else on it uses more than
-        what the shares leave (the fractions of all workers on a device must sum to <= 1)."""
-        if kv_bytes > free:
+        """Refuse a KV cache the device cannot hold now, with the activations and graphs still to
+        come: something else on it uses more than what the shares leave (the fractions of all
+        workers on a device must sum to at most 1)."""
+        need = kv_bytes + self.activations + self.graphs
+        if need > free:
             raise MemoryBudgetError(
-                f"{self.device}: the KV cache of this worker's share needs {kv_bytes / GiB:.2f} GiB, "
-                f"but only {free / GiB:.2f} GiB is free: other processes on the device use more "
+                f"{self.device}: the rest of this worker's share (KV cache {kv_bytes / GiB:.2f} GiB, "
+                f"activations and CUDA graphs {(self.activations + self.graphs) / GiB:.2f} GiB) needs "
+                f"{need / GiB:.2f} GiB, but only {free / GiB:.2f} GiB is free: other processes on the device use more "
                 f"than the rest of it. Lower {FLAG} here or there, so the fractions of everything "
                 "on the device sum to at most 1"
             )
