@@ -10,6 +10,7 @@ under ``pytest --noconftest``: the demo model is made here by ``splitserve model
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,6 @@ import time
 import httpx
 import pytest
 import torch
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.launcher.processes import python_command
 from splitserve.launcher.up import free_port
 
@@ -43,6 +43,25 @@ def _wait_up(proc: subprocess.Popen, url: str, log_dir) -> None:
             pass
         time.sleep(1)
     pytest.fail(f"splitserve up not ready after {READY_S}s")
+
+
+# In a process of its own, in safe-path mode: pytest puts the repository root on this process's
+# sys.path, where our kernels/ shadows the Hugging Face `kernels` package transformers imports.
+HF_TEXTS = """
+import json, sys
+from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from transformers import AutoTokenizer
+model, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(model)
+tokens = hf_greedy(model, hf_tokenize(model, prompts), n, device="cuda:0")
+print(json.dumps([tok.decode(t, skip_special_tokens=True) for t in tokens]))
+"""
+
+
+def _hf_texts(model, prompts: list[str], n: int) -> list[str]:
+    out = subprocess.run(python_command("-c", HF_TEXTS, str(model), str(n), json.dumps(prompts)),
+                         check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_prefill_and_decode_share_one_gpu(tmp_path):
@@ -73,9 +92,4 @@ def test_prefill_and_decode_share_one_gpu(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    expected = [tok.decode(t, skip_special_tokens=True)
-                for t in hf_greedy(model, hf_tokenize(model, PROMPTS), MAX_TOKENS, device="cuda:0")]
-    assert texts == expected
+    assert texts == _hf_texts(model, PROMPTS, MAX_TOKENS)
