@@ -5,7 +5,8 @@
 #   bash bench/gpu_all.sh OUTDIR [STEP ...]
 #
 # Steps (default: all, in this order): check (GPU tests of the kernels and the cuda_ipc KV
-# backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up), engine, kernels, kvtransfer,
+# backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up,
+# `splitserve up --devices cuda:0,cuda:0` serving transformers' greedy output), engine, kernels, kvtransfer,
 # prefill_transfer, router, engine_vs_hf, split (only with two GPUs). Each writes OUTDIR/<step>.log and its JSON. Run from
 # a folder where the repository is importable as `splitserve` (the script makes one in /tmp if
 # not). Without the router's libraries (fastapi, uvicorn, orjson, ...), carry a wheelhouse:
@@ -58,7 +59,8 @@ for step in "${steps[@]}"; do
         tests/test_warmup_gpu.py
       run check_engine 240 python3 -m splitserve.bench.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
-        tests/test_kvtransfer_contract.py -k cuda_ipc ;;
+        tests/test_kvtransfer_contract.py -k cuda_ipc
+      run check_one_gpu_split 300 python3 -m pytest -q --noconftest tests/test_up_one_gpu.py ;;
     engine) run engine 420 python3 -m splitserve.bench.engine --batches 1,32,64 --out "$out/engine.json" ;;
     kernels) run kernels 300 python3 -m splitserve.bench.kernels --json "$out/kernels.json" ;;
     kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json" ;;

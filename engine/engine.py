@@ -86,7 +86,7 @@ def load_tokenizer(model_dir: str | Path):
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config.runner)
+        self.runner = ModelRunner(config.runner, config.scheduler)
         self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.tokenizer = load_tokenizer(config.runner.model_dir)

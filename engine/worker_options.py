@@ -21,6 +21,10 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if present)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=RunnerConfig.gpu_memory_utilization,
+                        help="fraction of the device's total memory this worker may use for weights, "
+                             f"activations, CUDA graphs and KV cache (default {RunnerConfig.gpu_memory_utilization}"
+                             "; workers sharing a device need fractions that sum to at most 1)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill batch (default 8192)")
@@ -64,6 +68,7 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
             device=args.device,
             block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len,
             random_weights=args.random_weights,
             cuda_graphs=not args.enforce_eager,

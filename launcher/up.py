@@ -33,17 +33,39 @@ class UpConfig:
     log_dir: Path | None = None
     redis_url: str | None = None  # workers announce themselves there; the router discovers them
     worker_ports: tuple[int, ...] = field(default=())  # default: free ports
+    # Of each device, shared by the workers placed on it (unless --worker-args sets a worker's own)
+    gpu_memory_utilization: float = 0.85
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
             raise ValueError("need at least one decode worker (zero prefill workers = colocated: "
                              "decode workers prefill prompts themselves)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _device_key(device: str | None) -> str:
+    """Workers without a device use the default one, which is cuda:0 when there is a GPU."""
+    return "cuda:0" if device in (None, "cuda") else device
+
+
+def memory_shares(devices: list[str | None], fraction: float) -> list[float | None]:
+    """Each worker's ``--gpu-memory-utilization``: ``fraction`` of its device divided evenly
+    among the workers placed there (None for a CPU worker: it has no share to set). Why: a
+    worker sizes its KV cache from its share of the device's total memory, so workers sharing a
+    device must have shares that sum to at most what the device may give."""
+    keys = [_device_key(d) for d in devices]
+    return [None if key.startswith("cpu") else fraction / keys.count(key) for key in keys]
+
+
+def _sets_option(args: tuple[str, ...], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in args)
 
 
 def plan(cfg: UpConfig) -> list[Component]:
@@ -53,6 +75,10 @@ def plan(cfg: UpConfig) -> list[Component]:
     if len(ports) != n:
         raise ValueError(f"need {n} worker ports, got {len(ports)}")
     components, urls = [], {"prefill": [], "decode": []}
+    devices = [cfg.devices[i % len(cfg.devices)] if cfg.devices else None for i in range(n)]
+    shares = memory_shares(devices, cfg.gpu_memory_utilization)
+    own_share = _sets_option(cfg.worker_args, "--gpu-memory-utilization")
+    own_kv_port = _sets_option(cfg.worker_args, "--kv-port")
     for i in range(n):
         role = "prefill" if i < cfg.num_prefill else "decode"
         index = i if role == "prefill" else i - cfg.num_prefill
@@ -60,8 +86,13 @@ def plan(cfg: UpConfig) -> list[Component]:
         args = [role, "--model", cfg.model, "--host", "127.0.0.1", "--port", str(ports[i]), *cfg.worker_args]
         if cfg.redis_url:
             args += ["--redis-url", cfg.redis_url]
-        if cfg.devices:
-            args += ["--device", cfg.devices[i % len(cfg.devices)]]
+        if role == "decode" and not own_kv_port:
+            # a fixed KV port, so a restarted decode worker is where prefill workers expect it
+            args += ["--kv-port", str(free_port())]
+        if devices[i]:
+            args += ["--device", devices[i]]
+        if shares[i] is not None and not own_share:
+            args += ["--gpu-memory-utilization", f"{shares[i]:.4g}"]
         components.append(Component(f"{role}-{index}", args, f"{url}/health"))
         urls[role].append(url)
     router = ["router", "--model", cfg.model, "--served-model-name", cfg.served_model_name,
