@@ -8,6 +8,7 @@ HTTP header travels on every request) is useless on the others. Imports nothing 
 every layer may use it.
 """
 
+from .http import HEADER, InternalAuthMiddleware, auth_headers, warn_unauthenticated
 from .secret import (
     ENV_FILE,
     ENV_VALUE,
@@ -21,6 +22,10 @@ from .secret import (
 )
 
 __all__ = [
+    "HEADER",
+    "InternalAuthMiddleware",
+    "auth_headers",
+    "warn_unauthenticated",
     "ENV_FILE",
     "ENV_VALUE",
     "InternalSecret",
