@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+from splitserve.trust import add_secret_argument
 
 
 def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -39,6 +40,11 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                              "(auto: on CUDA, where it hides the host's work; off: for debugging "
                              "and comparison; on: also on the CPU, for testing)")
     parser.add_argument("--random-weights", action="store_true", help="random weights of the model's shape (timing only)")
+    add_secret_argument(parser)
+    parser.add_argument("--redis-password-file", default=None, metavar="FILE",
+                        help="file holding the Redis password (default: env SPLITSERVE_REDIS_PASSWORD_FILE, else SPLITSERVE_REDIS_PASSWORD)")
+    parser.add_argument("--public-metrics", action="store_true",
+                        help="serve /metrics without the internal header (for a Prometheus that NetworkPolicies admit)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,9 @@ class WorkerOptions:
     redis_namespace: str = "splitserve"
     kv_port: int = 0
     kv_timeout: float = 30.0
+    internal_secret_file: str | None = None  # the path only; the value is read at start-up
+    redis_password_file: str | None = None
+    public_metrics: bool = False
 
     @property
     def url(self) -> str:
@@ -94,6 +103,9 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
         redis_namespace=args.redis_namespace,
         kv_port=getattr(args, "kv_port", 0),
         kv_timeout=getattr(args, "kv_timeout", 30.0),
+        internal_secret_file=args.internal_secret_file,
+        redis_password_file=args.redis_password_file,
+        public_metrics=args.public_metrics,
     )
 
 

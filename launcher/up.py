@@ -2,16 +2,24 @@
 
 The plan (which processes, with which arguments and ports) is a pure function so tests can read
 it without starting anything; ``run`` starts it, waits for readiness and tears it down.
+
+Internal authentication is on even on a laptop: unless the environment already names a secret,
+each run generates one, writes it to a file only this user can read, and hands its children the
+path in ``SPLITSERVE_INTERNAL_SECRET_FILE``; never on their command lines, which every local
+user can read.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitserve.launcher.processes import Component, ProcessGroup
+from splitserve.trust import ENV_FILE, generate_secret, load_internal_secret, write_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +121,25 @@ class Deployment:
 
     def __init__(self, cfg: UpConfig) -> None:
         self.cfg = cfg
-        self.group = ProcessGroup(cfg.log_dir)
+        self._secret_dir: Path | None = None
+        self.group = ProcessGroup(cfg.log_dir, self._secret_env())
+
+    def _secret_env(self) -> dict[str, str]:
+        """The environment that gives every child the run's internal secret: none to add when
+        the environment already configures one (the children inherit it), else a fresh secret
+        in a private file."""
+        if load_internal_secret() is not None:
+            return {}
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="splitserve-up-"))  # 0700
+        path = write_secret_file(self._secret_dir / "internal-secret", generate_secret())
+        return {ENV_FILE: str(path)}
+
+    def internal_headers(self) -> dict[str, str]:
+        """The headers that authenticate a request to this deployment's workers (their /load,
+        /metrics: everything but /health needs the internal secret)."""
+        from splitserve.trust.http import auth_headers
+
+        return auth_headers(load_internal_secret(environ=self.group.env))
 
     @property
     def base_url(self) -> str:
@@ -137,6 +163,9 @@ class Deployment:
 
     def stop(self) -> None:
         self.group.stop()
+        if self._secret_dir is not None:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
+            self._secret_dir = None
 
     def __enter__(self) -> Deployment:
         return self.start()

@@ -191,6 +191,16 @@ def spec_schema() -> Schema:
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),
                     "resources": _resources_schema("Container resources of the router."),
+                    "apiKeySecret": {
+                        "type": "object",
+                        "description": "A Secret holding the API key clients must send"
+                        " (Authorization: Bearer KEY) for /v1/*; unset: the API is open.",
+                        "required": ["name"],
+                        "properties": {
+                            "name": _str("Secret name (same namespace).", minLength=1),
+                            "key": _str("Key inside the Secret.", default="api-key", minLength=1),
+                        },
+                    },
                 },
             },
             "slo": {

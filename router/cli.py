@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 from pathlib import Path
 
 from splitserve.router.config import POLICIES
+from splitserve.trust import add_secret_argument, read_secret
+
+log = logging.getLogger("splitserve.router")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,9 +71,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="key prefix in Redis, one per service (default splitserve)",
     )
     p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the key that /v1/* and /metrics require as 'Authorization: Bearer KEY' "
+        "(default: env SPLITSERVE_API_KEY_FILE, else the value of SPLITSERVE_API_KEY; none = open)",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: env SPLITSERVE_API_KEY; none = open)",
+        help="DEPRECATED: visible to every local user in the process list; use --api-key-file",
+    )
+    add_secret_argument(p)
+    p.add_argument(
+        "--redis-password-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the Redis password (default: env SPLITSERVE_REDIS_PASSWORD_FILE, "
+        "else SPLITSERVE_REDIS_PASSWORD)",
+    )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without the API key (a Prometheus that NetworkPolicies admit)",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve /docs and /openapi.json (behind the API key when there is one)",
     )
     p.add_argument(
         "--latency-model",
@@ -126,7 +154,11 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         policy=args.policy,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("SPLITSERVE_API_KEY") or None,
+        api_key=api_key_from_args(args),
+        internal_secret_file=args.internal_secret_file,
+        redis_password_file=args.redis_password_file,
+        public_metrics=args.public_metrics,
+        docs=args.docs,
         redis_url=args.redis_url,
         redis_namespace=args.redis_namespace,
         latency_model_path=args.latency_model,
@@ -134,6 +166,21 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         max_queue_ms=args.max_queue_ms,
         poll_interval_s=args.poll_interval,
     )
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """The API key from --api-key-file, SPLITSERVE_API_KEY_FILE or SPLITSERVE_API_KEY; the
+    deprecated --api-key still works, with a warning (its value is in /proc/<pid>/cmdline)."""
+    key = read_secret(args.api_key_file, file_env="SPLITSERVE_API_KEY_FILE",
+                      value_env="SPLITSERVE_API_KEY", what="API key")
+    if args.api_key:
+        log.warning("--api-key is deprecated: any local user can read it in the process list; "
+                    "use --api-key-file or SPLITSERVE_API_KEY")
+        if key is None:
+            return args.api_key
+        if key != args.api_key:
+            raise ValueError("--api-key disagrees with --api-key-file/SPLITSERVE_API_KEY: give one")
+    return key
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -32,7 +32,11 @@ class RouterConfig:
     policy: str = "round_robin"
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
+    internal_secret_file: str | None = None  # path; the secret may also come from the environment
+    redis_password_file: str | None = None
+    public_metrics: bool = False  # /metrics without the API key (a Prometheus admitted by policy)
+    docs: bool = False  # serve /docs and /openapi.json (behind the API key when there is one)
     redis_url: str | None = None
     redis_namespace: str = "splitserve"
     latency_model_path: str | None = None

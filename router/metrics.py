@@ -91,6 +91,11 @@ class RouterMetrics:
             "Prompt tokens of the sequences routed (the planner's prefill load)",
             registry=r,
         )
+        self.registry_forged = Counter(
+            "splitserve_router_registry_forged",
+            "Registry entries ignored because their MAC did not verify (each scan counts them)",
+            registry=r,
+        )
         self.queued = Gauge(
             "splitserve_router_queued_requests", "Requests waiting in admission", registry=r,
             multiprocess_mode="livesum",

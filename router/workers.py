@@ -125,21 +125,27 @@ def _describe(exc: BaseException) -> str:
 class WorkerClient:
     """Async HTTP calls to workers over one shared connection pool (made in the running loop)."""
 
-    def __init__(self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float) -> None:
+    def __init__(
+        self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """``headers`` go on every call to a worker (the internal authentication header)."""
+        self.headers = dict(headers or {})
         self.prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, connect=connect_timeout_s)
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=idle_timeout_s
         )
         self.probe_timeout = aiohttp.ClientTimeout(total=max(1.0, connect_timeout_s), connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self.pool = http1.Pool(connect_timeout_s)
+        self.pool = http1.Pool(connect_timeout_s, self.headers)
         self._addresses: dict[str, tuple[str, int, str]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), trust_env=False
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), trust_env=False,
+                headers=self.headers,
             )
         return self._session
 
