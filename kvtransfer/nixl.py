@@ -64,20 +64,21 @@ from .cuda_ipc import STOP_WAIT_S, _await_eof, _give_up, await_exit_settled, pro
 from .layout import PagedWriter, _block_runs, check_cache, token_slots
 from .receiver import LayerSource, SocketReceiver
 from .sender import HeldFrames, LayerSink, SocketSender
-from .shm import ring_slots
 from .wire import HEADER, Frame, FrameType, error_meta, expect_frame, send_frame
 
 log = logging.getLogger(__name__)
 
 # where the NIXL Python API lives: the meta package, else a CUDA variant wheel on its own
 API_MODULES = ("nixl._api", "nixl_cu13._api", "nixl_cu12._api")
-INSTALL_HINT = "pip install 'splitserve[nixl]' (NIXL's wheels: nixl-cu13 or nixl-cu12)"
-POLL_S = 0.0001  # a pump's pause between polls while WRITEs are in flight
+INSTALL_HINT = "pip install 'splitserve[nixl]' (NIXL with UCX: nixl-cu13, or nixl-cu12 for a CUDA 12 torch)"
+POLL_S = 0.0  # a pump yields (GIL) between polls while WRITEs are in flight
 LINGER_S = 1.0  # the receiver keeps progressing this long after its last transfer
 SETTLE_S = 0.05  # after a sender's EOF without a stop acknowledgement
 WATCH_PERIOD_S = 0.05  # a sender pump's select timeout when it has nothing in flight
 REMOTE_AGENTS = 16  # receivers a sender keeps added (oldest removed)
 POOL_BUFFERS = 4  # registered staging buffers a sender keeps for later transfers
+RING_BYTES = 64 << 20  # a transfer's staging ring: up to this many bytes of layers in flight
+MIN_SLOTS = 2
 _API: ModuleType | None = None
 
 
@@ -340,6 +341,13 @@ class NixlReceiver(SocketReceiver):
 
 
 # ----------------------------------------------------------------------------- sender side
+def ring_slots(nbytes: int, num_layers: int) -> int:
+    """Slots of a transfer's staging ring: each WRITE completes only after a round trip (the
+    flush before its notification), so a ring of two layers leaves the link idle most of the
+    time; as many layers as fit in ``RING_BYTES`` keep it busy."""
+    return max(MIN_SLOTS, min(num_layers, RING_BYTES // max(nbytes, 1)))
+
+
 class _Grant:
     """Where one transfer writes: the receiver (added to our agent) and, per layer, the remote
     and staging offsets of each run of consecutive blocks."""
