@@ -419,7 +419,6 @@ class NixlSink(LayerSink):
         """Wait (I/O timeout) for the receiver's grant, stage, start the pump."""
         self._grant = _Grant(expect_frame(sock, FrameType.CREDIT).meta, self._sender,
                              self._num_tokens)
-        self._buffer = self._sender.pool.take(self._slots * self._nbytes)
         self._sock = sock
         self._pump = threading.Thread(target=self._run, args=(sock,), daemon=True,
                                       name="kv-nixl-pump")
@@ -429,6 +428,9 @@ class NixlSink(LayerSink):
         if self._grant is None:
             raise TransferError(FailureReason.PROTOCOL_ERROR, "no grant from the receiver")
         slot = self._take_slot(sock)
+        if self._buffer is None:  # on the first layer: its device decides (unless pinned)
+            device = self._sender.device or tensor.device
+            self._buffer = self._sender.pool.take(self._slots * self._nbytes, device)
         staging = self._buffer[0]
         dst = staging[slot * self._nbytes : (slot + 1) * self._nbytes]
         dst.copy_(tensor.reshape(-1).view(torch.uint8), non_blocking=staging.is_cuda)
@@ -602,21 +604,20 @@ class _BufferPool:
     """Registered staging buffers, kept for later transfers (registering costs a system call
     or a GPU IPC handle; a transfer should not pay it)."""
 
-    def __init__(self, agent: Any, device: torch.device) -> None:
+    def __init__(self, agent: Any) -> None:
         self._agent = agent
-        self._device = device
         self._lock = threading.Lock()
         self._free: list[tuple[torch.Tensor, Any]] = []
 
-    def take(self, nbytes: int) -> tuple[torch.Tensor, Any]:
+    def take(self, nbytes: int, device: torch.device) -> tuple[torch.Tensor, Any]:
         with self._lock:
-            fits = [b for b in self._free if b[0].numel() >= nbytes]
+            fits = [b for b in self._free if b[0].numel() >= nbytes and b[0].device == device]
             if fits:
                 best = min(fits, key=lambda b: b[0].numel())
                 self._free.remove(best)
                 return best
         size = 1 << max(16, (nbytes - 1).bit_length())
-        tensor = torch.empty(size, dtype=torch.uint8, device=self._device)
+        tensor = torch.empty(size, dtype=torch.uint8, device=device)
         return tensor, self._agent.register_memory(tensor)
 
     def give(self, buffer: tuple[torch.Tensor, Any]) -> None:
@@ -636,18 +637,20 @@ class _BufferPool:
 
 
 class NixlSender(SocketSender):
-    """Prefill side. ``device`` is where the staging ring lives (default: the CPU; a GPU for
-    layers computed there, so NIXL moves them GPU to GPU)."""
+    """Prefill side. ``device`` pins where the staging ring lives; by default it is where the
+    layers are (a GPU prefill's layers go GPU to GPU, with no host copy)."""
 
     backend = "nixl"
     layer_device: ClassVar[str | None] = None
 
     def __init__(self, spec: KVSpec, *, device: torch.device | str | int | None = None,
                  **kwargs: Any) -> None:
-        dev = torch.device("cpu") if device is None else (
+        self.device = None if device is None else (
             torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        if self.device is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # pool matches it
         self.agent = make_agent("tx")
-        self.pool = _BufferPool(self.agent, dev)
+        self.pool = _BufferPool(self.agent)
         self._agents_lock = threading.Lock()
         self._remotes: dict[str, float] = {}  # agent name -> last use
         self._sinks: set[NixlSink] = set()
