@@ -60,10 +60,14 @@ for step in "${steps[@]}"; do
       run check_engine 240 python3 -m splitserve.bench.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
         tests/test_kvtransfer_contract.py -k cuda_ipc
-      run check_one_gpu_split 300 python3 -m pytest -q --noconftest tests/test_up_one_gpu.py ;;
+      run check_one_gpu_split 300 python3 -m pytest -q --noconftest tests/test_up_one_gpu.py
+      run check_nixl 240 python3 -m pytest -q --noconftest -rs tests/test_kvtransfer_nixl.py \
+        tests/test_kvtransfer_contract.py -k nixl ;;  # skips with the reason without NIXL
     engine) run engine 420 python3 -m splitserve.bench.engine --batches 1,32,64 --out "$out/engine.json" ;;
     kernels) run kernels 300 python3 -m splitserve.bench.kernels --json "$out/kernels.json" ;;
-    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json" ;;
+    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json"
+      run kvtransfer_nixl 180 python3 -m splitserve.bench.kvtransfer_nixl --device cuda \
+        --devices 0,1 --tokens 4096 --repeats 10 --json "$out/kvtransfer_nixl.json" ;;
     prefill_transfer) run prefill_transfer 240 python3 -m splitserve.bench.prefill_transfer \
         --backend cuda_ipc,tcp --lengths 1024,4096 --out "$out/prefill_transfer.json" ;;
     router) run router 240 python3 -m splitserve.bench.router --router-cpus first:2 \

@@ -24,7 +24,7 @@ PLURAL = "inferenceservices"
 SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]  # KServe owns "isvc"
 CRD_NAME = f"{PLURAL}.{GROUP}"
-KV_BACKENDS = ["tcp", "shm", "cuda_ipc"]  # what splitserve.kvtransfer registers (a test keeps them equal)
+KV_BACKENDS = ["tcp", "shm", "cuda_ipc", "nixl"]  # what splitserve.kvtransfer registers (a test keeps them equal)
 ROUTER_POLICIES = ["round_robin", "least_loaded", "prefix_aware", "goodput"]  # router/config.py
 
 Schema = dict[str, Any]
