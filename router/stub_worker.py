@@ -284,7 +284,8 @@ class ServerThread:
     ``with ServerThread(app) as s: s.url`` - the server is up on entry and shut down on exit.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        """``options``: more uvicorn.Config settings (for the router: serve.server_options)."""
         import socket
 
         import uvicorn
@@ -292,7 +293,7 @@ class ServerThread:
         self._sock = socket.socket()
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self._thread: Any = None
 
     @property

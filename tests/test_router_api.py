@@ -22,6 +22,7 @@ from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
+from splitserve.router.serve import server_options
 from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
 from splitserve.router.tokenizer import RouterTokenizer
 
@@ -68,7 +69,8 @@ def router(demo_model: Path, workers, prefill=("p0", "p1"), decode=("d0", "d1"),
         poll_interval_s=0.2,
         **kw,
     )
-    with ServerThread(create_app(cfg)) as server:
+    app = create_app(cfg)
+    with ServerThread(app, **server_options(app)) as server:  # the limits `splitserve router` has
         yield server
 
 
