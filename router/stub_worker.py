@@ -34,6 +34,7 @@ class StubBehaviour:
     tokens_per_chunk: int = 1
     max_model_len: int = 1024
     prefill_status: int = 200  # != 200: prefill refuses with this status
+    prefill_delay_s: float = 0.0  # prefill answers (and sends the KV) after this long
     die_after_tokens: int | None = None  # decode: break the connection after this many tokens
     dead: bool = False  # every endpoint answers 500
     wait_for_kv_s: float = 5.0
@@ -121,6 +122,8 @@ class StubApp:
         if b.prefill_status != 200:
             await send_json(send, b.prefill_status, {"error": "stub prefill refuses", "reason": "stub"})
             return
+        if b.prefill_delay_s:
+            await asyncio.sleep(b.prefill_delay_s)
         if self.pool is None:
             self.pool = http1.Pool(connect_timeout_s=5.0)
         host, _, port = body["decode_kv_endpoint"].rpartition(":")
