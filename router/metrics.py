@@ -80,6 +80,12 @@ class RouterMetrics:
             "Output tokens of sequences that met both targets",
             registry=r,
         )
+        self.refused = Counter(
+            "splitserve_router_refused",
+            "Requests and connections refused or closed by a limit (router Limits), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.retries = Counter(
             "splitserve_router_retries",
             "Sequences retried on another pair, by reason",

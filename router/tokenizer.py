@@ -82,8 +82,10 @@ class RouterTokenizer:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
-        except jinja2.TemplateError as exc:
-            raise ValueError(f"chat template error: {exc}") from exc
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+            # The messages are the client's (any JSON in the extra fields a template may read):
+            # whatever the template trips over in them is a bad request, not a server error.
+            raise ValueError(f"chat template error: {type(exc).__name__}: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ class WorkerState:
     assigned_tokens_since_poll: int = 0
     inflight: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Called when the worker is marked unhealthy: requests waiting on it fail over at once.
+    on_unhealthy: set[Callable[[], None]] = field(default_factory=set)
 
     def set_load(self, load: WorkerLoad) -> None:
         self.load, self.load_time = load, time.monotonic()
@@ -246,15 +248,18 @@ class GenerateStream:
         except _NET_ERRORS:
             pass  # __aexit__ closes it; nothing is lost but the connection
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def batches(self, first_timeout: float | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Parsed NDJSON objects, as lists of every complete line that had arrived; a broken
-        connection or a line that is not JSON raises WorkerUnreachable."""
+        connection or a line that is not JSON raises WorkerUnreachable. The first data may
+        take ``first_timeout`` (default: the idle timeout), the rest the idle timeout each."""
         if self._resp is None:
             raise RuntimeError("GenerateStream.batches() is only valid inside `async with`")
         rest = b""
+        timeout = first_timeout or self._idle
         try:
             while True:
-                data = await self._resp.next_data(self._idle)
+                data = await self._resp.next_data(timeout)
+                timeout = self._idle
                 if not data:
                     break
                 *complete, rest = (rest + data).split(b"\n")
