@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 log = logging.getLogger("splitserve.sim")
@@ -55,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common_arguments(plan, duration=60.0, max_requests=200_000)
     plan.add_argument("--gpus", type=int, required=True)
     plan.add_argument("--refine", type=int, default=4, help="bisection steps after the crossing (default 4)")
-    plan.add_argument("--jobs", type=int, default=1, help="layouts searched in parallel processes (default 1)")
+    plan.add_argument("--jobs", type=int, default=None,
+                      help="layouts searched in parallel processes (default: one per core, at most one per layout)")
     plan.add_argument("--out", default=None, help="write plan.json here")
     plan.set_defaults(func=_plan)
 
@@ -174,7 +176,8 @@ def _plan(args: argparse.Namespace) -> int:
         console.log(f"{row.layout.label}: goodput {goodput_text(row.goodput)} req/s "
                     f"({len(row.points)} simulations, {row.wall_s:.1f} s)")
 
-    rows = plan(spec, latency, load, slo, args.gpus, args.refine, args.jobs, progress)
+    jobs = args.jobs or min(os.cpu_count() or 1, args.gpus)
+    rows = plan(spec, latency, load, slo, args.gpus, args.refine, jobs, progress)
     table = Table(title=f"{args.workload} on {args.gpus} GPUs, SLO TTFT {slo.ttft_s * 1000:g} ms / "
                         f"TPOT {slo.tpot_s * 1000:g} ms @ {slo.attainment * 100:g}%, "
                         f"{args.duration:g} s of arrivals per rate")

@@ -41,7 +41,7 @@ from splitserve.router.workers import WorkerLoad, WorkerState
 from splitserve.sim.costs import transfer_done_ms
 from splitserve.sim.runner import VOCAB, EngineShape, sim_engine
 
-ROUTE_RETRY_MS = 5.0  # how often a queued request asks the policy again
+ROUTE_RETRY_MS = 10.0  # how often a queued request asks the policy again (as router/dispatch.py)
 
 
 @dataclass(frozen=True)
