@@ -168,3 +168,26 @@ def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
     assert [r.rate for r in runs] == [1.0, 2.0] and all(r.num_gpus == 2 for r in runs)
     assert runs[0].data["simulated"]["layout"] == "colocated2"
     assert (out / "colocated2" / "report_chat" / "report.json").is_file()
+
+
+def test_validation_compares_latencies_relatively_and_attainment_in_points():
+    import argparse
+
+    from splitserve.bench.sim_validate import compare, markdown, system_command
+
+    args = argparse.Namespace(tolerance=0.10, attainment_points=5.0)
+    summary = {"ttft_ms": {"p50": 100.0, "p90": 200.0}, "tpot_ms": {"p50": 10.0, "p90": 20.0},
+               "attainment": {"both": 0.95}}
+    near = {"ttft_ms": {"p50": 109.0, "p90": 181.0}, "tpot_ms": {"p50": 10.5, "p90": 19.0},
+            "attainment": {"both": 0.91}}
+    assert compare("split", 2.0, summary, near, args)["pass"]
+    far = dict(near, tpot_ms={"p50": 12.0, "p90": 19.0})
+    row = compare("split", 2.0, summary, far, args)
+    assert not row["pass"] and not row["metrics"]["tpot p50"]["pass"]
+    assert "| split | 2 |" in markdown([row], args)
+    cmd_args = argparse.Namespace(devices="cuda:0,cuda:1", dtype="bfloat16", num_kv_blocks=64,
+                                  max_num_seqs=8, max_num_batched_tokens=512, worker_args="",
+                                  random_weights=True, kv_backend="cuda_ipc", policy="least_loaded")
+    colo, split = system_command("colocated", cmd_args), system_command("split", cmd_args)
+    assert "--chunked-prefill" in colo and "--devices cuda:0 " in colo and "kv-backend" not in colo
+    assert "--kv-backend cuda_ipc" in split and "--devices cuda:0,cuda:1" in split
