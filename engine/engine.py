@@ -84,9 +84,11 @@ def load_tokenizer(model_dir: str | Path):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        """``runner``: a stand-in for the model runner (the simulator's, which costs steps
+        instead of computing them); by default the real one, built from ``config.runner``."""
         self.config = config
-        self.runner = ModelRunner(config.runner, config.scheduler)
+        self.runner = runner if runner is not None else ModelRunner(config.runner, config.scheduler)
         self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.tokenizer = load_tokenizer(config.runner.model_dir)
