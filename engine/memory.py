@@ -207,6 +207,11 @@ class MemoryPlan:
         )
 
 
+# Each captured batch size keeps its own allocator segments (2 MiB granularity) however small the
+# model: a tiny model on an H200 used 40 MiB of graph pool against an estimate of ~0.
+GRAPH_POOL_FLOOR = 64 * 2**20
+
+
 def estimate_plan(
     device: str,
     total: int,
@@ -221,7 +226,9 @@ def estimate_plan(
     largest prefill (``prefill_tokens`` over at most ``prefill_rows`` prompts), and the decode
     graphs' pool as the activations of their largest batch (``graph_batch``; None: no graphs)."""
     rows = min(prefill_rows, prefill_tokens)
-    graphs = activation_bytes(mc, graph_batch, graph_batch, itemsize) if graph_batch else 0
+    graphs = 0
+    if graph_batch:  # at least the allocator's segments of every captured batch size
+        graphs = max(GRAPH_POOL_FLOOR, activation_bytes(mc, graph_batch, graph_batch, itemsize))
     return MemoryPlan(
         device=device,
         total=total,
