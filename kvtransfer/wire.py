@@ -164,7 +164,7 @@ def recv_frame(sock: socket.socket) -> Frame:
     try:
         kind = FrameType(ftype)
         meta = json.loads(recv_exact(sock, meta_len)) if meta_len else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting past the parser's
         raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad frame: {exc}") from exc
     if not isinstance(meta, dict):
         raise TransferError(FailureReason.PROTOCOL_ERROR, "frame metadata must be a JSON object")

@@ -170,7 +170,7 @@ class RedisRegistry:
                         tuple(sorted((k, v) for k, v in info.items() if k not in ("url", "role"))),
                     )
                 )
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 log.warning("ignoring malformed registry entry %s: %s", key, exc)
         return sorted(out, key=lambda w: (w.role, w.url))
 

@@ -110,7 +110,7 @@ def _error_text(raw: bytes, status: int) -> tuple[str, str | None]:
     text = raw.decode(errors="replace")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:500] or f"HTTP {status}", None
     if isinstance(data, dict):
         err = data.get("error", data)
