@@ -100,6 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve /docs and /openapi.json (behind the API key when there is one)",
     )
+    p.add_argument("--tls-cert-file", default=None,
+                   help="serve HTTPS with this PEM certificate (chain); needs --tls-key-file")
+    p.add_argument("--tls-key-file", default=None, help="the certificate's PEM private key")
     p.add_argument(
         "--latency-model",
         default=None,
@@ -184,6 +187,8 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         redis_password_file=args.redis_password_file,
         public_metrics=args.public_metrics,
         docs=args.docs,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
         redis_url=args.redis_url,
         redis_namespace=args.redis_namespace,
         latency_model_path=args.latency_model,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware", "goodput")
 
@@ -71,6 +72,8 @@ class RouterConfig:
     redis_password_file: str | None = None
     public_metrics: bool = False  # /metrics without the API key (a Prometheus admitted by policy)
     docs: bool = False  # serve /docs and /openapi.json (behind the API key when there is one)
+    tls_cert_file: str | None = None  # HTTPS for the public endpoint (PEM), with tls_key_file
+    tls_key_file: str | None = None
     redis_url: str | None = None
     redis_namespace: str = "splitserve"
     latency_model_path: str | None = None
@@ -88,6 +91,11 @@ class RouterConfig:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.policy not in POLICIES:

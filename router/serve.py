@@ -39,7 +39,10 @@ def server_options(app: Any) -> dict[str, Any]:
     def on_refuse(reason: str) -> None:
         state.metrics.child(state.metrics.refused, reason).inc()
 
-    return {"http": limited_protocol(limits, on_refuse), "timeout_keep_alive": limits.keep_alive_timeout_s}
+    options = {"http": limited_protocol(limits, on_refuse), "timeout_keep_alive": limits.keep_alive_timeout_s}
+    if state.config.tls_cert_file:  # HTTPS: the public endpoint's optional TLS
+        options |= {"ssl_certfile": state.config.tls_cert_file, "ssl_keyfile": state.config.tls_key_file}
+    return options
 
 
 def _server(app: Any, **kwargs: Any) -> Any:
