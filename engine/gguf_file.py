@@ -65,16 +65,19 @@ def is_gguf(path: str | Path) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def open_gguf(path: str):
-    """The file's reader, parsed once per process: parsing a 49k-token vocabulary takes seconds,
-    and a worker reads the config, the weights and the tokenizer from the same file."""
+def _open(path: str, mtime_ns: int, size: int):
     from gguf import GGUFReader
 
     return GGUFReader(path)
 
 
 def _reader(path: str | Path):
-    return open_gguf(str(Path(path).resolve()))
+    """The file's reader, parsed once per process while the file is unchanged: parsing a
+    49k-token vocabulary takes seconds, and a worker reads the config, the weights and the
+    tokenizer from the same file."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _open(str(resolved), stat.st_mtime_ns, stat.st_size)
 
 
 def metadata(path: str | Path, key: str, default: Any = None) -> Any:
