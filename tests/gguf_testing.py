@@ -91,3 +91,36 @@ def _write_tokenizer(w, model_dir: Path) -> None:
     w.add_pad_token_id(ids[tcfg["pad_token"]])
     w.add_add_bos_token(bool(tcfg.get("add_bos_token")))
     w.add_chat_template(tcfg["chat_template"])
+
+
+SPM_PIECES = ["▁", "t", "h", "e", "a", "n", "d", "i", "o", "w", "r", "l", "s", "▁t", "he", "▁the", "in",
+              "▁a", "an", "▁an", "nd", "▁and", "▁th", "▁thin", "th", "or", "ld", "▁w", "▁wor", "▁world"]
+
+
+def write_sentencepiece_gguf(out: Path) -> Path:
+    """A llama.cpp SentencePiece vocabulary (Llama 2 / Mistral style: scores instead of merges,
+    byte-fallback tokens, BOS added), with just enough model metadata for transformers to read
+    the file; no weights."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(SPM_PIECES)]  # unknown, control, byte, normal
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))]
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("spm-test")
+    for add, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                       ("feed_forward_length", 16), ("head_count", 2), ("head_count_kv", 2)):
+        getattr(w, f"add_{add}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

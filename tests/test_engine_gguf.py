@@ -96,3 +96,18 @@ def test_a_weight_type_we_do_not_dequantize_is_refused_by_name(demo_model, tmp_p
     gguf = write_gguf(demo_model, tmp_path / "model-i8.gguf", "I8")
     with pytest.raises(ValueError, match=r"tensor output\.weight has type I8"):
         load_model(gguf, torch.float32, CPU)
+
+
+def test_sentencepiece_vocabulary_tokenizes_as_transformers_does(tmp_path):
+    """Llama 2 / Mistral files: merges derived from scores, byte fallback, BOS added, the
+    leading space SentencePiece adds and strips."""
+    from gguf_testing import write_sentencepiece_gguf
+    from splitserve.bench.hf_reference import hf_tokenizer
+    from splitserve.router.tokenizer import RouterTokenizer
+
+    gguf = write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    ours, theirs = RouterTokenizer(gguf), hf_tokenizer(gguf)
+    for text in ["the world and a thin", "  two spaces", "hello wörld\n", "and</s>the"]:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
