@@ -104,13 +104,22 @@ def eos_token_ids(path: str | Path) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+ROPE_FACTORS = "rope_freqs.weight"  # not a weight: Llama 3.1's RoPE scaling, one divisor per pair
+
+
 def _rope_scaling(path: str | Path, arch: str) -> dict[str, Any] | None:
+    factors = next((t for t in _reader(path).tensors if t.name == ROPE_FACTORS), None)
+    if factors is not None:
+        from gguf.quants import dequantize
+
+        values = dequantize(factors.data, factors.tensor_type).reshape(-1)
+        return {"rope_type": "freq_factors", "factors": [float(v) for v in values]}
     kind = metadata(path, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(metadata(path, f"{arch}.rope.scaling.factor"))}
-    raise ValueError(f"{Path(path).name}: rope scaling {kind!r} is not supported (only linear)")
+    raise ValueError(f"{Path(path).name}: rope scaling {kind!r} is not supported (linear, or rope_freqs)")
 
 
 def gguf_config(path: str | Path) -> dict[str, Any]:
@@ -118,11 +127,6 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     arch = _architecture(path)
     reader = _reader(path)
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(
-            f"{Path(path).name}: tensor rope_freqs.weight (Llama 3.1 style rope scaling baked into "
-            "the file) is not supported"
-        )
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
 
     def key(name: str, default: Any = None) -> Any:
@@ -180,6 +184,8 @@ def gguf_tensors(path: str | Path, num_heads: int, num_kv_heads: int) -> Iterato
 
     arch = _architecture(path)
     for tensor in _reader(path).tensors:
+        if tensor.name == ROPE_FACTORS:  # read into the config's rope_scaling instead
+            continue
         name = hf_name(tensor.name)
         kind = GGMLQuantizationType(tensor.tensor_type).name
         if kind not in SUPPORTED_TYPES:
@@ -198,4 +204,5 @@ def gguf_tensors(path: str | Path, num_heads: int, num_kv_heads: int) -> Iterato
 
 
 def tensor_count(path: str | Path) -> int:
-    return len(_reader(path).tensors)
+    """How many weights ``gguf_tensors`` yields (for a progress bar)."""
+    return sum(t.name != ROPE_FACTORS for t in _reader(path).tensors)

@@ -1,5 +1,6 @@
 """Write a demo model (a Hugging Face folder) as a GGUF file, the way llama.cpp's converter does:
-llama.cpp tensor names, Q/K rows permuted for its RoPE (not for Qwen2), norms in F32, the other
+llama.cpp tensor names, Q/K rows permuted for its RoPE (not for Qwen2), Llama 3 RoPE scaling as a
+rope_freqs tensor, norms in F32, the other
 weights in the chosen type, the byte-level BPE vocabulary, merges, token types and chat
 template as metadata. Lets the GGUF tests cover every weight type and architecture in
 milliseconds, without a downloaded file."""
@@ -60,6 +61,12 @@ def write_gguf(model_dir: Path, out: Path, weight_type: str = "F32") -> Path:
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     _write_tokenizer(w, model_dir)
+    if cfg.get("rope_scaling"):  # Llama 3.1: the converter stores the scaling as per-pair factors
+        from splitserve.engine.rope import inverse_frequencies
+
+        plain = inverse_frequencies(cfg["head_dim"], cfg["rope_theta"], None)
+        scaled = inverse_frequencies(cfg["head_dim"], cfg["rope_theta"], cfg["rope_scaling"])
+        w.add_tensor("rope_freqs.weight", (plain / scaled).numpy())
     for name, array in sorted(load_file(str(model_dir / "model.safetensors")).items()):
         if arch == "llama" and ".q_proj." in name:
             array = _permute(array, cfg["num_attention_heads"])

@@ -16,7 +16,7 @@ from gguf_testing import write_gguf
 from splitserve.engine.demo_model import init_demo_model
 from splitserve.engine.loader import load_model
 
-ARCHITECTURES = ["llama-gqa", "qwen2-tied", "mistral-mha"]  # llama3-rope: GGUF bakes it as rope_freqs
+ARCHITECTURES = ["llama-gqa", "qwen2-tied", "mistral-mha", "llama3-rope"]
 # Relative error of a weight matrix after quantization (random normal weights, 32-wide blocks).
 TOLERANCE = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q5_1": 4e-2, "Q5_0": 5e-2, "Q4_1": 8e-2, "Q4_0": 1e-1}
 CPU = torch.device("cpu")
@@ -40,6 +40,15 @@ def test_f32_gguf_has_exactly_the_folders_weights(variant):
     assert ours.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_llama3_rope_factors_rotate_as_the_folders_scaling(variant):
+    """A GGUF stores Llama 3's RoPE scaling as per-pair factors (rope_freqs), not parameters."""
+    folder, gguf = variant
+    ours = load_model(gguf, torch.float32, CPU)
+    expected = load_model(folder, torch.float32, CPU)
+    torch.testing.assert_close(ours.rope_cos, expected.rope_cos, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ours.rope_sin, expected.rope_sin, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(TOLERANCE))
