@@ -11,9 +11,12 @@ dict the router reads, so a GGUF is tokenized and templated exactly as a Hugging
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.engine.gguf_file import metadata
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (1 is normal)
 
@@ -50,7 +53,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return spelling
 
 
-def _byte_level(tokens: list[str], merges: list[str], pre: str | None):
+def _byte_level(tokens: list[str], merges: list[str], pre: str | None) -> Tokenizer:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     spelling = _bytes_to_unicode()
@@ -90,7 +93,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     return [(left, right) for left, right, _ in found]
 
 
-def _sentencepiece(tokens: list[str], scores: list[float], unk: str | None, add_space_prefix: bool):
+def _sentencepiece(tokens: list[str], scores: list[float], unk: str | None, add_space_prefix: bool) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     model = models.BPE(
@@ -114,7 +117,7 @@ def _add_bos_default(path: str | Path) -> bool:
     return bool(flag) if flag is not None else metadata(path, "tokenizer.ggml.model") == "llama"
 
 
-def gguf_tokenizer(path: str | Path):
+def gguf_tokenizer(path: str | Path) -> Tokenizer:
     """The file's tokenizer as a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, processors
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.engine.gguf_file import gguf_config, is_gguf
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def model_name(path: str | Path) -> str:
@@ -31,7 +34,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def read_tokenizer(path: str | Path):
+def read_tokenizer(path: str | Path) -> Tokenizer | None:
     """The model's ``tokenizers.Tokenizer``, or None for a folder without tokenizer.json."""
     if is_gguf(path):
         from splitserve.engine.gguf_tokenizer import gguf_tokenizer
