@@ -72,3 +72,10 @@ def test_up_without_pypi_serves_the_demo_model_and_says_how_to_get_the_real_one(
         chosen = default_model(demo_model)
     assert chosen == str(demo_model)
     assert "splitserve model pull" in caplog.text and "random" in caplog.text
+
+
+def test_up_serves_the_cached_model_without_asking_pypi(offline, tmp_path):
+    cached = cached_path()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(CONTENT)
+    assert default_model(tmp_path / "demo") == str(cached) and not (tmp_path / "demo").exists()
