@@ -130,7 +130,10 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
 
     def key(name: str, default: Any = None) -> Any:
-        return metadata(path, f"{arch}.{name}", default)
+        value = metadata(path, f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"{Path(path).name}: metadata {arch}.{name} is missing")
+        return value
 
     heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
