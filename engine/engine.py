@@ -75,12 +75,11 @@ class PromptTooLong(ValueError):
     """The prompt leaves no room in the context for a generated token."""
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The model's fast tokenizer, or None when the folder has no tokenizer.json."""
-    from tokenizers import Tokenizer
+def load_tokenizer(model_path: str | Path):
+    """The model's fast tokenizer (from tokenizer.json or a GGUF), or None when it has none."""
+    from splitserve.engine.model_files import read_tokenizer
 
-    path = Path(model_dir) / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
+    return read_tokenizer(model_path)
 
 
 class LLMEngine:

@@ -14,7 +14,7 @@ from splitserve.trust import add_secret_argument
 
 
 def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer.json) or GGUF file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=default_port, help=f"HTTP port (default {default_port})")
     parser.add_argument("--advertise-host", default=None, help="address peers use to reach this worker (default: --host, or 127.0.0.1 for 0.0.0.0)")

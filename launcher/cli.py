@@ -15,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "workers as separate processes, wait until all are ready, print the endpoint, restart "
             "any of them that exits (with backoff; up gives up and stops everything when one "
             "exits more than --max-restarts times in --restart-window seconds), and stop them all "
-            "on Ctrl-C. Without --model, a small random-weight demo model is made first "
-            "(its output is random text)."
+            "on Ctrl-C. Without --model, SmolLM2-135M-Instruct is served (fetched into "
+            "~/.cache/splitserve/models on first use; offline, a random-weight demo model)."
         ),
     )
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: make/use the demo model)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1; 0 = colocated, decode workers prefill too)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
@@ -49,22 +49,19 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from splitserve.engine.model_files import model_name
     from splitserve.launcher.supervise import GaveUp, RestartPolicy, Supervisor
     from splitserve.launcher.up import DEMO_MODEL_DIR, Deployment, UpConfig
 
     log = logging.getLogger("splitserve.up")
     model = args.model
     if model is None:
-        model = str(DEMO_MODEL_DIR)
-        if not (DEMO_MODEL_DIR / "config.json").exists():
-            from splitserve.engine.demo_model import init_demo_model
+        from splitserve.engine.default_model import default_model
 
-            init_demo_model(DEMO_MODEL_DIR)
-        log.warning("no --model given: serving the demo model at %s; its weights are random, so "
-                    "it answers with random text", model)
+        model = default_model(DEMO_MODEL_DIR)
     cfg = UpConfig(
         model=model,
-        served_model_name=args.served_model_name or Path(model).name,
+        served_model_name=args.served_model_name or model_name(model),
         num_prefill=args.prefill,
         num_decode=args.decode,
         host=args.host,

@@ -13,7 +13,6 @@ rest (/v1/models, /health, /metrics, errors for unknown paths).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,16 +40,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("splitserve.router")
 
-def model_max_len(model_dir: str | Path) -> int:
-    """Context length from config.json (max_position_embeddings)."""
-    path = Path(model_dir) / "config.json"
+def model_max_len(model_path: str | Path) -> int:
+    """Context length from the model's config (max_position_embeddings)."""
+    from splitserve.engine.model_files import read_config
+
     try:
-        cfg = json.loads(path.read_text())
+        cfg = read_config(model_path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+        raise ValueError(f"cannot read the config of {model_path}: {exc}") from exc
     value = cfg.get("max_position_embeddings") or cfg.get("max_seq_len")
     if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{path} has no usable max_position_embeddings")
+        raise ValueError(f"the config of {model_path} has no usable max_position_embeddings")
     return value
 
 

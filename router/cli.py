@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="model folder (tokenizer.json, tokenizer_config.json, config.json)",
+        help="model folder (tokenizer.json, tokenizer_config.json, config.json) or GGUF file",
     )
     p.add_argument(
         "--served-model-name",
