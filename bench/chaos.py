@@ -123,9 +123,9 @@ def worker_urls(dep: Deployment) -> dict[str, str]:
             for c in dep.group.components if c.name != "router"}
 
 
-def worker_load(url: str) -> dict | None:
+def worker_load(url: str, headers: dict[str, str]) -> dict | None:
     try:
-        r = httpx.get(f"{url}/load", timeout=2)
+        r = httpx.get(f"{url}/load", timeout=2, headers=headers)
         return r.json() if r.status_code == 200 else None
     except httpx.HTTPError:
         return None
@@ -134,11 +134,11 @@ def worker_load(url: str) -> dict | None:
 def leaked_blocks(dep: Deployment, settle_s: float = 30.0) -> dict[str, int]:
     """Blocks each worker still holds once it is quiet (0 for all = nothing leaked). A worker
     that does not answer (killed and not back) holds nothing of anyone's."""
-    deadline = time.monotonic() + settle_s
+    deadline, headers = time.monotonic() + settle_s, dep.internal_headers()
     while True:
         held = {}
         for name, url in worker_urls(dep).items():
-            got = worker_load(url)
+            got = worker_load(url, headers)
             if got is not None:
                 held[name] = got["total_blocks"] - got["free_blocks"]
         if not any(held.values()) or time.monotonic() > deadline:

@@ -5,7 +5,8 @@
 #   bash bench/gpu_all.sh OUTDIR [STEP ...]
 #
 # Steps (default: all, in this order): check (GPU tests of the kernels and the cuda_ipc KV
-# backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up), engine, kernels, kvtransfer,
+# backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up,
+# `splitserve up --devices cuda:0,cuda:0` serving transformers' greedy output), engine, kernels, kvtransfer,
 # prefill_transfer, router, engine_vs_hf, split (only with two GPUs). Each writes OUTDIR/<step>.log and its JSON. Run from
 # a folder where the repository is importable as `splitserve` (the script makes one in /tmp if
 # not). Without the router's libraries (fastapi, uvicorn, orjson, ...), carry a wheelhouse:
@@ -58,10 +59,15 @@ for step in "${steps[@]}"; do
         tests/test_warmup_gpu.py
       run check_engine 240 python3 -m splitserve.bench.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
-        tests/test_kvtransfer_contract.py -k cuda_ipc ;;
+        tests/test_kvtransfer_contract.py -k cuda_ipc
+      run check_one_gpu_split 300 python3 -m pytest -q --noconftest tests/test_up_one_gpu.py
+      run check_nixl 240 python3 -m pytest -q --noconftest -rs tests/test_kvtransfer_nixl.py \
+        tests/test_kvtransfer_contract.py -k nixl ;;  # skips with the reason without NIXL
     engine) run engine 420 python3 -m splitserve.bench.engine --batches 1,32,64 --out "$out/engine.json" ;;
     kernels) run kernels 300 python3 -m splitserve.bench.kernels --json "$out/kernels.json" ;;
-    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json" ;;
+    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json"
+      run kvtransfer_nixl 180 python3 -m splitserve.bench.kvtransfer_nixl --device cuda \
+        --devices 0,1 --tokens 4096 --repeats 10 --json "$out/kvtransfer_nixl.json" ;;
     prefill_transfer) run prefill_transfer 240 python3 -m splitserve.bench.prefill_transfer \
         --backend cuda_ipc,tcp --lengths 1024,4096 --out "$out/prefill_transfer.json" ;;
     router) run router 240 python3 -m splitserve.bench.router --router-cpus first:2 \

@@ -111,7 +111,7 @@ def run(tokens: int, repeats: int, extra_streams: tuple[int, ...] = ()) -> list[
         timings = {"socket copy": socket_copy_seconds(kv),
                    "(hot buffer)": socket_copy_seconds(kv, hot=True)}
         for backend in available_backends():
-            if backend == "cuda_ipc":  # GPU to GPU: bench/kvtransfer_gpu.py
+            if backend in ("cuda_ipc", "nixl"):  # bench/kvtransfer_gpu.py, kvtransfer_nixl.py
                 continue
             timings[backend] = backend_seconds(backend, tokens, kv, f"r{i}")
         for streams in extra_streams:

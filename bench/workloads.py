@@ -299,8 +299,12 @@ def build_requests(
     cv: float = 1.0,
     caps: LengthCaps | None = None,
     tokenizer_path: str | None = None,
+    with_text: bool = True,
 ) -> RequestSet:
-    """The full, reproducible request list for one run of ``workload`` at ``rate``."""
+    """The full, reproducible request list for one run of ``workload`` at ``rate``.
+
+    ``with_text=False`` leaves every prompt empty (the simulator needs only lengths, arrivals
+    and prefix sharing, which do not depend on the text; drawing text is most of the time)."""
     from splitserve.bench.prompts import PromptBuilder
 
     wl = get_workload(workload) if isinstance(workload, str) else workload
@@ -316,10 +320,10 @@ def build_requests(
         target = int(inputs[i])
         parent = _pick_parent(prefix_rng, wl.prefix_reuse, out.requests, target)
         head = bodies[parent] if parent is not None else []
-        words = builder.extend(text_rng, head, target)
+        words = builder.extend(text_rng, head, target) if with_text else []
         bodies.append(words)
         prompt = "".join(words)
-        count = builder.count(prompt) if builder.exact else target
+        count = builder.count(prompt) if builder.exact and with_text else target
         out.requests.append(
             Request(i, float(times[i]), prompt, count, int(outputs[i]), parent)
         )

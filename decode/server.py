@@ -34,6 +34,7 @@ from splitserve.engine.worker import (
     WorkerRequest,
     add_common_routes,
     error,
+    guard,
     kv_spec,
     lifespan,
     make_app,
@@ -69,7 +70,8 @@ class DecodeWorker(EngineWorker):
         super().__init__(options)
         spec = kv_spec(self.engine, options.kv_backend, options.generation)
         self.receiver = create_receiver(
-            options.kv_backend, spec, self.engine.runner.kv_cache, host=options.host, port=options.kv_port
+            options.kv_backend, spec, self.engine.runner.kv_cache, host=options.host, port=options.kv_port,
+            secret=self.secret,
         )
         kv_port = int(self.receiver.endpoint.rsplit(":", 1)[1])
         self.kv_endpoint = f"{options.advertise_host}:{kv_port}"
@@ -168,6 +170,7 @@ def create_app(options: WorkerOptions):
     state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=worker.kv_endpoint)
     app.router.lifespan_context = lifespan(worker, options, state)
     add_common_routes(app, state, "decode")
+    guard(app, worker)
 
     @app.post("/generate")
     async def generate(req: GenerateRequest):

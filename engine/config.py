@@ -1,8 +1,8 @@
 """Model and engine configuration: plain frozen dataclasses, validated when built (torch-free, so
 command-line parsing never loads torch).
 
-``ModelConfig`` is read from a Hugging Face ``config.json`` (Llama, Qwen2, Mistral families) and
-normalised into the few fields the engine needs; anything the engine cannot serve is refused here,
+``ModelConfig`` is read from a Hugging Face ``config.json`` or a GGUF file's metadata (Llama,
+Qwen2, Mistral families) and normalised into the few fields the engine needs; anything the engine cannot serve is refused here,
 when the config is built, rather than producing wrong tokens later.
 """
 
@@ -107,11 +107,11 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {model_dir} a Hugging Face model folder?")
-        return cls.from_dict(json.loads(path.read_text()))
+    def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
+        """From a Hugging Face folder's config.json or a GGUF file's metadata."""
+        from splitserve.engine.model_files import read_config
+
+        return cls.from_dict(read_config(model_path))
 
     def fingerprint(self) -> str:
         """A short hash of the architecture, part of the KV-transfer handshake."""

@@ -75,18 +75,19 @@ class PromptTooLong(ValueError):
     """The prompt leaves no room in the context for a generated token."""
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The model's fast tokenizer, or None when the folder has no tokenizer.json."""
-    from tokenizers import Tokenizer
+def load_tokenizer(model_path: str | Path):
+    """The model's fast tokenizer (from tokenizer.json or a GGUF), or None when it has none."""
+    from splitserve.engine.model_files import read_tokenizer
 
-    path = Path(model_dir) / "tokenizer.json"
-    return Tokenizer.from_file(str(path)) if path.is_file() else None
+    return read_tokenizer(model_path)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        """``runner``: a stand-in for the model runner (the simulator's, which costs steps
+        instead of computing them); by default the real one, built from ``config.runner``."""
         self.config = config
-        self.runner = ModelRunner(config.runner)
+        self.runner = runner if runner is not None else ModelRunner(config.runner, config.scheduler)
         self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.tokenizer = load_tokenizer(config.runner.model_dir)

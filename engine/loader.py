@@ -1,8 +1,9 @@
-"""Load a Hugging Face Llama/Qwen2/Mistral checkpoint from a local folder.
+"""Load a Llama/Qwen2/Mistral checkpoint: a Hugging Face folder or a GGUF file.
 
 Reads single-file or sharded safetensors (with ``model.safetensors.index.json``) in bf16, fp16 or
-fp32, packs q/k/v and gate/up into the fused projections, and refuses a checkpoint that leaves any
-parameter unset: a silently random layer would produce plausible garbage.
+fp32, or a GGUF file's weights dequantized (``gguf_file``); packs q/k/v and gate/up into the fused
+projections, and refuses a checkpoint that leaves any parameter unset: a silently random layer
+would produce plausible garbage.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from splitserve.engine.config import ModelConfig
+from splitserve.engine.gguf_file import gguf_tensors, is_gguf, tensor_count
 from splitserve.engine.model import CausalLM
 from splitserve.engine.rope import cos_sin_table
 
@@ -64,39 +67,56 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> C
     return model.eval()
 
 
-def _progress(items: list[str], description: str):
+def _progress(items: Iterable, description: str, total: int):
     from rich.progress import track
 
-    return track(items, description=description, disable=not sys.stderr.isatty(), transient=True)
+    return track(items, description=description, total=total, disable=not sys.stderr.isatty(), transient=True)
+
+
+def _safetensors(model_dir: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = list(f.keys())
+            for key in _progress(keys, f"loading {path.name}", len(keys)):
+                yield key, f.get_tensor(key)
+
+
+def _gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    tensors = gguf_tensors(path, cfg.num_heads, cfg.num_kv_heads)
+    for key, array in _progress(tensors, f"loading {path.name}", tensor_count(path)):
+        yield key, torch.from_numpy(array)
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype, device: torch.device, cfg: ModelConfig | None = None
+    model_path: str | Path, dtype: torch.dtype, device: torch.device, cfg: ModelConfig | None = None
 ) -> CausalLM:
-    model_dir = Path(model_dir)
-    cfg = cfg or ModelConfig.from_pretrained(model_dir)
+    """The model with every parameter filled from ``model_path`` (a folder or a GGUF file)."""
+    model_path = Path(model_path)
+    cfg = cfg or ModelConfig.from_pretrained(model_path)
     model = empty_model(cfg, dtype, device)
+    tensors = _gguf(model_path, cfg) if is_gguf(model_path) else _safetensors(model_path, device)
+    _fill(model, cfg, tensors, model_path.name)
+    log.info("loaded %s (%s, %d layers) on %s in %s", model_path.name, cfg.model_type, cfg.num_layers, device, dtype)
+    return model
+
+
+def _fill(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
     params = dict(model.named_parameters())
     unfilled = {name: p.shape[0] for name, p in params.items()}
-    for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in _progress(list(f.keys()), f"loading {path.name}"):
-                name, rows = _target(cfg, key)
-                if name not in params:
-                    if "rotary_emb" in key or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                        continue
-                    raise ValueError(f"{path.name}: unexpected tensor {key!r} for {cfg.model_type}")
-                dest = params[name].data if rows is None else params[name].data[rows]
-                tensor = f.get_tensor(key)
-                if tensor.shape != dest.shape:
-                    raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-                dest.copy_(tensor)
-                unfilled[name] -= dest.shape[0]
+    for key, tensor in tensors:
+        name, rows = _target(cfg, key)
+        if name not in params:
+            if "rotary_emb" in key or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            raise ValueError(f"{source}: unexpected tensor {key!r} for {cfg.model_type}")
+        dest = params[name].data if rows is None else params[name].data[rows]
+        if tensor.shape != dest.shape:
+            raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        unfilled[name] -= dest.shape[0]
     missing = [n for n, left in unfilled.items() if left and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks weights for: {', '.join(missing[:8])}")
-    log.info("loaded %s (%s, %d layers) on %s in %s", model_dir.name, cfg.model_type, cfg.num_layers, device, dtype)
-    return model
+        raise ValueError(f"checkpoint {source} lacks weights for: {', '.join(missing[:8])}")
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> CausalLM:

@@ -155,6 +155,9 @@ def profile(config: EngineConfig, progress: Callable[[str], None] = lambda _: No
         "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(runner.dtype).removeprefix("torch."),
         "block_size": runner.block_size,
+        # the worker shape that was profiled: `splitserve sim` simulates workers of this size
+        "num_kv_blocks": engine.blocks.num_blocks,
+        "max_model_len": engine.max_model_len,
         "torch": torch.__version__,
     }
     return doc

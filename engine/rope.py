@@ -1,4 +1,5 @@
-"""Rotary position embedding tables, including Llama 3's frequency scaling.
+"""Rotary position embedding tables, including Llama 3's frequency scaling (from its parameters,
+or as the per-pair factors a GGUF file stores).
 
 Computed in float32 exactly as Hugging Face computes them, so positions rotate identically.
 """
@@ -22,7 +23,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3(inv_freq, scaling)
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "freq_factors":  # a GGUF's rope_freqs tensor: Llama 3's scaling, precomputed per pair
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"rope frequency factors: {factors.numel()} values for {inv_freq.numel()} pairs")
+        return inv_freq / factors
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3, freq_factors)")
 
 
 def _llama3(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:

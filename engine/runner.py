@@ -14,11 +14,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from splitserve.engine.config import ModelConfig, RunnerConfig, dtype_from_name
+from splitserve.engine.config import ModelConfig, RunnerConfig, SchedulerConfig, dtype_from_name
 from splitserve.engine.host_copy import to_device
 from splitserve.engine.loader import load_model, random_model
+from splitserve.engine.memory import (
+    CudaMemory,
+    DeviceMemory,
+    MemoryBudgetError,
+    MemoryPlan,
+    estimate_plan,
+    largest_prefill,
+    min_kv_blocks,
+    profile_lengths,
+)
 from splitserve.engine.model import AttentionMetadata
-from splitserve.engine.sampling import Logprobs, make_generator, sample_tokens
+from splitserve.engine.sampling import Logprobs, SamplingParams, make_generator, sample_tokens
 from splitserve.engine.sequence import PLACEHOLDER, Sequence
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
@@ -45,7 +55,17 @@ class Launched(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, config: RunnerConfig) -> None:
+    """``memory``: the device's memory counters (default: the CUDA device's; none on the CPU).
+    With them, and neither ``num_kv_blocks`` nor ``kv_cache_memory_gb`` set, the KV cache is
+    sized from the worker's share of the device (``engine.memory``); ``scheduler`` says how large
+    the largest prefill is, whose activations the share must also hold."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        scheduler: SchedulerConfig | None = None,
+        memory: DeviceMemory | None = None,
+    ) -> None:
         self.config = config
         self.model_config = ModelConfig.from_pretrained(config.model_dir)
         mc = self.model_config
@@ -56,34 +76,95 @@ class ModelRunner:
         self.dtype = dtype_from_name(config.dtype or mc.torch_dtype)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.block_size = config.block_size
+        self.graphs = None
+        self._host_tokens = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
+        self._flip = 0
         torch.manual_seed(config.seed)
+        if memory is None and self.device.type == "cuda":
+            memory = CudaMemory(self.device)
+        self.memory = memory
+        scheduler = scheduler or SchedulerConfig()
+        prefill_tokens = largest_prefill(scheduler.max_num_batched_tokens, scheduler.chunked_prefill,
+                                         self.max_model_len)
+        plan = self._plan_before_load(prefill_tokens, scheduler.max_num_seqs)  # refuses an impossible share
+        before_load = memory.allocated() if plan is not None else 0
         if config.random_weights:
             self.model = random_model(mc, self.dtype, self.device, config.seed)
         else:
             self.model = load_model(Path(config.model_dir), self.dtype, self.device, mc)
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        if plan is not None:
+            weights = memory.allocated() - before_load
+            plan = plan.measure(weights, self._profile_prefill(prefill_tokens, scheduler.max_num_seqs))
+            plan.check(self.bytes_per_block, self.max_model_len, self.block_size)
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit(plan)
+        kv_bytes = (self.num_blocks + 1) * self.bytes_per_block
+        if plan is not None:
+            plan.check_free(memory.free(), kv_bytes)
         # One extra block past those the block manager hands out: padding rows of captured
         # decode graphs write there, never into a sequence's cache.
         self.kv_cache = torch.zeros(
             mc.num_layers, 2, self.num_blocks + 1, self.block_size, mc.num_kv_heads, mc.head_dim,
             dtype=self.dtype, device=self.device,
         )
-        log.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB) on %s",
-            self.num_blocks, self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
-            self.device,
-        )
-        self.graphs = None
-        if config.cuda_graphs and self.device.type == "cuda":
-            from splitserve.engine.cuda_graphs import DecodeGraphs
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s",
+                 self.num_blocks, self.block_size, kv_bytes / 2**20, self.device)
+        graphs_used = self._capture_graphs() if config.cuda_graphs and self.device.type == "cuda" else None
+        if plan is not None:
+            log.info("%s", plan.describe(kv_bytes, graphs_used))
+            if graphs_used is not None and graphs_used > plan.graphs:
+                log.warning("the decode CUDA graphs took %.2f GiB, more than the %.2f GiB reserved for them: "
+                            "lower --gpu-memory-utilization a little if the device runs out of memory",
+                            graphs_used / 2**30, plan.graphs / 2**30)
 
-            self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, config.max_num_seqs,
-                -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size,
-            )
-        self._host_tokens = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
-        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
-        self._flip = 0
+    def _plan_before_load(self, prefill_tokens: int, max_batch: int) -> MemoryPlan | None:
+        """The share's plan from the config alone (None when the cache is sized another way);
+        raises ``MemoryBudgetError`` before any weight is loaded if it cannot work."""
+        cfg = self.config
+        if self.memory is None or cfg.num_kv_blocks is not None or cfg.kv_cache_memory_gb is not None:
+            return None
+        plan = estimate_plan(
+            str(self.device), self.memory.total(), cfg.gpu_memory_utilization, self.model_config,
+            self.dtype.itemsize, prefill_tokens, max_batch,
+            cfg.max_num_seqs if cfg.cuda_graphs and self.device.type == "cuda" else None,
+        )
+        plan.check(self.bytes_per_block, self.max_model_len, self.block_size)
+        return plan
+
+    def _profile_prefill(self, tokens: int, max_batch: int) -> int:
+        """Peak bytes allocated by a throwaway prefill of the largest batch (``tokens`` over as
+        many prompts as a batch holds), over a scratch KV cache just large enough for it."""
+        mc = self.model_config
+        lengths = profile_lengths(tokens, max_batch, self.max_model_len)
+        params = SamplingParams(max_tokens=1, temperature=0)
+        seqs, next_block = [], 0
+        for i, n in enumerate(lengths):
+            seq = Sequence(f"memory-profile-{i}", [i % mc.vocab_size] * n, params)
+            used = -(-n // self.block_size)
+            seq.block_table, seq.num_scheduled_tokens = list(range(next_block, next_block + used)), n
+            seqs.append(seq)
+            next_block += used
+        self.kv_cache = torch.zeros(mc.num_layers, 2, next_block + 1, self.block_size, mc.num_kv_heads,
+                                    mc.head_dim, dtype=self.dtype, device=self.device)
+        self.memory.reset_peak()
+        before = self.memory.allocated()
+        self.fetch(self.launch(seqs, is_prefill=True))
+        peak = self.memory.peak() - before
+        del self.kv_cache
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return max(0, peak)
+
+    def _capture_graphs(self) -> int:
+        """Capture the decode graphs; returns the bytes their pool took from the device."""
+        from splitserve.engine.cuda_graphs import DecodeGraphs
+
+        before = self.memory.reserved() if self.memory is not None else 0
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.config.max_num_seqs,
+            -(-self.max_model_len // self.block_size), self.num_blocks * self.block_size,
+        )
+        return max(0, self.memory.reserved() - before) if self.memory is not None else 0
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the calling thread's current device. Call it in every thread
@@ -107,17 +188,18 @@ class ModelRunner:
         mc = self.model_config
         return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
 
-    def _blocks_that_fit(self) -> int:
+    def _blocks_that_fit(self, plan: MemoryPlan | None) -> int:
+        """KV blocks: from ``kv_cache_memory_gb``, else the device share's plan, else (CPU)
+        enough for 64 full-length sequences, at most 1 GiB."""
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - self.config.gpu_memory_utilization) * total
-        else:  # CPU: enough for 64 full-length sequences, at most 1 GiB
+        elif plan is not None:
+            return plan.kv_blocks(self.bytes_per_block)  # plan.check() vouched for one sequence
+        else:
             budget = min(2**30, 64 * self.max_model_len * self.bytes_per_block / self.block_size)
         blocks = int(budget // self.bytes_per_block)
-        if blocks < self.max_model_len // self.block_size + 1:
-            raise RuntimeError(
+        if blocks < min_kv_blocks(self.max_model_len, self.block_size):
+            raise MemoryBudgetError(
                 f"KV cache budget of {budget / 2**30:.2f} GiB holds {blocks} blocks, "
                 f"too few for one {self.max_model_len}-token sequence"
             )

@@ -53,6 +53,9 @@ class SamplingParams:
         """Refuse, naming the field, every value the engine cannot run: a bad value that got
         through would raise inside a step shared with other requests (a seed beyond 64 bits
         did: "Overflow when unpacking long long")."""
+        for name in ("stop", "stop_token_ids"):  # lists from callers are kept as tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_int("max_tokens", self.max_tokens, 1, MAX_INT64)
         _check_number("temperature", self.temperature)
         if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:

@@ -9,6 +9,12 @@ from pydantic import BaseModel, Field
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.handshake import fingerprint, kv_spec
 from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
+from splitserve.trust import (
+    InternalAuthMiddleware,
+    InternalSecret,
+    load_internal_secret,
+    warn_unauthenticated,
+)
 
 __all__ = ["WorkerOptions", "add_worker_args", "fingerprint", "kv_spec", "options_from_args"]
 
@@ -32,6 +38,7 @@ class EngineWorker:
         from splitserve.engine.metrics import observe_engine
 
         self.options = options
+        self.secret = worker_secret(options)  # before the model loads: a bad path fails fast
         from splitserve.engine.warmup import warm_up
 
         self.engine = LLMEngine(options.engine)
@@ -44,6 +51,28 @@ class EngineWorker:
 
     def close(self) -> None:
         self.async_engine.shutdown()
+
+
+def worker_secret(options: WorkerOptions) -> InternalSecret | None:
+    """The internal secret this worker proves and demands (HTTP header, KV handshake, registry
+    MAC); without one, a loud warning: its ports then trust anyone who can connect."""
+    secret = load_internal_secret(options.internal_secret_file)
+    if secret is None:
+        warn_unauthenticated(f"{options.role} worker")
+    return secret
+
+
+def guard(app, worker: EngineWorker) -> None:
+    """Refuse every request without the router's internal header (401), except ``/health``
+    (probes carry no credentials) and, with ``--public-metrics``, ``/metrics``."""
+    if worker.secret is None:
+        return
+    from splitserve.engine.metrics import REQUESTS
+
+    role = worker.options.role
+    open_paths = {"/health", "/metrics"} if worker.options.public_metrics else {"/health"}
+    app.add_middleware(InternalAuthMiddleware, secret=worker.secret, open_paths=open_paths,
+                       on_reject=lambda _path: REQUESTS.labels(role, "unauthorized").inc())
 
 
 def add_common_routes(app, state, role: str) -> None:
@@ -110,7 +139,7 @@ def lifespan(worker, options: WorkerOptions, state):
         worker.start()
         heartbeat = None
         if options.redis_url:
-            from splitserve.router.registry import start_heartbeat
+            from splitserve.router.registry import redis_password, start_heartbeat
 
             heartbeat = start_heartbeat(options.redis_url, {
                 "url": options.url,
@@ -118,7 +147,8 @@ def lifespan(worker, options: WorkerOptions, state):
                 "model": options.engine.runner.model_dir,
                 "kv_endpoint": getattr(state, "kv_endpoint", None),
                 "fingerprint": fingerprint(state.engine, options.generation),
-            }, namespace=options.redis_namespace)
+            }, namespace=options.redis_namespace, secret=worker.secret,
+                password=redis_password(options.redis_password_file))
         try:
             yield
         finally:

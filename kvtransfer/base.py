@@ -59,6 +59,7 @@ class FailureReason(str, enum.Enum):
     INVALID_INPUT = "invalid_input"  # wrong layer shape/dtype/count handed to send()
     PROTOCOL_ERROR = "protocol_error"  # garbled frames, duplicate sender, wrong frame order
     BACKEND_UNAVAILABLE = "backend_unavailable"  # e.g. shared memory not visible to the peer
+    UNAUTHENTICATED = "unauthenticated"  # the peer did not prove it holds the internal secret
 
 
 class TransferState(str, enum.Enum):

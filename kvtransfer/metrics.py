@@ -25,6 +25,11 @@ SECONDS = Histogram(
 FAILURES = Counter(
     "splitserve_kv_failures", "Failed KV transfers by reason", ["side", "backend", "reason"]
 )
+AUTH_FAILURES = Counter(
+    "splitserve_kv_auth_failures",
+    "KV connections refused because the peer did not prove it holds the internal secret",
+    ["side", "backend"],
+)
 
 
 def record_bytes(side: str, backend: str, nbytes: int) -> None:
@@ -39,3 +44,7 @@ def record_success(side: str, backend: str, seconds: float) -> None:
 def record_failure(side: str, backend: str, reason: FailureReason) -> None:
     TRANSFERS.labels(side, backend, reason.value).inc()
     FAILURES.labels(side, backend, reason.value).inc()
+
+
+def record_auth_failure(side: str, backend: str) -> None:
+    AUTH_FAILURES.labels(side, backend).inc()

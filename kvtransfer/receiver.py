@@ -34,8 +34,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from splitserve.trust import InternalSecret
 
-from . import metrics
+from . import auth, metrics
 from .base import FailureReason, KVReceiver, KVSpec, TransferError, TransferResult, TransferState
 from .layout import PagedWriter, check_cache
 from .wire import (
@@ -129,10 +130,12 @@ class SocketReceiver(KVReceiver):
         io_timeout: float = 30.0,
         backlog: int = 256,
         staged: bool = False,
+        secret: InternalSecret | None = None,
     ) -> None:
         """``registration_wait``: how long an early sender waits for expect(); ``io_timeout``:
         the longest stall of a connection; ``staged``: land every layer in a host buffer and
-        index_copy_ it into the cache, as a non-CPU cache does (lets CPU tests cover that path).
+        index_copy_ it into the cache, as a non-CPU cache does (lets CPU tests cover that path);
+        ``secret``: only senders that prove they hold it are served (``auth.py``).
         """
         if spec.backend != self.backend:
             raise ValueError(f"spec.backend is {spec.backend!r}, this receiver is {self.backend!r}")
@@ -145,6 +148,7 @@ class SocketReceiver(KVReceiver):
         self.registration_wait = registration_wait
         self.io_timeout = io_timeout
         self.staged = staged
+        self.secret = secret
         self._num_blocks = kv_cache.shape[2]
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
@@ -422,6 +426,7 @@ class SocketReceiver(KVReceiver):
             first = expect_frame(conn, FrameType.HELLO, FrameType.JOIN)
             hello = first.meta
             request_id = str(hello.get("request_id", "?"))
+            self._authenticate(conn, first, request_id)
             if first.type == FrameType.JOIN:
                 self._serve_lane(conn, hello)
                 return
@@ -438,6 +443,17 @@ class SocketReceiver(KVReceiver):
                 self._conns.discard(conn)
                 self._handlers.discard(threading.current_thread())
             conn.close()
+
+    def _authenticate(self, conn: socket.socket, first: Frame, request_id: str) -> None:
+        """The shared-secret proof, before the connection may touch any transfer. A receiver
+        without a secret serves any sender, so one that wants proof may fail its transfer at
+        once; with a secret, an unproven peer can neither fill nor fail a transfer."""
+        try:
+            auth.authenticate_sender(conn, self.secret, first, self.backend)
+        except TransferError as err:
+            if self.secret is None and first.type == FrameType.HELLO:
+                self.reject(request_id, err.reason, err.message)
+            raise
 
     def _handshake(self, conn: socket.socket, hello: dict[str, Any]) -> _Entry:
         request_id = hello.get("request_id")

@@ -63,3 +63,4 @@ def create_receiver(
 register_backend("tcp", "splitserve.kvtransfer.tcp", "TCPSender", "TCPReceiver")
 register_backend("shm", "splitserve.kvtransfer.shm", "ShmSender", "ShmReceiver")
 register_backend("cuda_ipc", "splitserve.kvtransfer.cuda_ipc", "CudaIpcSender", "CudaIpcReceiver")
+register_backend("nixl", "splitserve.kvtransfer.nixl", "NixlSender", "NixlReceiver")

@@ -31,8 +31,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
+from splitserve.trust import InternalSecret
 
-from . import metrics
+from . import auth, metrics
 from .base import (
     FailureReason,
     FirstToken,
@@ -199,10 +200,12 @@ class SocketSender(KVSender):
         io_timeout: float = 30.0,
         streams: int = 1,
         min_stream_bytes: int = 64 << 20,
+        secret: InternalSecret | None = None,
     ) -> None:
         """``streams`` > 1 spreads the layers of a transfer of at least ``min_stream_bytes``
         over that many connections (layer i on connection i % streams), for links where one
-        TCP stream cannot fill the pipe. Backends that cannot (shm) allow only 1."""
+        TCP stream cannot fill the pipe. Backends that cannot (shm) allow only 1. With
+        ``secret``, KV goes only to receivers that prove they hold it (``auth.py``)."""
         if spec.backend != self.backend:
             raise ValueError(f"spec.backend is {spec.backend!r}, this sender is {self.backend!r}")
         if min(connect_timeout, accept_timeout, io_timeout) <= 0:
@@ -212,6 +215,7 @@ class SocketSender(KVSender):
         self.streams = streams
         self.min_stream_bytes = min_stream_bytes
         self.spec = spec
+        self.secret = secret
         self.connect_timeout = connect_timeout
         self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
@@ -337,7 +341,13 @@ class SocketSender(KVSender):
         lane = _Lane(self._connect(address))
         try:
             lane.sink = self.open_sink(nbytes)
-            send_frame(lane.sock, kind, {**hello, **lane.sink.hello_fields()})
+            nonce = auth.new_nonce() if self.secret is not None else ""
+            proof_fields = auth.hello_fields(nonce) if nonce else {}
+            send_frame(lane.sock, kind, {**hello, **lane.sink.hello_fields(), **proof_fields})
+            if self.secret is not None:
+                auth.authenticate_receiver(
+                    lane.sock, self.secret, nonce, hello["request_id"], self.backend
+                )
             lane.sock.settimeout(reply_timeout)
             expect_frame(lane.sock, FrameType.ACCEPT)
             lane.sock.settimeout(self.io_timeout)

@@ -10,7 +10,8 @@ metadata cost about as much as moving a small layer's bytes.
 
 Conversation (sender -> receiver unless marked <-)::
 
-    HELLO {request_id, spec, num_tokens, meta, ...backend fields}
+    HELLO {request_id, spec, num_tokens, meta, ...backend fields[, auth: {nonce}]}
+    (with a shared secret: <- CHALLENGE {nonce, proof}, AUTH {proof}; see auth.py)
     <- ACCEPT {}            or  <- ERROR {reason, message, field}
     LAYER [index i] + payload (T*2*H*D elements, token-major), i = 0 .. num_layers-1
     (shm: LAYER [i] {slot} without payload, <- CREDIT {slot} when the slot may be reused)
@@ -57,6 +58,8 @@ class FrameType(enum.IntEnum):
     ERROR = 6
     CREDIT = 7
     JOIN = 8
+    CHALLENGE = 9  # receiver -> sender: its nonce and proof of the secret (auth.py)
+    AUTH = 10  # sender -> receiver: its proof of the secret
 
 
 class PeerClosed(ConnectionError):
@@ -161,7 +164,7 @@ def recv_frame(sock: socket.socket) -> Frame:
     try:
         kind = FrameType(ftype)
         meta = json.loads(recv_exact(sock, meta_len)) if meta_len else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nesting past the parser's
         raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad frame: {exc}") from exc
     if not isinstance(meta, dict):
         raise TransferError(FailureReason.PROTOCOL_ERROR, "frame metadata must be a JSON object")

@@ -12,12 +12,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a model on this machine: router + prefill + decode workers (no cluster needed)",
         description=(
             "Start a router (OpenAI-compatible API), --prefill prefill workers and --decode decode "
-            "workers as separate processes, wait until all are ready, print the endpoint, and stop "
-            "them all on Ctrl-C. Without --model, a small random-weight demo model is made first "
-            "(its output is random text)."
+            "workers as separate processes, wait until all are ready, print the endpoint, restart "
+            "any of them that exits (with backoff; up gives up and stops everything when one "
+            "exits more than --max-restarts times in --restart-window seconds), and stop them all "
+            "on Ctrl-C. Without --model, SmolLM2-135M-Instruct is served (fetched into "
+            "~/.cache/splitserve/models on first use; offline, a random-weight demo model)."
         ),
     )
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: make/use the demo model)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1; 0 = colocated, decode workers prefill too)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
@@ -25,9 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     p.add_argument("--policy", default="round_robin", help="routing policy (default round_robin)")
     p.add_argument("--devices", default="", help="comma-separated devices assigned round robin, prefill first (e.g. cuda:0,cuda:1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of each GPU's memory for the workers placed on it, divided evenly "
+                        "among them (default 0.85: two workers on cuda:0 get 0.425 each); a "
+                        "--gpu-memory-utilization in --worker-args sets every worker's own instead")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
     p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of one process within --restart-window before up gives up (default 5; "
+                        "0: stop everything when any process exits)")
+    p.add_argument("--restart-window", type=float, default=300.0,
+                   help="seconds over which --max-restarts counts (default 300)")
     p.add_argument("--log-dir", default=None, help="write each process's log here (default: this terminal)")
     p.set_defaults(func=_run)
 
@@ -38,21 +49,19 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from splitserve.engine.model_files import model_name
+    from splitserve.launcher.supervise import GaveUp, RestartPolicy, Supervisor
     from splitserve.launcher.up import DEMO_MODEL_DIR, Deployment, UpConfig
 
     log = logging.getLogger("splitserve.up")
     model = args.model
     if model is None:
-        model = str(DEMO_MODEL_DIR)
-        if not (DEMO_MODEL_DIR / "config.json").exists():
-            from splitserve.engine.demo_model import init_demo_model
+        from splitserve.engine.default_model import default_model
 
-            init_demo_model(DEMO_MODEL_DIR)
-        log.warning("no --model given: serving the demo model at %s; its weights are random, so "
-                    "it answers with random text", model)
+        model = default_model(DEMO_MODEL_DIR)
     cfg = UpConfig(
         model=model,
-        served_model_name=args.served_model_name or Path(model).name,
+        served_model_name=args.served_model_name or model_name(model),
         num_prefill=args.prefill,
         num_decode=args.decode,
         host=args.host,
@@ -63,8 +72,11 @@ def _run(args: argparse.Namespace) -> int:
         router_args=tuple(shlex.split(args.router_args)),
         log_dir=Path(args.log_dir) if args.log_dir else None,
         redis_url=args.redis_url,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     deployment = Deployment(cfg)
+    supervisor = Supervisor(deployment.group, RestartPolicy(max_restarts=args.max_restarts,
+                                                            window_s=args.restart_window))
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM as on Ctrl-C
     try:
         deployment.start()
@@ -75,11 +87,11 @@ def _run(args: argparse.Namespace) -> int:
               flush=True)
         print("press Ctrl-C to stop", flush=True)
         while True:
-            dead = deployment.group.dead()
-            if dead:
-                log.error("%s exited (code %s); stopping everything", dead[0].name, dead[0].process.returncode)
-                return 1
+            supervisor.tick()
             time.sleep(0.5)
+    except GaveUp as exc:
+        log.error("%s; stopping everything", exc)
+        return 1
     except KeyboardInterrupt:
         print("stopping...", flush=True)
         return 0

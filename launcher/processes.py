@@ -1,8 +1,9 @@
 """Start, watch and stop the processes of a local deployment.
 
 Each component is a real process running a ``splitserve`` subcommand; readiness is its HTTP
-``/health`` answering. If any process dies while starting or serving, the group says which and
-stops the rest, rather than leaving a half-working system behind.
+``/health`` answering. If any process dies while starting, the group says which and stops the
+rest, rather than leaving a half-working system behind; once serving, ``supervise.Supervisor``
+restarts what exits.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ class ProcessGroup:
         self.env = {**os.environ, **(env or {})}
 
     def start(self, component: Component) -> Component:
+        self._spawn(component)
+        self.components.append(component)
+        log.info("started %s (pid %d): %s", component.name, component.process.pid, " ".join(component.args))
+        return component
+
+    def restart(self, component: Component) -> None:
+        """Start an exited component again with the same arguments (so the same ports: the
+        router and the registry find it where it was), its output appended to the same log."""
+        if component.process is not None and component.process.poll() is None:
+            raise RuntimeError(f"{component.name} is still running (pid {component.process.pid})")
+        self._spawn(component)
+        log.info("restarted %s (pid %d)", component.name, component.process.pid)
+
+    def _spawn(self, component: Component) -> None:
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -75,9 +90,6 @@ class ProcessGroup:
         )
         if out is not None:
             out.close()
-        self.components.append(component)
-        log.info("started %s (pid %d): %s", component.name, component.process.pid, " ".join(component.args))
-        return component
 
     def _tail(self, component: Component, lines: int = 20) -> str:
         if component.log_path is None or not component.log_path.exists():

@@ -24,7 +24,7 @@ PLURAL = "inferenceservices"
 SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]  # KServe owns "isvc"
 CRD_NAME = f"{PLURAL}.{GROUP}"
-KV_BACKENDS = ["tcp", "shm", "cuda_ipc"]  # what splitserve.kvtransfer registers (a test keeps them equal)
+KV_BACKENDS = ["tcp", "shm", "cuda_ipc", "nixl"]  # what splitserve.kvtransfer registers (a test keeps them equal)
 ROUTER_POLICIES = ["round_robin", "least_loaded", "prefix_aware", "goodput"]  # router/config.py
 
 Schema = dict[str, Any]
@@ -191,6 +191,16 @@ def spec_schema() -> Schema:
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),
                     "resources": _resources_schema("Container resources of the router."),
+                    "apiKeySecret": {
+                        "type": "object",
+                        "description": "A Secret holding the API key clients must send"
+                        " (Authorization: Bearer KEY) for /v1/*; unset: the API is open.",
+                        "required": ["name"],
+                        "properties": {
+                            "name": _str("Secret name (same namespace).", minLength=1),
+                            "key": _str("Key inside the Secret.", default="api-key", minLength=1),
+                        },
+                    },
                 },
             },
             "slo": {

@@ -9,7 +9,14 @@ Children of ``<name>``:
   ``<name>-decode``   Deployment + headless Service (HTTP 8200, KV 8300)
   ``<name>-router``   Deployment + Service (HTTP 8000): the endpoint clients use
   ``<name>-redis``    Deployment + Service, when ``spec.redis.managed`` (workers register there)
-  PodDisruptionBudgets for prefill, decode and router.
+  ``<name>-internal`` Secret: the internal secret (router -> worker header, KV handshake, registry
+                      MACs) and the managed Redis's password, generated once, mounted as files
+  NetworkPolicies: only the router reaches the workers' HTTP ports, only prefill reaches decode's
+  KV port, only the router and workers reach Redis; the operator and a configured Prometheus
+  may also reach the HTTP ports (for /metrics); PodDisruptionBudgets for prefill, decode, router.
+
+Secrets never go on a command line (``/proc/<pid>/cmdline`` is world-readable): the pods get
+file paths and ``secretKeyRef`` variables. Workers listen on their pod IP, not 0.0.0.0.
 
 Rollouts: prefill and decode pods carry the same ``splitserve.io/serving-generation`` label, a
 hash of everything the two must agree on (image, model, KV backend, serving config). Changing any
@@ -20,8 +27,12 @@ not part of it: resizing one pool touches only that pool's Deployment.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from splitserve.operator import crd
@@ -35,6 +46,11 @@ ROUTER_PORT = 8000
 REDIS_PORT = 6379
 MODEL_MOUNT = "/models"
 CONFIG_MOUNT = "/etc/splitserve"
+SECRET_MOUNT = "/etc/splitserve/secrets"
+REDIS_CONF_MOUNT = "/etc/redis"
+INTERNAL_SECRET_KEY = "internal-secret"
+REDIS_PASSWORD_KEY = "redis-password"
+REDIS_CONF_KEY = "redis.conf"
 RUN_AS_USER = 10001  # the image's `splitserve` user (docker/Dockerfile)
 REDIS_USER = 999  # the redis image's own user
 DRAIN_SECONDS = 120  # how long a pod's preStop waits for its sequences to finish
@@ -170,24 +186,35 @@ def _drain_hook(port: int) -> dict[str, Any]:
 
 
 def _env(name: str, spec: dict[str, Any], generation: str) -> list[dict[str, Any]]:
-    return [
+    env = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SPLITSERVE_GENERATION", "value": generation},
         {"name": "SPLITSERVE_SERVICE", "value": name},
         {"name": "SPLITSERVE_CONFIG", "value": f"{CONFIG_MOUNT}/serving.json"},
+        {"name": "SPLITSERVE_INTERNAL_SECRET_FILE", "value": f"{SECRET_MOUNT}/{INTERNAL_SECRET_KEY}"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    if spec["redis"].get("managed", True):
+        env.append({"name": "SPLITSERVE_REDIS_PASSWORD_FILE",
+                    "value": f"{SECRET_MOUNT}/{REDIS_PASSWORD_KEY}"})
+    return env
 
 
 def _volumes(name: str, spec: dict[str, Any]) -> tuple[list[Manifest], list[Manifest]]:
+    items = [{"key": INTERNAL_SECRET_KEY, "path": INTERNAL_SECRET_KEY}]
+    if spec["redis"].get("managed", True):
+        items.append({"key": REDIS_PASSWORD_KEY, "path": REDIS_PASSWORD_KEY})
+    secret = {"secretName": child_name(name, "internal"), "items": items, "defaultMode": 0o440}
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": child_name(name, "config")}},
         {"name": "tmp", "emptyDir": {}},
+        {"name": "internal", "secret": secret},
     ]
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "internal", "mountPath": SECRET_MOUNT, "readOnly": True},
     ]
     pvc = spec["model"].get("pvc")
     if pvc:
@@ -241,7 +268,7 @@ def _deployment(
 def _worker_command(role: str, spec: dict[str, Any], url: str, generation: str) -> list[str]:
     """The worker's real CLI (``splitserve prefill|decode``); Kubernetes expands ``$(POD_IP)``."""
     backend = spec["kvTransfer"]["backend"]
-    cmd = ["splitserve", role, "--model", model_dir(spec), "--host", "0.0.0.0"]
+    cmd = ["splitserve", role, "--model", model_dir(spec), "--host", "$(POD_IP)"]
     if role == "prefill":
         cmd += ["--port", str(PREFILL_PORT)]
     else:
@@ -249,6 +276,7 @@ def _worker_command(role: str, spec: dict[str, Any], url: str, generation: str) 
     return cmd + [
         "--kv-backend", backend, "--redis-url", url,
         "--advertise-host", "$(POD_IP)", "--generation", generation,
+        "--public-metrics",  # /metrics for Prometheus; the NetworkPolicy names who may ask
     ]  # fmt: skip
 
 
@@ -329,12 +357,18 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
         "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
         "--redis-url", redis_url(name, spec), "--policy", router["policy"],
         "--slo-ttft-ms", str(spec["slo"]["ttftMs"]), "--slo-tpot-ms", str(spec["slo"]["tpotMs"]),
+        "--public-metrics",  # the operator's SLO loop scrapes it without the API key
     ]  # fmt: skip
     ports = [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}]
+    env = _env(name, spec, generation)
+    key_ref = router.get("apiKeySecret")
+    if key_ref:  # a variable from the Secret: never on the command line
+        env.append({"name": "SPLITSERVE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": key_ref["name"], "key": key_ref.get("key", "api-key")}}})
     container = {
         "command": command,
         "ports": ports,
-        "env": _env(name, spec, generation),
+        "env": env,
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},  # let endpoints drop the pod first
         **_http_probes("http"),
     }
@@ -357,20 +391,25 @@ def render_redis(name: str, namespace: str, spec: dict[str, Any]) -> list[Manife
         "name": "redis",
         "image": spec["redis"]["image"],
         "imagePullPolicy": spec["imagePullPolicy"],
+        # requirepass comes from the config file in the Secret, not from the arguments
+        "command": ["redis-server", f"{REDIS_CONF_MOUNT}/{REDIS_CONF_KEY}"],
         "args": ["--save", "", "--appendonly", "no", "--port", str(REDIS_PORT)],
         "ports": ports,
         "securityContext": _security_context(REDIS_USER),
         "resources": DEFAULT_RESOURCES["redis"],
         "readinessProbe": {**tcp, "periodSeconds": 5},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 6},
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                         {"name": "conf", "mountPath": REDIS_CONF_MOUNT, "readOnly": True}],
     }
     pod = {
         "securityContext": {"runAsNonRoot": True, "fsGroup": REDIS_USER},
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "containers": [container],
-        "volumes": [{"name": "data", "emptyDir": {}}],
+        "volumes": [{"name": "data", "emptyDir": {}}, {"name": "conf", "secret": {
+            "secretName": child_name(name, "internal"), "defaultMode": 0o440,
+            "items": [{"key": REDIS_CONF_KEY, "path": REDIS_CONF_KEY}]}}],
     }
     deployment = _deployment(name, namespace, "redis", 1, pod, {})
     deployment["spec"]["strategy"] = {"type": "Recreate"}
@@ -440,17 +479,111 @@ def _service(
     }
 
 
+def secret_values(existing: Manifest | None) -> dict[str, str]:
+    """The internal Secret's values: those already stored (so a reconcile never rotates them
+    under running pods), a fresh random one for each that is missing."""
+    data = (existing or {}).get("data") or {}
+    values = {k: base64.b64decode(v).decode() for k, v in data.items()
+              if k in (INTERNAL_SECRET_KEY, REDIS_PASSWORD_KEY)}
+    for key in (INTERNAL_SECRET_KEY, REDIS_PASSWORD_KEY):
+        values.setdefault(key, secrets.token_urlsafe(32))
+    return values
+
+
+def render_internal_secret(name: str, namespace: str, values: Mapping[str, str]) -> Manifest:
+    """The Secret every pod of the service mounts (values from :func:`secret_values`)."""
+    password = values[REDIS_PASSWORD_KEY]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": child_name(name, "internal"), "namespace": namespace,
+                     "labels": common_labels(name, "internal")},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in {  # data, not stringData:
+            INTERNAL_SECRET_KEY: values[INTERNAL_SECRET_KEY],  # re-applying it is then a no-op
+            REDIS_PASSWORD_KEY: password,
+            REDIS_CONF_KEY: f"requirepass {password}\n",
+        }.items()},
+    }
+
+
+@dataclass(frozen=True)
+class MetricsPeers:
+    """Who else may reach the pods' HTTP ports for /metrics: the operator (its namespace and
+    pod labels) and a Prometheus (namespace labels and pod labels; empty = any)."""
+
+    operator_namespace: str | None = None
+    operator_labels: Mapping[str, str] | None = None
+    prometheus_namespace_labels: Mapping[str, str] | None = None
+    prometheus_pod_labels: Mapping[str, str] | None = None
+
+    def peers(self) -> list[Manifest]:
+        out = []
+        if self.operator_namespace and self.operator_labels:
+            out.append({"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": self.operator_namespace}},
+                "podSelector": {"matchLabels": dict(self.operator_labels)}})
+        if self.prometheus_namespace_labels is not None or self.prometheus_pod_labels is not None:
+            out.append({"namespaceSelector": {"matchLabels": dict(self.prometheus_namespace_labels or {})},
+                        "podSelector": {"matchLabels": dict(self.prometheus_pod_labels or {})}})
+        return out
+
+
+def _pods(name: str, *components: str) -> list[Manifest]:
+    return [{"podSelector": {"matchLabels": selector_labels(name, c)}} for c in components]
+
+
+def _policy(name: str, namespace: str, component: str, rules: list[Manifest]) -> Manifest:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": child_name(name, component), "namespace": namespace,
+                     "labels": common_labels(name, component)},
+        "spec": {"podSelector": {"matchLabels": selector_labels(name, component)},
+                 "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
+def _rule(peers: list[Manifest], port: int) -> Manifest:
+    return {"from": peers, "ports": [{"protocol": "TCP", "port": port}]}
+
+
+def render_network_policies(
+    name: str, namespace: str, spec: dict[str, Any], peers: MetricsPeers | None = None
+) -> list[Manifest]:
+    """Ingress allow-lists: the paths DESIGN.md's trust boundaries name, nothing else. The
+    router's port stays open to clients (it checks the API key)."""
+    metrics = (peers or MetricsPeers()).peers()
+    out = [
+        _policy(name, namespace, "prefill", [_rule(_pods(name, "router") + metrics, PREFILL_PORT)]),
+        _policy(name, namespace, "decode", [
+            _rule(_pods(name, "router") + metrics, DECODE_PORT),
+            _rule(_pods(name, "prefill"), DECODE_KV_PORT),
+        ]),
+        _policy(name, namespace, "router", [{"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}]),
+    ]
+    if spec["redis"].get("managed", True):
+        out.append(_policy(name, namespace, "redis", [
+            _rule(_pods(name, "router", "prefill", "decode"), REDIS_PORT)]))
+    return out
+
+
 def render_all(
     name: str,
     namespace: str,
     spec: dict[str, Any],
     replicas: dict[str, int] | None = None,
+    secret: Mapping[str, str] | None = None,
+    peers: MetricsPeers | None = None,
 ) -> list[Manifest]:
     """Every child of one InferenceService, in apply order (config and registry first).
 
     ``spec`` may be partial (as in a unit test): schema defaults are filled in first, exactly as
     the API server would have stored them. ``replicas`` (pool -> count) overrides the spec's
-    worker replicas: the autoscaler's choice (``scaling.effective_replicas``).
+    worker replicas: the autoscaler's choice (``scaling.effective_replicas``). ``secret``: the
+    internal Secret's values (:func:`secret_values`; the operator reads or makes them), without
+    which the Secret is left out, so that rendering stays a pure function. ``peers``: who may
+    scrape /metrics besides the router.
     """
     replicas = replicas or {}
     if not name:
@@ -462,6 +595,9 @@ def render_all(
     if not full["model"].get("name"):
         raise SpecError("spec.model.name is required")
     out: list[Manifest] = [render_config(name, namespace, full)]
+    if secret is not None:
+        out.append(render_internal_secret(name, namespace, secret))
+    out += render_network_policies(name, namespace, full, peers)
     out += render_redis(name, namespace, full)
     out += render_worker(name, namespace, full, "prefill", replicas.get("prefill"))
     out += render_worker(name, namespace, full, "decode", replicas.get("decode"))

@@ -18,10 +18,11 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 from splitserve.operator import crd, kube, manifests, scaling
+from splitserve.operator import settings as operator_settings
 from splitserve.operator import status as status_mod
 
 log = logging.getLogger(__name__)
-PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap")
+PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "NetworkPolicy")
 # the manifest, the spec or our RBAC is wrong: retrying the same thing cannot help
 PERMANENT_STATUSES = (400, 403, 422)
 Adopt = Callable[[dict[str, Any]], None]
@@ -55,7 +56,13 @@ def apply_children(
     """Render, adopt and apply every child; delete labelled children no longer rendered.
     ``replicas`` overrides the worker pools' sizes (``scaling.effective_replicas``)."""
     try:
-        children = manifests.render_all(name, namespace, spec, replicas)
+        existing = kube.get("Secret", namespace, manifests.child_name(name, "internal"))
+    except ApiException as exc:
+        raise _api_error(exc, "reading the internal Secret") from exc
+    try:
+        children = manifests.render_all(name, namespace, spec, replicas,
+                                        manifests.secret_values(existing),
+                                        operator_settings.metrics_peers())
     except manifests.SpecError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     results = []

@@ -18,16 +18,23 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
+NetworkPolicies (``manifests.MetricsPeers``): besides the router, who may reach the pods' HTTP
+ports for /metrics: ``SPLITSERVE_OPERATOR_NAMESPACE`` with ``SPLITSERVE_OPERATOR_POD_LABELS`` (the
+operator itself), and a Prometheus by ``SPLITSERVE_PROMETHEUS_NAMESPACE_LABELS`` and
+``SPLITSERVE_PROMETHEUS_POD_LABELS``; labels are JSON objects, set by the chart.
+
 kopf keeps its bookkeeping (last handled spec, handler progress) in annotations under our own
 prefix, so the status holds only what users read (conditions, pools, endpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import kopf
+from splitserve.operator.manifests import MetricsPeers
 
 PREFIX = "splitserve.io"
 DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
@@ -72,6 +79,29 @@ def pod_metrics_url(name: str, namespace: str, pod: str, host: str, port: int) -
     var = "SPLITSERVE_ROUTER_POD_METRICS_URL"
     template = os.environ.get(var) or DEFAULT_POD_METRICS_URL
     return _format(var, template, host=host, port=port, pod=pod, name=name, namespace=namespace)
+
+
+def _labels(var: str) -> dict[str, str] | None:
+    raw = os.environ.get(var)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{var} must be a JSON object of string labels, not {raw!r}")
+    return value
+
+
+def metrics_peers() -> MetricsPeers:
+    """Who the NetworkPolicies admit to /metrics besides the router (module docstring)."""
+    return MetricsPeers(
+        operator_namespace=os.environ.get("SPLITSERVE_OPERATOR_NAMESPACE") or None,
+        operator_labels=_labels("SPLITSERVE_OPERATOR_POD_LABELS"),
+        prometheus_namespace_labels=_labels("SPLITSERVE_PROMETHEUS_NAMESPACE_LABELS"),
+        prometheus_pod_labels=_labels("SPLITSERVE_PROMETHEUS_POD_LABELS"),
+    )
 
 
 def configure(settings: kopf.OperatorSettings) -> None:

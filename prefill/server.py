@@ -32,6 +32,7 @@ from splitserve.engine.worker import (
     WorkerRequest,
     add_common_routes,
     error,
+    guard,
     kv_spec,
     lifespan,
     make_app,
@@ -51,7 +52,8 @@ class PrefillWorker(EngineWorker):
         from splitserve.kvtransfer import create_sender
 
         super().__init__(options)
-        self.sender = create_sender(options.kv_backend, kv_spec(self.engine, options.kv_backend, options.generation))
+        self.sender = create_sender(options.kv_backend, kv_spec(self.engine, options.kv_backend, options.generation),
+                                    secret=self.secret)
         self.transfers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-send")
 
     def close(self) -> None:
@@ -153,6 +155,7 @@ def create_app(options: WorkerOptions):
     state = SimpleNamespace(engine=worker.engine, options=options)
     app.router.lifespan_context = lifespan(worker, options, state)
     add_common_routes(app, state, "prefill")
+    guard(app, worker)
 
     @app.post("/prefill")
     async def prefill(req: PrefillRequest):

@@ -3,13 +3,14 @@
 Entry points (imported from their modules so ``import splitserve.router`` stays cheap):
 
 - ``splitserve.router.app.create_app(RouterConfig) -> FastAPI`` and ``splitserve router`` (cli.py)
-- ``splitserve.router.config.RouterConfig`` / ``SLO``: the router's whole configuration
+- ``splitserve.router.config.RouterConfig`` / ``SLO`` / ``Limits``: the router's whole configuration
 - ``splitserve.router.registry.start_heartbeat(redis_url, info, interval)``: what a worker calls
   to announce itself in the Redis registry
 - ``splitserve.router.policy.build_policy(name)``: round_robin, least_loaded, prefix_aware, goodput
 - ``splitserve.router.stub_worker``: model-less workers speaking the Worker HTTP API (tests, benches)
 
-Modules, in request order: hotpath (the completion endpoints as plain ASGI) -> protocol
+Modules, in request order: connection_limits (the HTTP server's protocol: connection count,
+header and idle timeouts) -> hotpath (the completion endpoints as plain ASGI) -> protocol
 (request bodies) -> tokenizer -> serving (choices, n, SSE) -> dispatch (admission, pick, decode
 stream + prefill, retry) -> policy/ -> workers (HTTP calls; http1, the keep-alive client of the
 hot path) -> pool (health and load polling) <- registry (static URLs or Redis); output

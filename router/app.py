@@ -13,7 +13,6 @@ rest (/v1/models, /health, /metrics, errors for unknown paths).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,32 +31,46 @@ from splitserve.router.hotpath import CompletionsEndpoint
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
-from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry
+from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry, redis_password
 from splitserve.router.serving import Serving
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient
+from splitserve.trust import auth_headers, load_internal_secret, warn_unauthenticated
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("splitserve.router")
 
-def model_max_len(model_dir: str | Path) -> int:
-    """Context length from config.json (max_position_embeddings)."""
-    path = Path(model_dir) / "config.json"
+def model_max_len(model_path: str | Path) -> int:
+    """Context length from the model's config (max_position_embeddings)."""
+    from splitserve.engine.model_files import read_config
+
     try:
-        cfg = json.loads(path.read_text())
+        cfg = read_config(model_path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+        raise ValueError(f"cannot read the config of {model_path}: {exc}") from exc
     value = cfg.get("max_position_embeddings") or cfg.get("max_seq_len")
     if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{path} has no usable max_position_embeddings")
+        raise ValueError(f"the config of {model_path} has no usable max_position_embeddings")
     return value
 
 
-def _registry(config: RouterConfig) -> Registry:
+def _registry(config: RouterConfig, state: RouterState) -> Registry:
     static = StaticRegistry(config.prefill_urls, config.decode_urls)
     if config.redis_url:
-        return RedisRegistry(config.redis_url, config.redis_namespace, static)
+        return RedisRegistry(
+            config.redis_url, config.redis_namespace, static, secret=state.secret,
+            password=redis_password(config.redis_password_file),
+            on_forged=lambda _key: state.metrics.registry_forged.inc(),
+        )
     return static
+
+
+def guarded_paths(config: RouterConfig) -> frozenset[str]:
+    """Paths outside /v1/ that need the API key: /metrics unless public, the docs if served."""
+    paths = set() if config.public_metrics else {"/metrics"}
+    if config.docs:
+        paths |= {"/docs", "/docs/oauth2-redirect", "/openapi.json"}
+    return frozenset(paths)
 
 
 class RouterState:
@@ -65,6 +78,9 @@ class RouterState:
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
+        self.secret = load_internal_secret(config.internal_secret_file)  # proven to every worker
+        if self.secret is None:
+            warn_unauthenticated("router")
         self.tokenizer = RouterTokenizer(config.model_dir)
         self.config_max_len = model_max_len(config.model_dir)
         self.latency_model = LatencyModel.load(config.latency_model_path) if config.latency_model_path else None
@@ -80,8 +96,9 @@ class RouterState:
 
     async def start(self, registry: Registry | None) -> None:
         c = self.config
-        self.client = WorkerClient(c.connect_timeout_s, c.prefill_timeout_s, c.stream_idle_timeout_s)
-        self.pool = WorkerPool(registry or _registry(c), self.client, c.poll_interval_s)
+        self.client = WorkerClient(c.connect_timeout_s, c.prefill_timeout_s, c.stream_idle_timeout_s,
+                                   auth_headers(self.secret))
+        self.pool = WorkerPool(registry or _registry(c, self), self.client, c.poll_interval_s)
         await self.pool.start()
         dispatcher = Dispatcher(c, self.pool, self.client, self.policy, self.metrics)
         self.serving = Serving(self.tokenizer, dispatcher, c.served_model_name)
@@ -137,9 +154,12 @@ def create_app(config: RouterConfig, registry: Registry | None = None) -> FastAP
         "/v1/completions": guarded(CompletionsEndpoint(state, chat=False)),
         "/v1/chat/completions": guarded(CompletionsEndpoint(state, chat=True)),
     }
-    app = RouterApp(hot, title="splitserve router", lifespan=lifespan)
+    docs = {"docs_url": "/docs" if config.docs else None, "redoc_url": None,
+            "openapi_url": "/openapi.json" if config.docs else None}
+    app = RouterApp(hot, title="splitserve router", lifespan=lifespan, **docs)
     if config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key, on_reject=on_reject)
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key, on_reject=on_reject,
+                           guarded=guarded_paths(config))
     app.state.router = state
 
     @app.exception_handler(StarletteHTTPException)

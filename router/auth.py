@@ -1,5 +1,6 @@
 """Optional API key: with one configured, every ``/v1/*`` request without
-``Authorization: Bearer <key>`` gets 401 before anything else is looked at (even its body).
+``Authorization: Bearer <key>`` gets 401 before anything else is looked at (even its body), and
+so do ``/metrics`` (unless made public) and the API docs (when served at all).
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which would sit on the streaming
 path of every response).
@@ -15,13 +16,18 @@ from starlette.responses import JSONResponse
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: Any, api_key: str, on_reject: Any = None) -> None:
+    def __init__(
+        self, app: Any, api_key: str, on_reject: Any = None, guarded: frozenset[str] = frozenset()
+    ) -> None:
+        """``guarded``: exact paths outside ``/v1/`` that need the key too."""
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
         self.on_reject = on_reject
+        self.guarded = guarded
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in self.guarded):
             got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(got, self.expected):
                 if self.on_reject is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 from pathlib import Path
 
-from splitserve.router.config import POLICIES
+from splitserve.router.config import POLICIES, Limits
+from splitserve.trust import add_secret_argument, read_secret
+
+log = logging.getLogger("splitserve.router")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="model folder (tokenizer.json, tokenizer_config.json, config.json)",
+        help="model folder (tokenizer.json, tokenizer_config.json, config.json) or GGUF file",
     )
     p.add_argument(
         "--served-model-name",
@@ -68,10 +71,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="key prefix in Redis, one per service (default splitserve)",
     )
     p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the key that /v1/* and /metrics require as 'Authorization: Bearer KEY' "
+        "(default: env SPLITSERVE_API_KEY_FILE, else the value of SPLITSERVE_API_KEY; none = open)",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: env SPLITSERVE_API_KEY; none = open)",
+        help="DEPRECATED: visible to every local user in the process list; use --api-key-file",
     )
+    add_secret_argument(p)
+    p.add_argument(
+        "--redis-password-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the Redis password (default: env SPLITSERVE_REDIS_PASSWORD_FILE, "
+        "else SPLITSERVE_REDIS_PASSWORD)",
+    )
+    p.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="serve /metrics without the API key (a Prometheus that NetworkPolicies admit)",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve /docs and /openapi.json (behind the API key when there is one)",
+    )
+    p.add_argument("--tls-cert-file", default=None,
+                   help="serve HTTPS with this PEM certificate (chain); needs --tls-key-file")
+    p.add_argument("--tls-key-file", default=None, help="the certificate's PEM private key")
     p.add_argument(
         "--latency-model",
         default=None,
@@ -111,6 +142,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.5,
         help="seconds between worker /load polls (default 0.5)",
     )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=2,
+        help="tries per sequence on different worker pairs before a worker failure is the client's error (default 2)",
+    )
+    limits = p.add_argument_group(
+        "limits", "what one client can make the router hold; each refusal is counted in "
+        "splitserve_router_refused_total{reason}. Connection limits are per router process",
+    )
+    d = Limits()
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help=f"request body size; 413 after this many bytes, the rest unread (default {d.max_body_bytes})")
+    limits.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                        help=f"request line and headers; 431 beyond (default {d.max_header_bytes})")
+    limits.add_argument("--max-sequences", type=int, default=d.max_sequences,
+                        help=f"prompts x n in one request; 400 beyond (default {d.max_sequences})")
+    limits.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open client connections; more are answered 503 and closed (default {d.max_connections})")
+    limits.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                        help=f"seconds from a request's first byte to the end of its headers; 408 (default {d.header_timeout_s:g})")
+    limits.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                        help=f"seconds from the end of the headers to the end of the body; 408 (default {d.body_timeout_s:g})")
+    limits.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s,
+                        help=f"seconds an idle connection is kept, before its first request or between two (default {d.keep_alive_timeout_s:g})")
     p.set_defaults(func=_run)
 
 
@@ -126,14 +182,45 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         policy=args.policy,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("SPLITSERVE_API_KEY") or None,
+        api_key=api_key_from_args(args),
+        internal_secret_file=args.internal_secret_file,
+        redis_password_file=args.redis_password_file,
+        public_metrics=args.public_metrics,
+        docs=args.docs,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
         redis_url=args.redis_url,
         redis_namespace=args.redis_namespace,
         latency_model_path=args.latency_model,
         slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
         max_queue_ms=args.max_queue_ms,
         poll_interval_s=args.poll_interval,
+        max_attempts=args.max_attempts,
+        limits=Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_header_bytes=args.max_header_bytes,
+            max_sequences=args.max_sequences,
+            max_connections=args.max_connections,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_timeout_s=args.keep_alive_timeout,
+        ),
     )
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    """The API key from --api-key-file, SPLITSERVE_API_KEY_FILE or SPLITSERVE_API_KEY; the
+    deprecated --api-key still works, with a warning (its value is in /proc/<pid>/cmdline)."""
+    key = read_secret(args.api_key_file, file_env="SPLITSERVE_API_KEY_FILE",
+                      value_env="SPLITSERVE_API_KEY", what="API key")
+    if args.api_key:
+        log.warning("--api-key is deprecated: any local user can read it in the process list; "
+                    "use --api-key-file or SPLITSERVE_API_KEY")
+        if key is None:
+            return args.api_key
+        if key != args.api_key:
+            raise ValueError("--api-key disagrees with --api-key-file/SPLITSERVE_API_KEY: give one")
+    return key
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ object; a bad value fails at start-up with the field named, never later inside a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware", "goodput")
 
@@ -19,8 +21,41 @@ class SLO:
     tpot_ms: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.ttft_ms <= 0 or self.tpot_ms <= 0:
-            raise ValueError(f"SLO targets must be > 0 ms, got ttft={self.ttft_ms} tpot={self.tpot_ms}")
+        for name in ("ttft_ms", "tpot_ms"):
+            check_slo_ms(name, getattr(self, name))
+
+
+MAX_SLO_MS = 3_600_000.0  # an hour: anything longer is not a latency target
+
+
+def check_slo_ms(name: str, value: float) -> None:
+    """A latency target must be a finite number of milliseconds in (0, MAX_SLO_MS]: NaN compares
+    false with everything and would pass any later check, infinity would make every pair fit."""
+    if not 0 < value <= MAX_SLO_MS:  # False for NaN too
+        raise ValueError(f"{name} must be a number of milliseconds in (0, {MAX_SLO_MS:.0f}], got {value}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client can make a router process hold; each refusal is counted by reason
+    (``splitserve_router_refused_total``). Connection limits are per process."""
+
+    max_body_bytes: int = 4 * 1024 * 1024  # 413 after this many bytes, read no further
+    max_header_bytes: int = 64 * 1024  # request line + headers; 431 beyond
+    max_sequences: int = 64  # prompts x n in one request; 400 beyond
+    max_connections: int = 4096  # open client connections; more are answered 503 and closed
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers; 408
+    body_timeout_s: float = 60.0  # from the end of the headers to the end of the body; 408
+    keep_alive_timeout_s: float = 5.0  # idle connection (before a request or between two) closed
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_sequences", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -32,7 +67,13 @@ class RouterConfig:
     policy: str = "round_robin"
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
+    internal_secret_file: str | None = None  # path; the secret may also come from the environment
+    redis_password_file: str | None = None
+    public_metrics: bool = False  # /metrics without the API key (a Prometheus admitted by policy)
+    docs: bool = False  # serve /docs and /openapi.json (behind the API key when there is one)
+    tls_cert_file: str | None = None  # HTTPS for the public endpoint (PEM), with tls_key_file
+    tls_key_file: str | None = None
     redis_url: str | None = None
     redis_namespace: str = "splitserve"
     latency_model_path: str | None = None
@@ -47,8 +88,14 @@ class RouterConfig:
     max_queue_ms: float = 500.0
     max_queued_requests: int = 256
     max_attempts: int = 2  # first try + one retry on another pair
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS file {path} does not exist")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
         if self.policy not in POLICIES:

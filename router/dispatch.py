@@ -3,10 +3,15 @@ before the first token.
 
 Life cycle of a sequence: admitted (policy picks a pair; if none can meet its targets it waits in
 admission for a bounded time, then is shed) -> decode ``/generate`` opened (decode allocates
-blocks) -> prefill ``/prefill`` sent with decode's KV endpoint -> tokens stream -> done. A
-prefill failure closes the decode stream (decode frees the blocks) and the sequence is retried on
-another pair; a decode worker that breaks its stream is marked unhealthy at once; after the first
-token has gone to the client there is no retry, the client gets an error.
+blocks) -> prefill ``/prefill`` sent with decode's KV endpoint -> tokens stream -> done.
+
+Failure (one rule for both hops, ``after_failure``): a worker that cannot be reached, breaks its
+stream or times out is marked unhealthy at once; before the first token the sequence is retried
+on another pair (closing the decode stream, so decode frees the blocks), at most
+``max_attempts`` tries; after it the client gets a 502; a worker's 400 is the client's 400.
+Until the first token an attempt also fails at once when a worker of its pair is marked
+unhealthy by anyone (``_Tripwire``): a request sent to a worker that hung just before a poll
+noticed waits for that poll, not for its own timeouts.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,18 +50,37 @@ class Chunk:
     logprobs: list[dict[str, Any]] | None = None  # one entry per token, when the request asked
 
 
-class _PrefillFailed(Exception):
-    def __init__(self, worker: WorkerState, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.worker, self.cause = worker, cause
+class _WorkerFailed(Exception):
+    """One worker failed this attempt. ``unreachable``: transport failure, timeout or marked
+    unhealthy (the worker is suspect); else it answered with an error (``status``)."""
+
+    def __init__(self, role: str, worker: WorkerState, message: str, unreachable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.role, self.worker, self.unreachable, self.status = role, worker, unreachable, status
 
 
 class _Retryable(Exception):
     """A failure before the first token: try another pair (without ``bad_urls``)."""
 
-    def __init__(self, message: str, bad_urls: set[str]) -> None:
+    def __init__(self, message: str, bad_urls: set[str], reason: str) -> None:
         super().__init__(message)
-        self.bad_urls = bad_urls
+        self.bad_urls, self.reason = bad_urls, reason
+
+
+def after_failure(failure: _WorkerFailed, yielded: bool) -> Exception:
+    """The retry rule, for both hops: what a worker's failure becomes.
+
+    - the worker refused the request itself (400): the client's error, as a 400, no retry;
+    - after the first token went to the client: a 502 (the client has part of an answer);
+    - otherwise: retry on another pair, without that worker (``Dispatcher.run`` bounds the
+      attempts by ``max_attempts``)."""
+    if failure.status == 400:
+        return RouterError(400, f"the {failure.role} worker refused the request: {failure}")
+    if yielded:
+        return UpstreamError(502, f"{failure.role} worker {failure.worker.url} failed mid-request: {failure}",
+                             code=f"{failure.role}_failed")
+    return _Retryable(f"{failure.role} worker {failure.worker.url} failed: {failure}", {failure.worker.url},
+                      failure.role)
 
 
 class Dispatcher:
@@ -146,7 +170,7 @@ class Dispatcher:
                     return
                 except _Retryable as exc:
                     last_error = str(exc)
-                    self.metrics.child(self.metrics.retries, "prefill" if isinstance(exc.__cause__, _PrefillFailed) else "decode").inc()
+                    self.metrics.child(self.metrics.retries, exc.reason).inc()
                     log.warning("request %s attempt %d failed: %s", spec.request_id, attempt, exc)
                     exclude.update(exc.bad_urls)
             raise UpstreamError(502, f"request failed after {self.config.max_attempts} attempts: {last_error}")
@@ -166,38 +190,47 @@ class Dispatcher:
         body = {"request_id": rid, "token_ids": spec.prompt_token_ids, "sampling": spec.sampling, "recompute": p is None}
         yielded = False
         prefill_task: asyncio.Task | None = None
+        # Decode's first line comes after the prefill and the KV transfer: wait for it as long as
+        # the prefill may take, so a slow prefill is the prefill's failure, not decode's.
+        first_timeout = self.config.prefill_timeout_s + self.config.stream_idle_timeout_s if p else None
+        wire = _Tripwire([("decode", d), ("prefill", p)])
         try:
-            async with self.client.generate(d.url, body) as stream:
-                batches = stream.batches()
-                if p is not None:
-                    prefill_task = asyncio.create_task(self._prefill(p, rid, spec, d))
-                first = await self._first_batch(batches, prefill_task)
-                if first and prefill_task is not None and spec.sampling.get("logprobs") is not None:
-                    # The first token came through the KV transfer, which carries the token only:
-                    # its logprobs are in the prefill worker's response.
-                    first[0] = dict(first[0], logprobs=[(await prefill_task).get("first_logprobs")])
-                async for chunk in self._chunks(first, batches, d):
-                    yielded = True
-                    yield chunk
-                await stream.finish()
-            if prefill_task is not None:
-                await self._settle(prefill_task)
-        except _PrefillFailed as exc:
-            raise _Retryable(f"prefill on {exc.worker.url} failed: {exc.cause}", {exc.worker.url}) from exc
-        except WorkerUnreachable as exc:
-            self.pool.mark_unhealthy(d, str(exc))
-            if yielded:
-                raise UpstreamError(502, f"decode worker {d.url} failed mid-request: {exc}", code="decode_failed") from exc
-            raise _Retryable(f"decode worker {d.url} unreachable: {exc}", {d.url}) from exc
-        except WorkerRejected as exc:
-            if exc.status == 400:
-                raise RouterError(400, f"the decode worker refused the request: {exc.message}") from exc
-            raise _Retryable(f"decode worker {d.url} refused: HTTP {exc.status} {exc.message}", {d.url}) from exc
-        except _DecodeError as exc:
-            if yielded:
-                raise UpstreamError(502, str(exc), code="decode_failed") from exc
-            raise _Retryable(str(exc), {d.url}) from exc
+            try:
+                async with self.client.generate(d.url, body) as stream:
+                    batches = stream.batches(first_timeout)
+                    if p is not None:
+                        prefill_task = asyncio.create_task(self._prefill(p, rid, spec, d))
+                        wire.watch(prefill_task)
+                    first = await anext(batches, None)
+                    wire.disarm()
+                    if first and prefill_task is not None and spec.sampling.get("logprobs") is not None:
+                        # The first token came through the KV transfer, which carries the token
+                        # only: its logprobs are in the prefill worker's response.
+                        first[0] = dict(first[0], logprobs=[(await prefill_task).get("first_logprobs")])
+                    async for chunk in self._chunks(first, batches, d):
+                        yielded = True
+                        yield chunk
+                    await stream.finish()
+                if prefill_task is not None:
+                    await self._settle(prefill_task)
+            except WorkerUnreachable as exc:
+                raise _WorkerFailed("decode", d, str(exc), unreachable=True) from exc
+            except WorkerRejected as exc:
+                raise _WorkerFailed("decode", d, f"HTTP {exc.status} {exc.message}", False, exc.status) from exc
+            except _DecodeError as exc:
+                raise _WorkerFailed("decode", d, str(exc), unreachable=False) from exc
+            except asyncio.CancelledError:
+                failure = wire.absorb()
+                if failure is None:
+                    raise
+                raise failure from None
+        except _WorkerFailed as failure:
+            wire.disarm()  # (marking the worker must not trip this attempt's own wire)
+            if failure.unreachable:
+                self.pool.mark_unhealthy(failure.worker, str(failure))
+            raise after_failure(failure, yielded) from failure
         finally:
+            wire.disarm()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
             for w in (d, p):
@@ -214,10 +247,9 @@ class Dispatcher:
         try:
             return await self.client.prefill(p.url, body)
         except WorkerUnreachable as exc:
-            self.pool.mark_unhealthy(p, str(exc))
-            raise _PrefillFailed(p, exc) from exc
+            raise _WorkerFailed("prefill", p, str(exc), unreachable=True) from exc
         except WorkerRejected as exc:
-            raise _PrefillFailed(p, exc) from exc
+            raise _WorkerFailed("prefill", p, f"HTTP {exc.status} {exc.message}", False, exc.status) from exc
 
     @staticmethod
     async def _settle(prefill_task: asyncio.Task) -> None:
@@ -228,38 +260,6 @@ class Dispatcher:
             await asyncio.wait({prefill_task}, timeout=1.0)
         if prefill_task.done() and not prefill_task.cancelled():
             prefill_task.exception()  # retrieved: a late failure is not logged as unhandled
-
-    @staticmethod
-    async def _first_batch(
-        batches: AsyncIterator[list[dict[str, Any]]], prefill_task: asyncio.Task | None
-    ) -> list[dict[str, Any]] | None:
-        """Decode's first lines, unless the prefill fails first (then raise _PrefillFailed).
-
-        Waits in this task, and a failing prefill cancels the wait (no second task and no
-        ``asyncio.wait`` per request: this runs for every request)."""
-        if prefill_task is None:
-            return await anext(batches, None)
-        current = asyncio.current_task()
-        waiting, failed = True, False
-
-        def on_prefill_done(task: asyncio.Task) -> None:
-            nonlocal failed
-            if waiting and not task.cancelled() and task.exception() is not None:
-                failed = True
-                current.cancel()
-
-        prefill_task.add_done_callback(on_prefill_done)
-        try:
-            return await anext(batches, None)
-        except asyncio.CancelledError:
-            if not failed:
-                raise
-            if hasattr(current, "uncancel"):  # Python >= 3.11: this cancellation is handled
-                current.uncancel()
-        finally:
-            waiting = False
-            prefill_task.remove_done_callback(on_prefill_done)
-        raise prefill_task.exception()  # the stream is abandoned; the prefill's error is reported
 
     @staticmethod
     async def _chunks(
@@ -274,6 +274,57 @@ class Dispatcher:
                 return
             batch = await anext(batches, None)
         raise WorkerUnreachable(f"decode {d.url} ended the stream without a finish_reason")
+
+
+class _Tripwire:
+    """Until the first token: fails the attempt at once if the prefill fails or a worker of the
+    pair is marked unhealthy (by a poll, or another request that could not reach it), instead
+    of waiting out a connect, prefill or stream timeout. It cancels the attempt's task (no
+    second task and no ``asyncio.wait`` per request: this runs for every request), and
+    ``absorb`` turns that cancellation into the failure."""
+
+    def __init__(self, workers: list[tuple[str, WorkerState | None]]) -> None:
+        self.task = asyncio.current_task()
+        self.failure: _WorkerFailed | None = None
+        self.armed = True
+        self._prefill: asyncio.Task | None = None
+        self._watches = [(w, self._down(role, w)) for role, w in workers if w is not None]
+        for w, callback in self._watches:
+            w.on_unhealthy.add(callback)
+
+    def _down(self, role: str, w: WorkerState) -> Callable[[], None]:
+        return lambda: self._fail(_WorkerFailed(role, w, f"marked unhealthy: {w.last_error}", unreachable=True))
+
+    def _fail(self, failure: _WorkerFailed) -> None:
+        if self.armed and self.failure is None:
+            self.failure = failure
+            self.task.cancel()
+
+    def _on_prefill_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and isinstance(task.exception(), _WorkerFailed):
+            self._fail(task.exception())
+
+    def watch(self, prefill_task: asyncio.Task) -> None:
+        self._prefill = prefill_task
+        prefill_task.add_done_callback(self._on_prefill_done)
+
+    def disarm(self) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        for w, callback in self._watches:
+            w.on_unhealthy.discard(callback)
+        if self._prefill is not None:
+            self._prefill.remove_done_callback(self._on_prefill_done)
+
+    def absorb(self) -> _WorkerFailed | None:
+        """In ``except CancelledError``: the failure that cancelled the task (the cancellation is
+        then handled), or None when the cancellation came from elsewhere (it must propagate)."""
+        if self.failure is None:
+            return None
+        if hasattr(self.task, "uncancel"):  # Python >= 3.11
+            self.task.uncancel()
+        return self.failure
 
 
 def _merge(lines: list[dict[str, Any]], d: WorkerState) -> Chunk:

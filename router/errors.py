@@ -52,3 +52,12 @@ class ShedError(RouterError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(429, message, type="rate_limit_error", code=reason)
         self.reason = reason
+
+
+class LimitError(RouterError):
+    """A request refused by one of the router's limits (config.Limits); ``reason`` labels the
+    refusal metric and is the error's code."""
+
+    def __init__(self, status: int, reason: str, message: str, param: str | None = None) -> None:
+        super().__init__(status, message, param=param, code=reason)
+        self.reason = reason

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from splitserve.router.codec import dumps
-from splitserve.router.config import SLO
-from splitserve.router.errors import RouterError, bad_request, error_body
+from splitserve.router.config import MAX_SLO_MS, SLO, check_slo_ms
+from splitserve.router.errors import LimitError, RouterError, bad_request, error_body
 from splitserve.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,7 +42,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
 SLO_TPOT_HEADER = "x-slo-tpot-ms"
 _SLO_HEADERS = ((SLO_TTFT_HEADER.encode(), "ttft_ms"), (SLO_TPOT_HEADER.encode(), "tpot_ms"))
-_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 429: "shed"}
+_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large", 429: "shed"}
+_TOKENIZE_INLINE_BYTES = 64 * 1024  # a body larger than this is tokenized in a thread
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE = "data: [DONE]\n\n"
@@ -57,35 +58,65 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def request_slo(scope: Scope, default: SLO) -> SLO:
-    """Per-request targets from headers, else the configured ones."""
+    """Per-request targets from headers, else the configured ones; a header that is not a
+    finite, positive, bounded number of milliseconds is a 400 naming it."""
     values: dict[str, float] = {}
     for name, field in _SLO_HEADERS:
         raw = header(scope, name)
         if raw is None:
             continue
+        label = name.decode()
         try:
             values[field] = float(raw)
+            check_slo_ms(label, values[field])
         except ValueError as exc:
             raise bad_request(
-                f"header {name.decode()} must be a number of milliseconds, got {raw.decode(errors='replace')!r}"
+                f"header {label} must be a number of milliseconds in (0, {MAX_SLO_MS:.0f}], "
+                f"got {raw.decode(errors='replace')[:64]!r}", label,
             ) from exc
     if not values:
         return default
+    return SLO(values.get("ttft_ms", default.ttft_ms), values.get("tpot_ms", default.tpot_ms))
+
+
+async def read_body(receive: Receive, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """The request body. With ``max_bytes``: a LimitError (413) as soon as more arrived, so the
+    rest is never read nor held; with ``timeout_s``: a LimitError (408) if the body has not all
+    arrived that long after the first piece (a client trickling its body holds a connection and
+    a task). The common body arrives whole with the headers and costs no timer."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ConnectionAbortedError("client left before sending the body")
+    first = message.get("body", b"")
+    if max_bytes is not None and len(first) > max_bytes:
+        raise _body_too_large(max_bytes)
+    if not message.get("more_body", False):
+        return first
+    parts, size = [first], len(first)
     try:
-        return SLO(values.get("ttft_ms", default.ttft_ms), values.get("tpot_ms", default.tpot_ms))
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+        async with asyncio.timeout(timeout_s):
+            while message.get("more_body", False):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ConnectionAbortedError("client left before sending the body")
+                parts.append(message.get("body", b""))
+                size += len(parts[-1])
+                if max_bytes is not None and size > max_bytes:
+                    raise _body_too_large(max_bytes)
+    except TimeoutError:
+        raise LimitError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s") from None
+    return b"".join(parts)
 
 
-async def read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionAbortedError("client left before sending the body")
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts) if len(parts) > 1 else parts[0]
+def _body_too_large(max_bytes: int) -> LimitError:
+    return LimitError(413, "body_too_large", f"the request body is larger than the limit of {max_bytes} bytes")
+
+
+def check_content_length(scope: Scope, max_bytes: int) -> None:
+    """Refuse a declared body over the limit before reading any of it."""
+    raw = header(scope, b"content-length")
+    if raw is not None and raw.isdigit() and int(raw) > max_bytes:
+        raise _body_too_large(max_bytes)
 
 
 def parse(model: type[BaseModel], scope: Scope, raw: bytes) -> Any:
@@ -120,7 +151,29 @@ class CompletionsEndpoint:
         m = self.state.metrics
         m.child(m.requests, path, outcome).inc()
 
-    def prompts(self, body: Any) -> list[list[int]]:
+    def check_sequences(self, body: Any) -> None:
+        """prompts x n within the limit, before anything is tokenized."""
+        limit = self.state.config.limits.max_sequences
+        prompts = 1 if self.chat else len(body.prompts())
+        if prompts * body.n > limit:
+            param = "n" if body.n > 1 else ("messages" if self.chat else "prompt")
+            raise LimitError(400, "too_many_sequences", f"this request asks for {prompts} prompt(s) x n={body.n} "
+                             f"= {prompts * body.n} sequences; the limit is {limit} per request", param)
+
+    def check_token_ids(self, body: Any) -> None:
+        vocab = self.state.tokenizer.vocab_size
+        bad = [t for t in body.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise bad_request(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}", "stop_token_ids")
+
+    async def prompts(self, body: Any, body_bytes: int) -> list[list[int]]:
+        """The request's prompts as token ids. A large one is tokenized in a thread (the
+        tokenizer releases the GIL), so other requests and /health are served meanwhile."""
+        if body_bytes > _TOKENIZE_INLINE_BYTES:
+            return await asyncio.to_thread(self._prompts, body)
+        return self._prompts(body)
+
+    def _prompts(self, body: Any) -> list[list[int]]:
         tok = self.state.tokenizer
         if self.chat:
             try:
@@ -140,6 +193,18 @@ class CompletionsEndpoint:
             raise bad_request("prompt must not be empty", "prompt")
         return prompts
 
+    async def refuse(self, path: str, exc: RouterError, send: Send) -> None:
+        """Answer with the error; a limit's refusal is counted by reason, and one that leaves
+        the body unread (413, 408) closes the connection rather than read the rest."""
+        self.count(path, _OUTCOMES.get(exc.status, "error"))
+        extra = [(b"retry-after", b"1")] if exc.status == 429 else None
+        if isinstance(exc, LimitError):
+            m = self.state.metrics
+            m.child(m.refused, exc.reason).inc()
+            if exc.status in (408, 413):
+                extra = [(b"connection", b"close")]
+        await send_json(send, exc.status, exc.body(), extra)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         if scope["method"] != "POST":
@@ -147,19 +212,22 @@ class CompletionsEndpoint:
             return
         state = self.state
         watch = None
+        limits = state.config.limits
         try:
-            body = parse(self.model, scope, await read_body(receive))
+            check_content_length(scope, limits.max_body_bytes)
+            raw = await read_body(receive, limits.max_body_bytes, limits.body_timeout_s)
+            body = parse(self.model, scope, raw)
             check_model(body.model, state.config.served_model_name)
-            prompts = self.prompts(body)
             slo = request_slo(scope, state.config.slo)
+            self.check_sequences(body)
+            self.check_token_ids(body)
+            prompts = await self.prompts(body, len(raw))
             watch = ClientWatch(receive)  # the body is read: receive() now only reports a disconnect
             result = await state.serving.serve(self.shape, body, prompts, state.max_model_len(), slo)
         except RouterError as exc:
             if watch is not None:
                 watch.stop()
-            self.count(path, _OUTCOMES.get(exc.status, "error"))
-            extra = [(b"retry-after", b"1")] if exc.status == 429 else None
-            await send_json(send, exc.status, exc.body(), extra)
+            await self.refuse(path, exc, send)
             return
         except ConnectionAbortedError:
             self.count(path, "client_closed")

@@ -181,8 +181,10 @@ class _Connection(asyncio.Protocol):
 class Pool:
     """Kept-alive connections per (host, port)."""
 
-    def __init__(self, connect_timeout_s: float) -> None:
+    def __init__(self, connect_timeout_s: float, headers: dict[str, str] | None = None) -> None:
+        """``headers`` go on every request (the internal authentication header)."""
         self.connect_timeout_s = connect_timeout_s
+        self._extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
     def release(self, conn: _Connection) -> None:
@@ -207,7 +209,7 @@ class Pool:
         conn = await self._acquire((host, port))
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{self._extra}Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         response = conn.request(head, body)
         try:

@@ -80,6 +80,12 @@ class RouterMetrics:
             "Output tokens of sequences that met both targets",
             registry=r,
         )
+        self.refused = Counter(
+            "splitserve_router_refused",
+            "Requests and connections refused or closed by a limit (router Limits), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.retries = Counter(
             "splitserve_router_retries",
             "Sequences retried on another pair, by reason",
@@ -89,6 +95,11 @@ class RouterMetrics:
         self.prompt_tokens = Counter(
             "splitserve_router_prompt_tokens",
             "Prompt tokens of the sequences routed (the planner's prefill load)",
+            registry=r,
+        )
+        self.registry_forged = Counter(
+            "splitserve_router_registry_forged",
+            "Registry entries ignored because their MAC did not verify (each scan counts them)",
             registry=r,
         )
         self.queued = Gauge(

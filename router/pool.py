@@ -35,9 +35,13 @@ class WorkerPool:
         return found
 
     def mark_unhealthy(self, worker: WorkerState, why: str) -> None:
+        """Mark ``worker`` down; requests waiting on it for their first token fail over now
+        (its ``on_unhealthy`` callbacks) rather than wait out their timeouts."""
         if worker.healthy:
             log.warning("%s worker %s marked unhealthy: %s", worker.role, worker.url, why)
         worker.healthy, worker.last_error = False, why
+        for callback in list(worker.on_unhealthy):
+            callback()
 
     async def refresh(self) -> None:
         """One round: membership, then every worker's health/load concurrently."""

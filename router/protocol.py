@@ -3,39 +3,62 @@
 Unknown fields are refused (like OpenAI's "Unrecognized request argument"), and fields we accept
 but do not implement (penalties, logprobs) are refused when set to anything but their no-op
 value, so a client never gets silently different behaviour from what it asked for.
+
+Types are strict (``STRICT``): "10" or true is not a number and "yes" is not a boolean (lax
+coercion would accept what the client did not mean), an integer is accepted where a number is
+expected (as OpenAI does), NaN and infinities are refused. Every value the workers receive is
+within what the engine takes (the seed fits torch's generator, token ids the vocabulary), so a
+bad request is a 400 here and never an exception inside a worker; what needs the model (the
+vocabulary, the context length) is checked by ``check_token_ids`` and serving.token_limits.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from splitserve.engine.config import MAX_LOGPROBS
 from splitserve.router.errors import bad_request
 
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+MAX_SEED = 2**63 - 1  # torch's generator takes 64 bits; a signed 64-bit integer is portable JSON
+MAX_INT32 = 2**31 - 1
+MAX_STOP_CHARS = 1024  # the router holds back up to this much text per choice while matching
+MAX_STOP_TOKEN_IDS = 256
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class FieldError(ValueError):
+    """A check that spans fields (in a model validator, where pydantic records no location)
+    still names the field the client must change."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    top_k: int = Field(-1, le=MAX_INT32)  # at or above the vocabulary size: no top-k
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[NonNegativeInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -63,15 +86,17 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in items):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")
     def _unsupported(self) -> SamplingFields:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
-                raise ValueError(f"{name} is not supported yet (only 0)")
+                raise FieldError(name, f"{name} is not supported yet (only 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported yet")
+            raise FieldError("logit_bias", "logit_bias is not supported yet")
         return self
 
     @property
@@ -84,8 +109,8 @@ class SamplingFields(BaseModel):
 
     def sampling(self, max_tokens: int, index: int) -> dict[str, Any]:
         """The SamplingParams JSON for choice ``index`` (seeds differ per choice, else n copies
-        of one sample)."""
-        seed = None if self.seed is None else self.seed + index
+        of one sample; they wrap around so every one stays within ``MAX_SEED``)."""
+        seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
         return {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
@@ -118,15 +143,15 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+            raise FieldError("logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if self.echo:
-            raise ValueError("echo is not supported yet")
+            raise FieldError("echo", "echo is not supported yet")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise FieldError("suffix", "suffix is not supported")
         if self.best_of not in (None, 1) and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise FieldError("best_of", "best_of other than n is not supported")
         if isinstance(self.prompt, list) and len(self.prompt) == 0:
-            raise ValueError("prompt must not be empty")
+            raise FieldError("prompt", "prompt must not be empty")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -140,13 +165,13 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id...: passed to the template
+    model_config = ConfigDict(STRICT, extra="allow")  # name, tool_call_id...: passed to the template
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
 
@@ -176,17 +201,17 @@ class ChatCompletionRequest(SamplingFields):
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None:
             if not self.logprobs:
-                raise ValueError("top_logprobs needs logprobs: true")
+                raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
+                raise FieldError("top_logprobs", f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise FieldError("tools", "tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported")
+            raise FieldError("response_format", "response_format other than text is not supported")
         if self.max_completion_tokens is not None:
             if self.max_completion_tokens < 1:
-                raise ValueError(
-                    f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
+                raise FieldError(
+                    "max_completion_tokens", f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
                 )
             if self.max_tokens is None:
                 self.max_tokens = self.max_completion_tokens
@@ -208,6 +233,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         return f"missing required parameter: {'.'.join(loc)}", loc[0] if loc else None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    error = first.get("ctx", {}).get("error")
+    if not loc and isinstance(error, FieldError):
+        loc = [error.param]
     param = ".".join(loc) or None
     return (f"{param}: {msg}" if param else msg), (loc[0] if loc else None)
 

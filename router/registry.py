@@ -9,16 +9,25 @@
   Redis is back; heartbeats re-create their keys after a Redis restart. A worker whose key
   vanished stays a candidate for ``grace_s`` (one TTL) after it was last seen, so a Redis that
   comes back empty does not empty the pool until the heartbeats have written it again.
+
+With an internal secret, each entry carries ``mac``: an HMAC (the secret's ``registry`` key) over
+its key and its content, so whoever can write to Redis but lacks the secret cannot announce a
+fake decode worker (which would receive users' prompts) or move a real entry to another key. The
+router ignores entries whose MAC fails, counts them, and logs each such key once.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from splitserve.trust import InternalSecret, read_secret
 
 log = logging.getLogger("splitserve.router.registry")
 
@@ -59,16 +68,51 @@ def worker_key(namespace: str, role: str, url: str) -> str:
     return f"{namespace}:worker:{role}:{url}"
 
 
-class RedisRegistry:
-    """Reads worker keys from Redis; the static URLs (if any) are always included."""
+MAC_PURPOSE = "registry"
 
-    def __init__(self, redis_url: str, namespace: str = "splitserve", static: StaticRegistry | None = None,
-                 grace_s: float = 3.0) -> None:
+
+def _entry_mac(secret: InternalSecret, key: str, info: dict[str, Any]) -> str:
+    content = json.dumps({k: v for k, v in info.items() if k != "mac"}, sort_keys=True,
+                         separators=(",", ":"))
+    return secret.sign(MAC_PURPOSE, key, content)
+
+
+def signed_entry(secret: InternalSecret | None, key: str, info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` as stored under ``key``: with its MAC when there is a secret."""
+    return dict(info, mac=_entry_mac(secret, key, info)) if secret is not None else dict(info)
+
+
+def entry_verified(secret: InternalSecret, key: str, info: dict[str, Any]) -> bool:
+    """Whether the entry stored under ``key`` was written by a holder of ``secret``."""
+    mac = info.get("mac")
+    return isinstance(mac, str) and hmac.compare_digest(mac.encode(), _entry_mac(secret, key, info).encode())
+
+
+def redis_password(path: str | None = None) -> str | None:
+    """The Redis password from ``path``, ``SPLITSERVE_REDIS_PASSWORD_FILE`` or
+    ``SPLITSERVE_REDIS_PASSWORD`` (never a URL on the command line, where anyone can read it)."""
+    return read_secret(path, file_env="SPLITSERVE_REDIS_PASSWORD_FILE",
+                       value_env="SPLITSERVE_REDIS_PASSWORD", what="Redis password")
+
+
+class RedisRegistry:
+    """Reads worker keys from Redis; the static URLs (if any) are always included. With
+    ``secret``, only entries whose MAC verifies; ``on_forged(key)`` counts the others."""
+
+    def __init__(
+        self, redis_url: str, namespace: str = "splitserve", static: StaticRegistry | None = None,
+        *, secret: InternalSecret | None = None, password: str | None = None,
+        on_forged: Callable[[str], None] | None = None, grace_s: float = 3.0,
+    ) -> None:
         import redis.asyncio as aioredis
 
+        extra = {"password": password} if password else {}
         self._redis = aioredis.from_url(
-            redis_url, socket_connect_timeout=1.0, socket_timeout=1.0, decode_responses=True
+            redis_url, socket_connect_timeout=1.0, socket_timeout=1.0, decode_responses=True, **extra
         )
+        self._secret = secret
+        self._on_forged = on_forged
+        self._forged_seen: set[str] = set()
         self._namespace = namespace
         self._static = static or StaticRegistry((), ())
         self._last: list[WorkerInfo] = []
@@ -94,12 +138,14 @@ class RedisRegistry:
         return static + [w for w in self._last if (w.role, w.url) not in seen]
 
     def _with_recent(self, found: list[WorkerInfo]) -> list[WorkerInfo]:
-        """``found`` plus the workers seen within ``grace_s`` whose keys are missing now (a Redis
-        restarted empty, before their next heartbeat)."""
+        """``found`` plus the workers seen within one TTL (their entry's ``ttl_s``, else
+        ``grace_s``) whose keys are missing now (a Redis restarted empty, before their next
+        heartbeat): a worker that really stopped still leaves within two TTLs."""
         now = time.monotonic()
         for w in found:
             self._seen[(w.role, w.url)] = (w, now)
-        self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= self.grace_s}
+        self._seen = {k: (w, seen) for k, (w, seen) in self._seen.items()
+                      if now - seen <= float(dict(w.extra).get("ttl_s", self.grace_s))}
         return sorted((w for w, _ in self._seen.values()), key=lambda w: (w.role, w.url))
 
     async def _scan(self) -> list[WorkerInfo]:
@@ -113,6 +159,10 @@ class RedisRegistry:
                 continue
             try:
                 info = json.loads(raw)
+                if self._secret is not None and not entry_verified(self._secret, key, info):
+                    self._forged(key)
+                    continue
+                info.pop("mac", None)
                 out.append(
                     WorkerInfo(
                         info["url"].rstrip("/"),
@@ -120,9 +170,17 @@ class RedisRegistry:
                         tuple(sorted((k, v) for k, v in info.items() if k not in ("url", "role"))),
                     )
                 )
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 log.warning("ignoring malformed registry entry %s: %s", key, exc)
         return sorted(out, key=lambda w: (w.role, w.url))
+
+    def _forged(self, key: str) -> None:
+        if self._on_forged is not None:
+            self._on_forged(key)
+        if key not in self._forged_seen:  # once per key: a forger must not flood the log
+            self._forged_seen.add(key)
+            log.warning("ignoring registry entry %s: its MAC does not verify (written without "
+                        "this deployment's internal secret)", key)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -131,18 +189,24 @@ class RedisRegistry:
 class Heartbeat:
     """A daemon thread that keeps one worker's key alive in Redis."""
 
-    def __init__(self, redis_url: str, info: dict[str, Any], interval: float, namespace: str, ttl: float | None) -> None:
+    def __init__(
+        self, redis_url: str, info: dict[str, Any], interval: float, namespace: str,
+        ttl: float | None, secret: InternalSecret | None = None, password: str | None = None,
+    ) -> None:
         import redis
 
         if "url" not in info or info.get("role") not in ROLES:
             raise ValueError("heartbeat info needs 'url' and 'role' (prefill or decode)")
         if interval <= 0:
             raise ValueError(f"heartbeat interval must be > 0, got {interval}")
-        self.info = dict(info, url=str(info["url"]).rstrip("/"))
         self.interval = interval
         self.ttl_ms = int(1000 * (ttl if ttl is not None else max(3 * interval, 1.0)))
+        # the TTL travels with the entry: routers keep a vanished entry for that long at most
+        self.info = dict(info, url=str(info["url"]).rstrip("/"), ttl_s=self.ttl_ms / 1000)
         self.key = worker_key(namespace, self.info["role"], self.info["url"])
-        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        self._entry = json.dumps(signed_entry(secret, self.key, self.info))
+        extra = {"password": password} if password else {}
+        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0, **extra)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.key}", daemon=True)
         self.beats = 0
@@ -154,7 +218,7 @@ class Heartbeat:
         failing = False
         while not self._stop.is_set():
             try:
-                self._redis.set(self.key, json.dumps(self.info), px=self.ttl_ms)
+                self._redis.set(self.key, self._entry, px=self.ttl_ms)
                 self.beats += 1
                 if failing:
                     log.info("heartbeat %s: Redis is back", self.key)
@@ -186,10 +250,13 @@ def start_heartbeat(
     interval: float = 1.0,
     namespace: str = "splitserve",
     ttl: float | None = None,
+    secret: InternalSecret | None = None,
+    password: str | None = None,
 ) -> Heartbeat:
     """Register a worker in Redis and keep it registered until ``.stop()``.
 
     ``info`` needs ``url`` (how routers reach the worker) and ``role``; anything else (model,
     kv_endpoint, fingerprint) is passed along. The key's TTL defaults to 3 x interval (>= 1 s).
+    With ``secret`` the entry carries its MAC; ``password`` authenticates to Redis.
     """
-    return Heartbeat(redis_url, info, interval, namespace, ttl)
+    return Heartbeat(redis_url, info, interval, namespace, ttl, secret, password)

@@ -28,16 +28,33 @@ from splitserve.router.config import RouterConfig
 log = logging.getLogger("splitserve.router.serve")
 
 
+def server_options(app: Any) -> dict[str, Any]:
+    """uvicorn settings for the router ``app`` (create_app's): its connection limits (see
+    connection_limits.py), refusals counted in its metrics."""
+    from splitserve.router.connection_limits import limited_protocol
+
+    state = app.state.router
+    limits = state.config.limits
+
+    def on_refuse(reason: str) -> None:
+        state.metrics.child(state.metrics.refused, reason).inc()
+
+    options = {"http": limited_protocol(limits, on_refuse), "timeout_keep_alive": limits.keep_alive_timeout_s}
+    if state.config.tls_cert_file:  # HTTPS: the public endpoint's optional TLS
+        options |= {"ssl_certfile": state.config.tls_cert_file, "ssl_keyfile": state.config.tls_key_file}
+    return options
+
+
 def _server(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     _quiet_gc()
     # Per request, uvicorn would format an access-log line (even when the level hides it), run
     # its X-Forwarded-* middleware (the router does not use the client address) and add a
-    # server header: all off. loop/http "auto" = uvloop and httptools when installed.
+    # server header: all off. loop "auto" = uvloop when installed.
     config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False,
-                            server_header=False, loop="auto", http="auto",
-                            timeout_graceful_shutdown=5, backlog=4096, **kwargs)
+                            server_header=False, loop="auto", timeout_graceful_shutdown=5,
+                            backlog=4096, **server_options(app), **kwargs)
     return uvicorn.Server(config)
 
 

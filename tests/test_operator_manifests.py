@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,18 +63,20 @@ def test_render_all_children_and_commands() -> None:
         ("Deployment", "demo-router"), ("Service", "demo-router"),
         ("PodDisruptionBudget", "demo-prefill"), ("PodDisruptionBudget", "demo-decode"),
         ("PodDisruptionBudget", "demo-router"),
+        ("NetworkPolicy", "demo-prefill"), ("NetworkPolicy", "demo-decode"),
+        ("NetworkPolicy", "demo-router"), ("NetworkPolicy", "demo-redis"),
     }  # fmt: skip
     gen = manifests.serving_generation("demo", "ns1", crd.defaulted_spec(SPEC))
     redis = "redis://demo-redis:6379/0"
     prefill = container(children[("Deployment", "demo-prefill")])
     assert prefill["command"] == [
-        "splitserve", "prefill", "--model", "/models/tiny", "--host", "0.0.0.0", "--port", "8100",
+        "splitserve", "prefill", "--model", "/models/tiny", "--host", "$(POD_IP)", "--port", "8100",
         "--kv-backend", "tcp", "--redis-url", redis, "--advertise-host", "$(POD_IP)",
-        "--generation", gen,
+        "--generation", gen, "--public-metrics",
     ]  # fmt: skip
     decode = container(children[("Deployment", "demo-decode")])
     assert decode["command"][:10] == [
-        "splitserve", "decode", "--model", "/models/tiny", "--host", "0.0.0.0",
+        "splitserve", "decode", "--model", "/models/tiny", "--host", "$(POD_IP)",
         "--port", "8200", "--kv-port", "8300",
     ]  # fmt: skip
     assert {p["containerPort"] for p in decode["ports"]} == {8200, 8300}
@@ -81,6 +85,7 @@ def test_render_all_children_and_commands() -> None:
         "splitserve", "router", "--model", "/models/tiny", "--served-model-name", "tiny",
         "--host", "0.0.0.0", "--port", "8000", "--redis-url", redis, "--policy", "goodput",
         "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100",  # the CR's SLO (defaults) reach the router
+        "--public-metrics",
     ]  # fmt: skip
     assert children[("Service", "demo-prefill")]["spec"]["clusterIP"] == "None"
     assert children[("Service", "demo-decode")]["spec"]["clusterIP"] == "None"
@@ -179,7 +184,7 @@ def test_render_refuses_bad_specs_naming_the_field(spec: dict, field: str) -> No
 def test_example_renders() -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
     children = manifests.render_all(doc["metadata"]["name"], "default", doc["spec"])
-    assert len(children) == 12
+    assert len(children) == 16  # 12 workloads and services + 4 NetworkPolicies
 
 
 def _deployment(ready: int, updated: int, replicas: int, gen: int = 1, observed: int = 1) -> dict:
@@ -266,3 +271,118 @@ def test_status_schema_keeps_everything_the_planner_remembers() -> None:
     schema = crd.status_schema()["properties"]["autoscaling"]["properties"]["prefill"]
     assert set(saved) <= set(schema["properties"]), set(saved) - set(schema["properties"])
     assert set(saved["forecast"]) <= set(schema["properties"]["forecast"]["properties"])
+
+
+# --------------------------------------------------------------------------- trust boundaries
+SECRET = {"internal-secret": "s3cret-internal-value-0123456789", "redis-password": "redis-pw-0123456789"}
+
+
+def test_internal_secret_is_generated_once_and_kept() -> None:
+    fresh = manifests.secret_values(None)
+    assert len(fresh["internal-secret"]) >= 32 and fresh["internal-secret"] != fresh["redis-password"]
+    assert manifests.secret_values(None) != fresh  # random per service
+    stored = manifests.render_internal_secret("demo", "ns1", fresh)
+    assert stored["kind"] == "Secret" and stored["metadata"]["name"] == "demo-internal"
+    assert manifests.secret_values(stored) == fresh  # a reconcile never rotates it
+    conf = base64.b64decode(stored["data"]["redis.conf"]).decode()
+    assert conf == f"requirepass {fresh['redis-password']}\n"
+
+
+@pytest.mark.parametrize("component", ["prefill", "decode", "router"])
+def test_pods_mount_the_secret_and_never_carry_it_on_a_command_line(component: str) -> None:
+    spec = {**SPEC, "router": {"apiKeySecret": {"name": "clients", "key": "token"}}}
+    children = by_kind_name(manifests.render_all("demo", "ns1", spec, secret=SECRET))
+    assert ("Secret", "demo-internal") in children
+    dep = children[("Deployment", f"demo-{component}")]
+    c = container(dep)
+    env = {e["name"]: e for e in c["env"]}
+    path = env["SPLITSERVE_INTERNAL_SECRET_FILE"]["value"]
+    assert path == "/etc/splitserve/secrets/internal-secret"
+    assert env["SPLITSERVE_REDIS_PASSWORD_FILE"]["value"] == "/etc/splitserve/secrets/redis-password"
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["internal"]["secret"]["secretName"] == "demo-internal"
+    assert {"name": "internal", "mountPath": "/etc/splitserve/secrets", "readOnly": True} in c["volumeMounts"]
+    rendered = json.dumps(dep)
+    for value in SECRET.values():
+        assert value not in rendered  # only the Secret holds values; pods hold references
+    if component == "router":
+        assert env["SPLITSERVE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "clients", "key": "token"}}
+        assert not any("api-key" in arg for arg in c["command"])
+    else:  # workers listen on their pod IP only
+        assert "SPLITSERVE_API_KEY" not in env
+        assert c["command"][c["command"].index("--host") + 1] == "$(POD_IP)"
+
+
+def test_managed_redis_requires_a_password_from_the_secret() -> None:
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC, secret=SECRET))
+    dep = children[("Deployment", "demo-redis")]
+    c = container(dep)
+    assert c["command"] == ["redis-server", "/etc/redis/redis.conf"]
+    assert SECRET["redis-password"] not in json.dumps(c)
+    conf = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "conf")
+    assert conf["secret"] == {"secretName": "demo-internal", "defaultMode": 0o440,
+                              "items": [{"key": "redis.conf", "path": "redis.conf"}]}
+
+
+def test_external_redis_gets_no_password_file_and_no_redis_policy() -> None:
+    spec = {**SPEC, "redis": {"managed": False, "url": "redis://shared:6379/3"}}
+    children = by_kind_name(manifests.render_all("svc", "ns", spec, secret=SECRET))
+    env = {e["name"] for e in container(children[("Deployment", "svc-decode")])["env"]}
+    assert "SPLITSERVE_REDIS_PASSWORD_FILE" not in env and "SPLITSERVE_INTERNAL_SECRET_FILE" in env
+    assert ("NetworkPolicy", "svc-redis") not in children
+
+
+def _ingress(children: dict, component: str) -> list[tuple[int, list[str]]]:
+    """(port, [component or peer description]) per rule of one NetworkPolicy."""
+    policy = children[("NetworkPolicy", f"demo-{component}")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == manifests.selector_labels("demo", component)
+    assert policy["policyTypes"] == ["Ingress"]
+    out = []
+    for rule in policy["ingress"]:
+        peers = [p["podSelector"]["matchLabels"].get(manifests.LABEL_COMPONENT, "other")
+                 if "namespaceSelector" not in p else "namespace:" + json.dumps(p, sort_keys=True)
+                 for p in rule.get("from", [{"podSelector": {"matchLabels": {
+                     manifests.LABEL_COMPONENT: "anyone"}}}])]
+        out += [(port["port"], peers) for port in rule["ports"]]
+    return out
+
+
+def test_network_policies_admit_only_the_designed_paths() -> None:
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC))
+    assert _ingress(children, "prefill") == [(8100, ["router"])]
+    assert _ingress(children, "decode") == [(8200, ["router"]), (8300, ["prefill"])]
+    assert _ingress(children, "redis") == [(6379, ["router", "prefill", "decode"])]
+    assert _ingress(children, "router") == [(8000, ["anyone"])]  # clients; the API key guards it
+
+
+def test_metrics_peers_reach_the_http_ports_but_never_the_kv_port(monkeypatch) -> None:
+    from splitserve.operator import settings
+
+    monkeypatch.setenv("SPLITSERVE_OPERATOR_NAMESPACE", "ops")
+    monkeypatch.setenv("SPLITSERVE_OPERATOR_POD_LABELS", '{"app": "op"}')
+    monkeypatch.setenv("SPLITSERVE_PROMETHEUS_NAMESPACE_LABELS", '{"team": "mon"}')
+    monkeypatch.setenv("SPLITSERVE_PROMETHEUS_POD_LABELS", '{"app": "prometheus"}')
+    peers = settings.metrics_peers()
+    children = by_kind_name(manifests.render_all("demo", "ns1", SPEC, peers=peers))
+    decode = children[("NetworkPolicy", "demo-decode")]["spec"]["ingress"]
+    http = decode[0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+            "podSelector": {"matchLabels": {"app": "op"}}} in http
+    assert {"namespaceSelector": {"matchLabels": {"team": "mon"}},
+            "podSelector": {"matchLabels": {"app": "prometheus"}}} in http
+    assert decode[1] == {"from": [{"podSelector": {"matchLabels": manifests.selector_labels(
+        "demo", "prefill")}}], "ports": [{"protocol": "TCP", "port": 8300}]}
+    monkeypatch.setenv("SPLITSERVE_PROMETHEUS_POD_LABELS", "app=prometheus")
+    with pytest.raises(ValueError, match="SPLITSERVE_PROMETHEUS_POD_LABELS"):
+        settings.metrics_peers()
+
+
+def test_crd_has_the_router_api_key_secret() -> None:
+    router = crd.spec_schema()["properties"]["router"]["properties"]
+    ref = router["apiKeySecret"]
+    assert ref["required"] == ["name"] and ref["properties"]["key"]["default"] == "api-key"
+
+
+def test_chart_lets_the_operator_manage_secrets_and_network_policies() -> None:
+    helpers = (REPO / "charts" / "splitserve" / "templates" / "_helpers.tpl").read_text()
+    assert 'resources: ["secrets"]' in helpers and 'resources: ["networkpolicies"]' in helpers

@@ -22,6 +22,7 @@ from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
+from splitserve.router.serve import server_options
 from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
 from splitserve.router.tokenizer import RouterTokenizer
 
@@ -68,7 +69,8 @@ def router(demo_model: Path, workers, prefill=("p0", "p1"), decode=("d0", "d1"),
         poll_interval_s=0.2,
         **kw,
     )
-    with ServerThread(create_app(cfg)) as server:
+    app = create_app(cfg)
+    with ServerThread(app, **server_options(app)) as server:  # the limits `splitserve router` has
         yield server
 
 
@@ -197,6 +199,56 @@ def test_bad_input_gets_clear_4xx(demo_model, workers) -> None:
             client(r).completions.create(model="other", prompt="x")
         # None of that reached a worker.
         assert not any(b.requests for _, b in workers.values())
+
+
+BAD_FIELDS = [  # (field, value): each is a 400 naming the field, and reaches no worker
+    ("max_tokens", "10"), ("max_tokens", True), ("max_tokens", 10.0), ("max_tokens", 0),
+    ("stream", "yes"), ("stream", 1), ("echo", "no"),
+    ("temperature", "1"), ("temperature", True), ("temperature", 2.5), ("top_p", 0),
+    ("top_k", 0), ("top_k", -2), ("top_k", 2**31), ("top_k", "5"),
+    ("n", 0), ("n", 17), ("n", "2"),
+    ("seed", 2**64), ("seed", 2**63), ("seed", -1), ("seed", "1"), ("seed", 1.5),
+    ("logprobs", 21), ("logprobs", -1), ("logprobs", True),
+    ("stop", ["a", "b", "c", "d", "e"]), ("stop", ""), ("stop", "x" * 1025), ("stop", 5),
+    ("stop_token_ids", [-1]), ("stop_token_ids", [10**6]), ("stop_token_ids", ["1"]),
+    ("stop_token_ids", list(range(257))),
+    ("presence_penalty", 0.5), ("presence_penalty", "0"), ("logit_bias", {"1": 5}),
+    ("prompt", [1, -3]), ("prompt", [1, 99999]), ("prompt", [[1], ["a"]]), ("prompt", 5), ("prompt", []),
+    ("prompt", [True]), ("model", 5), ("user", 5), ("stream_options", {"include_usage": "yes"}),
+]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_every_field_is_strictly_typed_and_range_checked(demo_model, workers, chat) -> None:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    base = {"model": "demo"} | ({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    with router(demo_model, workers) as r:
+        for name, value in BAD_FIELDS:
+            if chat and name in ("prompt", "echo", "logprobs"):
+                continue
+            err = _error(httpx.post(r.url + path, json=base | {name: value}), 400)
+            assert err["param"] == name, (name, value, err)
+        if chat:
+            for name, value in (("top_logprobs", 21), ("logprobs", 1), ("max_completion_tokens", "3"),
+                                ("messages", [{"role": "user", "content": 5}]), ("messages", [])):
+                assert _error(httpx.post(r.url + path, json=base | {name: value}), 400)["param"] == name
+        # The same fields with good values (an integer where a number is expected is fine).
+        good = {"max_tokens": 3, "temperature": 1, "top_p": 1, "top_k": 5, "seed": 2**63 - 1, "n": 2,
+                "stop_token_ids": [0], "presence_penalty": 0, "stop": ["zzz"]}
+        resp = httpx.post(r.url + path, json=base | good)
+        assert resp.status_code == 200, resp.text
+    sent = [b["sampling"]["seed"] for _, b in workers.values() if b.role == "decode" for b in b.requests]
+    assert sorted(sent) == [0, 2**63 - 1]  # choice 1's seed wraps around within the range
+
+
+def test_slo_headers_must_be_finite_positive_and_bounded(demo_model, workers) -> None:
+    with router(demo_model, workers) as r:
+        ok = {"model": "demo", "prompt": "x", "max_tokens": 2}
+        for name in ("x-slo-ttft-ms", "x-slo-tpot-ms"):
+            for value in ("nan", "inf", "-inf", "-5", "0", "1e12", "soon", ""):
+                err = _error(httpx.post(r.url + "/v1/completions", json=ok, headers={name: value}), 400)
+                assert err["param"] == name and name in err["message"], (name, value)
+            assert httpx.post(r.url + "/v1/completions", json=ok, headers={name: "250.5"}).status_code == 200
 
 
 def test_api_key(demo_model, workers) -> None:

@@ -1,0 +1,263 @@
+"""Is ``splitserve sim`` right? Measure real deployments and simulate the very same requests.
+
+1. The latency model: ``--latency-model`` or, by default, ``splitserve profile`` on the first
+   device with the workers' own options (same KV blocks, batch limits, dtype).
+2. Real runs (``splitserve bench sweep``, the real load generator): ``colocated`` = one worker
+   with chunked prefill (``up --prefill 0 --decode 1``) and ``split`` = one prefill-only and one
+   decode-only worker (``up --prefill 1 --decode 1``, KV over ``--kv-backend``), at every rate.
+3. The simulator on each measured run's own request list (arrival times, prompt tokens as the
+   server counted them, max_tokens) with the same layout, router policy and worker shape.
+4. A table measured vs simulated (TTFT and TPOT p50/p90, attainment of both targets), the pass
+   criteria (latencies within ``--tolerance``, 10%; attainment within ``--attainment-points``,
+   5 points), ``validation.json``/``validation.md`` and ``validation.png`` in OUT.
+
+CPU smoke run with the demo model (a few minutes; a loaded machine's timings are noisy, so read
+its table as a check of the machinery, not of the model's accuracy):
+
+    python -m splitserve.bench.sim_validate --model /tmp/demo --make-demo --devices cpu,cpu \\
+        --dtype float32 --kv-backend tcp --rates 0.5,1,2,3 --duration 15 --num-requests 8 \\
+        --max-input 128 --max-output 16 --max-context 1024 --ttft-ms 3000 --tpot-ms 500 \\
+        --num-kv-blocks 512 --out /tmp/simval
+
+One H200, Llama-3-8B shape with random bf16 weights (both workers of the split share the GPU,
+which the simulator does not model: read that system's row with this caveat; on two GPUs give
+``--devices cuda:0,cuda:1``):
+
+    python -m splitserve.bench.sim_validate --model /tmp/l8 --make-8b-shape --devices cuda:0,cuda:0 \\
+        --dtype bfloat16 --kv-backend cuda_ipc --num-kv-blocks 8192 --rates 2,4,8,12 \\
+        --duration 20 --workload chat --out bench/out/sim_validate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from splitserve.bench import goodput
+from splitserve.bench.goodput import command_template
+from splitserve.launcher.processes import python_command
+
+log = logging.getLogger("splitserve.bench.sim_validate")
+
+SYSTEMS = {"colocated": (0, 1), "split": (1, 1)}  # label -> (prefill, decode) workers
+METRICS = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("tpot_ms", "p50"), ("tpot_ms", "p90"))
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The options every worker and the profile get, so the profiled worker is the served one."""
+    out = ["--dtype", args.dtype, "--num-kv-blocks", str(args.num_kv_blocks),
+           "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), *shlex.split(args.worker_args)]
+    if args.random_weights:
+        out.append("--random-weights")
+    return out
+
+
+def system_command(label: str, args: argparse.Namespace) -> str:
+    """``splitserve up`` for one system (``{model}``/``{name}`` filled in by the sweep)."""
+    prefill, decode = SYSTEMS[label]
+    devices = args.devices.split(",")
+    worker = worker_args(args)
+    if prefill:
+        worker += ["--kv-backend", args.kv_backend]
+    else:
+        worker.append("--chunked-prefill")
+    parts = [*python_command("-m"), "splitserve.cli", "up", "--model", "{model}",
+             "--served-model-name", "{name}", "--prefill", str(prefill), "--decode", str(decode),
+             "--devices", ",".join(devices[: prefill + decode]), "--policy", args.policy,
+             f"--worker-args={shlex.join(worker)}"]
+    return command_template(parts).replace("{{model}}", "{model}").replace("{{name}}", "{name}")
+
+
+def profile(args: argparse.Namespace, out: Path) -> Path:
+    """``splitserve profile`` on the first device with the workers' options."""
+    path = out / "latency-model.json"
+    cmd = [*python_command("-m"), "splitserve.cli", "profile", "--model", args.model,
+           "--device", args.devices.split(",")[0], "--out", str(path), *worker_args(args)]
+    log.info("profiling: %s", shlex.join(cmd))
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def measure(args: argparse.Namespace, out: Path) -> None:
+    """The real sweep of both systems into OUT/real/<label>/."""
+    argv = ["--model", args.model, "--out", str(out / "real"), "--workloads", args.workload,
+            "--rates", args.rates, "--num-requests", str(args.num_requests),
+            "--duration", str(args.duration), "--max-requests", str(args.max_requests),
+            "--seed", str(args.seed), "--length-scale", str(args.length_scale)]
+    for label in args.systems.split(","):
+        argv += ["--system", f"{label}={system_command(label, args)}",
+                 "--gpus", f"{label}={sum(SYSTEMS[label])}"]
+    for flag in ("max_input", "max_output", "max_context", "ttft_ms", "tpot_ms"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
+    if not args.progress:
+        argv.append("--no-progress")
+    parser = argparse.ArgumentParser()
+    goodput.add_arguments(parser)
+    goodput.sweep(parser.parse_args(argv))
+
+
+def simulate_runs(args: argparse.Namespace, out: Path, latency_path: Path) -> list[dict]:
+    """Simulate every measured run on its own requests; one comparison row per run."""
+    from splitserve.bench.results import find_runs, run_path, write_run
+    from splitserve.bench.stats import summarize
+    from splitserve.router.policy.latency import LatencyModel
+    from splitserve.sim.cluster import Layout, SimRequest
+    from splitserve.sim.runner import EngineShape
+    from splitserve.sim.sweep import SimSpec, records_span, simulate
+
+    latency = LatencyModel.load(latency_path)
+    meta = json.loads(latency_path.read_text()).get("meta", {})
+    shape = EngineShape(args.num_kv_blocks, int(meta.get("block_size", 16)), args.max_num_seqs,
+                        args.max_num_batched_tokens, int(meta.get("max_model_len") or 1 << 20))
+    rows = []
+    for run in find_runs([out / "real"]):
+        layout = Layout(*SYSTEMS[run.label])
+        spec = SimSpec(layout, shape, args.policy, args.overhead_ms)
+        reqs = [SimRequest(r.index, r.scheduled_s, r.prompt_tokens, r.max_tokens) for r in run.records]
+        slo = _slo(run.slo)
+        records, cost = simulate(spec, latency, reqs, slo, args.seed)
+        measured, simulated = summarize(run.records, slo, run.run_seconds), summarize(records, slo)
+        write_run(run_path(out / "sim", run.label, run.workload, run.rate), {
+            **{k: v for k, v in run.data.items() if k not in ("schema", "created_utc", "host")},
+            "label": run.label, "run_seconds": records_span(records), "summary": simulated,
+            "requests": [r.to_dict() for r in records],
+            "simulated": {"layout": layout.label, "latency_model": str(latency_path), **cost},
+        })
+        rows.append(compare(run.label, run.rate, measured, simulated, args))
+    return rows
+
+
+def _slo(slo: dict):  # noqa: ANN202
+    from splitserve.bench.stats import SLO
+
+    return SLO(slo["ttft_ms"] / 1000, slo["tpot_ms"] / 1000, slo["attainment"])
+
+
+def compare(label: str, rate: float, measured: dict, simulated: dict, args: argparse.Namespace) -> dict:
+    """One system at one rate: each metric measured and simulated, and whether it passes."""
+    row: dict = {"system": label, "rate": rate, "metrics": {}, "pass": True}
+    for metric, q in METRICS:
+        m, s = measured[metric][q], simulated[metric][q]
+        err = abs(s - m) / m if m else float("inf")
+        ok = err <= args.tolerance
+        row["metrics"][f"{metric[:4]} {q}"] = {"measured": m, "simulated": s, "error": err, "pass": ok}
+        row["pass"] &= ok
+    m, s = measured["attainment"]["both"] * 100, simulated["attainment"]["both"] * 100
+    ok = abs(s - m) <= args.attainment_points
+    row["metrics"]["attain %"] = {"measured": m, "simulated": s, "error": abs(s - m), "pass": ok}
+    row["pass"] &= ok
+    return row
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    names = list(rows[0]["metrics"]) if rows else []
+    lines = [f"Measured vs simulated (pass: latencies within {args.tolerance * 100:g}%, attainment "
+             f"within {args.attainment_points:g} points); cells: measured / simulated.", "",
+             "| system | rate | " + " | ".join(names) + " | pass |", "|" + "---|" * (len(names) + 3)]
+    for r in rows:
+        cells = [f"{c['measured']:.1f} / {c['simulated']:.1f}" + ("" if c["pass"] else " x")
+                 for c in r["metrics"].values()]
+        lines.append(f"| {r['system']} | {r['rate']:g} | " + " | ".join(cells)
+                     + f" | {'yes' if r['pass'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Each metric against rate, per system: measured solid, simulated dashed."""
+    from splitserve.bench.plots import _pyplot
+
+    plt = _pyplot()
+    names = list(rows[0]["metrics"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6))
+    for ax, name in zip(axes, names, strict=True):
+        for system in sorted({r["system"] for r in rows}):
+            pts = sorted((r["rate"], r["metrics"][name]) for r in rows if r["system"] == system)
+            line = ax.plot([p[0] for p in pts], [p[1]["measured"] for p in pts], marker="o",
+                           label=f"{system} measured")
+            ax.plot([p[0] for p in pts], [p[1]["simulated"] for p in pts], marker="x",
+                    linestyle="--", color=line[0].get_color(), label=f"{system} simulated")
+        ax.set_title(name + (" (ms)" if "attain" not in name else ""))
+        ax.set_xlabel("offered rate (req/s)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.make_demo and not (Path(args.model) / "config.json").is_file():
+        subprocess.run([*python_command("-m"), "splitserve.cli", "model", "init", args.model], check=True)
+    if args.make_8b_shape:
+        from splitserve.bench.engine_vs_hf import make_8b_shape
+
+        make_8b_shape(args.model)
+        args.random_weights = True
+    latency_path = Path(args.latency_model) if args.latency_model else profile(args, out)
+    if not args.skip_measure:
+        measure(args, out)
+    rows = simulate_runs(args, out, latency_path)
+    if not rows:
+        log.error("no measured runs under %s", out / "real")
+        return 1
+    text = markdown(rows, args)
+    print(text)
+    (out / "validation.md").write_text(text)
+    (out / "validation.json").write_text(json.dumps({"latency_model": str(latency_path), "rows": rows},
+                                                    indent=1, default=str))
+    plot(rows, out / "validation.png")
+    passed = all(r["pass"] for r in rows)
+    print(f"{'PASS' if passed else 'FAIL'}: {sum(r['pass'] for r in rows)}/{len(rows)} runs within "
+          f"the criteria; files in {out}")
+    return 0 if passed else 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--make-demo", action="store_true", help="write the demo model there first if missing")
+    p.add_argument("--make-8b-shape", action="store_true",
+                   help="write a Llama-3-8B-shaped config there first (random weights)")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--latency-model", default=None, help="skip profiling: use this latency model")
+    p.add_argument("--skip-measure", action="store_true",
+                   help="reuse the measured runs already in OUT/real (re-simulate only)")
+    p.add_argument("--devices", default="cpu,cpu", help="two devices: prefill's (and colocated's), decode's")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kv-backend", default="tcp")
+    p.add_argument("--num-kv-blocks", type=int, default=512, help="per worker, profile and sim alike")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--worker-args", default="", help="extra worker options (all workers and profile)")
+    p.add_argument("--policy", default="least_loaded")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--workload", default="chat")
+    p.add_argument("--rates", default="0.5,1,2,3")
+    goodput.add_request_count_arguments(p, num_requests=8, duration=15.0)
+    goodput.add_length_and_slo_arguments(p)
+    p.add_argument("--overhead-ms", type=float, default=0.0, help="the simulator's per-request overhead")
+    p.add_argument("--tolerance", type=float, default=0.10, help="relative latency error that passes")
+    p.add_argument("--attainment-points", type=float, default=5.0, help="attainment difference that passes")
+    p.add_argument("--out", default="bench/out/sim_validate")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m splitserve.bench.sim_validate ...``"""
+    from splitserve.bench.entry import standalone_main
+
+    return standalone_main(sys.modules[__name__], run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""The discrete-event simulation of one deployment under one request list.
+
+A deployment is ``xPyD`` (x prefill workers, y decode workers, KV moved between them) or
+colocated N (N workers that each prefill in chunks and decode). Each worker is a real
+``LLMEngine`` over a ``TimingRunner``; the router is the real routing policy
+(``router.policy.build_policy``) fed each worker's exact ``/load`` at the moment it decides.
+
+A request's life, as the served system lives it (router/dispatch.py, prefill/ and decode/):
+arrives (the router picks a pair; when the policy says no pair can meet the targets it waits in
+the admission queue, re-asking every ``ROUTE_RETRY_MS``, and is shed after ``max_queue_ms``) ->
+split: the decode worker reserves blocks for the prompt at once, the prefill worker queues it,
+prefills it in a whole-prompt batch and streams its KV while computing (``costs.transfer_done_ms``);
+when the KV lands, the decode worker activates it between two steps (its engine thread runs
+commands only there) and the first token leaves then; the prefill worker frees its blocks then
+too -> colocated: the worker queues the prompt and computes it in chunks inside its steps ->
+every later token leaves at the end of the step that sampled it -> done.
+
+What is not modelled: HTTP and detokenisation time (``overhead_ms`` adds a constant to each
+request's routing), the router's load being up to one poll old (here it is exact), failures and
+retries (the simulated workers never fail), and the one-step delay of overlapped steps' outputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from splitserve.bench.records import RequestRecord
+from splitserve.engine.block_manager import NoFreeBlocks
+from splitserve.engine.engine import LLMEngine, PromptTooLong, StepOutput
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.sequence import Sequence as EngineSeq
+from splitserve.router.config import SLO as RouterSLO
+from splitserve.router.policy import NoCandidate, RouteRequest, SloUnattainable, build_policy
+from splitserve.router.policy.latency import LatencyModel
+from splitserve.router.workers import WorkerLoad, WorkerState
+from splitserve.sim.costs import transfer_done_ms
+from splitserve.sim.runner import VOCAB, EngineShape, sim_engine
+
+ROUTE_RETRY_MS = 10.0  # how often a queued request asks the policy again (as router/dispatch.py)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``num_prefill`` prefill + ``num_decode`` decode workers; no prefill workers means
+    ``num_decode`` colocated workers (chunked prefill), as ``splitserve up --prefill 0`` does."""
+
+    num_prefill: int
+    num_decode: int
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError("a layout needs >= 0 prefill and >= 1 decode workers")
+
+    @property
+    def colocated(self) -> bool:
+        return self.num_prefill == 0
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_prefill + self.num_decode
+
+    @property
+    def label(self) -> str:
+        return f"colocated{self.num_decode}" if self.colocated else f"{self.num_prefill}P{self.num_decode}D"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """``"2P6D"`` or ``"colocated8"`` (also ``"c8"``), as ``label`` writes them."""
+        t = text.strip().lower()
+        for prefix in ("colocated", "c"):
+            if t.startswith(prefix) and t[len(prefix):].isdigit():
+                return cls(0, int(t[len(prefix):]))
+        p, sep, d = t.partition("p")
+        if sep and p.isdigit() and d.endswith("d") and d[:-1].isdigit():
+            return cls(int(p), int(d[:-1]))
+        raise ValueError(f"layout must look like 2P6D or colocated8, got {text!r}")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated deployment: its layout, each worker's engine, the router."""
+
+    layout: Layout
+    shape: EngineShape
+    policy: str = "least_loaded"
+    slo: RouterSLO = field(default_factory=RouterSLO)  # what the goodput policy aims at
+    max_queue_ms: float = 500.0
+    overhead_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """What the simulator needs of a bench ``Request``: when, how long, and whose prompt it
+    extends (so prefix caching sees the same sharing)."""
+
+    index: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    prefix_of: int | None = None
+
+
+def prompt_ids(requests: Sequence[SimRequest], seed: int) -> Callable[[int], list[int]]:
+    """Token ids for each request's prompt: random, except that a request extending an earlier
+    one starts with that one's ids (drawn per request, so only intended prefixes are shared)."""
+
+    def ids(i: int) -> list[int]:
+        req = requests[i]
+        head = ids(req.prefix_of) if req.prefix_of is not None else []
+        head = head[: req.prompt_tokens - 1]
+        rng = np.random.default_rng([seed, 7, i])
+        return head + rng.integers(0, VOCAB, size=req.prompt_tokens - len(head)).tolist()
+
+    return ids
+
+
+class _Worker:
+    """A simulated worker: an engine, its router-side state, and commands that its engine
+    thread runs between steps."""
+
+    def __init__(self, name: str, role: str, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.state = WorkerState(url=name, role=role, healthy=True, kv_endpoint=f"{name}:kv")
+        self.busy = False
+        self.commands: deque[Callable[[float], None]] = deque()
+
+    def refresh(self) -> None:
+        self.state.set_load(WorkerLoad.from_json(self.engine.load()))
+
+
+@dataclass
+class _Flight:
+    """A request in the simulated system."""
+
+    req: SimRequest
+    record: RequestRecord
+    last_ms: float | None = None
+
+
+class Simulation:
+    """Runs ``requests`` through the deployment ``config``; ``run`` returns one record per
+    request, in the bench's format (seconds, relative to the run's start)."""
+
+    def __init__(self, config: SimConfig, latency: LatencyModel, requests: Sequence[SimRequest],
+                 seed: int = 0) -> None:
+        self.config, self.latency, self.requests = config, latency, list(requests)
+        self._ids = prompt_ids(self.requests, seed)
+        lay = config.layout
+        self.prefills = [_Worker(f"sim://prefill-{i}", "prefill", sim_engine(config.shape, latency, False))
+                         for i in range(lay.num_prefill)]
+        self.decodes = [_Worker(f"sim://decode-{i}", "decode", sim_engine(config.shape, latency, lay.colocated))
+                        for i in range(lay.num_decode)]
+        self.policy = build_policy(config.policy, latency)
+        self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._order = itertools.count()
+        self._flights: dict[str, _Flight] = {}
+        # prefill-only sequence id -> (its decode sequence, the decode worker holding its blocks)
+        self._pending: dict[int, tuple[EngineSeq, _Worker]] = {}
+        self.steps = 0
+
+    def _at(self, t_ms: float, fn: Callable[..., None], *args: object) -> None:
+        heapq.heappush(self._events, (t_ms, next(self._order), fn, args))
+
+    def run(self) -> list[RequestRecord]:
+        for req in self.requests:
+            record = RequestRecord(index=req.index, scheduled_s=req.arrival_s, sent_s=req.arrival_s,
+                                   prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens)
+            self._flights[str(req.index)] = _Flight(req, record)
+            t = req.arrival_s * 1000 + self.config.overhead_ms
+            self._at(t, self._route, str(req.index), t + self.config.max_queue_ms)
+        while self._events:
+            t, _, fn, args = heapq.heappop(self._events)
+            fn(t, *args)
+        records = [f.record for f in self._flights.values()]
+        for r in records:
+            if r.e2e_s is None and r.error is None:
+                r.error = "simulation ended with the request unfinished"
+        return sorted(records, key=lambda r: r.index)
+
+    # -- the router
+
+    def _route(self, t: float, rid: str, deadline: float) -> None:
+        flight = self._flights[rid]
+        for w in (*self.prefills, *self.decodes):
+            w.refresh()
+        ids = self._ids(flight.req.index)
+        rreq = RouteRequest(ids, flight.req.max_tokens, self.config.slo,
+                            self.config.shape.block_size, with_prefill=bool(self.prefills))
+        try:
+            decision = self.policy.pick(rreq, [w.state for w in self.prefills],
+                                        [w.state for w in self.decodes])
+        except SloUnattainable as exc:
+            if t + ROUTE_RETRY_MS <= deadline:
+                self._at(t + ROUTE_RETRY_MS, self._route, rid, deadline)
+            else:
+                self._fail(flight, f"HTTP 429: {exc.reason} (shed after {self.config.max_queue_ms:g} ms)")
+            return
+        except NoCandidate as exc:
+            self._fail(flight, f"HTTP 503: {exc}")
+            return
+        self.policy.on_routed(rreq, decision)
+        d = self._by_url(self.decodes, decision.decode.url)
+        sampling = SamplingParams(max_tokens=flight.req.max_tokens, temperature=0.0, ignore_eos=True)
+        seq = EngineSeq(rid, ids, sampling)
+        try:
+            if decision.prefill is None:
+                d.engine.add(seq)
+                self._kick(d, t)
+                return
+            d.engine.reserve(seq)
+        except (PromptTooLong, ValueError, NoFreeBlocks) as exc:  # NoFreeBlocks: the real 503
+            self._fail(flight, f"{type(exc).__name__}: {exc}")
+            return
+        p = self._by_url(self.prefills, decision.prefill.url)
+        pseq = EngineSeq(rid, ids, sampling, prefill_only=True)
+        self._pending[pseq.seq_id] = (seq, d)
+        p.engine.add(pseq)
+        self._kick(p, t)
+
+    @staticmethod
+    def _by_url(workers: list[_Worker], url: str) -> _Worker:
+        return next(w for w in workers if w.state.url == url)
+
+    def _fail(self, flight: _Flight, error: str) -> None:
+        flight.record.error = error
+
+    # -- workers
+
+    def _kick(self, w: _Worker, t: float) -> None:
+        """Wake an idle worker: it runs its commands, then its next step."""
+        if not w.busy:
+            self._step(t, w)
+
+    def _step(self, t: float, w: _Worker) -> None:
+        while w.commands:
+            w.commands.popleft()(t)
+        before = w.engine.scheduler.launched
+        outputs = w.engine.step()
+        if w.engine.scheduler.launched == before:
+            w.busy = False
+            self._deliver(t, w, outputs)
+            return
+        self.steps += 1
+        w.busy = True
+        end = t + w.engine.runner.last_ms
+        self._at(end, self._step_done, w, outputs, t)
+
+    def _step_done(self, t: float, w: _Worker, outputs: list[StepOutput], started: float) -> None:
+        self._deliver(t, w, outputs, started)
+        self._step(t, w)
+
+    def _deliver(self, t: float, w: _Worker, outputs: list[StepOutput], started: float | None = None) -> None:
+        for out in outputs:
+            if out.seq.prefill_only:
+                self._prefilled(t, w, out, t if started is None else started)
+            else:
+                self._emit(t, out)
+
+    def _prefilled(self, t: float, p: _Worker, out: StepOutput, started: float) -> None:
+        """The prompt is computed on ``p``: its KV lands on the decode worker, which activates
+        it between steps; ``p`` frees its blocks once the transfer is done."""
+        seq, d = self._pending.pop(out.seq.seq_id)
+        landed = transfer_done_ms(self.latency, out.seq.num_prompt_tokens, started, t)
+        first = out.token_id
+        pseq = out.seq
+
+        def activate(now: float) -> None:
+            self._emit(now, d.engine.activate(seq, first))
+
+        def release(now: float) -> None:
+            p.engine.release(pseq)
+
+        self._at(landed, self._command, d, activate)
+        self._at(landed, self._command, p, release)
+
+    def _command(self, t: float, w: _Worker, fn: Callable[[float], None]) -> None:
+        w.commands.append(fn)
+        self._kick(w, t)
+
+    def _emit(self, t: float, out: StepOutput) -> None:
+        """A token leaves a decode (or colocated) worker at ``t`` ms."""
+        flight = self._flights[out.seq.request_id]
+        rec = flight.record
+        now_s = t / 1000 - rec.sent_s
+        if flight.last_ms is None:
+            rec.ttft_s = now_s
+        else:
+            rec.itl_s.append((t - flight.last_ms) / 1000)
+        flight.last_ms = t
+        rec.output_tokens += 1
+        if out.finished:
+            rec.e2e_s, rec.finish_reason = now_s, out.seq.finish_reason

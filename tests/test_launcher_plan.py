@@ -1,0 +1,59 @@
+"""`splitserve up`'s plan (pure: nothing starts): how a device's memory is divided among the
+workers placed on it."""
+
+from __future__ import annotations
+
+import pytest
+from splitserve.launcher.up import UpConfig, memory_shares, plan
+
+
+def _flag(component, option: str) -> str | None:
+    args = component.args
+    return args[args.index(option) + 1] if option in args else None
+
+
+def _workers(num_prefill: int = 1, num_decode: int = 1, **kw):
+    cfg = UpConfig(model="m", served_model_name="m", num_prefill=num_prefill, num_decode=num_decode,
+                   worker_ports=tuple(range(9000, 9000 + num_prefill + num_decode)), **kw)
+    return {c.name: c for c in plan(cfg) if c.name != "router"}
+
+
+def test_two_workers_on_one_gpu_split_its_memory():
+    workers = _workers(devices=("cuda:0", "cuda:0"))
+    assert {n: _flag(c, "--gpu-memory-utilization") for n, c in workers.items()} == {
+        "prefill-0": "0.425", "decode-0": "0.425"}
+    assert all(_flag(c, "--device") == "cuda:0" for c in workers.values())
+
+
+def test_one_worker_per_gpu_keeps_the_whole_fraction():
+    workers = _workers(devices=("cuda:0", "cuda:1"))
+    assert [_flag(c, "--gpu-memory-utilization") for c in workers.values()] == ["0.85", "0.85"]
+
+
+def test_round_robin_placement_is_what_is_divided():
+    """1 prefill + 3 decode over two GPUs: cuda:0 holds prefill-0 and decode-1, cuda:1 the others."""
+    workers = _workers(num_prefill=1, num_decode=3, devices=("cuda:0", "cuda:1"), gpu_memory_utilization=0.9)
+    assert {n: (_flag(c, "--device"), _flag(c, "--gpu-memory-utilization")) for n, c in workers.items()} == {
+        "prefill-0": ("cuda:0", "0.45"), "decode-0": ("cuda:1", "0.45"),
+        "decode-1": ("cuda:0", "0.45"), "decode-2": ("cuda:1", "0.45")}
+
+
+def test_without_devices_every_worker_shares_the_default_gpu():
+    workers = _workers(num_decode=3)
+    assert [_flag(c, "--gpu-memory-utilization") for c in workers.values()] == ["0.2125"] * 4
+
+
+def test_a_fraction_in_worker_args_is_each_workers_own():
+    workers = _workers(devices=("cuda:0", "cuda:0"), worker_args=("--gpu-memory-utilization", "0.3"))
+    for c in workers.values():
+        assert c.args.count("--gpu-memory-utilization") == 1
+        assert _flag(c, "--gpu-memory-utilization") == "0.3"
+
+
+def test_cpu_workers_get_no_share():
+    assert memory_shares(["cpu", "cpu", "cuda", "cuda:0"], 0.8) == [None, None, 0.4, 0.4]
+
+
+def test_a_bad_fraction_is_refused():
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        UpConfig(model="m", served_model_name="m", gpu_memory_utilization=1.5)

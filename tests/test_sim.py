@@ -1,0 +1,193 @@
+"""The simulator (``splitserve sim``): its rules on tiny synthetic latency models, not timing
+accuracy (that is what bench/sim_validate.py measures against real runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from splitserve.bench.results import find_runs
+from splitserve.bench.stats import SLO, attainment, percentile, summarize
+from splitserve.bench.workloads import LengthCaps, build_requests
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.sequence import Sequence
+from splitserve.router.policy.latency import LatencyModel
+from splitserve.sim.cluster import Layout, SimConfig, SimRequest, Simulation, prompt_ids
+from splitserve.sim.costs import step_ms, transfer_done_ms
+from splitserve.sim.plan import candidates, search
+from splitserve.sim.runner import EngineShape
+from splitserve.sim.sweep import Load, SimSpec, sim_requests, simulate
+
+LAT = LatencyModel(prefill_base_ms=10, prefill_per_token_ms=0.05, prefill_per_token2_ms=0.0,
+                   prefill_per_cached_pair_ms=0.0, decode_base_ms=5, decode_per_seq_ms=0.1,
+                   decode_per_context_token_ms=0.0005, transfer_base_ms=1, transfer_per_token_ms=0.01)
+SHAPE = EngineShape(num_blocks=4000, block_size=16, max_num_seqs=64, max_num_batched_tokens=2048)
+
+
+def _run(layout: Layout, reqs: list[SimRequest], shape: EngineShape = SHAPE, lat: LatencyModel = LAT):
+    sim = Simulation(SimConfig(layout, shape), lat, reqs)
+    return sim, sim.run()
+
+
+def _workload(rate: float, n: int = 120, workload: str = "chat", **caps) -> list[SimRequest]:
+    return sim_requests(build_requests(workload, n, rate, 0, caps=LengthCaps(**caps), with_text=False))
+
+
+def test_layout_parse_and_candidates_cover_every_split_and_colocated():
+    assert Layout.parse("2P6D") == Layout(2, 6) and Layout.parse("colocated8") == Layout(0, 8)
+    assert Layout.parse("c4").label == "colocated4"
+    with pytest.raises(ValueError):
+        Layout.parse("8")
+    assert [lay.label for lay in candidates(3)] == ["1P2D", "2P1D", "colocated3"]
+
+
+def test_decode_step_costs_what_profile_measured_and_prefill_is_one_pass():
+    seqs = [Sequence(f"r{i}", list(range(100)), SamplingParams(max_tokens=4)) for i in range(3)]
+    for s in seqs:
+        s.num_computed_tokens, s.num_scheduled_tokens = 99, 1
+    assert step_ms(LAT, seqs, False) == pytest.approx(LAT.decode_step_ms(3, 300))
+    for s in seqs:
+        s.num_computed_tokens, s.num_scheduled_tokens = 0, 100
+    assert step_ms(LAT, seqs, True) == pytest.approx(10 + 0.05 * 300)  # one base for the batch
+
+
+def test_kv_transfer_overlaps_the_prefill_step():
+    # a short transfer ends just after the step; a long one from the step's start
+    assert transfer_done_ms(LAT, 100, 0.0, 50.0) == pytest.approx(51.0)
+    assert transfer_done_ms(LAT, 10_000, 0.0, 50.0) == pytest.approx(101.0)
+
+
+def test_one_request_timeline_split_and_colocated():
+    req = [SimRequest(0, 0.0, 160, 5)]
+    _, [split] = _run(Layout(1, 1), req)
+    prefill = LAT.prefill_ms(160)
+    assert split.ttft_s * 1000 == pytest.approx(max(prefill + 1, LAT.transfer_ms(160)))
+    # tokens 2..5 come from decode steps of a batch of one
+    assert split.itl_s == pytest.approx([LAT.decode_step_ms(1, n) / 1000 for n in (161, 162, 163, 164)])
+    _, [colo] = _run(Layout(0, 1), req)
+    assert colo.ttft_s * 1000 == pytest.approx(prefill)  # no transfer
+    assert colo.output_tokens == split.output_tokens == 5
+
+
+def test_every_request_is_accounted_for_and_every_block_comes_back():
+    reqs = _workload(8.0, n=150)
+    for layout in (Layout(1, 2), Layout(0, 3)):
+        sim, records = _run(layout, reqs)
+        assert [r.index for r in records] == [r.index for r in reqs]
+        assert all(r.ok and r.output_tokens == q.max_tokens for r, q in zip(records, reqs, strict=True))
+        for w in (*sim.prefills, *sim.decodes):
+            assert not w.engine.has_work()
+            assert w.engine.blocks.num_free_blocks == SHAPE.num_blocks
+
+
+def test_a_cache_too_small_for_every_answer_preempts_and_still_finishes_every_request(monkeypatch):
+    from splitserve.engine.scheduler import Scheduler
+
+    preempted = []
+    real = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq: (preempted.append(seq), real(self, seq)))
+    small = EngineShape(num_blocks=120, block_size=16, max_num_seqs=64, max_num_batched_tokens=2048)
+    reqs = _workload(20.0, n=60, max_input=32, max_output=300)
+    sim, records = _run(Layout(0, 1), reqs, small)
+    assert preempted  # a full cache at admission is refused (503), never a lost request:
+    assert all(r.ok or "has_room" in r.error for r in records)
+    assert sum(r.ok for r in records) > len(records) // 2
+    assert sim.decodes[0].engine.blocks.num_free_blocks == small.num_blocks
+
+
+def test_a_prompt_with_no_room_is_refused_as_the_router_refuses_it():
+    small = EngineShape(num_blocks=40, block_size=16, max_num_seqs=64, max_num_batched_tokens=2048)
+    reqs = [SimRequest(0, 0.0, 500, 50), SimRequest(1, 0.001, 500, 50)]
+    sim, records = _run(Layout(0, 1), reqs, small)
+    assert records[0].ok and "has_room" in records[1].error  # HTTP 503, as router/dispatch.py
+    assert sim.decodes[0].engine.blocks.num_free_blocks == small.num_blocks
+
+
+def test_higher_rate_means_later_first_tokens():
+    p90 = []
+    for rate in (2.0, 8.0, 32.0):
+        _, records = _run(Layout(1, 1), _workload(rate))
+        p90.append(percentile([r.ttft_s for r in records], 0.9))
+    assert p90[0] < p90[1] < p90[2]
+
+
+def test_split_beats_colocated_at_a_tight_tpot_and_not_at_a_loose_one():
+    # prompts long enough that a colocated step carrying a chunk is many decode steps long
+    reqs = _workload(8.0, n=80, workload="summarisation", max_output=64)
+    _, split = _run(Layout(1, 1), reqs)
+    _, colo = _run(Layout(0, 2), reqs)
+    tight, loose = SLO(ttft_s=2.0, tpot_s=0.015), SLO(ttft_s=2.0, tpot_s=0.1)
+    tpot = {k: summarize(v, tight)["tpot_ms"]["p90"] for k, v in (("split", split), ("colo", colo))}
+    assert tpot["split"] < tight.tpot_s * 1000 < tpot["colo"]
+    assert attainment(split, tight).both >= 0.9 > attainment(colo, tight).both
+    assert attainment(colo, loose).both >= attainment(split, loose).both
+
+
+def test_prefix_sharing_reaches_the_block_manager():
+    reqs = [SimRequest(0, 0.0, 320, 2), SimRequest(1, 1.0, 480, 2, prefix_of=0)]
+    ids = prompt_ids(reqs, 0)
+    assert ids(1)[:320] == ids(0) and len(ids(1)) == 480
+    sim, _ = _run(Layout(0, 1), reqs)
+    assert sim.steps >= 2
+    assert sim.decodes[0].engine.blocks.num_free_blocks == SHAPE.num_blocks
+
+
+def test_sim_requests_are_the_bench_requests():
+    with_text = build_requests("chat", 50, 4.0, 3)
+    without = build_requests("chat", 50, 4.0, 3, with_text=False)
+    key = [(r.arrival_s, r.prompt_tokens, r.max_tokens, r.prefix_of) for r in with_text.requests]
+    assert key == [(r.arrival_s, r.prompt_tokens, r.max_tokens, r.prefix_of) for r in without.requests]
+
+
+def test_goodput_search_brackets_the_crossing():
+    spec = SimSpec(Layout(0, 1), SHAPE)
+    load = Load("chat", num_requests=40, duration_s=20.0, max_requests=2000)
+    slo = SLO(0.25, 0.05)
+    row = search(spec, LAT, load, slo, refine=2)
+    assert row.goodput.status == "interpolated"
+    ok = [r for r, a in row.points if a >= slo.attainment]
+    bad = [r for r, a in row.points if a < slo.attainment]
+    assert max(ok) <= row.goodput.rate <= min(bad)
+    records, cost = simulate(spec, LAT, sim_requests(load.request_set(max(ok))), slo)
+    assert attainment(records, slo).both >= slo.attainment and cost["steps"] > 0
+
+
+def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
+    from splitserve.cli import main
+
+    lat = tmp_path / "lat.json"
+    lat.write_text(json.dumps({
+        "prefill": {"points": [[16, 10.8], [256, 22.8], [1024, 61.2]]},
+        "decode": {"base_ms": 5, "per_seq_ms": 0.1, "per_context_token_ms": 0.0005},
+        "meta": {"block_size": 16, "num_kv_blocks": 2000},
+    }))
+    out = tmp_path / "out"
+    assert main(["sim", "--latency-model", str(lat), "--workload", "chat", "--rates", "1,2",
+                 "--colocated", "2", "--num-requests", "20", "--out", str(out), "--no-plots"]) == 0
+    runs = find_runs([out / "colocated2"])
+    assert [r.rate for r in runs] == [1.0, 2.0] and all(r.num_gpus == 2 for r in runs)
+    assert runs[0].data["simulated"]["layout"] == "colocated2"
+    assert (out / "colocated2" / "report_chat" / "report.json").is_file()
+
+
+def test_validation_compares_latencies_relatively_and_attainment_in_points():
+    import argparse
+
+    from splitserve.bench.sim_validate import compare, markdown, system_command
+
+    args = argparse.Namespace(tolerance=0.10, attainment_points=5.0)
+    summary = {"ttft_ms": {"p50": 100.0, "p90": 200.0}, "tpot_ms": {"p50": 10.0, "p90": 20.0},
+               "attainment": {"both": 0.95}}
+    near = {"ttft_ms": {"p50": 109.0, "p90": 181.0}, "tpot_ms": {"p50": 10.5, "p90": 19.0},
+            "attainment": {"both": 0.91}}
+    assert compare("split", 2.0, summary, near, args)["pass"]
+    far = dict(near, tpot_ms={"p50": 12.0, "p90": 19.0})
+    row = compare("split", 2.0, summary, far, args)
+    assert not row["pass"] and not row["metrics"]["tpot p50"]["pass"]
+    assert "| split | 2 |" in markdown([row], args)
+    cmd_args = argparse.Namespace(devices="cuda:0,cuda:1", dtype="bfloat16", num_kv_blocks=64,
+                                  max_num_seqs=8, max_num_batched_tokens=512, worker_args="",
+                                  random_weights=True, kv_backend="cuda_ipc", policy="least_loaded")
+    colo, split = system_command("colocated", cmd_args), system_command("split", cmd_args)
+    assert "--chunked-prefill" in colo and "--devices cuda:0 " in colo and "kv-backend" not in colo
+    assert "--kv-backend cuda_ipc" in split and "--devices cuda:0,cuda:1" in split
