@@ -6,13 +6,15 @@ kubelet and a container runtime would, with the machine left as it was:
 
 - gives the pod an address of its own in the pod CIDR (127.244.200.0 up: every 127.x address
   works on Linux with no set-up) and starts each container's process there: the container's
-  command and args (or, for images without one, the image's entrypoint from ``IMAGES``), its env
+  command and args (or, for images without one, the image's entrypoint: ``IMAGE_ENTRYPOINTS``),
+  its env
   (values, ``$(VAR)`` references, fieldRefs such as status.podIP, ConfigMap/Secret keys), its
   volumes as host folders (ConfigMaps and Secrets written out, emptyDirs, PVCs through their
   PV's hostPath mapped by ``host_paths``), every mount path in argv and env rewritten to its
   folder. ``splitserve`` runs as ``python -P -m splitserve.cli`` of this checkout, and a
-  container listening on 0.0.0.0 listens on the pod's address (in a pod's network namespace the
-  two are the same); ``podnet/sitecustomize.py`` gives Python processes cluster DNS;
+  container listening on 0.0.0.0 (or, as redis-server does by default, on every interface)
+  listens on the pod's address (in a pod's network namespace the two are the same);
+  ``podnet/sitecustomize.py`` gives Python processes cluster DNS;
 - runs each container's readiness probe (HTTP GET or TCP, at most every ``probe_period``
   seconds, sooner than the probe's own period so tests wait less) and patches the pod status:
   phase, podIP, conditions, container states and restart counts; restarts a process that exits;
@@ -43,7 +45,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,11 @@ PODNET = Path(__file__).resolve().parent / "podnet"
 FIRST_POD_IP = ipaddress.ip_address("127.244.200.0")  # kwok hands out the low end of the CIDR
 
 
-@dataclass(frozen=True)
-class Image:
-    """What a container image would run when the pod gives no command: its entrypoint and the
-    arguments that make it listen on the pod's address (its network namespace's only one)."""
-
-    entrypoint: list[str]
-    listen_args: list[str] = field(default_factory=list)
-
-
-IMAGES = {"redis": Image(["redis-server"], ["--bind", "{pod_ip}", "--protected-mode", "no"])}
+# What an image runs when the container gives no command (its ENTRYPOINT/CMD).
+IMAGE_ENTRYPOINTS = {"redis": ["redis-server"]}
+# Servers that listen on every interface unless told otherwise: in a pod that means its own
+# address (its network namespace's only one), so here they are told so.
+POD_ADDRESS_ARGS = {"redis-server": ["--bind", "{pod_ip}", "--protected-mode", "no"]}
 
 
 class PodSetupError(RuntimeError):
@@ -301,9 +298,17 @@ class PodRuntime:
                 obj = self.api.get(f"/api/v1/namespaces/{self.ns}/{kind}/{name}")
             except urllib.error.HTTPError as exc:
                 raise PodSetupError(f"volume {vol['name']}: {kind} {name}: {exc}") from exc
-            for key, text in (obj.get("data") or {}).items():
-                data = base64.b64decode(text) if kind == "secrets" else text.encode()
-                (path / key).write_bytes(data)
+            source = vol.get("configMap") or vol["secret"]
+            data = obj.get("data") or {}
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                if item["key"] not in data:
+                    raise PodSetupError(f"volume {vol['name']}: {name} has no key {item['key']}")
+                text = data[item["key"]]
+                target = path / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(text) if kind == "secrets" else text.encode())
+                target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
             return path
         if "persistentVolumeClaim" in vol:
             return self._host_path(self._claim_path(vol["persistentVolumeClaim"]["claimName"]))
@@ -377,14 +382,13 @@ class PodRuntime:
              mounts: list[tuple[str, Path]], command: list[str] | None = None) -> list[str]:  # fmt: skip
         """The host command line of a container (or of a hook's ``command``)."""
         if command is None:
-            image = IMAGES.get(container.get("image", "").rsplit("/", 1)[-1].split(":")[0])
-            entry = container.get("command") or (image.entrypoint if image else [])
-            args = container.get("args") or []
-            extra = [a.format(pod_ip=self.ip) for a in image.listen_args] if image and not \
-                container.get("command") else []  # fmt: skip
-            command = [*entry, *args, *extra]
+            image = container.get("image", "").rsplit("/", 1)[-1].split(":")[0]
+            entry = container.get("command") or IMAGE_ENTRYPOINTS.get(image, [])
+            command = [*entry, *(container.get("args") or [])]
             if not command:
                 raise PodSetupError(f"container {container['name']}: no command and no known image")
+            extra = POD_ADDRESS_ARGS.get(Path(command[0]).name, [])
+            command += [a.format(pod_ip=self.ip) for a in extra]
         argv = [map_paths(expand(a, env), mounts) for a in command]
         argv = [self.ip if a == "0.0.0.0" else a for a in argv]
         if argv and argv[0] == "splitserve":

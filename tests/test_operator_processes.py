@@ -132,6 +132,13 @@ def test_openai_client_through_router_service_matches_transformers(served: Serve
         (pod,) = served.pods(component)
         assert pod["status"]["podIP"].startswith("127.244.200."), pod["status"]
         assert pod["status"]["containerStatuses"][0]["containerID"].startswith("process://")
+    # the real redis-server got its password from the Secret (a config file, not an argument)
+    import redis
+
+    (redis_pod,) = served.pods("redis")
+    anonymous = redis.Redis(host=redis_pod["status"]["podIP"], port=6379, socket_timeout=5)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.ping()
 
 
 def test_status_shows_ttft_tpot_attainment_measured_from_traffic(served: Served) -> None:
