@@ -56,10 +56,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "create", "patch", "delete"]
-# each InferenceService's generated internal Secret (read back so it is never rotated)
+# each InferenceService's generated internal Secret (read back by name so it is never rotated;
+# never listed, so the operator cannot read other Secrets wholesale, and never pruned: it goes
+# with its InferenceService by owner reference)
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "create", "patch", "delete"]
