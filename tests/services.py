@@ -66,3 +66,45 @@ def rerun_under_triton_interpreter(test_file: str, timeout: float) -> None:
     cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def stub_router(demo_model: Path, *args: str, scheme: str = "http", verify: object = True):
+    """A real ``splitserve router`` process (safe-path mode) over a stub prefill and a stub
+    decode worker in threads; a context manager yielding (base URL, the router's Popen).
+    ``args`` go to the router; ``scheme``/``verify`` say how to reach its /health."""
+    import contextlib
+
+    import httpx
+    from splitserve.launcher.processes import python_command
+    from splitserve.launcher.up import free_port
+    from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+
+    @contextlib.contextmanager
+    def running():
+        decode = StubBehaviour("decode")
+        with ServerThread(create_stub_app(StubBehaviour("prefill"))) as p, \
+                ServerThread(create_stub_app(decode)) as d:
+            decode.kv_endpoint = d.endpoint
+            port = free_port()
+            proc = subprocess.Popen(python_command(
+                "-m", "splitserve.router", "--model", str(demo_model), "--served-model-name", "demo",
+                "--port", str(port), "--prefill", p.url, "--decode", d.url, "--log-level", "WARNING",
+                *args))
+            url = f"{scheme}://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        if httpx.get(url + "/health", verify=verify, timeout=2).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"router at {url} did not become healthy")
+                    time.sleep(0.1)
+                yield url, proc
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    return running()

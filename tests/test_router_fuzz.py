@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +18,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from splitserve.launcher.processes import wait_http_ok
-from splitserve.launcher.up import free_port
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from services import stub_router
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = int(os.environ.get("SPLITSERVE_FUZZ_EXAMPLES", "60"))  # per endpoint; ~5 s in CI, more by hand
@@ -77,21 +74,8 @@ slo_headers = st.one_of(st.just({}), st.dictionaries(
 
 @pytest.fixture(scope="module")
 def router(demo_model) -> Iterator[tuple[str, subprocess.Popen]]:
-    decode = StubBehaviour("decode")
-    with ServerThread(create_stub_app(StubBehaviour("prefill"))) as p, ServerThread(create_stub_app(decode)) as d:
-        decode.kv_endpoint = d.endpoint
-        port = free_port()
-        proc = subprocess.Popen([
-            sys.executable, "-m", "splitserve.router", "--model", str(demo_model), "--served-model-name", "demo",
-            "--port", str(port), "--prefill", p.url, "--decode", d.url, "--log-level", "WARNING",
-        ])
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http_ok(url + "/health", timeout=60)
-            yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with stub_router(demo_model) as running:
+        yield running
 
 
 def _check_answer(resp: httpx.Response, raw: bytes) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from splitserve.launcher.processes import wait_http_ok
-from splitserve.launcher.up import free_port
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from services import stub_router
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,21 +26,8 @@ LIMITS = ["--max-body-bytes", str(MAX_BODY), "--max-sequences", "8", "--max-conn
 
 @pytest.fixture(scope="module")
 def router(demo_model) -> Iterator[tuple[str, subprocess.Popen]]:
-    decode = StubBehaviour("decode")
-    with ServerThread(create_stub_app(StubBehaviour("prefill"))) as p, ServerThread(create_stub_app(decode)) as d:
-        decode.kv_endpoint = d.endpoint
-        port = free_port()
-        proc = subprocess.Popen([
-            sys.executable, "-m", "splitserve.router", "--model", str(demo_model), "--served-model-name", "demo",
-            "--port", str(port), "--prefill", p.url, "--decode", d.url, "--log-level", "WARNING", *LIMITS,
-        ])
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http_ok(url + "/health", timeout=60)
-            yield url, proc
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with stub_router(demo_model, *LIMITS) as running:
+        yield running
 
 
 def _connect(url: str) -> socket.socket:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import subprocess
-import time
 
 import httpx
 import pytest
@@ -14,10 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from splitserve.launcher.processes import python_command
-from splitserve.launcher.up import free_port
+from services import stub_router
 from splitserve.router.config import RouterConfig
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,34 +41,14 @@ def test_router_serves_https_to_the_openai_client(demo_model, tmp_path) -> None:
     from openai import OpenAI
 
     cert, key = self_signed(tmp_path)
-    decode = StubBehaviour("decode")
-    with ServerThread(create_stub_app(StubBehaviour("prefill"))) as p, \
-            ServerThread(create_stub_app(decode)) as d:
-        decode.kv_endpoint = d.endpoint
-        port = free_port()
-        router = subprocess.Popen(python_command(
-            "-m", "splitserve.router", "--model", str(demo_model), "--served-model-name", "demo",
-            "--port", str(port), "--prefill", p.url, "--decode", d.url, "--log-level", "WARNING",
-            "--tls-cert-file", cert, "--tls-key-file", key))
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"https://127.0.0.1:{port}/health", verify=cert).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline or router.poll() is not None:
-                        raise
-                    time.sleep(0.2)
-            with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is refused
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-            client = OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="unused",
-                            http_client=httpx.Client(verify=cert), max_retries=0)
-            got = client.completions.create(model="demo", prompt="hello", max_tokens=3)
-            assert got.choices[0].finish_reason in ("length", "stop")
-        finally:
-            router.terminate()
-            router.wait(timeout=30)
+    with stub_router(demo_model, "--tls-cert-file", cert, "--tls-key-file", key,
+                     scheme="https", verify=cert) as (url, _):
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is refused
+            httpx.get(url.replace("https://", "http://") + "/health", timeout=5)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused",
+                        http_client=httpx.Client(verify=cert), max_retries=0)
+        got = client.completions.create(model="demo", prompt="hello", max_tokens=3)
+        assert got.choices[0].finish_reason in ("length", "stop")
 
 
 def test_tls_files_go_together_and_must_exist(tmp_path) -> None:
