@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 
 from pydantic import BaseModel, Field
@@ -93,7 +95,21 @@ def add_common_routes(app, state, role: str) -> None:
 
     @app.get("/load")
     async def load() -> dict:
-        return {"role": role, **state.engine.load()}
+        return {"role": role, **state.engine.load(), "draining": getattr(state, "draining", False)}
+
+    @app.post("/drain")
+    async def drain() -> dict:
+        """The pod is terminating (preStop: ``splitserve drain``): leave the registry now and
+        tell routers (``/load``'s ``draining``) to send nothing new, while what runs finishes.
+        Kubernetes' own removal from the Service does not reach routers that find workers
+        through Redis."""
+        if not getattr(state, "draining", False):
+            log.info("%s worker draining: no new requests; finishing the ones it has", role)
+        state.draining = True
+        heartbeat, state.heartbeat = getattr(state, "heartbeat", None), None
+        if heartbeat is not None:  # deletes its key; joins its thread: not on the event loop
+            await asyncio.to_thread(heartbeat.stop)
+        return {"draining": True}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -149,11 +165,12 @@ def lifespan(worker, options: WorkerOptions, state):
                 "fingerprint": fingerprint(state.engine, options.generation),
             }, namespace=options.redis_namespace, secret=worker.secret,
                 password=redis_password(options.redis_password_file))
+        state.heartbeat = heartbeat  # /drain stops it early
         try:
             yield
         finally:
-            if heartbeat is not None:
-                heartbeat.stop()
+            if state.heartbeat is not None:
+                state.heartbeat.stop()
             worker.close()
 
     return run

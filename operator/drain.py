@@ -1,7 +1,9 @@
 """``splitserve drain``: a pod's preStop hook; waits until the local worker is idle.
 
-Kubernetes removes a terminating pod from its Service at once, so no new request arrives; this
-waits (bounded by ``--timeout``) until the worker's ``GET /load`` reports no waiting or running
+Kubernetes removes a terminating pod from its Service at once, but routers that find workers
+through Redis would still send it requests: so it first asks the worker to drain (``POST
+/drain``: it leaves the registry and ``/load`` says ``draining``, which the router's filter
+honours), then waits (bounded by ``--timeout``) until ``GET /load`` reports no waiting or running
 sequences, so a scale-down or rollout never cuts a generation off mid-stream. Only the standard
 library is used: it runs in every pod on each termination and must start fast.
 
@@ -56,10 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait at most")
 
 
+def start_draining(url: str, headers: dict[str, str]) -> None:
+    """``POST /drain``: the worker leaves the registry and routers send it nothing new (an
+    older worker without the endpoint, or none listening: the wait below decides)."""
+    request = urllib.request.Request(url, data=b"", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"drain: could not ask the worker to drain ({exc}); waiting for it to go idle",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
-    ok = wait_idle(f"http://{host}:{args.port}/load", args.timeout,
-                   headers=auth_headers(load_internal_secret()))
+    headers = auth_headers(load_internal_secret())
+    start_draining(f"http://{host}:{args.port}/drain", headers)
+    ok = wait_idle(f"http://{host}:{args.port}/load", args.timeout, headers=headers)
     if not ok:
         print(f"drain: worker still busy after {args.timeout:.0f}s", file=sys.stderr)
     return 0  # never block termination beyond the budget

@@ -51,10 +51,13 @@ class WorkerLoad:
     total_blocks: int = 0
     block_size: int = 16
     max_model_len: int = 0
+    draining: bool = False  # the worker's pod is terminating: nothing new for it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerLoad:
-        return cls(**{k: int(data.get(k, getattr(cls, k))) for k in cls.__dataclass_fields__})
+        counts = {k: int(data.get(k, getattr(cls, k))) for k in cls.__dataclass_fields__
+                  if k != "draining"}
+        return cls(**counts, draining=data.get("draining") is True)
 
     @property
     def used_tokens(self) -> int:

@@ -7,12 +7,13 @@ from splitserve.router.workers import WorkerState
 
 
 class Healthy(Filter):
-    """Workers whose last poll succeeded and that no request has found dead since."""
+    """Workers whose last poll succeeded, that no request has found dead since, and that are
+    not draining (their running sequences finish; nothing new goes there)."""
 
     name = "healthy"
 
     def apply(self, req: RouteRequest, workers: list[WorkerState]) -> list[WorkerState]:
-        return [w for w in workers if w.healthy]
+        return [w for w in workers if w.healthy and not (w.load and w.load.draining)]
 
 
 class HasKVEndpoint(Filter):
