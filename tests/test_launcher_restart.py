@@ -15,9 +15,13 @@ import httpx
 import pytest
 from splitserve.launcher.processes import python_command
 from splitserve.launcher.up import free_port
+from splitserve.trust import InternalSecret, auth_headers
+from splitserve.trust.secret import ENV_VALUE
 
 PROMPT = "the model serve token prompt decode"
 BACK_S = 120
+# up's workers answer /metrics only to holders of the internal secret: give up this one
+SECRET = "restart-test-internal-secret-0123456789abcdef"
 
 
 class Up:
@@ -32,6 +36,7 @@ class Up:
                                "--prefill", "1", "--decode", "2", "--port", str(self.port),
                                "--log-dir", str(tmp / "logs"), "--worker-args", "--block-size 8 --num-kv-blocks 256"),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, ENV_VALUE: SECRET},
             )
 
     def text(self) -> str:
@@ -78,7 +83,7 @@ def up(demo_model, tmp_path):
 
 def _decode_requests(url: str) -> float:
     """Requests this decode worker process has served (its counter starts at 0 in a new process)."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
+    text = httpx.get(f"{url}/metrics", timeout=5, headers=auth_headers(InternalSecret(SECRET))).text
     return sum(float(m.group(1)) for m in re.finditer(r'^splitserve_worker_requests_total\{[^}]*role="decode"[^}]*\} (\S+)',
                                                       text, re.M))
 
