@@ -531,6 +531,17 @@ def test_helm_lint_and_template_valid_against_api_server(
         k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
     # every example the chart ships is a valid InferenceService
     k8s.kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(CHART / "examples"))
+    # the dashboard ConfigMap (on by default, applied above) and, when asked, a PodMonitor for
+    # the router and worker pods (its CRD is Prometheus Operator's: rendered, not applied here)
+    rendered = k8s.helm("template", "rel", str(CHART), "--set", "podMonitor.enabled=true",
+                        "--set", "podMonitor.labels.release=prom").stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered) if d}
+    monitor = docs["PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    dashboards = [d for d in yaml.safe_load_all(rendered)
+                  if d and d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard")]
+    assert len(dashboards) == 1 and json.loads(dashboards[0]["data"]["splitserve.json"])["panels"]
 
 
 def test_helm_install_brings_operator_up_with_least_privilege(

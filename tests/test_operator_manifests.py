@@ -386,3 +386,32 @@ def test_crd_has_the_router_api_key_secret() -> None:
 def test_chart_lets_the_operator_manage_secrets_and_network_policies() -> None:
     helpers = (REPO / "charts" / "splitserve" / "templates" / "_helpers.tpl").read_text()
     assert 'resources: ["secrets"]' in helpers and 'resources: ["networkpolicies"]' in helpers
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export() -> None:
+    """Every metric a panel of the chart's dashboard reads is one the router, workers, KV
+    transfer or operator export (names drift; a dashboard panel must not go blank silently)."""
+    import json
+    import re
+
+    import splitserve.engine.metrics  # noqa: F401  (registers the workers' metrics)
+    import splitserve.kvtransfer.metrics  # noqa: F401
+    import splitserve.operator.metrics  # noqa: F401
+    from prometheus_client import REGISTRY
+    from splitserve.router.metrics import RouterMetrics
+
+    exported = set()
+    for registry in (REGISTRY, RouterMetrics().registry):
+        for family in registry.collect():
+            exported |= {s.name for s in family.samples} | {family.name}
+            if family.type == "counter":  # a labelled counter has no samples until first use
+                exported.add(f"{family.name}_total")
+            if family.type == "histogram":
+                exported.add(f"{family.name}_bucket")
+    dashboard = json.loads((REPO / "charts" / "splitserve" / "dashboards" / "splitserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"splitserve_[a-z_]+", e)}
+    assert used and not used - exported, sorted(used - exported)
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"TTFT", "TPOT (inter-token)", "SLO attainment", "KV cache use", "Queues",
+            "KV transfer rate and failures", "Replicas per pool (planner)"} <= titles
