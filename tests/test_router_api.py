@@ -266,8 +266,13 @@ def test_prefill_failure_retries_on_another_pair(demo_model, workers) -> None:
         for _ in range(4):  # round robin hits p0 half the time
             assert client(r).completions.create(model="demo", prompt="x", max_tokens=3).choices[0].text
         assert len(workers["p0"][1].requests) >= 1
+        # each abandoned decode stream was closed (the close reaches the stub asynchronously)
+        deadline = time.monotonic() + 5
+        while (len(workers["d0"][1].aborted + workers["d1"][1].aborted)
+               < len(workers["p0"][1].requests)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         aborted = workers["d0"][1].aborted + workers["d1"][1].aborted
-        assert len(aborted) == len(workers["p0"][1].requests)  # each abandoned decode stream was closed
+        assert len(aborted) == len(workers["p0"][1].requests)
         assert "splitserve_router_retries_total" in httpx.get(r.url + "/metrics").text
 
 
