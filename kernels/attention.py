@@ -106,8 +106,8 @@ def prefill_attention(
     """Dispatch: the Triton kernel on CUDA when available, else the torch reference.
 
     ``k``/``v``: this step's new keys (rotated) and values, the ones just written to the cache;
-    the kernel reads them contiguously instead of through the block table (the same numbers;
-    1.58x instead of 1.25x SDPA flash at 4096 tokens on an H200). The reference ignores them.
+    the kernel reads them contiguously instead of through the block table (the same numbers,
+    fewer scattered loads; bench/RESULTS.md has the measured gain). The reference ignores them.
     """
     if use_triton(q):
         from splitserve.kernels.triton_prefill_attention import prefill_attention_triton

@@ -134,11 +134,11 @@ def _decode_reduce_kernel(
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_context: int, sms: int, block_n: int = 64
 ) -> int:
-    """About 3 programs per multiprocessor (fastest in an H200 sweep), at most one split per
-    ``block_n`` tokens of the longest possible context. The kernel divides each sequence's own
-    context by this count, so at batch 1 a 540-token context runs as ~9 programs per KV head of
-    one tile each instead of 2 programs walking 8 tiles in a row (latency-bound: 14.6 us per
-    layer on an H200 when splits had to be >= 512 tokens of the block table's capacity)."""
+    """About 3 programs per multiprocessor (the fastest in the sweeps of bench/RESULTS.md), at
+    most one split per ``block_n`` tokens of the longest possible context. The kernel divides
+    each sequence's own context by this count, so at batch 1 a 540-token context runs as ~9
+    programs per KV head of one tile each instead of 2 programs walking 8 tiles in a row, which
+    is latency-bound."""
     want = -(-3 * sms // max(1, batch * num_kv_heads))
     return max(1, min(want, -(-max_context // block_n), 64))
 

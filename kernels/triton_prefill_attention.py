@@ -123,8 +123,8 @@ def _attend(
 
 # Triton compiles a kernel anew for each specialisation of an integer argument (== 1, divisible
 # by 16, neither). The sequence count and the block table's width change with every batch, so
-# specialising on them compiled the kernel in the middle of serving (an H200 run stalled ~1.4 s
-# on its first prompt of 16 blocks); they only index scalar loads, where the hint buys nothing.
+# specialising on them would compile the kernel in the middle of serving; they only index
+# scalar loads, where the hint buys nothing.
 @triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _prefill_kernel(
     q_ptr, kv_ptr, bt_ptr, cu_q_ptr, ctx_ptr, out_ptr,
@@ -252,7 +252,7 @@ def prefill_attention_triton(
 
     The tile sizes and launch knobs are for benchmarks and tests; ``None`` takes
     ``default_launch``'s choice. ``warp_specialize``: Triton's warp specialization of the hot
-    loop (no gain measured on an H200 with Triton 3.6; kept so sweeps can try it again).
+    loop (off by default: it has not paid off in the sweeps; kept so sweeps can try it again).
     """
     _check_inputs(q, kv_cache_layer, block_tables, cu_seqlens_q, context_lens)
     _check_fresh(q, kv_cache_layer, k, v)
@@ -305,16 +305,16 @@ def prefill_attention_triton(
 
 
 def default_launch(element_size: int, head_dim: int, fresh: bool) -> dict[str, int]:
-    """Tiles, warps and pipeline depth: the fastest of the sweeps at 1 x 4096 tokens, head dim
-    128, bf16 on an H200 (bench/RESULTS.md), per way of reading the new tokens' keys.
+    """Tiles, warps and pipeline depth per way of reading the new tokens' keys: the fastest of
+    the sweeps at 1 x 4096 tokens, head dim 128 (the numbers: bench/RESULTS.md, "Prefill
+    attention launch choices").
 
-    - fresh k/v (tensor-descriptor loads): 64 x 64 tiles, 4 warps, 3 stages: 425-428 TFLOP/s
-      against 408 for 128 x 128 with 8 warps (likely the finer tiles balancing the causal
-      triangle over the SMs better; 4 stages gave 297, not investigated).
-    - paged only (block-table gathers): 128 x 128 tiles, 8 warps, 3 stages: 337-341 against
-      302-305 for 64 x 64 (likely bigger tiles amortising the per-tile block-table loads).
-    - float32: 64 x 64, 8 warps, 2 stages: 128 x 128 fp32 tiles at head dim 128 need more shared
-      memory than an H200 has (262,656 of 232,448 bytes, seen on the GPU).
+    - fresh k/v (tensor-descriptor loads): 64 x 64 tiles, 4 warps, 3 stages; finer tiles
+      balance the causal triangle over the multiprocessors.
+    - paged only (block-table gathers): 128 x 128 tiles, 8 warps, 3 stages; bigger tiles
+      amortise the per-tile block-table loads.
+    - float32: 64 x 64, 8 warps, 2 stages, because 128 x 128 fp32 tiles at head dim 128 need
+      more shared memory than a multiprocessor has.
     Head dims above 128 take 32-key tiles (the same shared-memory bound).
     """
     if element_size >= 4:
