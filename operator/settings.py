@@ -15,6 +15,9 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_METRICS_URL``: a single URL to scrape instead (``{name}``, ``{namespace}``), e.g.
   a port-forwarded router in local use; no pod discovery then, and with several router pods
   behind it each scrape reads one random pod, so use it for one router only.
+- ``SPLITSERVE_NOT_READY_SECONDS`` (default 60): how long a Running pod may stay not Ready
+  before the status and an Event call it ``ReadinessFailing`` (``pod_problems``); each SLO tick
+  refreshes the status, so the verdict comes within a tick of that time.
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
@@ -54,6 +57,7 @@ def _positive_float(var: str, default: float) -> float:
 
 
 SLO_TICK_SECONDS = _positive_float("SPLITSERVE_SLO_TICK_SECONDS", 15.0)
+NOT_READY_SECONDS = _positive_float("SPLITSERVE_NOT_READY_SECONDS", 60.0)
 LATENCY_MODEL = os.environ.get("SPLITSERVE_LATENCY_MODEL") or None
 
 
