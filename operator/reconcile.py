@@ -94,6 +94,24 @@ def summarize(results: list[kube.ApplyResult]) -> str:
     return (", ".join(changed) + "; " if changed else "") + f"{unchanged} unchanged"
 
 
+_probe_events_unreadable: set[str] = set()  # namespaces already warned about
+
+
+def _probe_messages(namespace: str) -> dict[str, str]:
+    """The kubelet's last readiness-probe failure per pod uid. Only a detail of the message:
+    if the Events cannot be read (RBAC without ``list events``), the Ready condition's own
+    message stands in and the warning (once per namespace) names why."""
+    try:
+        return pod_problems.probe_messages(kube.list_pod_events(namespace, "Unhealthy"))
+    except ApiException as exc:
+        if namespace in _probe_events_unreadable:
+            return {}
+        _probe_events_unreadable.add(namespace)
+        log.warning("cannot read the probe Events in %s (%s %s): readiness problems are "
+                    "reported without the probe's message", namespace, exc.status, exc.reason)
+        return {}
+
+
 def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
                   now: float) -> list[pod_problems.PoolProblem]:
     """The pod problems of each pool of ``name``: one list of its pods, and the kubelet's probe
@@ -107,8 +125,9 @@ def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
             by_pool[component].append(pod)
     after = operator_settings.NOT_READY_SECONDS
     every = [p for pods in by_pool.values() for p in pods]
-    probes = (pod_problems.probe_messages(kube.list_pod_events(namespace, "Unhealthy"))
-              if pod_problems.needs_probe_messages(every, now, after) else {})  # fmt: skip
+    probes: dict[str, str] = {}
+    if pod_problems.needs_probe_messages(every, now, after):
+        probes = _probe_messages(namespace)
     found = [pod_problems.pool_problem(pool, pods, now, after, probes)
              for pool, pods in by_pool.items()]  # fmt: skip
     return [p for p in found if p is not None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import yaml
 from splitserve.operator import crd, pod_problems, status
 from splitserve.operator.pod_problems import Reason
@@ -247,3 +248,32 @@ def test_crd_keeps_the_problems_field() -> None:
     item = crd.status_schema()["properties"]["problems"]["items"]["properties"]
     entry = pod_problems.pool_problem("decode", [unschedulable()], NOW)
     assert entry is not None and set(entry.to_status()) <= set(item)
+
+
+def test_pools_grouped_by_component_and_probe_events_optional(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``reconcile.pool_problems`` on listed pods: grouped by component label, probe Events read
+    only when a pod is not Ready for long, and unreadable Events (RBAC) do not hide the problem."""
+    from kubernetes.client.exceptions import ApiException
+    from splitserve.operator import kube, reconcile
+
+    stale = running("tiny-decode-a", ready=False, for_s=600)
+    router = unschedulable("tiny-router-a")
+    router["metadata"]["labels"] = {"app.kubernetes.io/component": "router"}
+    asked: list[str] = []
+
+    def events(namespace: str, reason: str) -> list[dict[str, Any]]:
+        asked.append(reason)
+        raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setattr(kube, "list_pods", lambda labels, ns: [stale, router])
+    monkeypatch.setattr(kube, "list_pod_events", events)
+    got = reconcile.pool_problems("tiny", "ns", ("prefill", "decode", "router", "redis"), NOW)
+    assert [(p.pool, p.reason) for p in got] == [("decode", Reason.NOT_READY),
+                                                 ("router", Reason.UNSCHEDULABLE)]
+    assert got[0].example.detail == "containers with unready status: [decode]"
+    assert asked == ["Unhealthy"]
+    monkeypatch.setattr(kube, "list_pods", lambda labels, ns: [router])
+    reconcile.pool_problems("tiny", "ns", ("router",), NOW)
+    assert asked == ["Unhealthy"]  # nobody not Ready: no Event read
