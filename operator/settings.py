@@ -37,7 +37,7 @@ import logging
 import os
 
 import kopf
-from splitserve.operator.manifests import MetricsPeers
+from splitserve.operator.manifests import MANAGED_BY, MetricsPeers
 
 PREFIX = "splitserve.io"
 DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
@@ -118,4 +118,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # reconnect watches regularly so a silently dropped connection heals within a minute
     settings.watching.server_timeout = int(os.environ.get("SPLITSERVE_WATCH_TIMEOUT", "60"))
     settings.watching.client_timeout = settings.watching.server_timeout + 10
+    # pods are watched only for the status (``pod_problems``): the server sends ours alone, not
+    # every pod of the namespace (or, with --all-namespaces, of the cluster)
+    settings.watching.label_selectors["v1", "pods"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     settings.execution.max_workers = int(os.environ.get("SPLITSERVE_OPERATOR_WORKERS", "4"))
