@@ -325,6 +325,21 @@ def status_schema() -> Schema:
             "prefill": pool,
             "decode": pool,
             "router": pool,
+            "problems": {
+                "type": "array",
+                "description": "Why pods of a pool do not serve, in the scheduler's or kubelet's"
+                " words (operator/pod_problems.py), most severe first.",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "pool": _str("prefill, decode, router or redis."),
+                        "reason": _str("PodsUnschedulable, ImagePullFailing, CrashLooping,"
+                                       " ContainerFailing or ReadinessFailing."),
+                        "pods": _str("pods with this reason / the pool's pods"),
+                        "message": _str(),
+                    },
+                },
+            },
             "ttftMs": {"type": "number", "description": "p90 TTFT over the last window, ms."},
             "tpotMs": {"type": "number", "description": "p90 TPOT over the last window, ms."},
             "attainment": {

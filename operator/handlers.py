@@ -60,13 +60,24 @@ def on_resume(body: kopf.Body, spec: Any, name: str, namespace: str, **_: Any) -
     _handle("resume", body, spec, name, namespace)
 
 
-@kopf.on.event(
-    "apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
-)
-def on_child_deployment(labels: Any, namespace: str, **_: Any) -> None:
+CHILDREN = {"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
+
+
+def _refresh_owner(labels: Any, namespace: str) -> None:
     instance = labels.get(manifests.LABEL_INSTANCE)
     if instance:
         reconcile.publish_status(namespace, instance)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
+def on_child_deployment(labels: Any, namespace: str, **_: Any) -> None:
+    _refresh_owner(labels, namespace)
+
+
+@kopf.on.event("v1", "pods", labels=CHILDREN)
+def on_child_pod(labels: Any, namespace: str, **_: Any) -> None:
+    """Scheduled or refused, pulled, crashed, (not) Ready: the status says why each pool waits."""
+    _refresh_owner(labels, namespace)
 
 
 @kopf.on.event(*ISVC)

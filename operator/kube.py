@@ -145,6 +145,13 @@ def list_pods(labels: dict[str, str], namespace: str) -> list[dict[str, Any]]:
     return list(data.get("items", []))
 
 
+def list_pod_events(namespace: str, reason: str) -> list[dict[str, Any]]:
+    """The Events about pods in ``namespace`` with ``reason`` (RBAC: list events)."""
+    query = [("fieldSelector", f"involvedObject.kind=Pod,reason={reason}")]
+    data = _call("GET", f"/api/v1/namespaces/{namespace}/events", query=query)
+    return list(data.get("items", []))
+
+
 def delete(kind: str, namespace: str, name: str) -> None:
     try:
         _call("DELETE", _path(kind, namespace, name))

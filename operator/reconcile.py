@@ -4,6 +4,9 @@ One pass: render every child from the spec, adopt it (owner reference -> garbage
 delete), server-side apply it, prune children the spec no longer asks for (e.g. the managed Redis
 after switching to an external URL), then write the status. Every step is idempotent, so create,
 update, resume after a restart and a repeated event all run the same code.
+
+The status also says why pods do not serve (``pod_problems``): each write lists the pods and
+posts an Event on the InferenceService when a pool's reason changes (``publish_status``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
-from splitserve.operator import crd, kube, manifests, scaling
+from splitserve.operator import crd, kube, manifests, pod_problems, scaling
 from splitserve.operator import settings as operator_settings
 from splitserve.operator import status as status_mod
 
@@ -90,6 +94,45 @@ def summarize(results: list[kube.ApplyResult]) -> str:
     return (", ".join(changed) + "; " if changed else "") + f"{unchanged} unchanged"
 
 
+_probe_events_unreadable: set[str] = set()  # namespaces already warned about
+
+
+def _probe_messages(namespace: str) -> dict[str, str]:
+    """The kubelet's last readiness-probe failure per pod uid. Only a detail of the message:
+    if the Events cannot be read (RBAC without ``list events``), the Ready condition's own
+    message stands in and the warning (once per namespace) names why."""
+    try:
+        return pod_problems.probe_messages(kube.list_pod_events(namespace, "Unhealthy"))
+    except ApiException as exc:
+        if namespace in _probe_events_unreadable:
+            return {}
+        _probe_events_unreadable.add(namespace)
+        log.warning("cannot read the probe Events in %s (%s %s): readiness problems are "
+                    "reported without the probe's message", namespace, exc.status, exc.reason)
+        return {}
+
+
+def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
+                  now: float) -> list[pod_problems.PoolProblem]:
+    """The pod problems of each pool of ``name``: one list of its pods, and the kubelet's probe
+    Events only when some pod has been Running but not Ready for long."""
+    labels = manifests.selector_labels(name, "")
+    labels.pop(manifests.LABEL_COMPONENT)
+    by_pool: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
+    for pod in kube.list_pods(labels, namespace):
+        component = (pod["metadata"].get("labels") or {}).get(manifests.LABEL_COMPONENT)
+        if component in by_pool:
+            by_pool[component].append(pod)
+    after = operator_settings.NOT_READY_SECONDS
+    every = [p for pods in by_pool.values() for p in pods]
+    probes: dict[str, str] = {}
+    if pod_problems.needs_probe_messages(every, now, after):
+        probes = _probe_messages(namespace)
+    found = [pod_problems.pool_problem(pool, pods, now, after, probes)
+             for pool, pods in by_pool.items()]  # fmt: skip
+    return [p for p in found if p is not None]
+
+
 def current_status(
     name: str,
     namespace: str,
@@ -106,9 +149,10 @@ def current_status(
     deployments = {
         c: kube.get("Deployment", namespace, manifests.child_name(name, c)) for c in components
     }
+    problems = pool_problems(name, namespace, components, time.time())
     out = status_mod.compute(
         full, deployments, generation, previous_conditions, reconcile_error,
-        scaling.effective_replicas(full, current),
+        scaling.effective_replicas(full, current), problems,
     )  # fmt: skip
     out["observedGeneration"] = generation
     out["endpoint"] = manifests.endpoint(name, namespace)
@@ -135,6 +179,8 @@ def publish_status(namespace: str, name: str, generation: int | None = None) -> 
     Read-compute-write runs under one lock per object, so a write is never older than the one
     before it; any change after it is a new Deployment event and a new call. ``generation`` is
     given by the reconcile that just handled it; Deployment events keep the stored one.
+    A pool whose pod problem changed gets an Event (``pod_problems.transitions``): the stored
+    ``status.problems`` is the memory, so an operator restart posts nothing twice.
     """
     key = (namespace, name)
     with lock_for(namespace, name):
@@ -150,6 +196,10 @@ def publish_status(namespace: str, name: str, generation: int | None = None) -> 
             new.pop("observedGeneration")
         if any(st.get(k) != v for k, v in new.items()):
             kube.patch_status(namespace, name, new)
+        for t in pod_problems.transitions(st.get("problems"), new["problems"]):
+            log.info("%s/%s %s: %s", namespace, name, t.reason, t.message)
+            post = kopf.warn if t.warning else kopf.info
+            post(obj, reason=t.reason, message=t.message)
 
 
 def _live_status(namespace: str, name: str, body: kopf.Body) -> dict[str, Any]:

@@ -15,6 +15,9 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_METRICS_URL``: a single URL to scrape instead (``{name}``, ``{namespace}``), e.g.
   a port-forwarded router in local use; no pod discovery then, and with several router pods
   behind it each scrape reads one random pod, so use it for one router only.
+- ``SPLITSERVE_NOT_READY_SECONDS`` (default 60): how long a Running pod may stay not Ready
+  before the status and an Event call it ``ReadinessFailing`` (``pod_problems``); each SLO tick
+  refreshes the status, so the verdict comes within a tick of that time.
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
@@ -34,7 +37,7 @@ import logging
 import os
 
 import kopf
-from splitserve.operator.manifests import MetricsPeers
+from splitserve.operator.manifests import MANAGED_BY, MetricsPeers
 
 PREFIX = "splitserve.io"
 DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
@@ -54,6 +57,7 @@ def _positive_float(var: str, default: float) -> float:
 
 
 SLO_TICK_SECONDS = _positive_float("SPLITSERVE_SLO_TICK_SECONDS", 15.0)
+NOT_READY_SECONDS = _positive_float("SPLITSERVE_NOT_READY_SECONDS", 60.0)
 LATENCY_MODEL = os.environ.get("SPLITSERVE_LATENCY_MODEL") or None
 
 
@@ -114,4 +118,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # reconnect watches regularly so a silently dropped connection heals within a minute
     settings.watching.server_timeout = int(os.environ.get("SPLITSERVE_WATCH_TIMEOUT", "60"))
     settings.watching.client_timeout = settings.watching.server_timeout + 10
+    # pods are watched only for the status (``pod_problems``): the server sends ours alone, not
+    # every pod of the namespace (or, with --all-namespaces, of the cluster)
+    settings.watching.label_selectors["v1", "pods"] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     settings.execution.max_workers = int(os.environ.get("SPLITSERVE_OPERATOR_WORKERS", "4"))

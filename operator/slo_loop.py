@@ -211,6 +211,8 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
     obj = kube.get_inference_service(namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
+    # a pod Running but not Ready for long changes nothing on the pod: only time says it
+    reconcile.publish_status(namespace, name)
     spec = crd.defaulted_spec(dict(obj["spec"]))
     win = _window(name, namespace, memory, float(spec["autoscaling"]["windowSeconds"]), logger)
     if win is None:

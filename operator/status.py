@@ -8,14 +8,22 @@ status refresh that finds nothing new writes nothing new.
                and updated to the current template.
 - Progressing: a rollout or scale is under way (desired != updated/ready, or a Deployment has not
                yet observed its newest spec).
-- Degraded:    a Deployment reports ReplicaFailure or ProgressDeadlineExceeded, or the last
-               reconcile failed (``reconcile_error``).
+- Degraded:    a pool's pods have a problem of their own (``pod_problems``: unschedulable with
+               the scheduler's message, image pull errors, crash loops with the last exit,
+               readiness failing for long), a Deployment reports ReplicaFailure or
+               ProgressDeadlineExceeded, or the last reconcile failed (``reconcile_error``).
+               Its reason is the most severe one (``ReconcileError``, else the pods' reason,
+               e.g. ``PodsUnschedulable``, else ``ReplicaFailure``), its message names each
+               pool; Ready, when False, carries the same reason. ``status.problems`` lists the
+               pools' problems one by one (what ``pod_problems.transitions`` compares).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+
+from splitserve.operator.pod_problems import PoolProblem, by_severity
 
 POOLS = ("prefill", "decode", "router")
 
@@ -93,10 +101,14 @@ def compute(
     previous_conditions: list[dict[str, Any]] | None = None,
     reconcile_error: str | None = None,
     replicas: dict[str, int] | None = None,
+    problems: list[PoolProblem] | None = None,
 ) -> dict[str, Any]:
     """The status block for a (defaulted) spec and its Deployments keyed by component;
-    ``replicas`` overrides the spec's desired counts (the autoscaler's, ``scaling.py``)."""
+    ``replicas`` overrides the spec's desired counts (the autoscaler's, ``scaling.py``);
+    ``problems`` are the pools' pod problems (``pod_problems.pool_problem``)."""
     previous = previous_conditions or []
+    problems = by_severity(problems or [], (*POOLS, "redis"))
+    pod_reason = problems[0].reason.value if problems else None
     desired = {pool: int(spec[pool]["replicas"]) for pool in POOLS} | (replicas or {})
     if spec["redis"].get("managed", True):
         desired["redis"] = 1
@@ -116,7 +128,7 @@ def compute(
             ready,
             "AllPoolsReady"
             if ready
-            else ("ReconcileError" if reconcile_error else "PoolsNotReady"),
+            else ("ReconcileError" if reconcile_error else pod_reason or "PoolsNotReady"),
             "all pools ready"
             if ready
             else (
@@ -136,18 +148,18 @@ def compute(
             previous,
         ),
     ]
-    degraded_msgs = [f"{c}: {f}" for c, f in failures.items()]
+    degraded_msgs = [p.message for p in problems] + [f"{c}: {f}" for c, f in failures.items()]
     if reconcile_error:
         degraded_msgs.insert(0, reconcile_error)
     conds.append(
         condition(
             "Degraded",
             bool(degraded_msgs),
-            ("ReconcileError" if reconcile_error else "ReplicaFailure") if degraded_msgs
-            else "AsExpected",
+            ("ReconcileError" if reconcile_error else pod_reason or "ReplicaFailure")
+            if degraded_msgs else "AsExpected",
             "; ".join(degraded_msgs) if degraded_msgs else "no failures",
             generation,
             previous,
         )
     )  # fmt: skip
-    return {**pools, "conditions": conds}
+    return {**pools, "conditions": conds, "problems": [p.to_status() for p in problems]}

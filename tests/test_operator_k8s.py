@@ -177,23 +177,24 @@ def wait_ready(k8s: K8sEnv, op: OperatorProcess, ns: str, name: str, timeout: fl
         raise
 
 
-def make_model_volume(k8s: K8sEnv, ns: str) -> None:
-    """The example reads its model from PVC "models": a hostPath PV bound by the controller."""
+def make_model_volume(k8s: K8sEnv, ns: str, claim: str = "models") -> None:
+    """The example reads its model from PVC "models" (``claim``): a hostPath PV bound by the
+    controller."""
     pv = {
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": f"models-{ns}"},
+        "metadata": {"name": f"{claim}-{ns}"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
                  "hostPath": {"path": "/srv/models"}, "storageClassName": "manual",
-                 "claimRef": {"namespace": ns, "name": "models"}},
+                 "claimRef": {"namespace": ns, "name": claim}},
     }  # fmt: skip
     pvc = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models", "namespace": ns},
+        "metadata": {"name": claim, "namespace": ns},
         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "manual",
-                 "volumeName": f"models-{ns}", "resources": {"requests": {"storage": "1Gi"}}},
+                 "volumeName": f"{claim}-{ns}", "resources": {"requests": {"storage": "1Gi"}}},
     }  # fmt: skip
     k8s.apply([pv, pvc])
-    wait_until("PVC bound", lambda: k8s.get_json("pvc", "models", "-n", ns)
+    wait_until("PVC bound", lambda: k8s.get_json("pvc", claim, "-n", ns)
                .get("status", {}).get("phase") == "Bound", 60)  # fmt: skip
 
 
