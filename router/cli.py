@@ -216,15 +216,14 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
 
 
 def _policy_from_args(args: argparse.Namespace) -> dict:
-    """``policy`` (and ``policy_config``) for RouterConfig: a preset, or the configuration file
-    (whose name --policy may repeat, not contradict)."""
+    """``policy`` (and ``policy_config``) for RouterConfig: a preset, or a configuration file."""
     if args.policy_config is None:
         return {"policy": args.policy or "round_robin"}
+    if args.policy is not None:
+        raise ValueError("--policy (a preset) and --policy-config (a policy of your own) exclude each other")
     from splitserve.router.policy.spec import PolicySpec
 
     spec = PolicySpec.load(args.policy_config)
-    if args.policy is not None and args.policy != spec.name:
-        raise ValueError(f"--policy {args.policy} contradicts --policy-config {args.policy_config} (policy {spec.name!r})")
     return {"policy": spec.name, "policy_config": spec}
 
 

@@ -63,6 +63,13 @@ class RouterMetrics:
             registry=r,
             buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05),
         )
+        self.policy_step_seconds = Histogram(
+            "splitserve_router_policy_step_seconds",
+            "Time each step of a routing decision took (a role's filter or scoring, a pair scorer, the pick)",
+            ["policy", "step"],
+            registry=r,
+            buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 0.01),
+        )
         self.shed = Counter(
             "splitserve_router_shed",
             "Requests refused by admission (429), by reason",
@@ -136,6 +143,11 @@ class RouterMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def observe_policy_steps(self, policy: str, timings_us: dict[str, float]) -> None:
+        """One decision's step times (``Decision.timings_us``)."""
+        for step, us in timings_us.items():
+            self.child(self.policy_step_seconds, policy, step).observe(us * 1e-6)
 
     def observe_sequence(
         self,
