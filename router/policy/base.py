@@ -1,9 +1,12 @@
 """The routing interface: filters -> scorers -> weighted sum -> picker, per role.
 
 A filter returns the workers that may serve the request; a scorer gives each survivor a value in
-[0, 1]; a stage adds the weighted scores and its picker chooses one. A policy is a configuration
-of stages (or, for goodput, a pair-wise rule); each plugin is one small class. Every decision
-records how long each step took, so slow plugins show up.
+[0, 1]; a stage adds the weighted scores and its picker chooses one. Where the choice depends on
+the pair (goodput: the KV transfer between the two is part of the first token's time), each role
+only filters and a pair stage scores every (prefill, decode) pair and picks one. A policy is a
+configuration of these (``spec.py``); each plugin is one small class, registered by name
+(``registry.py``). Every decision records how long each step took (``Decision.timings_us``, the
+histogram ``splitserve_router_policy_step_seconds``), so slow plugins show up.
 """
 
 from __future__ import annotations
@@ -144,8 +147,7 @@ class PairScorer(Plugin, ABC):
 
     def slack(self, req: RouteRequest, predicted_ms: float) -> float:
         """1 - predicted / target: < 0 misses the target (only for ``slo`` scorers)."""
-        target = req.slo.ttft_ms if self.slo == "ttft" else req.slo.tpot_ms
-        return 1.0 - predicted_ms / target
+        return 1.0 - predicted_ms / (req.slo.ttft_ms if self.slo == "ttft" else req.slo.tpot_ms)
 
 
 # One pair scorer's predictions, with its weight: (scorer, weight, matrix [i][j]).
@@ -168,7 +170,7 @@ class Stage:
     role: str
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
-    picker: Picker
+    picker: Picker | None  # None in a policy with a pair stage: the role only filters
 
     def filter(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float],
                queue: bool = False) -> list[WorkerState]:

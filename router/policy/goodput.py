@@ -68,13 +68,14 @@ class TtftSlack(_SloSlack):
     def predict_ms(self, req: RouteRequest, prefills: list[WorkerState | None],
                    decodes: list[WorkerState]) -> list[list[float]]:
         prior = self.transfers.prior_ms(req.num_prompt_tokens)
+        urls = [d.url for d in decodes]
         rows = []
         for p in prefills:
             own = self.prefill_ms(req, p)
             if p is None:
                 rows.append([own] * len(decodes))
             else:
-                rows.append([own + self.transfers.estimate_ms(p.url, d.url, prior) for d in decodes])
+                rows.append([own + t for t in self.transfers.estimates_ms(p.url, urls, prior)])
         return rows
 
 
@@ -128,8 +129,8 @@ class PairTransfer(PairScorer):
     def predict_ms(self, req: RouteRequest, prefills: list[WorkerState | None],
                    decodes: list[WorkerState]) -> list[list[float]]:
         prior = self.transfers.prior_ms(req.num_prompt_tokens)
-        return [[0.0 if p is None else self.transfers.estimate_ms(p.url, d.url, prior) for d in decodes]
-                for p in prefills]
+        urls = [d.url for d in decodes]
+        return [[0.0] * len(urls) if p is None else self.transfers.estimates_ms(p.url, urls, prior) for p in prefills]
 
     def score(self, req: RouteRequest, predicted_ms: float) -> float:
         return 1.0 / (1.0 + predicted_ms / self.scale)
@@ -147,16 +148,18 @@ class SloSlackPicker(PairPicker):
     def pick(self, req: RouteRequest, predictions: list[PairPredictions], shape: tuple[int, int]) -> tuple[int, int]:
         slos = [(s, w, m) for s, w, m in predictions if s.slo]
         others = [(s, w, m) for s, w, m in predictions if not s.slo]
+        unweighted = all(w == 1.0 for _, w, _ in slos)
         best, best_value = None, float("-inf")
-        for i in range(shape[0]):
-            for j in range(shape[1]):
-                slacks = [(w, s.slack(req, m[i][j])) for s, w, m in slos]
-                if any(slack < 0 for _, slack in slacks):
-                    continue
-                value = min((w * slack for w, slack in slacks), default=0.0)
-                value += sum(w * s.score(req, m[i][j]) for s, w, m in others)
-                if value > best_value:
-                    best, best_value = (i, j), value
+        for i in range(shape[0]):  # row by row: this runs for every request, over every pair
+            slacks = [[1.0 - v / t for v in m[i]] for t, m in ((_target(req, s.slo), m) for s, _, m in slos)]
+            worst = _elementwise_min(slacks) if slacks else [0.0] * shape[1]
+            value = worst if unweighted else _elementwise_min(
+                [[w * x for x in row] for row, (_, w, _) in zip(slacks, slos, strict=True)])
+            if others:
+                value = [v + sum(w * s.score(req, m[i][j]) for s, w, m in others) for j, v in enumerate(value)]
+            for j, v in enumerate(value):
+                if v > best_value and worst[j] >= 0:
+                    best, best_value = (i, j), v
         if best is None:
             raise self._unattainable(req, slos)
         return best
@@ -164,8 +167,15 @@ class SloSlackPicker(PairPicker):
     @staticmethod
     def _unattainable(req: RouteRequest, slos: list[PairPredictions]) -> SloUnattainable:
         lowest = [(s.slo, min(min(row) for row in m)) for s, _, m in slos]
-        targets = {"ttft": req.slo.ttft_ms, "tpot": req.slo.tpot_ms}
-        misses = [slo for slo, v in lowest if v > targets[slo]]
+        misses = [slo for slo, v in lowest if v > _target(req, slo)]
         reason = "slo_" + "_".join(misses or [slo for slo, _ in lowest])
-        best = ", ".join(f"{slo.upper()} {v:.1f} ms vs target {targets[slo]:.1f} ms" for slo, v in lowest)
+        best = ", ".join(f"{slo.upper()} {v:.1f} ms vs target {_target(req, slo):.1f} ms" for slo, v in lowest)
         return SloUnattainable(reason, f"no worker pair can meet the latency targets now (best predicted {best})")
+
+
+def _target(req: RouteRequest, slo: str) -> float:
+    return req.slo.ttft_ms if slo == "ttft" else req.slo.tpot_ms
+
+
+def _elementwise_min(rows: list[list[float]]) -> list[float]:
+    return rows[0] if len(rows) == 1 else list(map(min, *rows))

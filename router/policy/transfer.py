@@ -31,6 +31,13 @@ class TransferEstimator:
         """The pair's transfer time for a prompt the model prices at ``prior_ms``."""
         return prior_ms * self._ratio.get((prefill_url, decode_url), 1.0)
 
+    def estimates_ms(self, prefill_url: str, decode_urls: list[str], prior_ms: float) -> list[float]:
+        """``estimate_ms`` for one prefill worker and each of ``decode_urls``."""
+        if not self._ratio:  # nothing measured yet (or no prefill answer says): the model
+            return [prior_ms] * len(decode_urls)
+        get = self._ratio.get
+        return [prior_ms * get((prefill_url, d), 1.0) for d in decode_urls]
+
     def observe(self, prefill_url: str, decode_url: str, tokens: int, measured_ms: float | None) -> None:
         """One measured transfer of ``tokens`` prompt tokens; None or nonsense is ignored."""
         if measured_ms is None or not math.isfinite(measured_ms) or measured_ms < 0:
