@@ -322,3 +322,56 @@ def test_policy_step_times_are_a_histogram_per_policy_and_step() -> None:
     text = metrics.exposition().decode()
     for step in ("decode.healthy", "pair.ttft_slack", "pair.pick"):
         assert f'splitserve_router_policy_step_seconds_count{{policy="goodput",step="{step}"}} 1.0' in text
+
+
+def test_a_queued_request_asks_the_policy_again_only_when_the_pool_reports() -> None:
+    """Admission is event-driven: no asking on a timer; a poll round admits at once; the deadline
+    still sheds."""
+    from splitserve.router.dispatch import Dispatcher
+    from splitserve.router.errors import ShedError
+    from splitserve.router.metrics import RouterMetrics
+
+    class Pool:
+        def __init__(self) -> None:
+            self.on_change: set = set()
+            self.workers = {"decode": [worker("http://d", "decode")], "prefill": []}
+
+        def role(self, role: str) -> list[WorkerState]:
+            return self.workers[role]
+
+        def round(self) -> None:
+            for callback in list(self.on_change):
+                callback()
+
+    class Gate:
+        name, asked, open = "gate", 0, False
+
+        def pick(self, req: RouteRequest, prefills: list, decodes: list):  # noqa: ANN202
+            self.asked += 1
+            if not self.open:
+                raise SloUnattainable("slo_tpot", "not now")
+            return build_policy("round_robin").pick(req, prefills, decodes)
+
+    async def main() -> None:
+        config = RouterConfig(served_model_name="m", model_dir=".", decode_urls=("http://d",), max_queue_ms=300)
+        pool, gate = Pool(), Gate()
+        dispatcher = Dispatcher(config, pool, None, gate, RouterMetrics())
+        task = asyncio.create_task(dispatcher.route(request(), set()))
+        await asyncio.sleep(0.1)
+        assert gate.asked == 1 and dispatcher.queued == 1  # waiting, not polling
+        pool.round()  # a load report that changes nothing: asked again, still waiting
+        await asyncio.sleep(0.01)
+        assert gate.asked == 2 and not task.done()
+        gate.open = True
+        t0 = time.monotonic()
+        pool.round()
+        decision = await task
+        assert decision.decode.url == "http://d" and time.monotonic() - t0 < 0.05
+        assert gate.asked == 3 and dispatcher.queued == 0
+        gate.open = False
+        t0 = time.monotonic()
+        with pytest.raises(ShedError):
+            await dispatcher.route(request(), set())
+        assert 0.28 < time.monotonic() - t0 < 0.6 and gate.asked == 5  # first ask, last ask at the deadline
+
+    asyncio.run(main())
