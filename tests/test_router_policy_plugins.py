@@ -16,7 +16,7 @@ from splitserve.router.policy import (
     RouteRequest,
     SloUnattainable,
     build_policy,
-    registry,
+    plugins,
 )
 from splitserve.router.policy.base import PolicyContext
 from splitserve.router.policy.goodput import PairTransfer, SloSlackPicker, TpotSlack, TtftSlack
@@ -52,30 +52,30 @@ def varied_workers(role: str) -> list[WorkerState]:
 # -- the registry
 
 
-def test_registry_names_every_builtin_by_kind_and_refuses_a_duplicate_name() -> None:
-    assert registry.names("filter") == ["has_room", "healthy", "kv_endpoint"]
-    assert registry.names("scorer") == ["decode_load", "prefill_queue", "prefix_hit"]
-    assert registry.names("picker") == ["max_score", "round_robin"]
-    assert registry.names("pair_scorer") == ["pair_transfer", "tpot_slack", "ttft_slack"]
-    assert registry.names("pair_picker") == ["slo_slack"]
-    assert registry.lookup("picker", "max_score") is MaxScorePicker
+def test_every_builtin_plugin_is_named_by_kind_and_a_duplicate_name_is_refused() -> None:
+    assert plugins.names("filter") == ["has_room", "healthy", "kv_endpoint"]
+    assert plugins.names("scorer") == ["decode_load", "prefill_queue", "prefix_hit"]
+    assert plugins.names("picker") == ["max_score", "round_robin"]
+    assert plugins.names("pair_scorer") == ["pair_transfer", "tpot_slack", "ttft_slack"]
+    assert plugins.names("pair_picker") == ["slo_slack"]
+    assert plugins.lookup("picker", "max_score") is MaxScorePicker
     with pytest.raises(ValueError, match="unknown scorer 'healthy'"):
-        registry.lookup("scorer", "healthy")  # a filter's name is not a scorer
+        plugins.lookup("scorer", "healthy")  # a filter's name is not a scorer
 
     class Again(RoundRobinPicker):
         name = "max_score"
 
     with pytest.raises(ValueError, match="'max_score' is taken"):
-        registry.register(Again)
-    registry.register(MaxScorePicker)  # the same class again is no conflict
+        plugins.register(Again)
+    plugins.register(MaxScorePicker)  # the same class again is no conflict
 
 
 # -- each plugin on its own
 
 
-@pytest.mark.parametrize("name", registry.names("scorer"))
+@pytest.mark.parametrize("name", plugins.names("scorer"))
 def test_every_scorer_scores_every_candidate_in_unit_interval(name: str) -> None:
-    scorer = registry.lookup("scorer", name).create(PolicyContext(MODEL))
+    scorer = plugins.lookup("scorer", name).create(PolicyContext(MODEL))
     for role in ("prefill", "decode"):
         for w in varied_workers(role):
             w.note_assigned(3000)
@@ -83,9 +83,9 @@ def test_every_scorer_scores_every_candidate_in_unit_interval(name: str) -> None
                 assert 0.0 <= scorer.score(request(n), w) <= 1.0, (name, w.url, n)
 
 
-@pytest.mark.parametrize("name", registry.names("pair_scorer"))
+@pytest.mark.parametrize("name", plugins.names("pair_scorer"))
 def test_every_pair_scorer_predicts_each_pair_and_scores_in_unit_interval(name: str) -> None:
-    scorer = registry.lookup("pair_scorer", name).create(PolicyContext(MODEL))
+    scorer = plugins.lookup("pair_scorer", name).create(PolicyContext(MODEL))
     ps, ds = varied_workers("prefill"), varied_workers("decode")
     for prefills in (ps, [None]):
         for req in (request(1), request(4000, ttft_ms=1, tpot_ms=1)):

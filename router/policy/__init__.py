@@ -1,5 +1,5 @@
 """Routing policies: filters -> weighted scorers -> picker per role (or a pair stage), built from
-a configuration (``spec.py``) whose names come from the plugin registry (``registry.py``); the
+a configuration (``spec.py``) whose names come from the plugin registry (``plugins.py``); the
 named presets are in ``presets.py``. ``build_policy(name_or_spec)`` makes one.
 
 The names below load their modules on first use, so reading the presets (the router's command

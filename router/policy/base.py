@@ -5,7 +5,7 @@ A filter returns the workers that may serve the request; a scorer gives each sur
 the pair (goodput: the KV transfer between the two is part of the first token's time), each role
 only filters and a pair stage scores every (prefill, decode) pair and picks one. A policy is a
 configuration of these (``spec.py``); each plugin is one small class, registered by name
-(``registry.py``). Every decision records how long each step took (``Decision.timings_us``, the
+(``plugins.py``). Every decision records how long each step took (``Decision.timings_us``, the
 histogram ``splitserve_router_policy_step_seconds``), so slow plugins show up.
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from splitserve.router.policy.base import Filter, RouteRequest
-from splitserve.router.policy.registry import register
+from splitserve.router.policy.plugins import register
 from splitserve.router.workers import WorkerState
 
 

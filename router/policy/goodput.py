@@ -29,8 +29,8 @@ from splitserve.router.policy.base import (
     SloUnattainable,
 )
 from splitserve.router.policy.latency import LatencyModel
+from splitserve.router.policy.plugins import register
 from splitserve.router.policy.prefix import PrefixIndex
-from splitserve.router.policy.registry import register
 from splitserve.router.policy.transfer import TransferEstimator
 from splitserve.router.workers import WorkerState
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from splitserve.router.policy.base import Picker
-from splitserve.router.policy.registry import register
+from splitserve.router.policy.plugins import register
 from splitserve.router.workers import WorkerState
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from splitserve.router.policy.base import PolicyContext, RouteRequest, Scorer
+from splitserve.router.policy.plugins import register
 from splitserve.router.policy.prefix import PrefixIndex
-from splitserve.router.policy.registry import register
 from splitserve.router.workers import WorkerState
 
 

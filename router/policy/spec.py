@@ -17,7 +17,7 @@ The format (JSON or YAML; ``--policy-config FILE``, or a preset by name)::
     queue: false               # true: wait (bounded, then shed 429) instead of refusing (503)
 
 A plugin is a name, ``{name: weight}``, ``{name: {weight: w, ...arguments}}`` or ``{name: ...,
-weight: ..., ...arguments}``; the names are those of ``registry.py``. With a pair stage the roles
+weight: ..., ...arguments}``; the names are those of ``plugins.py``. With a pair stage the roles
 only filter. Anything unknown is an error, found when the configuration is read.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitserve.router.policy import registry
+from splitserve.router.policy import plugins
 from splitserve.router.policy.base import PairStage, PolicyContext, Stage, StagedPolicy
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.router.policy.presets import PRESETS
@@ -41,7 +41,7 @@ class PluginRef:
     args: tuple[tuple[str, Any], ...] = ()
 
     def build(self, kind: str, ctx: PolicyContext) -> Any:
-        cls = registry.lookup(kind, self.name)
+        cls = plugins.lookup(kind, self.name)
         try:
             return cls.create(ctx, **dict(self.args))
         except TypeError as exc:
