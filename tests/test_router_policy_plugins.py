@@ -313,7 +313,7 @@ def test_admission_wakes_waiters_on_notify_and_times_out_otherwise() -> None:
     asyncio.run(main())
 
 
-def test_policy_step_times_are_a_histogram_per_policy_and_step() -> None:
+def test_policy_step_times_are_a_sampled_histogram_per_policy_and_step() -> None:
     from splitserve.router.metrics import RouterMetrics
 
     metrics = RouterMetrics()
@@ -322,6 +322,9 @@ def test_policy_step_times_are_a_histogram_per_policy_and_step() -> None:
     text = metrics.exposition().decode()
     for step in ("decode.healthy", "pair.ttft_slack", "pair.pick"):
         assert f'splitserve_router_policy_step_seconds_count{{policy="goodput",step="{step}"}} 1.0' in text
+    for _ in range(8):  # sampled: one decision in 8
+        metrics.observe_policy_steps("goodput", d.timings_us)
+    assert 'splitserve_router_policy_step_seconds_count{policy="goodput",step="pair.pick"} 2.0' in metrics.exposition().decode()
 
 
 def test_a_queued_request_asks_the_policy_again_only_when_the_pool_reports() -> None:
