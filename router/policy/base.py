@@ -39,6 +39,10 @@ class RouteRequest:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    def target_ms(self, slo: str) -> float:
+        """The request's target for ``slo``: "ttft" or "tpot"."""
+        return self.slo.ttft_ms if slo == "ttft" else self.slo.tpot_ms
+
     @cached_property
     def block_hashes(self) -> list[bytes]:
         return prompt_block_hashes(self.prompt_token_ids, self.block_size)
@@ -147,7 +151,7 @@ class PairScorer(Plugin, ABC):
 
     def slack(self, req: RouteRequest, predicted_ms: float) -> float:
         """1 - predicted / target: < 0 misses the target (only for ``slo`` scorers)."""
-        return 1.0 - predicted_ms / (req.slo.ttft_ms if self.slo == "ttft" else req.slo.tpot_ms)
+        return 1.0 - predicted_ms / req.target_ms(self.slo)
 
 
 # One pair scorer's predictions, with its weight: (scorer, weight, matrix [i][j]).

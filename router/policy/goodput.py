@@ -149,9 +149,10 @@ class SloSlackPicker(PairPicker):
         slos = [(s, w, m) for s, w, m in predictions if s.slo]
         others = [(s, w, m) for s, w, m in predictions if not s.slo]
         unweighted = all(w == 1.0 for _, w, _ in slos)
+        targets = [req.target_ms(s.slo) for s, _, _ in slos]
         best, best_value = None, float("-inf")
         for i in range(shape[0]):  # row by row: this runs for every request, over every pair
-            slacks = [[1.0 - v / t for v in m[i]] for t, m in ((_target(req, s.slo), m) for s, _, m in slos)]
+            slacks = [[1.0 - v / t for v in m[i]] for (_, _, m), t in zip(slos, targets, strict=True)]
             worst = _elementwise_min(slacks) if slacks else [0.0] * shape[1]
             value = worst if unweighted else _elementwise_min(
                 [[w * x for x in row] for row, (_, w, _) in zip(slacks, slos, strict=True)])
@@ -167,14 +168,10 @@ class SloSlackPicker(PairPicker):
     @staticmethod
     def _unattainable(req: RouteRequest, slos: list[PairPredictions]) -> SloUnattainable:
         lowest = [(s.slo, min(min(row) for row in m)) for s, _, m in slos]
-        misses = [slo for slo, v in lowest if v > _target(req, slo)]
+        misses = [slo for slo, v in lowest if v > req.target_ms(slo)]
         reason = "slo_" + "_".join(misses or [slo for slo, _ in lowest])
-        best = ", ".join(f"{slo.upper()} {v:.1f} ms vs target {_target(req, slo):.1f} ms" for slo, v in lowest)
+        best = ", ".join(f"{slo.upper()} {v:.1f} ms vs target {req.target_ms(slo):.1f} ms" for slo, v in lowest)
         return SloUnattainable(reason, f"no worker pair can meet the latency targets now (best predicted {best})")
-
-
-def _target(req: RouteRequest, slo: str) -> float:
-    return req.slo.ttft_ms if slo == "ttft" else req.slo.tpot_ms
 
 
 def _elementwise_min(rows: list[list[float]]) -> list[float]:
