@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import yaml
+from splitserve.router.policy.presets import POLICIES
 
 GROUP = "splitserve.io"
 VERSION = "v1alpha1"
@@ -25,7 +26,7 @@ SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]  # KServe owns "isvc"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 KV_BACKENDS = ["tcp", "shm", "cuda_ipc", "nixl"]  # what splitserve.kvtransfer registers (a test keeps them equal)
-ROUTER_POLICIES = ["round_robin", "least_loaded", "prefix_aware", "goodput"]  # router/config.py
+ROUTER_POLICIES = list(POLICIES)  # the router's presets: one list of names
 
 Schema = dict[str, Any]
 

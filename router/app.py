@@ -85,7 +85,7 @@ class RouterState:
         self.config_max_len = model_max_len(config.model_dir)
         self.latency_model = LatencyModel.load(config.latency_model_path) if config.latency_model_path else None
         self.metrics = RouterMetrics()
-        self.policy = build_policy(config.policy, self.latency_model)
+        self.policy = build_policy(config.policy_config or config.policy, self.latency_model)
         self.pool: WorkerPool | None = None
         self.serving: Serving | None = None
         self.client: WorkerClient | None = None

@@ -56,9 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--policy",
-        default="round_robin",
+        default=None,
         choices=POLICIES,
-        help="how to pick the worker pair (default round_robin)",
+        help="how to pick the worker pair, by preset (default round_robin)",
+    )
+    p.add_argument(
+        "--policy-config",
+        default=None,
+        metavar="FILE",
+        help="a policy as data instead of a preset: filters, weighted scorers and a picker per role "
+        "(JSON or YAML; format in splitserve/router/policy/spec.py)",
     )
     p.add_argument(
         "--redis-url",
@@ -179,7 +186,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         model_dir=str(args.model),
         prefill_urls=tuple(args.prefill),
         decode_urls=tuple(args.decode),
-        policy=args.policy,
+        **_policy_from_args(args),
         host=args.host,
         port=args.port,
         api_key=api_key_from_args(args),
@@ -206,6 +213,18 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
             keep_alive_timeout_s=args.keep_alive_timeout,
         ),
     )
+
+
+def _policy_from_args(args: argparse.Namespace) -> dict:
+    """``policy`` (and ``policy_config``) for RouterConfig: a preset, or a configuration file."""
+    if args.policy_config is None:
+        return {"policy": args.policy or "round_robin"}
+    if args.policy is not None:
+        raise ValueError("--policy (a preset) and --policy-config (a policy of your own) exclude each other")
+    from splitserve.router.policy.spec import PolicySpec
+
+    spec = PolicySpec.load(args.policy_config)
+    return {"policy": spec.name, "policy_config": spec}
 
 
 def api_key_from_args(args: argparse.Namespace) -> str | None:

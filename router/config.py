@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-POLICIES = ("round_robin", "least_loaded", "prefix_aware", "goodput")
+from splitserve.router.policy.presets import POLICIES
+
+if TYPE_CHECKING:
+    from splitserve.router.policy.spec import PolicySpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class RouterConfig:
     model_dir: str
     prefill_urls: tuple[str, ...] = ()
     decode_urls: tuple[str, ...] = ()
-    policy: str = "round_robin"
+    policy: str = "round_robin"  # a preset's name, or the name of ``policy_config``
+    policy_config: PolicySpec | None = None  # a policy as data (--policy-config), instead of a preset
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = field(default=None, repr=False)  # never in a log line
@@ -98,8 +103,7 @@ class RouterConfig:
                 raise ValueError(f"TLS file {path} does not exist")
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        self._check_policy()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         for name in ("connect_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s", "poll_interval_s"):
@@ -113,3 +117,13 @@ class RouterConfig:
             raise ValueError("need at least one decode worker URL or a redis_url to discover them")
         object.__setattr__(self, "prefill_urls", tuple(u.rstrip("/") for u in self.prefill_urls))
         object.__setattr__(self, "decode_urls", tuple(u.rstrip("/") for u in self.decode_urls))
+
+    def _check_policy(self) -> None:
+        if self.policy_config is None:
+            if self.policy not in POLICIES:
+                raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        elif self.policy_config.name in POLICIES:
+            raise ValueError(f"policy configuration {self.policy_config.name!r} takes a preset's name: "
+                             "give it its own (metrics and logs label decisions by it)")
+        elif self.policy != self.policy_config.name:
+            raise ValueError(f"policy {self.policy!r} is not the configuration's name {self.policy_config.name!r}")

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.router.admission import AdmissionSignal
 from splitserve.router.config import SLO, RouterConfig
 from splitserve.router.errors import RouterError, ShedError, UpstreamError
 from splitserve.router.metrics import RouterMetrics
@@ -95,6 +96,8 @@ class Dispatcher:
         self.config, self.pool, self.client = config, pool, client
         self.policy, self.metrics = policy, metrics
         self.queued = 0
+        self.admission = AdmissionSignal()  # woken by each poll round
+        pool.on_change.add(self.admission.notify)
 
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
         """A pair for ``req``, queueing while the policy says no pair can meet its targets."""
@@ -125,11 +128,12 @@ class Dispatcher:
                         self.metrics.queued.inc()
                     if time.monotonic() >= deadline:
                         self._shed(exc.reason, f"{exc} (waited {self.config.max_queue_ms:.0f} ms)")
-                    await asyncio.sleep(0.01)
+                    await self.admission.wait(deadline - time.monotonic())
                     continue
                 finally:
                     self.metrics.child(self.metrics.decision_seconds, self.policy.name).observe(time.perf_counter() - t0)
                 self.metrics.child(self.metrics.decisions, self.policy.name, "queued" if queued else "routed").inc()
+                self.metrics.observe_policy_steps(self.policy.name, decision.timings_us)
                 return decision
         finally:
             if queued:
@@ -245,11 +249,13 @@ class Dispatcher:
             "decode_kv_endpoint": d.kv_endpoint,
         }
         try:
-            return await self.client.prefill(p.url, body)
+            result = await self.client.prefill(p.url, body)
         except WorkerUnreachable as exc:
             raise _WorkerFailed("prefill", p, str(exc), unreachable=True) from exc
         except WorkerRejected as exc:
             raise _WorkerFailed("prefill", p, f"HTTP {exc.status} {exc.message}", False, exc.status) from exc
+        self.policy.observe_transfer(p.url, d.url, len(spec.prompt_token_ids), result.get("transfer_ms"))
+        return result
 
     @staticmethod
     async def _settle(prefill_task: asyncio.Task) -> None:

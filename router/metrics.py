@@ -19,12 +19,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_STEP_SAMPLE = 8  # policy step times of one decision in this many: enough to find a slow plugin
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
 class RouterMetrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._decisions_seen = 0
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram(
             "splitserve_router_ttft_seconds",
@@ -62,6 +64,14 @@ class RouterMetrics:
             ["policy"],
             registry=r,
             buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05),
+        )
+        self.policy_step_seconds = Histogram(
+            "splitserve_router_policy_step_seconds",
+            f"Time each step of a routing decision took (a role's filter or scoring, a pair scorer, the pick); "
+            f"one decision in {_STEP_SAMPLE}",
+            ["policy", "step"],
+            registry=r,
+            buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 0.01),
         )
         self.shed = Counter(
             "splitserve_router_shed",
@@ -136,6 +146,15 @@ class RouterMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def observe_policy_steps(self, policy: str, timings_us: dict[str, float]) -> None:
+        """One decision's step times (``Decision.timings_us``), for one decision in _STEP_SAMPLE
+        (the first of each run of them): each observation costs about a microsecond."""
+        self._decisions_seen += 1
+        if self._decisions_seen % _STEP_SAMPLE != 1:
+            return
+        for step, us in timings_us.items():
+            self.child(self.policy_step_seconds, policy, step).observe(us * 1e-6)
 
     def observe_sequence(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from splitserve.router.registry import Registry
 from splitserve.router.workers import WorkerClient, WorkerRejected, WorkerState, WorkerUnreachable
@@ -25,6 +26,8 @@ class WorkerPool:
         self.workers: dict[tuple[str, str], WorkerState] = {}
         self._by_role: dict[str, list[WorkerState]] = {}
         self._task: asyncio.Task | None = None
+        # Called after each round (loads, health and membership may have changed): admission.
+        self.on_change: set[Callable[[], None]] = set()
 
     def role(self, role: str) -> list[WorkerState]:
         """The workers of one role (a list kept between membership changes: every request asks,
@@ -57,6 +60,8 @@ class WorkerPool:
                 self.workers[key] = WorkerState(url=info.url, role=info.role, extra=dict(info.extra))
                 self._by_role.clear()
         await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
+        for callback in list(self.on_change):
+            callback()
 
     async def _probe(self, w: WorkerState) -> None:
         try:

@@ -40,8 +40,12 @@ def test_chart_crd_matches_python_source() -> None:
 
 
 def test_router_policies_match_router() -> None:
+    """The CRD's (and so the chart's) policy enum is the router's list of presets, in order."""
     config = pytest.importorskip("splitserve.router.config")
-    assert set(crd.ROUTER_POLICIES) == set(config.POLICIES)
+    from splitserve.router.policy.presets import PRESETS
+
+    enum = crd.spec_schema()["properties"]["router"]["properties"]["policy"]["enum"]
+    assert enum == crd.ROUTER_POLICIES == list(PRESETS) == list(config.POLICIES)
 
 
 def test_defaults_fill_like_the_api_server() -> None:

@@ -1,79 +1,45 @@
-"""Routing policies: ``build_policy(name)`` turns a policy name into its configured plugins."""
+"""Routing policies: filters -> weighted scorers -> picker per role (or a pair stage), built from
+a configuration (``spec.py``) whose names come from the plugin registry (``plugins.py``); the
+named presets are in ``presets.py``. ``build_policy(name_or_spec)`` makes one.
+
+The names below load their modules on first use, so reading the presets (the router's command
+line, its configuration, the CRD) imports no plugin.
+"""
 
 from __future__ import annotations
 
-from splitserve.router.policy.base import (
-    Decision,
-    NoCandidate,
-    Policy,
-    RouteRequest,
-    SloUnattainable,
-    StagedPolicy,
-)
-from splitserve.router.policy.latency import LatencyModel
-from splitserve.router.policy.prefix import PrefixIndex
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Decision",
-    "LatencyModel",
-    "NoCandidate",
-    "Policy",
-    "RouteRequest",
-    "SloUnattainable",
-    "build_policy",
-]
+if TYPE_CHECKING:
+    from splitserve.router.policy.base import Policy
+    from splitserve.router.policy.latency import LatencyModel
+    from splitserve.router.policy.spec import PolicySpec
 
+_WHERE = {
+    "Decision": "base",
+    "NoCandidate": "base",
+    "Policy": "base",
+    "RouteRequest": "base",
+    "SloUnattainable": "base",
+    "StagedPolicy": "base",
+    "LatencyModel": "latency",
+    "POLICIES": "presets",
+    "PolicySpec": "spec",
+}
 
-class PrefixAwarePolicy(StagedPolicy):
-    """Prefill by prefix hit (plus a little load, to break ties and avoid piling on one worker),
-    decode by load; remembers where each prompt's blocks went."""
-
-    def __init__(self, prefill, decode, index: PrefixIndex) -> None:  # noqa: ANN001
-        super().__init__("prefix_aware", prefill, decode)
-        self.index = index
-
-    def on_routed(self, req: RouteRequest, decision: Decision) -> None:
-        if decision.prefill is not None:
-            self.index.record(req.block_hashes, decision.prefill.url)
+__all__ = [*_WHERE, "build_policy"]
 
 
-def build_policy(name: str, latency_model: LatencyModel | None = None) -> Policy:
-    from splitserve.router.policy.base import MaxScorePicker, RoundRobinPicker, Stage
-    from splitserve.router.policy.filters import HasKVEndpoint, HasRoom, Healthy
-    from splitserve.router.policy.goodput import GoodputPolicy
-    from splitserve.router.policy.scorers import (
-        DecodeLoadScorer,
-        PrefillQueueScorer,
-        PrefixHitScorer,
-    )
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
-    def decode_filters() -> list:
-        return [Healthy(), HasKVEndpoint(), HasRoom()]
 
-    if name == "round_robin":
-        return StagedPolicy(
-            name,
-            Stage("prefill", [Healthy()], [], RoundRobinPicker()),
-            Stage("decode", decode_filters(), [], RoundRobinPicker()),
-        )
-    if name == "least_loaded":
-        return StagedPolicy(
-            name,
-            Stage("prefill", [Healthy()], [(PrefillQueueScorer(), 1.0)], MaxScorePicker()),
-            Stage("decode", decode_filters(), [(DecodeLoadScorer(), 1.0)], MaxScorePicker()),
-        )
-    if name == "prefix_aware":
-        index = PrefixIndex()
-        return PrefixAwarePolicy(
-            Stage(
-                "prefill",
-                [Healthy()],
-                [(PrefixHitScorer(index), 1.0), (PrefillQueueScorer(), 0.3)],
-                MaxScorePicker(),
-            ),
-            Stage("decode", decode_filters(), [(DecodeLoadScorer(), 1.0)], MaxScorePicker()),
-            index,
-        )
-    if name == "goodput":
-        return GoodputPolicy(latency_model or LatencyModel())
-    raise ValueError(f"unknown policy {name!r} (round_robin, least_loaded, prefix_aware, goodput)")
+def build_policy(name: str | PolicySpec, latency_model: LatencyModel | None = None) -> Policy:
+    """A fresh policy from a preset's name (``POLICIES``) or a configuration."""
+    from splitserve.router.policy.spec import build
+
+    return build(name, latency_model)

@@ -1,21 +1,27 @@
 """The routing interface: filters -> scorers -> weighted sum -> picker, per role.
 
 A filter returns the workers that may serve the request; a scorer gives each survivor a value in
-[0, 1]; a stage adds the weighted scores and its picker chooses one. A policy is a configuration
-of stages (or, for goodput, a pair-wise rule); each plugin is one small class. Every decision
-records how long each step took, so slow plugins show up.
+[0, 1]; a stage adds the weighted scores and its picker chooses one. Where the choice depends on
+the pair (goodput: the KV transfer between the two is part of the first token's time), each role
+only filters and a pair stage scores every (prefill, decode) pair and picks one. A policy is a
+configuration of these (``spec.py``); each plugin is one small class, registered by name
+(``plugins.py``). Every decision records how long each step took (``Decision.timings_us``, the
+histogram ``splitserve_router_policy_step_seconds``), so slow plugins show up.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from splitserve.engine.prefix_hash import prompt_block_hashes
 from splitserve.router.config import SLO
+from splitserve.router.policy.latency import LatencyModel
+from splitserve.router.policy.prefix import PrefixIndex
+from splitserve.router.policy.transfer import TransferEstimator
 from splitserve.router.workers import WorkerState
 
 
@@ -32,6 +38,10 @@ class RouteRequest:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def target_ms(self, slo: str) -> float:
+        """The request's target for ``slo``: "ttft" or "tpot"."""
+        return self.slo.ttft_ms if slo == "ttft" else self.slo.tpot_ms
 
     @cached_property
     def block_hashes(self) -> list[bytes]:
@@ -64,49 +74,97 @@ class SloUnattainable(Exception):
         self.reason = reason
 
 
-class Filter(ABC):
-    name = "filter"
+class PolicyContext:
+    """What plugins of one policy share: the latency model, the prefix index (made when a
+    plugin first asks, so policies that ignore prefixes do not hash prompts) and the per-pair
+    transfer estimates."""
+
+    def __init__(self, model: LatencyModel | None = None) -> None:
+        self.model = model or LatencyModel()
+        self.transfers = TransferEstimator(self.model)
+        self._prefix: PrefixIndex | None = None
+
+    @property
+    def prefix(self) -> PrefixIndex:
+        if self._prefix is None:
+            self._prefix = PrefixIndex()
+        return self._prefix
+
+    @property
+    def uses_prefix(self) -> bool:
+        return self._prefix is not None
+
+
+class Plugin:
+    """One named step of a policy; ``create`` builds it from a configuration's arguments."""
+
+    kind = "plugin"
+    name = "plugin"
+
+    @classmethod
+    def create(cls, ctx: PolicyContext, **args: Any) -> Plugin:
+        return cls(**args)
+
+
+class Filter(Plugin, ABC):
+    kind = "filter"
+    # Set when running out is temporary (e.g. KV room): a queueing policy waits instead of 503.
+    shortage: tuple[str, str] | None = None  # (shed reason, message)
 
     @abstractmethod
     def apply(self, req: RouteRequest, workers: list[WorkerState]) -> list[WorkerState]:
         """The subset of ``workers`` that may serve ``req``."""
 
 
-class Scorer(ABC):
-    name = "scorer"
+class Scorer(Plugin, ABC):
+    kind = "scorer"
 
     @abstractmethod
     def score(self, req: RouteRequest, worker: WorkerState) -> float:
         """How good ``worker`` is for ``req``, in [0, 1] (higher is better)."""
 
 
-class Picker(ABC):
+class Picker(Plugin, ABC):
+    kind = "picker"
+
     @abstractmethod
     def pick(self, scored: list[tuple[WorkerState, float]]) -> WorkerState:
         """Choose one of the (non-empty) scored candidates."""
 
 
-class RoundRobinPicker(Picker):
-    """Ignores scores: cycles through candidates (by URL order, so it is stable as sets change)."""
+class PairScorer(Plugin, ABC):
+    """Scores (prefill, decode) pairs from a prediction in ms. With ``slo`` set ("ttft" or
+    "tpot") the prediction must stay within the request's target of that name."""
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
+    kind = "pair_scorer"
+    slo: str | None = None
 
-    def pick(self, scored: list[tuple[WorkerState, float]]) -> WorkerState:
-        ordered = sorted(scored, key=lambda ws: ws[0].url)
-        return ordered[next(self._counter) % len(ordered)][0]
+    @abstractmethod
+    def predict_ms(self, req: RouteRequest, prefills: list[WorkerState | None],
+                   decodes: list[WorkerState]) -> list[list[float]]:
+        """The prediction for every pair: ``[i][j]`` for ``prefills[i]`` with ``decodes[j]``
+        (``prefills`` is ``[None]`` when decode computes the prompt)."""
+
+    @abstractmethod
+    def score(self, req: RouteRequest, predicted_ms: float) -> float:
+        """How good a pair with this prediction is, in [0, 1] (higher is better)."""
+
+    def slack(self, req: RouteRequest, predicted_ms: float) -> float:
+        """1 - predicted / target: < 0 misses the target (only for ``slo`` scorers)."""
+        return 1.0 - predicted_ms / req.target_ms(self.slo)
 
 
-class MaxScorePicker(Picker):
-    """Highest score; ties (within 1e-9) are broken round robin so equal workers share work."""
+# One pair scorer's predictions, with its weight: (scorer, weight, matrix [i][j]).
+PairPredictions = tuple[PairScorer, float, list[list[float]]]
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
 
-    def pick(self, scored: list[tuple[WorkerState, float]]) -> WorkerState:
-        best = max(s for _, s in scored)
-        top = sorted((w for w, s in scored if s >= best - 1e-9), key=lambda w: w.url)
-        return top[next(self._counter) % len(top)]
+class PairPicker(Plugin, ABC):
+    kind = "pair_picker"
+
+    @abstractmethod
+    def pick(self, req: RouteRequest, predictions: list[PairPredictions], shape: tuple[int, int]) -> tuple[int, int]:
+        """``(i, j)``: the chosen pair of a ``shape[0]`` x ``shape[1]`` grid; raises
+        SloUnattainable when no pair will do."""
 
 
 @dataclass
@@ -116,9 +174,12 @@ class Stage:
     role: str
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
-    picker: Picker
+    picker: Picker | None  # None in a policy with a pair stage: the role only filters
 
-    def select(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float]) -> WorkerState:
+    def filter(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float],
+               queue: bool = False) -> list[WorkerState]:
+        """The workers that pass every filter; NoCandidate when none does (SloUnattainable when
+        ``queue`` and the filter that emptied the list reports a temporary shortage)."""
         if not workers:
             raise NoCandidate(self.role, "none registered")
         candidates = workers
@@ -127,11 +188,42 @@ class Stage:
             candidates = f.apply(req, candidates)
             timings[f"{self.role}.{f.name}"] = (time.perf_counter() - t0) * 1e6
             if not candidates:
+                if queue and f.shortage is not None:
+                    raise SloUnattainable(*f.shortage)
                 raise NoCandidate(self.role, f"all {len(workers)} filtered out by '{f.name}'")
+        return candidates
+
+    def select(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float]) -> WorkerState:
+        candidates = self.filter(req, workers, timings)
         t0 = time.perf_counter()
         scored = [(w, sum(wt * s.score(req, w) for s, wt in self.scorers)) for w in candidates]
         timings[f"{self.role}.score"] = (time.perf_counter() - t0) * 1e6
         return self.picker.pick(scored)
+
+
+@dataclass
+class PairStage:
+    """Weighted pair scorers and a pair picker: chooses prefill and decode together, after each
+    role's filters, for rules that depend on the pair (time to first token includes the KV
+    transfer between the two)."""
+
+    scorers: list[tuple[PairScorer, float]]
+    picker: PairPicker
+
+    def select(self, req: RouteRequest, prefills: list[WorkerState | None], decodes: list[WorkerState],
+               timings: dict[str, float]) -> tuple[WorkerState | None, WorkerState, dict[str, float]]:
+        """The chosen pair and each ``slo`` scorer's prediction for it (by SLO name)."""
+        ps = sorted(prefills, key=lambda w: w.url if w else "")
+        ds = sorted(decodes, key=lambda w: w.url)
+        predictions: list[PairPredictions] = []
+        for scorer, weight in self.scorers:
+            t0 = time.perf_counter()
+            predictions.append((scorer, weight, scorer.predict_ms(req, ps, ds)))
+            timings[f"pair.{scorer.name}"] = (time.perf_counter() - t0) * 1e6
+        t0 = time.perf_counter()
+        i, j = self.picker.pick(req, predictions, (len(ps), len(ds)))
+        timings["pair.pick"] = (time.perf_counter() - t0) * 1e6
+        return ps[i], ds[j], {s.slo: m[i][j] for s, _, m in predictions if s.slo}
 
 
 class Policy(ABC):
@@ -145,15 +237,44 @@ class Policy(ABC):
         """Called once the request is sent (e.g. to remember where a prefix went)."""
         return None
 
+    def observe_transfer(self, prefill_url: str, decode_url: str, tokens: int, measured_ms: float | None) -> None:
+        """A prefill worker's answer measured the KV transfer to ``decode_url`` (ms past its
+        compute; None when it did not say)."""
+        return None
+
 
 class StagedPolicy(Policy):
-    """Chooses the prefill and the decode worker independently, one stage each."""
+    """A policy as configuration: each role's stage (filters, weighted scorers, picker), or, with
+    a pair stage, each role's filters and then one choice of the pair.
 
-    def __init__(self, name: str, prefill: Stage, decode: Stage) -> None:
+    ``queue``: when no pair can meet the targets now (or a temporary shortage such as KV room),
+    say so (SloUnattainable: the dispatcher queues, then sheds) rather than refuse (503)."""
+
+    def __init__(self, name: str, prefill: Stage, decode: Stage, pair: PairStage | None = None,
+                 ctx: PolicyContext | None = None, queue: bool = False) -> None:
         self.name, self.prefill_stage, self.decode_stage = name, prefill, decode
+        self.pair_stage, self.ctx, self.queue = pair, ctx or PolicyContext(), queue
+
+    @property
+    def prefix(self) -> PrefixIndex:
+        return self.ctx.prefix
 
     def pick(self, req: RouteRequest, prefills: list[WorkerState], decodes: list[WorkerState]) -> Decision:
         timings: dict[str, float] = {}
-        d = self.decode_stage.select(req, decodes, timings)
-        p = self.prefill_stage.select(req, prefills, timings) if req.with_prefill else None
-        return Decision(p, d, self.name, timings_us=timings)
+        if self.pair_stage is None:
+            d = self.decode_stage.select(req, decodes, timings)
+            p = self.prefill_stage.select(req, prefills, timings) if req.with_prefill else None
+            return Decision(p, d, self.name, timings_us=timings)
+        ds = self.decode_stage.filter(req, decodes, timings, self.queue)
+        ps: list[WorkerState | None] = [None]
+        if req.with_prefill:
+            ps = list(self.prefill_stage.filter(req, prefills, timings, self.queue))
+        p, d, predicted = self.pair_stage.select(req, ps, ds, timings)
+        return Decision(p, d, self.name, predicted.get("ttft"), predicted.get("tpot"), timings)
+
+    def on_routed(self, req: RouteRequest, decision: Decision) -> None:
+        if decision.prefill is not None and self.ctx.uses_prefix:
+            self.ctx.prefix.record(req.block_hashes, decision.prefill.url)
+
+    def observe_transfer(self, prefill_url: str, decode_url: str, tokens: int, measured_ms: float | None) -> None:
+        self.ctx.transfers.observe(prefill_url, decode_url, tokens, measured_ms)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from splitserve.router.policy.base import Filter, RouteRequest
+from splitserve.router.policy.plugins import register
 from splitserve.router.workers import WorkerState
 
 
+@register
 class Healthy(Filter):
     """Workers whose last poll succeeded, that no request has found dead since, and that are
     not draining (their running sequences finish; nothing new goes there)."""
@@ -16,6 +18,7 @@ class Healthy(Filter):
         return [w for w in workers if w.healthy and not (w.load and w.load.draining)]
 
 
+@register
 class HasKVEndpoint(Filter):
     """Decode workers that told us where to send their KV (needed to pair with a prefill)."""
 
@@ -27,6 +30,7 @@ class HasKVEndpoint(Filter):
         return [w for w in workers if w.kv_endpoint]
 
 
+@register
 class HasRoom(Filter):
     """Decode workers with enough free KV blocks for the prompt (and the first token).
 
@@ -35,6 +39,7 @@ class HasRoom(Filter):
     """
 
     name = "has_room"
+    shortage = ("no_kv_room", "every decode worker is out of KV blocks for this prompt")
 
     def apply(self, req: RouteRequest, workers: list[WorkerState]) -> list[WorkerState]:
         out = []

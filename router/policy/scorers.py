@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from splitserve.router.policy.base import RouteRequest, Scorer
+from typing import Any
+
+from splitserve.router.policy.base import PolicyContext, RouteRequest, Scorer
+from splitserve.router.policy.plugins import register
 from splitserve.router.policy.prefix import PrefixIndex
 from splitserve.router.workers import WorkerState
 
 
+@register
 class PrefillQueueScorer(Scorer):
     """Fewer queued prompt tokens is better: 1 / (1 + queued / scale)."""
 
@@ -22,6 +26,7 @@ class PrefillQueueScorer(Scorer):
         return 1.0 / (1.0 + queued / self.scale + waiting)
 
 
+@register
 class DecodeLoadScorer(Scorer):
     """Fewer running sequences and more free KV blocks is better (equal weights)."""
 
@@ -34,6 +39,7 @@ class DecodeLoadScorer(Scorer):
         return 0.5 / (1.0 + seqs) + 0.5 * free
 
 
+@register
 class PrefixHitScorer(Scorer):
     """Fraction of the prompt's cacheable blocks the worker probably holds."""
 
@@ -41,6 +47,10 @@ class PrefixHitScorer(Scorer):
 
     def __init__(self, index: PrefixIndex) -> None:
         self.index = index
+
+    @classmethod
+    def create(cls, ctx: PolicyContext, **args: Any) -> PrefixHitScorer:
+        return cls(ctx.prefix, **args)
 
     def score(self, req: RouteRequest, worker: WorkerState) -> float:
         hashes = req.block_hashes
