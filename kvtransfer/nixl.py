@@ -222,11 +222,13 @@ class NixlSource(LayerSource):
     """Receiver side of one transfer: grants the blocks, waits for every layer's notification
     after the last note, and on failure waits until the sender stopped writing."""
 
-    def __init__(self, receiver: NixlReceiver, hello: dict[str, Any], nbytes: int) -> None:
+    def __init__(self, receiver: SocketReceiver, registration: CacheRegistration,
+                 hello: dict[str, Any], nbytes: int) -> None:
         peer = hello.get("nixl")
         if not isinstance(peer, dict) or not isinstance(peer.get("agent"), str):
             raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks nixl {agent}")
         self._receiver = receiver
+        self._registration = registration
         self._peer = peer
         self._num_layers = receiver.spec.num_layers
         self._tag = uuid.uuid4().hex
@@ -240,8 +242,8 @@ class NixlSource(LayerSource):
         rx = self._receiver
         if rx.kv_cache.is_cuda:  # our own kernels on these blocks finish before the WRITEs
             torch.cuda.current_stream(rx.kv_cache.device).synchronize()
-        self._inbox = rx.notifications.open(self._tag)
-        grant = {"nixl": {**rx.grant_fields, "tag": self._tag}, "blocks": writer.blocks,
+        self._inbox = self._registration.notifications.open(self._tag)
+        grant = {"nixl": {**self._registration.grant_fields, "tag": self._tag}, "blocks": writer.blocks,
                  "block_size": rx.spec.block_size, "num_blocks": rx.kv_cache.shape[2]}
         with self._lock:
             send_frame(sock, FrameType.CREDIT, grant)
@@ -298,7 +300,7 @@ class NixlSource(LayerSource):
             if self._give_up is not None:
                 self._give_up.cancel()
         if self._inbox is not None:
-            self._receiver.notifications.forget(self._tag)
+            self._registration.notifications.forget(self._tag)
             self._inbox = None
 
     def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
@@ -322,6 +324,22 @@ class NixlReceiver(SocketReceiver):
 
     def __init__(self, spec: KVSpec, kv_cache: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         check_cache(spec, kv_cache)
+        self.registration = CacheRegistration(kv_cache)
+        super().__init__(spec, kv_cache, *args, **kwargs)
+
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        return NixlSource(self, self.registration, hello, nbytes)
+
+    def close(self) -> None:
+        super().close()
+        self.registration.close()
+
+
+class CacheRegistration:
+    """A receiver's paged cache registered with its own NIXL agent (once), what a grant tells
+    senders about it, and the thread that reads the agent's notifications."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
         self.agent = make_agent("rx")
         self._registered = self.agent.register_memory(kv_cache)
         mem, device = mem_type(kv_cache)
@@ -330,13 +348,8 @@ class NixlReceiver(SocketReceiver):
             "metadata": base64.b64encode(self.agent.get_agent_metadata()).decode("ascii"),
         }
         self.notifications = _Notifications(self.agent)
-        super().__init__(spec, kv_cache, *args, **kwargs)
-
-    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
-        return NixlSource(self, hello, nbytes)
 
     def close(self) -> None:
-        super().close()
         self.notifications.close()
 
 

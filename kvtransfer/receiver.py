@@ -39,6 +39,8 @@ from splitserve.trust import InternalSecret
 from . import auth, metrics
 from .base import FailureReason, KVReceiver, KVSpec, TransferError, TransferResult, TransferState
 from .layout import PagedWriter, check_cache
+from .metrics import report_choice
+from .negotiate import Offer, choose, host_identity
 from .wire import (
     Frame,
     FrameType,
@@ -112,6 +114,7 @@ class _Entry:
     lanes_open: int = 0  # lane handlers that may still write into the blocks
     lanes_done: int = 0  # lanes that delivered all their layers
     source: LayerSource | None = None  # the first connection's, once ACCEPT went out
+    backend: str = ""  # the sender's (a negotiating receiver serves several): metrics' label
 
 
 class SocketReceiver(KVReceiver):
@@ -176,6 +179,18 @@ class SocketReceiver(KVReceiver):
     @abstractmethod
     def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
         """The layer source for one connection, from the sender's HELLO (raise TransferError)."""
+
+    def check_spec(self, theirs: KVSpec) -> None:
+        """Refuse a sender whose spec does not match ours (TransferError naming the fields)."""
+        self.spec.check_compatible(theirs)
+
+    def offer(self) -> Offer:
+        """What this receiver can do, for a negotiating sender: its own backend only."""
+        return Offer((self.backend,), host_identity(), bool(self.kv_cache.is_cuda), self.backend)
+
+    def prepare(self, backend: str) -> None:
+        """Called when a peer's offer picked ``backend``, before the answer goes out."""
+        return None
 
     # ----------------------------------------------------------------- public API
     @property
@@ -423,7 +438,10 @@ class SocketReceiver(KVReceiver):
         request_id = "?"
         try:
             tune_socket(conn, self.io_timeout)
-            first = expect_frame(conn, FrameType.HELLO, FrameType.JOIN)
+            first = expect_frame(conn, FrameType.HELLO, FrameType.JOIN, FrameType.OFFER)
+            if first.type == FrameType.OFFER:
+                self._answer_offer(conn, first.meta)
+                return
             hello = first.meta
             request_id = str(hello.get("request_id", "?"))
             self._authenticate(conn, first, request_id)
@@ -455,6 +473,18 @@ class SocketReceiver(KVReceiver):
                 self.reject(request_id, err.reason, err.message)
             raise
 
+    def _answer_offer(self, conn: socket.socket, meta: dict[str, Any]) -> None:
+        """A negotiating sender's question: answer with our offer; both ends then choose."""
+        try:
+            peer = Offer.from_dict(meta.get("offer") or {})
+        except (TypeError, ValueError) as exc:
+            raise TransferError(FailureReason.PROTOCOL_ERROR, str(exc)) from exc
+        mine = self.offer()
+        choice = choose(mine, peer)
+        self.prepare(choice.backend)
+        send_frame(conn, FrameType.OFFER, {"offer": mine.to_dict()})
+        report_choice("receive", _peer_host(conn), choice, peer)
+
     def _handshake(self, conn: socket.socket, hello: dict[str, Any]) -> _Entry:
         request_id = hello.get("request_id")
         num_tokens = hello.get("num_tokens")
@@ -468,7 +498,7 @@ class SocketReceiver(KVReceiver):
                     FailureReason.PROTOCOL_ERROR, f"bad spec in HELLO: {exc}"
                 ) from exc
             try:
-                self.spec.check_compatible(theirs)
+                self.check_spec(theirs)
             except TransferError as err:
                 self.reject(request_id, err.reason, err.message)  # fail it now or when expected
                 raise
@@ -514,6 +544,7 @@ class SocketReceiver(KVReceiver):
         streams = hello.get("streams", 1)
         if not isinstance(streams, int) or not 1 <= streams <= min(16, self.spec.num_layers):
             raise TransferError(FailureReason.PROTOCOL_ERROR, f"bad streams {streams!r}")
+        entry.backend = str(hello["spec"]["backend"])  # checked by the handshake
         source = self.open_source(hello, nbytes)
         try:
             with self._cond:
@@ -547,7 +578,7 @@ class SocketReceiver(KVReceiver):
             if abort is None:
                 entry.state = TransferState.DONE
                 self._release_locked(entry)
-                metrics.record_success("receive", self.backend, seconds)
+                metrics.record_success("receive", entry.backend, seconds)
                 entry.future.set_result(result)
         if abort is not None:
             raise abort
@@ -572,7 +603,7 @@ class SocketReceiver(KVReceiver):
                 source.release(conn, frame)
         finally:  # once per transfer (see SocketSender._stream_layers)
             if count:
-                metrics.record_bytes("receive", self.backend, nbytes * count)
+                metrics.record_bytes("receive", entry.backend or self.backend, nbytes * count)
 
     def _wait_for_lanes(self, entry: _Entry) -> None:
         """After END: every extra connection must have delivered its layers."""
@@ -671,6 +702,13 @@ def _send_error(conn: socket.socket, err: TransferError) -> None:
         send_frame(conn, FrameType.ERROR, error_meta(err))
     except OSError as exc:  # the sender is gone; nobody left to tell
         log.debug("could not send ERROR to sender of %s: %s", err.request_id, exc)
+
+
+def _peer_host(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _shutdown(conn: socket.socket, how: int) -> None:

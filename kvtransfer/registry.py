@@ -37,14 +37,20 @@ def available_backends() -> list[str]:
     return list(_BACKENDS)
 
 
-def _load(name: str, role: str, spec: KVSpec) -> type:
+def backend_class(name: str, role: str) -> type:
+    """The ``role`` ("sender" or "receiver") class of backend ``name``, imported now."""
     entry = _BACKENDS.get(name)
     if entry is None:
         raise ValueError(f"unknown KV transfer backend {name!r}; known: {available_backends()}")
-    if spec.backend != name:
-        raise ValueError(f"KVSpec.backend is {spec.backend!r} but backend {name!r} was requested")
     module = importlib.import_module(entry.module)
     return getattr(module, getattr(entry, role))
+
+
+def _load(name: str, role: str, spec: KVSpec) -> type:
+    cls = backend_class(name, role)
+    if spec.backend != name:
+        raise ValueError(f"KVSpec.backend is {spec.backend!r} but backend {name!r} was requested")
+    return cls
 
 
 def create_sender(name: str, spec: KVSpec, **kwargs: Any) -> KVSender:
@@ -64,3 +70,5 @@ register_backend("tcp", "splitserve.kvtransfer.tcp", "TCPSender", "TCPReceiver")
 register_backend("shm", "splitserve.kvtransfer.shm", "ShmSender", "ShmReceiver")
 register_backend("cuda_ipc", "splitserve.kvtransfer.cuda_ipc", "CudaIpcSender", "CudaIpcReceiver")
 register_backend("nixl", "splitserve.kvtransfer.nixl", "NixlSender", "NixlReceiver")
+# negotiates one of the above per peer (auto.py); the workers' default
+register_backend("auto", "splitserve.kvtransfer.auto", "AutoSender", "AutoReceiver")

@@ -19,6 +19,10 @@ Conversation (sender -> receiver unless marked <-)::
     <- DONE {bytes}
     Either side may send ERROR at any point and close.
 
+Before its first transfer to a receiver, a negotiating sender (``auto.py``) asks on a connection
+of its own: OFFER {offer} -> <- OFFER {offer}; both ends then pick the backend from the two
+offers (``negotiate.choose``), and the HELLO's spec names it.
+
 With ``streams: N`` in HELLO the sender opens N-1 more connections after ACCEPT, each starting
 with JOIN {request_id, stream: k} (<- ACCEPT), and sends layer i on connection i % N; END and
 DONE stay on the first connection.
@@ -60,6 +64,7 @@ class FrameType(enum.IntEnum):
     JOIN = 8
     CHALLENGE = 9  # receiver -> sender: its nonce and proof of the secret (auth.py)
     AUTH = 10  # sender -> receiver: its proof of the secret
+    OFFER = 11  # either way, alone on a connection: what an end can do (negotiate.py)
 
 
 class PeerClosed(ConnectionError):

@@ -236,7 +236,8 @@ def test_dropped_connection_mid_layer_fails_fast(backend, receiver_factory):
     rx = receiver_factory(spec)
     fut = rx.expect("drop", 8, [0, 1], timeout=30)
     sock = socket.create_connection(tuple(rx.endpoint.rsplit(":", 1)), timeout=5)
-    hello = {"request_id": "drop", "spec": spec.to_dict(), "num_tokens": 8, "meta": {}}
+    wire_spec = make_spec("tcp") if backend == "auto" else spec  # HELLO names a real backend
+    hello = {"request_id": "drop", "spec": wire_spec.to_dict(), "num_tokens": 8, "meta": {}}
     sink = None
     if backend in ("shm", "cuda_ipc", "nixl"):  # the receiver needs a segment, GPU ring, agent
         sink = create_sender(backend, spec).open_sink(spec.layer_nbytes(8))
@@ -367,6 +368,11 @@ def test_slow_receiver_bounds_sender_buffering(backend):
 
     def serve() -> None:
         conn, _ = server.accept()
+        if backend == "auto":  # answer the offer; the HELLO comes on the next connection
+            with conn:
+                offer = expect_frame(conn, FrameType.OFFER).meta
+                send_frame(conn, FrameType.OFFER, offer)  # the same abilities: no GPU path
+            conn, _ = server.accept()
         with conn:
             expect_frame(conn, FrameType.HELLO)
             send_frame(conn, FrameType.ACCEPT)
@@ -402,8 +408,13 @@ def test_thousand_failed_transfers_leak_nothing(backend, receiver_factory):
     bad = make_spec(backend, model_fingerprint="old-gen")
     rx = receiver_factory(spec, registration_wait=0.2)
     tx, bad_tx = create_sender(backend, spec), create_sender(backend, bad)
-    threads, fds = threading.active_count(), _open_fds()
     kv, bad_kv = layers(spec, 4), layers(bad, 4)
+    warm = rx.expect("warm", 4, [0], timeout=10)  # the receiver's spare thread; auto's
+    tx.send("warm", rx.endpoint, kv, 1)                # offers and backend senders
+    warm.result(timeout=2)
+    with pytest.raises(TransferError):
+        bad_tx.send("warm-bad", rx.endpoint, bad_kv, 1)
+    threads, fds = threading.active_count(), _open_fds()
     for i in range(1000):
         rid = f"f{i}"
         kind = i % 4
@@ -444,26 +455,32 @@ def test_metrics_count_bytes_outcomes_and_reasons(backend, receiver_factory):
     def value(name: str, **labels) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
+    rx = receiver_factory(spec)
+    carrier = backend  # what moved the bytes; a failure before any sender is the receiver's
+    if backend == "auto":
+        from splitserve.kvtransfer.auto import local_offer
+        from splitserve.kvtransfer.negotiate import choose
+
+        carrier = choose(local_offer("auto", torch.cuda.is_available()), rx.offer()).backend
     before = {
-        "bytes": value("splitserve_kv_bytes_total", side="receive", backend=backend),
-        "ok": value("splitserve_kv_transfers_total", side="send", backend=backend, outcome="ok"),
+        "bytes": value("splitserve_kv_bytes_total", side="receive", backend=carrier),
+        "ok": value("splitserve_kv_transfers_total", side="send", backend=carrier, outcome="ok"),
         "timeout": value("splitserve_kv_failures_total", side="receive", backend=backend,
                          reason="timeout"),
-        "hist": value("splitserve_kv_transfer_seconds_count", side="receive", backend=backend),
+        "hist": value("splitserve_kv_transfer_seconds_count", side="receive", backend=carrier),
     }
-    rx = receiver_factory(spec)
     fut = rx.expect("m", 5, [0, 1], timeout=10)
-    with create_sender(backend, spec) as tx:
+    with create_sender(spec.backend, spec) as tx:
         tx.send("m", rx.endpoint, layers(spec, 5), 1)
     fut.result(timeout=5)
     failure(rx.expect("m2", 4, [2], timeout=0.1))
-    assert value("splitserve_kv_bytes_total", side="receive", backend=backend) - before["bytes"] \
+    assert value("splitserve_kv_bytes_total", side="receive", backend=carrier) - before["bytes"] \
         == spec.layer_nbytes(5) * LAYERS
-    assert value("splitserve_kv_transfers_total", side="send", backend=backend, outcome="ok") \
+    assert value("splitserve_kv_transfers_total", side="send", backend=carrier, outcome="ok") \
         == before["ok"] + 1
     assert value("splitserve_kv_failures_total", side="receive", backend=backend,
                  reason="timeout") == before["timeout"] + 1
-    assert value("splitserve_kv_transfer_seconds_count", side="receive", backend=backend) \
+    assert value("splitserve_kv_transfer_seconds_count", side="receive", backend=carrier) \
         == before["hist"] + 1
 
 

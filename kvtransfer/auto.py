@@ -1,0 +1,249 @@
+"""The negotiating backend ("auto"): each pair of workers uses the fastest backend both support.
+
+A worker's ``--kv-backend`` (default "auto") becomes the ``requested`` of its offer
+(``negotiate.py`` has the rule); a named backend is honoured where the peer can do it too, and
+otherwise the pair falls back to tcp with a warning.
+
+Sender: before the first transfer to a receiver endpoint it sends OFFER on a connection of its
+own and reads the receiver's OFFER; both ends compute the same choice. The choice is kept per
+endpoint and asked again after a transfer to it fails with a lost connection or an unavailable
+backend (the peer may have restarted with other abilities). Each transfer then runs on the
+chosen backend's own sender, made on first use, whose HELLO names that backend.
+
+Receiver: one listening endpoint serves HELLOs of every backend it offers, each with that
+backend's own layer source; what a backend needs once per receiver (the CUDA IPC share of the
+cache; the NIXL agent with the cache registered) is made when it is offered or, for nixl, when a
+peer first picks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from splitserve.trust import InternalSecret
+
+from . import metrics
+from .base import FailureReason, FirstToken, KVSender, KVSpec, TransferError, TransferResult
+from .layout import check_cache
+from .negotiate import AUTO, FALLBACK, Choice, Offer, choose, host_identity, offered
+from .receiver import LayerSource, SocketReceiver
+from .registry import available_backends, backend_class
+from .wire import FrameType, expect_frame, parse_endpoint, send_frame, tune_socket
+
+log = logging.getLogger(__name__)
+
+RENEGOTIATE = (FailureReason.CONNECTION_LOST, FailureReason.BACKEND_UNAVAILABLE)
+
+
+def _renegotiate(err: TransferError) -> bool:
+    """Whether a failure may mean that the peer's abilities changed (it restarted)."""
+    return err.reason in RENEGOTIATE or (
+        err.reason == FailureReason.HANDSHAKE_MISMATCH and "backend" in (err.field or ""))
+
+
+def usable_backends(gpu: bool) -> list[str]:
+    """The backends this process can run: tcp and shm always (Linux), cuda_ipc with a GPU,
+    nixl where its package imports."""
+    from .nixl import nixl_api
+
+    usable = [FALLBACK, "shm"]
+    if gpu:
+        usable.append("cuda_ipc")
+    try:
+        nixl_api()
+        usable.append("nixl")
+    except TransferError:
+        pass  # not installed: not offered (the reason is in the offer's absence)
+    return usable
+
+
+def local_offer(requested: str, gpu: bool) -> Offer:
+    return Offer(offered(requested, usable_backends(gpu)), host_identity(), gpu, requested)
+
+
+def _check_requested(requested: str) -> None:
+    if requested != AUTO and requested not in available_backends():
+        raise ValueError(f"unknown KV transfer backend {requested!r}; known: "
+                         f"{[AUTO, *available_backends()]}")
+
+
+class AutoSender(KVSender):
+    """Prefill side: negotiates per receiver endpoint, then sends with that backend's sender.
+    kwargs (secret, timeouts, streams, device) go to the backend senders where they apply."""
+
+    backend = AUTO
+    max_streams = 1  # streams > 1 go to the backends that have them (tcp), capped for others
+
+    def __init__(self, spec: KVSpec, *, requested: str = AUTO, **kwargs: Any) -> None:
+        if spec.backend != AUTO:
+            raise ValueError(f"spec.backend is {spec.backend!r}, this sender is {AUTO!r}")
+        _check_requested(requested)
+        self.spec = spec
+        self.requested = requested
+        self.secret: InternalSecret | None = kwargs.get("secret")
+        self.connect_timeout = float(kwargs.get("connect_timeout", 5.0))
+        self._kwargs = kwargs
+        self._lock = threading.Lock()
+        self._senders: dict[str, KVSender] = {}
+        self._choices: dict[str, Choice] = {}
+        self._offer: Offer | None = None
+        self._closed = False
+
+    @property
+    def offer(self) -> Offer:
+        if self._offer is None:  # lazily: asking CUDA and NIXL costs a little
+            self._offer = local_offer(self.requested, torch.cuda.is_available())
+        return self._offer
+
+    def send(
+        self,
+        request_id: str,
+        endpoint: str,
+        kv_layers: Iterable[Any],
+        first_token: FirstToken,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        num_tokens: int | None = None,
+    ) -> TransferResult:
+        choice = self.choice(endpoint)
+        try:
+            return self._sender(choice.backend).send(
+                request_id, endpoint, kv_layers, first_token, meta, num_tokens=num_tokens)
+        except TransferError as err:
+            metrics.record_peer_failure("send", endpoint, choice.backend, err.reason)
+            if _renegotiate(err):
+                with self._lock:
+                    self._choices.pop(endpoint, None)
+            raise
+
+    def choice(self, endpoint: str) -> Choice:
+        """The backend for ``endpoint`` (negotiated on first use)."""
+        with self._lock:
+            known = self._choices.get(endpoint)
+        if known is not None:
+            return known
+        peer = self._ask(endpoint)
+        choice = choose(self.offer, peer)
+        metrics.report_choice("send", endpoint, choice, peer)
+        with self._lock:
+            self._choices[endpoint] = choice
+        return choice
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            senders = list(self._senders.values())
+        for sender in senders:
+            sender.close()
+
+    def _ask(self, endpoint: str) -> Offer:
+        """Exchange offers with the receiver at ``endpoint`` (TransferError on failure)."""
+        try:
+            sock = socket.create_connection(
+                parse_endpoint(endpoint), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise TransferError(FailureReason.CONNECTION_LOST,
+                                f"cannot reach the KV receiver at {endpoint}: {exc}") from exc
+        with sock:
+            try:
+                tune_socket(sock, self.connect_timeout)
+                send_frame(sock, FrameType.OFFER, {"offer": self.offer.to_dict()})
+                meta = expect_frame(sock, FrameType.OFFER).meta
+                return Offer.from_dict(meta.get("offer") or {})
+            except TransferError:
+                raise
+            except (OSError, ValueError) as exc:
+                raise TransferError(FailureReason.CONNECTION_LOST,
+                                    f"no KV offer from {endpoint}: {exc}") from exc
+
+    def _sender(self, backend: str) -> KVSender:
+        with self._lock:
+            if self._closed:
+                raise TransferError(FailureReason.CLOSED, "sender is closed")
+            sender = self._senders.get(backend)
+            if sender is None:
+                sender = self._senders[backend] = self._make(backend)
+            return sender
+
+    def _make(self, backend: str) -> KVSender:
+        cls = backend_class(backend, "sender")
+        kwargs = dict(self._kwargs)
+        kwargs["streams"] = min(int(kwargs.get("streams", 1)), cls.max_streams)
+        if backend not in ("cuda_ipc", "nixl"):
+            kwargs.pop("device", None)
+        return cls(dataclasses.replace(self.spec, backend=backend), **kwargs)
+
+
+class AutoReceiver(SocketReceiver):
+    """Decode side: one endpoint for every backend it offers (module doc)."""
+
+    backend = AUTO
+
+    def __init__(self, spec: KVSpec, kv_cache: torch.Tensor, *args: Any,
+                 requested: str = AUTO, **kwargs: Any) -> None:
+        _check_requested(requested)
+        check_cache(spec, kv_cache)
+        gpu = bool(kv_cache.is_cuda)
+        self._offer = local_offer(requested, gpu)
+        self.shared_cache = None  # cuda_ipc's share of the cache (CudaIpcSource reads it)
+        if "cuda_ipc" in self._offer.backends:
+            from .cuda_ipc import _Target
+
+            self.shared_cache = _Target(kv_cache, share=True)
+        self._nixl: Any = None  # nixl.CacheRegistration, once a peer picks nixl
+        self._nixl_lock = threading.Lock()
+        super().__init__(spec, kv_cache, *args, **kwargs)
+        self._spec_dict = None  # no fast path: a HELLO names a real backend, check_spec checks it
+
+    def offer(self) -> Offer:
+        return self._offer
+
+    def check_spec(self, theirs: KVSpec) -> None:
+        if theirs.backend not in self._offer.backends:
+            raise TransferError(
+                FailureReason.HANDSHAKE_MISMATCH,
+                f"backend {theirs.backend!r} is not one this receiver offers "
+                f"({list(self._offer.backends)})", field="backend")
+        dataclasses.replace(self.spec, backend=theirs.backend).check_compatible(theirs)
+
+    def prepare(self, backend: str) -> None:
+        if backend == "nixl":
+            self._registration()
+
+    def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
+        backend = hello["spec"]["backend"]  # one this receiver offers (check_spec)
+        if backend == "tcp":
+            from .tcp import InlineSource
+
+            return InlineSource(nbytes)
+        if backend == "shm":
+            from .shm import ShmSource
+
+            return ShmSource(hello, nbytes, self.spec.num_layers)
+        if backend == "cuda_ipc":
+            from .cuda_ipc import CudaIpcSource
+
+            return CudaIpcSource(self, hello, nbytes)
+        from .nixl import NixlSource
+
+        return NixlSource(self, self._registration(), hello, nbytes)
+
+    def close(self) -> None:
+        super().close()
+        with self._nixl_lock:
+            if self._nixl is not None:
+                self._nixl.close()
+
+    def _registration(self) -> Any:
+        with self._nixl_lock:
+            if self._nixl is None:
+                from .nixl import CacheRegistration
+
+                self._nixl = CacheRegistration(self.kv_cache)
+            return self._nixl

@@ -1,0 +1,123 @@
+"""Which KV backend two workers use: the fastest both ends support, chosen from their offers.
+
+Each end says what it can do in an :class:`Offer`: the backends usable in its process, where it
+runs (``host``: two ends with the same value can reach each other's shared memory and CUDA IPC
+handles) and whether its KV lives on a GPU, plus what its operator asked for (``requested``,
+"auto" or a backend name). :func:`choose` is pure and symmetric, so both ends reach the same
+answer from the two offers without a further round trip:
+
+* nobody asked for a backend: the first usable one of :data:`PREFERENCE`, fastest first
+  (cuda_ipc: same host, GPUs on both ends; nixl: installed on both ends; shm: same host; tcp);
+* one end asked for one (the other said "auto"): that one if usable, else tcp as a *fallback*;
+* both ends asked for different ones: tcp as a fallback (neither request can be honoured).
+
+A fallback is never silent: the caller logs it as a warning (``Choice.fallback``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+AUTO = "auto"
+FALLBACK = "tcp"  # every end can do it: one TCP connection to any host
+PREFERENCE = ("cuda_ipc", "nixl", "shm", "tcp")  # fastest first
+_WHY = {
+    "cuda_ipc": "same host, both on GPU",
+    "nixl": "nixl installed on both ends",
+    "shm": "same host, no GPU path on both ends",
+    "tcp": "no faster backend that both ends support",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """What one end of a KV transfer can do (module doc); travels as a dict in OFFER frames."""
+
+    backends: tuple[str, ...]
+    host: str
+    gpu: bool
+    requested: str = AUTO
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backends", tuple(str(b) for b in self.backends))
+        if not isinstance(self.host, str) or not isinstance(self.requested, str) or not self.requested:
+            raise ValueError("Offer.host and Offer.requested must be strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backends": list(self.backends), "host": self.host, "gpu": self.gpu,
+                "requested": self.requested}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Offer:
+        """Parse a peer's offer; a malformed one is a ValueError (the peer is refused)."""
+        backends = data.get("backends")
+        if not isinstance(backends, list) or not isinstance(data.get("gpu"), bool):
+            raise ValueError(f"malformed KV offer: {dict(data)!r}")
+        return cls(tuple(backends), data.get("host"), data["gpu"], data.get("requested", AUTO))
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+    fallback: bool = False  # the requested backend could not be used: log a warning
+
+
+def unusable(backend: str, mine: Offer, peer: Offer) -> str | None:
+    """Why ``backend`` cannot carry KV between these two ends (None: it can)."""
+    if backend == FALLBACK:
+        return None
+    if backend not in mine.backends:
+        return "it is not available on this end"
+    if backend not in peer.backends:
+        return "the peer lacks it"
+    if backend in ("cuda_ipc", "shm") and mine.host != peer.host:
+        return "the two ends are on different hosts"
+    if backend == "cuda_ipc" and not (mine.gpu and peer.gpu):
+        return "not both ends are on a GPU"
+    return None
+
+
+def choose(mine: Offer, peer: Offer) -> Choice:
+    """The backend for transfers between these two ends, and why (module doc for the rule).
+    Symmetric: ``choose(a, b).backend == choose(b, a).backend``."""
+    requests = sorted({r for r in (mine.requested, peer.requested) if r != AUTO})
+    if len(requests) > 1:
+        return Choice(FALLBACK, f"the ends ask for different backends ({mine.requested} here, "
+                                f"{peer.requested} on the peer)", fallback=True)
+    if requests:
+        wanted = requests[0]
+        why_not = unusable(wanted, mine, peer)
+        if why_not is None:
+            return Choice(wanted, f"{wanted} was requested")
+        return Choice(FALLBACK, f"{wanted} was requested but {why_not}", fallback=True)
+    for backend in PREFERENCE:
+        if unusable(backend, mine, peer) is None:
+            return Choice(backend, _WHY[backend])
+    raise AssertionError("tcp is always usable")
+
+
+def offered(requested: str, usable: Iterable[str]) -> tuple[str, ...]:
+    """The backends an end offers: those usable here, in preference order, tcp always."""
+    have = set(usable) | {FALLBACK}
+    return tuple(b for b in PREFERENCE if b in have)
+
+
+@functools.cache
+def host_identity() -> str:
+    """Equal for two processes that share a kernel (boot id), IPC and mount namespaces: the
+    ones whose /dev/shm segments and CUDA IPC handles reach each other. Two pods on one node
+    differ (their own /dev/shm), so they use nixl or tcp, never shm."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/ipc", "/proc/self/ns/mnt"):
+        try:
+            parts.append(os.readlink(path) if "/ns/" in path else Path(path).read_text().strip())
+        except OSError:
+            parts.append(socket.gethostname())
+    return "/".join(parts)

@@ -1,0 +1,161 @@
+"""Which backend two ends pick (kvtransfer/negotiate.py, pure), and the negotiating "auto"
+backend between real sockets on 127.0.0.1: the pick is logged and exported, an explicit request
+is honoured, and one that cannot be met falls back to tcp with a warning. The contract every
+backend passes (auto included) is tests/test_kvtransfer_contract.py."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from splitserve.kvtransfer import KVSpec, TransferError, create_receiver, create_sender
+from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_identity, offered
+
+ALL = ("tcp", "shm", "cuda_ipc", "nixl")
+
+
+def offer(*backends: str, host: str = "h1", gpu: bool = False, requested: str = "auto") -> Offer:
+    return Offer(offered(requested, backends), host, gpu, requested)
+
+
+@pytest.mark.parametrize("mine,peer,backend,why", [
+    (offer(*ALL, gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host, both on GPU"),
+    (offer(*ALL, gpu=True), offer(*ALL, gpu=False), "nixl", "nixl installed on both ends"),
+    (offer(*ALL, gpu=True), offer(*ALL, host="h2", gpu=True), "nixl", "nixl"),
+    (offer("shm", "cuda_ipc", gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host"),
+    (offer("shm"), offer(*ALL), "shm", "same host"),
+    (offer("shm"), offer("shm", host="h2"), "tcp", "no faster backend"),
+    (offer(), offer(*ALL, gpu=True), "tcp", "no faster backend"),
+])
+def test_auto_picks_the_fastest_backend_both_ends_can_use(mine, peer, backend, why):
+    choice = choose(mine, peer)
+    assert (choice.backend, choice.fallback) == (backend, False)
+    assert why in choice.reason
+    assert choose(peer, mine).backend == backend  # both ends reach the same answer
+
+
+@pytest.mark.parametrize("requested", ["tcp", "shm", "nixl", "cuda_ipc"])
+def test_an_explicit_request_is_honoured_where_both_ends_can(requested):
+    mine, peer = offer(*ALL, gpu=True, requested=requested), offer(*ALL, gpu=True)
+    choice = choose(mine, peer)
+    assert (choice.backend, choice.fallback) == (requested, False)
+    assert choose(peer, mine) == choice
+
+
+@pytest.mark.parametrize("mine,peer,why", [
+    (offer(*ALL, gpu=True, requested="nixl"), offer("shm", gpu=True), "the peer lacks it"),
+    (offer(*ALL, gpu=True, requested="cuda_ipc"), offer(*ALL, gpu=True, host="h2"),
+     "different hosts"),
+    (offer(*ALL, gpu=True, requested="cuda_ipc"), offer(*ALL), "not both ends are on a GPU"),
+    (offer("shm", requested="nixl"), offer(*ALL), "not available on this end"),
+    (offer(*ALL, requested="shm"), offer(*ALL, requested="nixl"), "different backends"),
+])
+def test_a_request_that_cannot_be_met_falls_back_to_tcp_and_says_why(mine, peer, why):
+    choice = choose(mine, peer)
+    assert (choice.backend, choice.fallback) == ("tcp", True)
+    assert why in choice.reason
+    assert choose(peer, mine).backend == "tcp"
+
+
+def test_choice_is_symmetric_over_every_combination():
+    subsets = [s for n in range(len(ALL) + 1) for s in itertools.combinations(ALL, n)]
+    ends = [offer(*s, host=h, gpu=g, requested=r) for s in subsets[::3] for h in ("a", "b")
+            for g in (False, True) for r in ("auto", "nixl", "shm")]
+    for a, b in itertools.product(ends, repeat=2):
+        assert choose(a, b).backend == choose(b, a).backend
+        assert choose(a, b).backend in set(a.backends) & set(b.backends)
+
+
+def test_offer_round_trips_and_a_malformed_one_is_refused():
+    mine = offer("shm", "nixl", gpu=True, requested="nixl")
+    assert Offer.from_dict(mine.to_dict()) == mine
+    assert mine.backends == tuple(b for b in PREFERENCE if b in ("shm", "nixl", "tcp"))
+    for bad in ({}, {"backends": "tcp", "host": "h", "gpu": False},
+                {"backends": [], "host": 3, "gpu": False}, {"backends": [], "host": "h"}):
+        with pytest.raises(ValueError):
+            Offer.from_dict(bad)
+
+
+def test_this_process_has_one_host_identity():
+    assert host_identity() == host_identity() and host_identity().count("/") == 2
+
+
+# --------------------------------------------------------------------------- real sockets
+LAYERS, HEADS, DIM = 3, 2, 8
+
+
+def spec(backend: str) -> KVSpec:
+    return KVSpec("tiny@gen1", "float32", LAYERS, HEADS, DIM, 4, backend=backend)
+
+
+def round_trip(tx, rx, request_id: str) -> None:
+    fut = rx.expect(request_id, 5, [0, 1], timeout=10)
+    kv = [torch.full(spec("tcp").layer_shape(5), float(i)) for i in range(LAYERS)]
+    tx.send(request_id, rx.endpoint, kv, 7)
+    assert fut.result(timeout=5).first_token == 7
+
+
+def info(side: str, peer: str, backend: str, fallback: str) -> float | None:
+    return REGISTRY.get_sample_value("splitserve_kv_backend_info", {
+        "side": side, "peer": peer, "backend": backend, "fallback": fallback})
+
+
+def test_auto_pair_negotiates_once_logs_and_exports_the_choice(caplog):
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
+        expected = choose(tx.offer, rx.offer()).backend
+        assert expected in ("nixl", "shm")  # same host, no GPU: nixl where installed
+        for i in range(3):
+            round_trip(tx, rx, f"r{i}")
+        chosen = [r for r in caplog.records if "kv backend" in r.getMessage()]
+    assert len(chosen) == 2  # once per end, not per transfer
+    assert all(r.levelno == logging.INFO and f"kv backend {expected} chosen" in r.getMessage()
+               and "peer offered" in r.getMessage() for r in chosen)
+    assert info("send", rx.endpoint, expected, "false") == 1
+    assert info("receive", "127.0.0.1", expected, "false") == 1
+
+
+def test_explicit_request_the_peer_cannot_meet_falls_back_to_tcp_with_a_warning(caplog):
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, \
+            create_sender("auto", spec("auto"), requested="cuda_ipc") as tx:
+        round_trip(tx, rx, "fb")
+        assert tx.choice(rx.endpoint).backend == "tcp"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "kv backend tcp" in r.getMessage()]
+    assert len(warnings) == 2 and all("cuda_ipc was requested but" in r.getMessage() for r in warnings)
+    assert info("send", rx.endpoint, "tcp", "true") == 1
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_auto_and_explicit_ends_interoperate(backend):
+    """An old explicit receiver answers offers with its own backend; an explicit sender's HELLO
+    is served by an auto receiver."""
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver(backend, spec(backend), cache) as rx, create_sender("auto", spec("auto")) as tx:
+        round_trip(tx, rx, "old-rx")
+        assert tx.choice(rx.endpoint).backend == backend
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender(backend, spec(backend)) as tx:
+        round_trip(tx, rx, "old-tx")
+
+
+def test_auto_receiver_refuses_a_backend_it_does_not_offer():
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx:
+        fut = rx.expect("x", 5, [0, 1], timeout=10)
+        wrong = KVSpec("tiny@gen1", "float32", LAYERS, HEADS, DIM, 4, backend="auto")
+        with create_sender("tcp", spec("tcp")) as tx:  # a well-formed HELLO naming "auto"
+            tx._spec_dict = wrong.to_dict()
+            with pytest.raises(TransferError) as err:
+                tx.send("x", rx.endpoint, [torch.zeros(2, 5, HEADS, DIM)] * LAYERS, 1)
+        assert err.value.reason == "handshake_mismatch" and err.value.field == "backend"
+        assert fut.exception(timeout=2).reason == "handshake_mismatch"
+
+
+def test_unknown_requested_backend_is_an_error():
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        create_sender("auto", spec("auto"), requested="carrier-pigeon")
