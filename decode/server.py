@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.block_manager import NoFreeBlocks
 from splitserve.engine.engine import StepOutput
+from splitserve.engine.handshake import kv_receiver
 from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
@@ -35,7 +36,6 @@ from splitserve.engine.worker import (
     add_common_routes,
     error,
     guard,
-    kv_spec,
     lifespan,
     make_app,
 )
@@ -65,14 +65,8 @@ def _token_line(out: StepOutput) -> bytes:
 
 class DecodeWorker(EngineWorker):
     def __init__(self, options: WorkerOptions) -> None:
-        from splitserve.kvtransfer import create_receiver
-
         super().__init__(options)
-        spec = kv_spec(self.engine, options.kv_backend, options.generation)
-        self.receiver = create_receiver(
-            options.kv_backend, spec, self.engine.runner.kv_cache, host=options.host, port=options.kv_port,
-            secret=self.secret,
-        )
+        self.receiver = kv_receiver(self.engine, options, self.secret)
         kv_port = int(self.receiver.endpoint.rsplit(":", 1)[1])
         self.kv_endpoint = f"{options.advertise_host}:{kv_port}"
 

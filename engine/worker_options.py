@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
+from splitserve.kvtransfer.registry import available_backends
 from splitserve.trust import add_secret_argument
 
 
@@ -30,7 +31,10 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="prompt tokens per prefill batch (default 8192)")
     parser.add_argument("--chunked-prefill", action="store_true", help="mix prompt chunks into decode steps (the colocated baseline)")
-    parser.add_argument("--kv-backend", default="tcp", help="KV transfer backend (default tcp)")
+    parser.add_argument("--kv-backend", default="auto", choices=available_backends(),
+                        help="KV transfer backend (default auto: the fastest that both workers of "
+                             "a pair support; a named one is used where the peer supports it too, "
+                             "else tcp, with a warning)")
     parser.add_argument("--generation", default="", help="serving generation: workers of different generations never pair")
     parser.add_argument("--redis-url", default=None, help="announce this worker in a Redis registry (optional)")
     parser.add_argument("--redis-namespace", default="splitserve", help="key prefix in Redis, so services can share one Redis (default splitserve)")

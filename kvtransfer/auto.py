@@ -80,7 +80,9 @@ class AutoSender(KVSender):
     backend = AUTO
     max_streams = 1  # streams > 1 go to the backends that have them (tcp), capped for others
 
-    def __init__(self, spec: KVSpec, *, requested: str = AUTO, **kwargs: Any) -> None:
+    def __init__(self, spec: KVSpec, *, requested: str = AUTO, gpu: bool | None = None,
+                 **kwargs: Any) -> None:
+        """``gpu``: whether the layers come from a GPU (default: whether CUDA is available)."""
         if spec.backend != AUTO:
             raise ValueError(f"spec.backend is {spec.backend!r}, this sender is {AUTO!r}")
         _check_requested(requested)
@@ -92,13 +94,15 @@ class AutoSender(KVSender):
         self._lock = threading.Lock()
         self._senders: dict[str, KVSender] = {}
         self._choices: dict[str, Choice] = {}
+        self._gpu = gpu
         self._offer: Offer | None = None
         self._closed = False
 
     @property
     def offer(self) -> Offer:
         if self._offer is None:  # lazily: asking CUDA and NIXL costs a little
-            self._offer = local_offer(self.requested, torch.cuda.is_available())
+            gpu = torch.cuda.is_available() if self._gpu is None else self._gpu
+            self._offer = local_offer(self.requested, gpu)
         return self._offer
 
     def send(

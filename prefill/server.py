@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 from pydantic import Field
 from splitserve.engine.block_lease import BlockLease, Stage
+from splitserve.engine.handshake import kv_sender
 from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
@@ -33,7 +34,6 @@ from splitserve.engine.worker import (
     add_common_routes,
     error,
     guard,
-    kv_spec,
     lifespan,
     make_app,
 )
@@ -49,11 +49,8 @@ class PrefillWorker(EngineWorker):
     """Owns the engine thread, the KV sender and the transfer threads of one prefill worker."""
 
     def __init__(self, options: WorkerOptions) -> None:
-        from splitserve.kvtransfer import create_sender
-
         super().__init__(options)
-        self.sender = create_sender(options.kv_backend, kv_spec(self.engine, options.kv_backend, options.generation),
-                                    secret=self.secret)
+        self.sender = kv_sender(self.engine, options, self.secret)
         self.transfers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-send")
 
     def close(self) -> None:
