@@ -25,7 +25,7 @@ PLURAL = "inferenceservices"
 SINGULAR = "inferenceservice"
 SHORT_NAMES = ["infsvc"]  # KServe owns "isvc"
 CRD_NAME = f"{PLURAL}.{GROUP}"
-KV_BACKENDS = ["tcp", "shm", "cuda_ipc", "nixl"]  # what splitserve.kvtransfer registers (a test keeps them equal)
+KV_BACKENDS = ["auto", "tcp", "shm", "cuda_ipc", "nixl"]  # what splitserve.kvtransfer registers (a test keeps them equal)
 ROUTER_POLICIES = list(POLICIES)  # the router's presets: one list of names
 
 Schema = dict[str, Any]
@@ -251,7 +251,17 @@ def spec_schema() -> Schema:
                 "type": "object",
                 "default": {},
                 "description": "How KV moves from prefill to decode workers.",
-                "properties": {"backend": _str("", enum=KV_BACKENDS, default="tcp")},
+                "properties": {
+                    "backend": _str(
+                        "auto: each prefill/decode pair negotiates the fastest backend both "
+                        "support (cuda_ipc, nixl, shm, tcp); a named one is used where both "
+                        "ends support it, else tcp with a warning in the worker logs.",
+                        enum=KV_BACKENDS, default="auto"),
+                    "ucxTransports": _str(
+                        "UCX_TLS for the worker pods (nixl's transports), e.g. rc,cuda_ipc,"
+                        "cuda_copy or tcp; unset: UCX chooses.",
+                        pattern=r"^\^?[a-z0-9_]+(,[a-z0-9_]+)*$"),
+                },
             },
             "redis": redis,
         },

@@ -118,7 +118,7 @@ def serving_config(name: str, namespace: str, spec: dict[str, Any]) -> dict[str,
         "service": name,
         "namespace": namespace,
         "model": {"name": spec["model"]["name"], "dir": model_dir(spec)},
-        "kvTransfer": {"backend": spec["kvTransfer"]["backend"]},
+        "kvTransfer": {k: v for k, v in spec["kvTransfer"].items() if k in ("backend", "ucxTransports")},
         "slo": spec["slo"],
         "router": {"policy": spec["router"]["policy"]},
         "redisUrl": redis_url(name, spec),
@@ -265,6 +265,12 @@ def _deployment(
     }
 
 
+def _ucx_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """UCX's transports (nixl) where the spec names them; else UCX's own choice."""
+    transports = spec["kvTransfer"].get("ucxTransports")
+    return [{"name": "UCX_TLS", "value": transports}] if transports else []
+
+
 def _worker_command(role: str, spec: dict[str, Any], url: str, generation: str) -> list[str]:
     """The worker's real CLI (``splitserve prefill|decode``); Kubernetes expands ``$(POD_IP)``."""
     backend = spec["kvTransfer"]["backend"]
@@ -329,7 +335,8 @@ def render_worker(
         "command": _worker_command(role, spec, redis_url(name, spec), generation),
         "ports": ports,
         "env": _env(name, spec, generation)
-        + [{"name": "SPLITSERVE_TENSOR_PARALLEL", "value": str(pool["tensorParallel"])}],
+        + [{"name": "SPLITSERVE_TENSOR_PARALLEL", "value": str(pool["tensorParallel"])}]
+        + _ucx_env(spec),
         "lifecycle": _drain_hook(port),
         **_http_probes("http"),
     }

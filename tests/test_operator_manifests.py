@@ -51,7 +51,7 @@ def test_router_policies_match_router() -> None:
 def test_defaults_fill_like_the_api_server() -> None:
     full = crd.defaulted_spec(SPEC)
     assert full["prefill"]["replicas"] == 1 and full["decode"]["tensorParallel"] == 1
-    assert full["kvTransfer"]["backend"] == "tcp"
+    assert full["kvTransfer"] == {"backend": "auto"}
     assert full["redis"] == {"managed": True, "image": "redis:7-alpine"}
     assert full["slo"] == {"ttftMs": 1000, "tpotMs": 100, "attainment": 0.9}
     assert SPEC == {"model": {"name": "tiny", "path": "/models/tiny"}, "image": "splitserve:cpu"}
@@ -75,7 +75,7 @@ def test_render_all_children_and_commands() -> None:
     prefill = container(children[("Deployment", "demo-prefill")])
     assert prefill["command"] == [
         "splitserve", "prefill", "--model", "/models/tiny", "--host", "$(POD_IP)", "--port", "8100",
-        "--kv-backend", "tcp", "--redis-url", redis, "--advertise-host", "$(POD_IP)",
+        "--kv-backend", "auto", "--redis-url", redis, "--advertise-host", "$(POD_IP)",
         "--generation", gen, "--public-metrics",
     ]  # fmt: skip
     decode = container(children[("Deployment", "demo-decode")])
@@ -167,7 +167,19 @@ def test_config_map_holds_serving_config() -> None:
     assert cm["kind"] == "ConfigMap"
     config = yaml.safe_load(cm["data"]["serving.json"])
     assert config["model"] == {"name": "tiny", "dir": "/models/tiny"}
-    assert config["kvTransfer"] == {"backend": "tcp"}
+    assert config["kvTransfer"] == {"backend": "auto"}
+
+
+def test_ucx_transports_reach_the_worker_pods_only() -> None:
+    spec = {**SPEC, "kvTransfer": {"backend": "nixl", "ucxTransports": "rc,cuda_ipc,cuda_copy"}}
+    children = by_kind_name(manifests.render_all("demo", "ns1", spec))
+    for role in ("prefill", "decode"):
+        worker = container(children[("Deployment", f"demo-{role}")])
+        assert {"name": "UCX_TLS", "value": "rc,cuda_ipc,cuda_copy"} in worker["env"]
+        assert worker["command"][worker["command"].index("--kv-backend") + 1] == "nixl"
+    assert "UCX_TLS" not in {e["name"] for e in container(children[("Deployment", "demo-router")])["env"]}
+    default = by_kind_name(manifests.render_all("demo", "ns1", SPEC))
+    assert "UCX_TLS" not in {e["name"] for e in container(default[("Deployment", "demo-prefill")])["env"]}
 
 
 @pytest.mark.parametrize(
