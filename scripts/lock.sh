@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate requirements.lock: every package the tests and benchmarks need, pinned, resolved
-# from pyproject.toml's ranges (the `test` and `bench` extras). scripts/test.sh installs exactly
-# these versions, so a newcomer months from now gets what CI tested.
+# from pyproject.toml's ranges (the `test`, `bench` and `nixl` extras; nixl-cu13 adds one wheel,
+# UCX bundled, and no dependency that torch does not already bring). scripts/test.sh installs
+# exactly these versions, so a newcomer months from now gets what CI tested.
 #
 #   bash scripts/lock.sh            re-resolve to today's newest versions within the ranges
 #   bash scripts/lock.sh --check    exit 1 if requirements.lock is out of date with pyproject.toml
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-compile=(bash scripts/uv.sh pip compile pyproject.toml --extra test --extra bench --universal
+compile=(bash scripts/uv.sh pip compile pyproject.toml --extra test --extra bench --extra nixl --universal
          --python-version 3.11 --quiet --no-header --custom-compile-command "bash scripts/lock.sh")
 if [ "${1:-}" = "--check" ]; then
   # the lock is current when resolving again, preferring its own pins, changes nothing

@@ -40,4 +40,6 @@ fi
 bash scripts/k8s-build.sh >/dev/null
 
 export VIRTUAL_ENV="${VENV}" PATH="${VENV}/bin:${PATH}" PYTHONSAFEPATH=1
+# nixl (UCX) between test processes: TCP over loopback, the only interface in the namespace
+export UCX_TLS="${UCX_TLS:-tcp}" UCX_NET_DEVICES="${UCX_NET_DEVICES:-lo}"
 exec bash scripts/loopback-netns.sh python -m pytest -q -p no:cacheprovider "$@"
