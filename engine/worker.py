@@ -94,7 +94,10 @@ def add_common_routes(app, state, role: str) -> None:
 
     @app.get("/load")
     async def load() -> dict:
-        return {"role": role, **state.engine.load(), "draining": getattr(state, "draining", False)}
+        from splitserve.kvtransfer.metrics import peer_report
+
+        return {"role": role, **state.engine.load(), "draining": getattr(state, "draining", False),
+                "kv_peers": peer_report()}  # the backend negotiated with each peer, bytes/s
 
     @app.post("/drain")
     async def drain() -> dict:

@@ -115,10 +115,18 @@ class AutoSender(KVSender):
         *,
         num_tokens: int | None = None,
     ) -> TransferResult:
-        choice = self.choice(endpoint)
         try:
-            return self._sender(choice.backend).send(
+            choice = self.choice(endpoint)
+        except TransferError as err:  # the receiver did not answer: no backend to count it under
+            metrics.record_failure("send", AUTO, err.reason)
+            metrics.record_peer_failure("send", endpoint, AUTO, err.reason)
+            raise err.with_request(request_id) from err
+        try:
+            result = self._sender(choice.backend).send(
                 request_id, endpoint, kv_layers, first_token, meta, num_tokens=num_tokens)
+            metrics.record_peer_success("send", endpoint, choice.backend, result.bytes,
+                                        result.seconds)
+            return result
         except TransferError as err:
             metrics.record_peer_failure("send", endpoint, choice.backend, err.reason)
             if _renegotiate(err):

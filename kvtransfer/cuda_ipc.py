@@ -270,7 +270,64 @@ def staging_buffer(shape: tuple[int, ...], dtype: torch.dtype, peer_uuid: Any) -
     return torch.empty(shape, dtype=dtype, device=torch.device("cuda", index))
 
 
-class CudaIpcSource(LayerSource):
+class GrantedSource(LayerSource):
+    """A layer source whose sender writes the receiver's memory itself once granted (cuda_ipc,
+    nixl). So a failed transfer ends only when nothing can land any more: the receiver sends a
+    stop request (ERROR) and waits for the sender's acknowledgement, its EOF, at most
+    ``STOP_WAIT_S``; then for its process not to be part-way through exiting."""
+
+    def __init__(self, peer: dict[str, Any]) -> None:
+        self._peer = peer  # the HELLO's backend fields, with the sender's process identity
+        self._lock = threading.Lock()  # the handler and interrupt() both send on the socket
+        self._granted = self._stop_sent = False
+        self._give_up: threading.Timer | None = None
+
+    def grant(self, sock: socket.socket, grant: dict[str, Any]) -> None:
+        """Send the grant (CREDIT): from now on the sender may write."""
+        with self._lock:
+            send_frame(sock, FrameType.CREDIT, grant)
+            self._granted = True
+
+    def interrupt(self, sock: socket.socket, err: TransferError) -> None:
+        self._request_stop(sock, err)  # the sender's EOF then wakes the handler
+
+    def stop(self, sock: socket.socket, err: TransferError) -> None:
+        if not self._granted:
+            return  # no grant, no writes
+        self._request_stop(sock, err)
+        deadline = time.monotonic() + STOP_WAIT_S
+        if not _await_eof(sock, deadline):
+            log.warning("kv sender of %s did not confirm it stopped writing within %.1fs",
+                        err.request_id or "a transfer", STOP_WAIT_S)
+            return
+        await_exit_settled(self._peer.get("process"), deadline)
+        self.settle()
+
+    def settle(self) -> None:
+        """After the sender stopped: wait for bytes already on their way (default: none)."""
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._give_up is not None:
+                self._give_up.cancel()
+
+    def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
+        with self._lock:
+            if self._stop_sent or not self._granted:
+                return  # before the grant the handler notices the abort itself
+            self._stop_sent = True
+            try:
+                send_frame(sock, FrameType.ERROR, error_meta(err))
+            except OSError as exc:  # the sender is gone already: its EOF is what we wait for
+                log.debug("could not ask the kv sender to stop: %s", exc)
+            # a wedged sender never answers: wake the handler (blocked in recv) after the bound
+            self._give_up = threading.Timer(STOP_WAIT_S, _give_up, (sock, err))
+            self._give_up.daemon = True
+            self._give_up.start()
+
+
+class CudaIpcSource(GrantedSource):
     """Receiver side of one transfer: grants the destination, copies out of staging (CPU cache
     only), and on failure waits until the sender can no longer write (module doc)."""
 
@@ -278,12 +335,9 @@ class CudaIpcSource(LayerSource):
         peer = hello.get("cuda_ipc")
         if not isinstance(peer, dict):
             raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks cuda_ipc")
-        self._peer = peer
+        super().__init__(peer)
         self._num_tokens = nbytes // receiver.spec.layer_nbytes(1)
-        self._lock = threading.Lock()  # the handler and interrupt() both send on the socket
-        self._granted = self._stop_sent = False
         self._staging: torch.Tensor | None = None
-        self._give_up: threading.Timer | None = None
         if receiver.shared_cache is not None:
             self._target = receiver.shared_cache
         else:  # a CPU cache: the sender fills a GPU buffer on its own GPU, we copy it out
@@ -303,11 +357,8 @@ class CudaIpcSource(LayerSource):
                       "num_blocks": target.shape[2]}
         else:
             layout = {"blocks": [0], "block_size": self._num_tokens, "num_blocks": 1}
-        grant = {"cuda_ipc": self._target.fields(reuse=self._staging is None),
-                 "sync_each": self._staging is not None, **layout}
-        with self._lock:
-            send_frame(sock, FrameType.CREDIT, grant)
-            self._granted = True
+        self.grant(sock, {"cuda_ipc": self._target.fields(reuse=self._staging is None),
+                          "sync_each": self._staging is not None, **layout})
 
     def read_into(
         self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
@@ -317,39 +368,9 @@ class CudaIpcSource(LayerSource):
         if self._staging is not None:  # the sender synced before this LAYER: the bytes are here
             writer.from_tensor(layer, self._staging[layer].reshape(-1).view(torch.uint8))
 
-    def interrupt(self, sock: socket.socket, err: TransferError) -> None:
-        self._request_stop(sock, err)  # the sender's EOF then wakes the handler
-
-    def stop(self, sock: socket.socket, err: TransferError) -> None:
-        if not self._granted:
-            return  # no grant, no writes
-        self._request_stop(sock, err)
-        deadline = time.monotonic() + STOP_WAIT_S
-        if _await_eof(sock, deadline):
-            await_exit_settled(self._peer.get("process"), deadline)
-        else:
-            log.warning("kv sender of %s did not confirm it stopped writing within %.1fs",
-                        err.request_id or "a transfer", STOP_WAIT_S)
-
     def close(self) -> None:
-        with self._lock:
-            if self._give_up is not None:
-                self._give_up.cancel()
-            self._staging = None
-
-    def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
-        with self._lock:
-            if self._stop_sent or not self._granted:
-                return  # before the grant the handler notices the abort itself
-            self._stop_sent = True
-            try:
-                send_frame(sock, FrameType.ERROR, error_meta(err))
-            except OSError as exc:  # the sender is gone already: its EOF is what we wait for
-                log.debug("could not ask the kv sender to stop: %s", exc)
-            # a wedged sender never answers: wake the handler (blocked in recv) after the bound
-            self._give_up = threading.Timer(STOP_WAIT_S, _give_up, (sock, err))
-            self._give_up.daemon = True
-            self._give_up.start()
+        super().close()
+        self._staging = None
 
 
 def _give_up(sock: socket.socket, err: TransferError) -> None:

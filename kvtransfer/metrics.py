@@ -8,8 +8,10 @@ which backend a negotiation picked for a peer, and why.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -62,12 +64,43 @@ BACKEND_INFO = Gauge(
     "receiver's endpoint); fallback=\"true\" when a requested backend could not be used",
     ["side", "peer", "backend", "fallback"],
 )
+PEER_BYTES = Counter(
+    "splitserve_kv_peer_bytes", "KV bytes a negotiating sender moved, per peer",
+    ["side", "peer", "backend"],
+)
+PEER_SECONDS = Counter(
+    "splitserve_kv_peer_seconds", "Seconds of a negotiating sender's successful transfers, per "
+    "peer (bytes / seconds: the pair's transfer rate)", ["side", "peer", "backend"],
+)
 PEER_FAILURES = Counter(
     "splitserve_kv_peer_failures", "Failed KV transfers of a negotiating sender, per peer",
     ["side", "peer", "backend", "reason"],
 )
-_chosen: dict[tuple[str, str], tuple[str, str]] = {}  # (side, peer) -> its BACKEND_INFO labels
-_chosen_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class PeerRecord:
+    """One peer as a worker's /load reports it: the negotiated backend and how it went."""
+
+    peer: str
+    side: str
+    backend: str
+    fallback: bool
+    reason: str
+    transfers: int = 0
+    failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["bytes_per_s"] = round(self.bytes / self.seconds) if self.seconds > 0 else None
+        return out
+
+
+_peers: dict[tuple[str, str], PeerRecord] = {}  # (side, peer) -> its record
+_peers_lock = threading.Lock()
+MAX_PEERS = 1024  # a bound on labels and records: the oldest peer is forgotten beyond it
 
 
 def report_choice(side: str, peer: str, choice: Choice, offer: Offer) -> None:
@@ -75,14 +108,41 @@ def report_choice(side: str, peer: str, choice: Choice, offer: Offer) -> None:
     level = logging.WARNING if choice.fallback else logging.INFO
     log.log(level, "kv backend %s chosen for %s: %s; peer offered %s (requested %s)",
             choice.backend, peer, choice.reason, list(offer.backends), offer.requested)
-    labels = (choice.backend, str(choice.fallback).lower())
-    with _chosen_lock:
-        old = _chosen.get((side, peer))
-        if old is not None and old != labels:
-            BACKEND_INFO.remove(side, peer, *old)
-        _chosen[(side, peer)] = labels
-        BACKEND_INFO.labels(side, peer, *labels).set(1)
+    with _peers_lock:
+        old = _peers.pop((side, peer), None)
+        if old is not None:
+            BACKEND_INFO.remove(side, peer, old.backend, str(old.fallback).lower())
+        elif len(_peers) >= MAX_PEERS:
+            oldest = _peers.pop(next(iter(_peers)))
+            BACKEND_INFO.remove(oldest.side, oldest.peer, oldest.backend,
+                                str(oldest.fallback).lower())
+        record = PeerRecord(peer, side, choice.backend, choice.fallback, choice.reason)
+        if old is not None and old.backend == choice.backend:  # the same pair again: keep counts
+            record = dataclasses.replace(old, fallback=choice.fallback, reason=choice.reason)
+        _peers[(side, peer)] = record
+        BACKEND_INFO.labels(side, peer, choice.backend, str(choice.fallback).lower()).set(1)
+
+
+def record_peer_success(side: str, peer: str, backend: str, nbytes: int, seconds: float) -> None:
+    PEER_BYTES.labels(side, peer, backend).inc(nbytes)
+    PEER_SECONDS.labels(side, peer, backend).inc(seconds)
+    with _peers_lock:
+        record = _peers.get((side, peer))
+        if record is not None:
+            record.transfers += 1
+            record.bytes += nbytes
+            record.seconds += seconds
 
 
 def record_peer_failure(side: str, peer: str, backend: str, reason: FailureReason) -> None:
     PEER_FAILURES.labels(side, peer, backend, reason.value).inc()
+    with _peers_lock:
+        record = _peers.get((side, peer))
+        if record is not None:
+            record.failures += 1
+
+
+def peer_report() -> list[dict[str, Any]]:
+    """Every negotiated peer of this process (for a worker's /load)."""
+    with _peers_lock:
+        return [r.to_dict() for r in _peers.values()]

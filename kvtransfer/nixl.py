@@ -60,11 +60,11 @@ import numpy as np
 import torch
 
 from .base import FailureReason, KVSpec, TransferError
-from .cuda_ipc import STOP_WAIT_S, _await_eof, _give_up, await_exit_settled, process_identity
+from .cuda_ipc import STOP_WAIT_S, GrantedSource, process_identity
 from .layout import PagedWriter, _block_runs, check_cache, token_slots
 from .receiver import LayerSource, SocketReceiver
 from .sender import HeldFrames, LayerSink, SocketSender
-from .wire import HEADER, Frame, FrameType, error_meta, expect_frame, send_frame
+from .wire import HEADER, Frame, FrameType, expect_frame
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class _Notifications:
                         inbox.wake()
 
 
-class NixlSource(LayerSource):
+class NixlSource(GrantedSource):
     """Receiver side of one transfer: grants the blocks, waits for every layer's notification
     after the last note, and on failure waits until the sender stopped writing."""
 
@@ -227,27 +227,22 @@ class NixlSource(LayerSource):
         peer = hello.get("nixl")
         if not isinstance(peer, dict) or not isinstance(peer.get("agent"), str):
             raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO lacks nixl {agent}")
+        super().__init__(peer)
         self._receiver = receiver
         self._registration = registration
-        self._peer = peer
         self._num_layers = receiver.spec.num_layers
         self._tag = uuid.uuid4().hex
         self._inbox: _Inbox | None = None
-        self._lock = threading.Lock()  # the handler and interrupt() both send on the socket
-        self._granted = self._stop_sent = False
         self._aborted: TransferError | None = None
-        self._give_up: threading.Timer | None = None
 
     def accepted(self, sock: socket.socket, writer: PagedWriter) -> None:
         rx = self._receiver
         if rx.kv_cache.is_cuda:  # our own kernels on these blocks finish before the WRITEs
             torch.cuda.current_stream(rx.kv_cache.device).synchronize()
         self._inbox = self._registration.notifications.open(self._tag)
-        grant = {"nixl": {**self._registration.grant_fields, "tag": self._tag}, "blocks": writer.blocks,
-                 "block_size": rx.spec.block_size, "num_blocks": rx.kv_cache.shape[2]}
-        with self._lock:
-            send_frame(sock, FrameType.CREDIT, grant)
-            self._granted = True
+        self.grant(sock, {"nixl": {**self._registration.grant_fields, "tag": self._tag},
+                          "blocks": writer.blocks, "block_size": rx.spec.block_size,
+                          "num_blocks": rx.kv_cache.shape[2]})
 
     def read_into(
         self, sock: socket.socket, frame: Frame, layer: int, writer: PagedWriter
@@ -281,40 +276,16 @@ class NixlSource(LayerSource):
         self._aborted = err
         if self._inbox is not None:
             self._inbox.wake()
-        self._request_stop(sock, err)  # the sender's EOF then wakes a handler in recv
+        super().interrupt(sock, err)  # the sender's EOF then wakes a handler in recv
 
-    def stop(self, sock: socket.socket, err: TransferError) -> None:
-        if not self._granted:
-            return  # no grant, no writes
-        self._request_stop(sock, err)
-        deadline = time.monotonic() + STOP_WAIT_S
-        if not _await_eof(sock, deadline):
-            log.warning("kv sender of %s did not confirm it stopped writing within %.1fs",
-                        err.request_id or "a transfer", STOP_WAIT_S)
-            return
-        await_exit_settled(self._peer.get("process"), deadline)
+    def settle(self) -> None:
         time.sleep(SETTLE_S)  # bytes already on this host land (the notifications thread runs)
 
     def close(self) -> None:
-        with self._lock:
-            if self._give_up is not None:
-                self._give_up.cancel()
+        super().close()
         if self._inbox is not None:
             self._registration.notifications.forget(self._tag)
             self._inbox = None
-
-    def _request_stop(self, sock: socket.socket, err: TransferError) -> None:
-        with self._lock:
-            if self._stop_sent or not self._granted:
-                return  # before the grant the handler notices the abort itself
-            self._stop_sent = True
-            try:
-                send_frame(sock, FrameType.ERROR, error_meta(err))
-            except OSError as exc:  # the sender is gone already: its EOF is what we wait for
-                log.debug("could not ask the kv sender to stop: %s", exc)
-            self._give_up = threading.Timer(STOP_WAIT_S, _give_up, (sock, err))
-            self._give_up.daemon = True
-            self._give_up.start()
 
 
 class NixlReceiver(SocketReceiver):

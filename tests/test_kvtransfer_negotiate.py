@@ -12,6 +12,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 from splitserve.kvtransfer import KVSpec, TransferError, create_receiver, create_sender
+from splitserve.kvtransfer.metrics import peer_report
 from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_identity, offered
 
 ALL = ("tcp", "shm", "cuda_ipc", "nixl")
@@ -117,6 +118,11 @@ def test_auto_pair_negotiates_once_logs_and_exports_the_choice(caplog):
                and "peer offered" in r.getMessage() for r in chosen)
     assert info("send", rx.endpoint, expected, "false") == 1
     assert info("receive", "127.0.0.1", expected, "false") == 1
+    report = {(r["side"], r["peer"]): r for r in peer_report()}  # what a worker's /load shows
+    sent = report[("send", rx.endpoint)]
+    assert (sent["backend"], sent["transfers"], sent["failures"]) == (expected, 3, 0)
+    assert sent["bytes"] == 3 * LAYERS * spec("tcp").layer_nbytes(5) and sent["bytes_per_s"] > 0
+    assert report[("receive", "127.0.0.1")]["backend"] == expected
 
 
 def test_explicit_request_the_peer_cannot_meet_falls_back_to_tcp_with_a_warning(caplog):
