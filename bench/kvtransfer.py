@@ -111,8 +111,8 @@ def run(tokens: int, repeats: int, extra_streams: tuple[int, ...] = ()) -> list[
         timings = {"socket copy": socket_copy_seconds(kv),
                    "(hot buffer)": socket_copy_seconds(kv, hot=True)}
         for backend in available_backends():
-            if backend in ("cuda_ipc", "nixl"):  # bench/kvtransfer_gpu.py, kvtransfer_nixl.py
-                continue
+            if backend in ("cuda_ipc", "nixl", "auto"):  # bench/kvtransfer_gpu.py,
+                continue  # kvtransfer_nixl.py; auto is one of the others after one OFFER
             timings[backend] = backend_seconds(backend, tokens, kv, f"r{i}")
         for streams in extra_streams:
             timings[f"tcp x{streams}"] = backend_seconds("tcp", tokens, kv, f"s{i}", streams)

@@ -2,9 +2,10 @@
 
 One role-split interface (:class:`KVSender`, :class:`KVReceiver`; ``base.py`` has the contract
 and the block-ownership rule), backends registered by name (``registry.py``: "tcp", "shm",
-"cuda_ipc"), one wire format (``wire.py``), one socket engine per side (``sender.py``,
-``receiver.py``) that the TCP, shared-memory and CUDA IPC backends share, the paged-cache <-> wire
-translation (``layout.py``) and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
+"cuda_ipc", "nixl", and "auto", which negotiates one of them per peer: ``negotiate.py`` decides,
+``auto.py`` runs it), one wire format (``wire.py``), one socket engine per side (``sender.py``,
+``receiver.py``) that every backend shares, the paged-cache <-> wire translation (``layout.py``)
+and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
 
 Decode side::
 

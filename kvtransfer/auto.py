@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from splitserve.trust import InternalSecret
 
-from . import metrics
+from . import auth, metrics
 from .base import FailureReason, FirstToken, KVSender, KVSpec, TransferError, TransferResult
 from .layout import check_cache
 from .negotiate import AUTO, FALLBACK, Choice, Offer, choose, host_identity, offered
@@ -116,7 +116,7 @@ class AutoSender(KVSender):
         num_tokens: int | None = None,
     ) -> TransferResult:
         try:
-            choice = self.choice(endpoint)
+            choice = self.choice(endpoint, request_id)
         except TransferError as err:  # the receiver did not answer: no backend to count it under
             metrics.record_failure("send", AUTO, err.reason)
             metrics.record_peer_failure("send", endpoint, AUTO, err.reason)
@@ -134,13 +134,14 @@ class AutoSender(KVSender):
                     self._choices.pop(endpoint, None)
             raise
 
-    def choice(self, endpoint: str) -> Choice:
-        """The backend for ``endpoint`` (negotiated on first use)."""
+    def choice(self, endpoint: str, request_id: str = "offer") -> Choice:
+        """The backend for ``endpoint`` (negotiated on first use, on behalf of ``request_id``:
+        a receiver that refuses to answer fails that transfer at once, as it would a HELLO)."""
         with self._lock:
             known = self._choices.get(endpoint)
         if known is not None:
             return known
-        peer = self._ask(endpoint)
+        peer = self._ask(endpoint, request_id)
         choice = choose(self.offer, peer)
         metrics.report_choice("send", endpoint, choice, peer)
         with self._lock:
@@ -154,7 +155,7 @@ class AutoSender(KVSender):
         for sender in senders:
             sender.close()
 
-    def _ask(self, endpoint: str) -> Offer:
+    def _ask(self, endpoint: str, request_id: str) -> Offer:
         """Exchange offers with the receiver at ``endpoint`` (TransferError on failure)."""
         try:
             sock = socket.create_connection(
@@ -165,7 +166,12 @@ class AutoSender(KVSender):
         with sock:
             try:
                 tune_socket(sock, self.connect_timeout)
-                send_frame(sock, FrameType.OFFER, {"offer": self.offer.to_dict()})
+                nonce = auth.new_nonce() if self.secret is not None else ""
+                send_frame(sock, FrameType.OFFER, {"request_id": request_id,
+                                                   "offer": self.offer.to_dict(),
+                                                   **(auth.hello_fields(nonce) if nonce else {})})
+                if self.secret is not None:  # as for a HELLO: only to a receiver of ours
+                    auth.authenticate_receiver(sock, self.secret, nonce, request_id, AUTO)
                 meta = expect_frame(sock, FrameType.OFFER).meta
                 return Offer.from_dict(meta.get("offer") or {})
             except TransferError:

@@ -439,12 +439,12 @@ class SocketReceiver(KVReceiver):
         try:
             tune_socket(conn, self.io_timeout)
             first = expect_frame(conn, FrameType.HELLO, FrameType.JOIN, FrameType.OFFER)
-            if first.type == FrameType.OFFER:
-                self._answer_offer(conn, first.meta)
-                return
             hello = first.meta
             request_id = str(hello.get("request_id", "?"))
             self._authenticate(conn, first, request_id)
+            if first.type == FrameType.OFFER:  # a question, on behalf of request_id's transfer
+                self._answer_offer(conn, hello)
+                return
             if first.type == FrameType.JOIN:
                 self._serve_lane(conn, hello)
                 return
@@ -469,7 +469,7 @@ class SocketReceiver(KVReceiver):
         try:
             auth.authenticate_sender(conn, self.secret, first, self.backend)
         except TransferError as err:
-            if self.secret is None and first.type == FrameType.HELLO:
+            if self.secret is None and first.type in (FrameType.HELLO, FrameType.OFFER):
                 self.reject(request_id, err.reason, err.message)
             raise
 

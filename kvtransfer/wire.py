@@ -20,8 +20,9 @@ Conversation (sender -> receiver unless marked <-)::
     Either side may send ERROR at any point and close.
 
 Before its first transfer to a receiver, a negotiating sender (``auto.py``) asks on a connection
-of its own: OFFER {offer} -> <- OFFER {offer}; both ends then pick the backend from the two
-offers (``negotiate.choose``), and the HELLO's spec names it.
+of its own: OFFER {request_id, offer[, auth: {nonce}]} (for the transfer that needs the answer;
+with a secret, proven like a HELLO) -> <- OFFER {offer}; both ends then pick the backend from the two offers
+(``negotiate.choose``), and the HELLO's spec names it.
 
 With ``streams: N`` in HELLO the sender opens N-1 more connections after ACCEPT, each starting
 with JOIN {request_id, stream: k} (<- ACCEPT), and sends layer i on connection i % N; END and

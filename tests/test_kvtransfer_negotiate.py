@@ -165,3 +165,15 @@ def test_auto_receiver_refuses_a_backend_it_does_not_offer():
 def test_unknown_requested_backend_is_an_error():
     with pytest.raises(ValueError, match="carrier-pigeon"):
         create_sender("auto", spec("auto"), requested="carrier-pigeon")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda_ipc needs CUDA")
+def test_auto_pair_on_one_gpu_host_picks_cuda_ipc():
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM, device="cuda")
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
+        fut = rx.expect("gpu", 5, [0, 1], timeout=10)
+        kv = [torch.full(spec("tcp").layer_shape(5), float(i), device="cuda") for i in range(LAYERS)]
+        tx.send("gpu", rx.endpoint, kv, 7)
+        assert fut.result(timeout=10).first_token == 7
+        assert tx.choice(rx.endpoint).backend == "cuda_ipc"
+        assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0

@@ -26,7 +26,7 @@ SECRET = InternalSecret("a-secret-of-this-deployment-0123456789")
 OTHER = InternalSecret("some-other-deployment-secret-9876543210")
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", "auto"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
