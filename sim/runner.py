@@ -31,6 +31,9 @@ class SimSample(NamedTuple):
     logprobs: dict | None = None
 
 
+_SAMPLE = SimSample(TOKEN)
+
+
 class SimLaunched(NamedTuple):
     seqs: list[Sequence]
     complete: list[int]
@@ -52,14 +55,17 @@ class TimingRunner:
     last_ms: float = 0.0
 
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: SimLaunched | None = None) -> SimLaunched:
-        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        complete = [i for i, s in enumerate(seqs)
+                    if s.num_computed_tokens + s.num_scheduled_tokens == len(s.token_ids)]
         self.last_ms = step_ms(self.latency, seqs, is_prefill)
         return SimLaunched(seqs, complete, {seqs[i].seq_id: row for row, i in enumerate(complete)}, self.last_ms)
 
     def fetch(self, launched: SimLaunched) -> list[SimSample | None]:
+        if len(launched.complete) == len(launched.seqs):  # every row samples (a decode step)
+            return [_SAMPLE] * len(launched.seqs)
         out: list[SimSample | None] = [None] * len(launched.seqs)
         for i in launched.complete:
-            out[i] = SimSample(TOKEN)
+            out[i] = _SAMPLE
         return out
 
     def wait_idle(self) -> None:
