@@ -335,13 +335,18 @@ class LLMEngine:
             observe(stats)
         outputs = []
         running, token_index, commit = SeqStatus.RUNNING, step.token_index, self.blocks.commit
+        # A decode step computes one token per sequence: it fills a block only when a
+        # sequence's computed count reaches a multiple of the block size; a prefill step may
+        # fill any number, so every sequence is committed.
+        bs = 1 if step.is_prefill else self.blocks.block_size
         for seq, result in zip(step.launched.seqs, sampled, strict=True):
             if seq.status is not running:
                 continue  # it finished (or was aborted) while this step ran: its sample is dropped
             index = token_index.get(seq.seq_id)
             if index is not None:
                 seq.token_ids[index] = result.token
-            commit(seq)  # a prompt chunk's full blocks are reusable at once too
+            if not seq.num_computed_tokens % bs:
+                commit(seq)  # a prompt chunk's full blocks are reusable at once too
             if index is not None:
                 try:
                     outputs.append(self._after_token(seq, result.token, result.logprobs))

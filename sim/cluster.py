@@ -255,11 +255,12 @@ class Simulation:
         self._step(t, w)
 
     def _deliver(self, t: float, w: _Worker, outputs: list[StepOutput], started: float | None = None) -> None:
+        emit = self._emit
         for out in outputs:
             if out.seq.prefill_only:
                 self._prefilled(t, w, out, t if started is None else started)
             else:
-                self._emit(t, out)
+                emit(t, out)
 
     def _prefilled(self, t: float, p: _Worker, out: StepOutput, started: float) -> None:
         """The prompt is computed on ``p``: its KV lands on the decode worker, which activates

@@ -55,8 +55,11 @@ class TimingRunner:
     last_ms: float = 0.0
 
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: SimLaunched | None = None) -> SimLaunched:
-        complete = [i for i, s in enumerate(seqs)
-                    if s.num_computed_tokens + s.num_scheduled_tokens == len(s.token_ids)]
+        if is_prefill:
+            complete = [i for i, s in enumerate(seqs)
+                        if s.num_computed_tokens + s.num_scheduled_tokens == len(s.token_ids)]
+        else:  # a decode step computes each sequence's last token
+            complete = list(range(len(seqs)))
         self.last_ms = step_ms(self.latency, seqs, is_prefill)
         return SimLaunched(seqs, complete, {seqs[i].seq_id: row for row, i in enumerate(complete)}, self.last_ms)
 

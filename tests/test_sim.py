@@ -191,3 +191,20 @@ def test_validation_compares_latencies_relatively_and_attainment_in_points():
     colo, split = system_command("colocated", cmd_args), system_command("split", cmd_args)
     assert "--chunked-prefill" in colo and "--devices cuda:0 " in colo and "kv-backend" not in colo
     assert "--kv-backend cuda_ipc" in split and "--devices cuda:0,cuda:1" in split
+
+
+def test_a_fixed_seed_gives_the_records_it_gave_before_the_fast_paths():
+    """Digests of whole record lists, taken before the engine's per-token fast paths (and before
+    step-time spread and per-hop overheads, which default to none): a split run and a colocated
+    one whose cache is small enough to preempt. A change here is a change of behaviour."""
+    import hashlib
+    from pathlib import Path
+
+    lat = LatencyModel.load(Path(__file__).parents[1] / "bench/profiles/h200-llama3-8b-shape.json")
+    for layout, rate, n, blocks, want in (("1P2D", 20, 300, 2000, "fa1bdf494a44f772"),
+                                          ("colocated1", 30, 200, 300, "3f0f803077548f11")):
+        reqs = sim_requests(build_requests("chat", n, rate, 0, with_text=False))
+        shape = EngineShape(blocks, 16, 64, 2048)
+        records = Simulation(SimConfig(Layout.parse(layout), shape), lat, reqs).run()
+        text = json.dumps([r.to_dict() for r in records], sort_keys=True)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == want, layout
