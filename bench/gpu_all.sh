@@ -76,7 +76,7 @@ for step in "${steps[@]}"; do
         --concurrency 1000 --rate 2000 --duration 15 --decisions 0 --out "$out/router_paced.json" ;;
     engine_vs_hf) run engine_vs_hf 600 python3 -m splitserve.bench.engine_vs_hf --model /tmp/l8 \
         --make-8b-shape --device cuda:0 --out "$out/engine_vs_hf" --no-progress ;;
-    sim)  # simulator vs measured (split on one GPU shares it: its rows are marked), then sim speed
+    sim)  # simulator vs measured (a split on one GPU shares it: its rows are marked), then sim speed
       devs=cuda:0,cuda:0
       [ "$gpus" -ge 2 ] && devs=cuda:0,cuda:1
       run sim_validate 560 python3 -m splitserve.bench.sim_validate --model /tmp/l8 --make-8b-shape \

@@ -28,7 +28,7 @@ its table as a check of the machinery, not of the model's accuracy):
         --num-kv-blocks 512 --out /tmp/simval
 
 One H200, Llama-3-8B shape with random bf16 weights (both workers of the split share the GPU,
-which the simulator does not model: those rows are marked "shared GPU" and left out of the
+which the simulator does not model: those rows are marked "shared device" and left out of the
 pass/fail verdict; on two GPUs give ``--devices cuda:0,cuda:1``; ``bash bench/gpu_all.sh OUT
 sim`` runs this):
 
@@ -207,8 +207,8 @@ def simulate_runs(args: argparse.Namespace, out: Path, latency_path: Path) -> li
             "simulated": {"layout": layout.label, "latency_model": str(latency_path), **cost},
         })
         rows.append(compare(run.label, run.rate, measured, simulated, args))
-        # a split on one device: its workers share the GPU, which the simulator does not model
-        rows[-1]["shared_gpu"] = layout.num_gpus > len(set(args.devices.split(",")[: layout.num_gpus]))
+        # a split on one device: its workers share it, which the simulator does not model
+        rows[-1]["shared_device"] = layout.num_gpus > len(set(args.devices.split(",")[: layout.num_gpus]))
     return rows
 
 
@@ -242,7 +242,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         cells = [f"{c['measured']:.1f} / {c['simulated']:.1f}" + ("" if c["pass"] else " x")
                  for c in r["metrics"].values()]
-        system = r["system"] + (" (shared GPU)" if r.get("shared_gpu") else "")
+        system = r["system"] + (" (shared device)" if r.get("shared_device") else "")
         lines.append(f"| {system} | {r['rate']:g} | " + " | ".join(cells)
                      + f" | {'yes' if r['pass'] else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -297,10 +297,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "validation.json").write_text(json.dumps({"latency_model": str(latency_path), "rows": rows},
                                                     indent=1, default=str))
     plot(rows, out / "validation.png")
-    modelled = [r for r in rows if not r["shared_gpu"]]  # a shared GPU is outside the model
-    passed = all(r["pass"] for r in modelled)
+    modelled = [r for r in rows if not r["shared_device"]]  # outside the model
+    passed = bool(modelled) and all(r["pass"] for r in modelled)
     print(f"{'PASS' if passed else 'FAIL'}: {sum(r['pass'] for r in modelled)}/{len(modelled)} runs within "
-          f"the criteria ({len(rows) - len(modelled)} runs of workers sharing one GPU left out, "
+          f"the criteria ({len(rows) - len(modelled)} runs of workers sharing one device left out, "
           f"{sum(r['pass'] for r in rows) - sum(r['pass'] for r in modelled)} of them within); files in {out}")
     return 0 if passed else 2
 
