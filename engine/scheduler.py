@@ -139,7 +139,7 @@ class Scheduler:
         decoding: list[Sequence] = []
         chunking: list[Sequence] = []
         for seq in self.running:
-            n = seq.num_uncomputed_tokens
+            n = len(seq.token_ids) - seq.num_computed_tokens  # num_uncomputed_tokens, inlined
             if n == 1:
                 decoding.append(seq)
             elif n > 1:
@@ -155,9 +155,10 @@ class Scheduler:
             chunking = self._partition()[1]
         for seq in chunking:
             self.running.remove(seq)
-        while self.running and len(batch) < self.config.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.blocks.try_append_slot(seq):
+        running, max_seqs, try_append_slot = self.running, self.config.max_num_seqs, self.blocks.try_append_slot
+        while running and len(batch) < max_seqs:
+            seq = running.popleft()
+            while not try_append_slot(seq):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:

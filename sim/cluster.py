@@ -302,12 +302,11 @@ class Simulation:
         """A token leaves a decode (or colocated) worker at ``t`` ms."""
         flight = self._flights[out.seq.request_id]
         rec = flight.record
-        now_s = t / 1000 - rec.sent_s
         if flight.last_ms is None:
-            rec.ttft_s = now_s
+            rec.ttft_s = t / 1000 - rec.sent_s
         else:
             rec.itl_s.append((t - flight.last_ms) / 1000)
         flight.last_ms = t
         rec.output_tokens += 1
         if out.finished:
-            rec.e2e_s, rec.finish_reason = now_s, out.seq.finish_reason
+            rec.e2e_s, rec.finish_reason = t / 1000 - rec.sent_s, out.seq.finish_reason
