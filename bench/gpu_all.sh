@@ -7,7 +7,7 @@
 # Steps (default: all, in this order): check (GPU tests of the kernels and the cuda_ipc KV
 # backend, the engine's greedy equality with transformers, no hidden sync, no compile after warm-up,
 # `splitserve up --devices cuda:0,cuda:0` serving transformers' greedy output), engine, kernels, kvtransfer,
-# prefill_transfer, router, engine_vs_hf, split (only with two GPUs). Each writes OUTDIR/<step>.log and its JSON. Run from
+# prefill_transfer, router, engine_vs_hf, sim, split (only with two GPUs). Each writes OUTDIR/<step>.log and its JSON. Run from
 # a folder where the repository is importable as `splitserve` (the script makes one in /tmp if
 # not). Without the router's libraries (fastapi, uvicorn, orjson, ...), carry a wheelhouse:
 # `bash scripts/wheelhouse.sh .wheelhouse --bench` here, and this installs from it.
@@ -21,7 +21,7 @@ set -uo pipefail
 out="${1:?usage: bash bench/gpu_all.sh OUTDIR [STEP ...]}"
 shift
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(check engine kernels kvtransfer prefill_transfer router engine_vs_hf split)
+[ ${#steps[@]} -eq 0 ] && steps=(check engine kernels kvtransfer prefill_transfer router engine_vs_hf sim split)
 mkdir -p "$out"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -76,6 +76,14 @@ for step in "${steps[@]}"; do
         --concurrency 1000 --rate 2000 --duration 15 --decisions 0 --out "$out/router_paced.json" ;;
     engine_vs_hf) run engine_vs_hf 600 python3 -m splitserve.bench.engine_vs_hf --model /tmp/l8 \
         --make-8b-shape --device cuda:0 --out "$out/engine_vs_hf" --no-progress ;;
+    sim)  # simulator vs measured (a split on one GPU shares it: its rows are marked), then sim speed
+      devs=cuda:0,cuda:0
+      [ "$gpus" -ge 2 ] && devs=cuda:0,cuda:1
+      run sim_validate 560 python3 -m splitserve.bench.sim_validate --model /tmp/l8 --make-8b-shape \
+        --devices "$devs" --dtype bfloat16 --kv-backend cuda_ipc --num-kv-blocks 8192 \
+        --rates 2,4,8,12 --duration 15 --workload chat --out "$out/sim_validate" --no-progress
+      run sim_speed 300 taskset -c 2 python3 -m splitserve.bench.sim_speed --rates 40,150 \
+        --out "$out/sim_speed.json" ;;
     split)
       if [ "$gpus" -ge 2 ]; then
         run split 1500 python3 -m splitserve.bench.split_vs_colocated --model /tmp/l8s --make-8b-shape \

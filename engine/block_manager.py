@@ -19,7 +19,7 @@ from splitserve.engine.prefix_hash import iter_block_hashes, iter_prompt_block_h
 from splitserve.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -115,7 +115,7 @@ class BlockManager:
 
     def needs_block(self, seq: Sequence) -> bool:
         """Whether the token that the next step writes (the last) lies past ``seq``'s blocks."""
-        return len(seq) > len(seq.block_table) * self.block_size
+        return len(seq.token_ids) > len(seq.block_table) * self.block_size
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the token that the next step will write (a new block when one is full)."""
@@ -126,12 +126,24 @@ class BlockManager:
         if self.needs_block(seq):
             seq.block_table.append(self._take_fresh().block_id)
 
+    def try_append_slot(self, seq: Sequence) -> bool:
+        """``append_slot`` if ``can_append``, in one call (once per sequence per decode step);
+        False, with nothing done, when the token needs a new block and none is free."""
+        if len(seq.token_ids) <= len(seq.block_table) * self.block_size:
+            return True
+        if not self._free:
+            return False
+        seq.block_table.append(self._take_fresh().block_id)
+        return True
+
     def commit(self, seq: Sequence) -> None:
         """Hash the blocks that ``seq``'s computed tokens have filled, making them reusable."""
         bs, table = self.block_size, seq.block_table
         full = min(seq.num_computed_tokens // bs, len(table))
         # Hashed blocks are always a prefix of the table (hashing goes front to back), so only
         # the tail past the last hashed block needs work: O(1) per decode step, not O(length).
+        if not full or self.blocks[table[full - 1]].hash is not None:
+            return  # nothing newly filled (most decode steps)
         first = full
         while first > 0 and self.blocks[table[first - 1]].hash is None:
             first -= 1

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from splitserve.engine.block_manager import BlockManager, NoFreeBlocks
 from splitserve.engine.config import EngineConfig, RunnerConfig, SchedulerConfig
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineConfig", "LLMEngine", "RunnerConfig", "SchedulerConfig", "StepOutput", "StepStats"]
 
 
-@dataclass(frozen=True)
-class StepOutput:
+class StepOutput(NamedTuple):
+    """One sampled token of one sequence (one per token per step: a tuple, cheap to build)."""
+
     seq: Sequence
     token_id: int
     finished: bool
@@ -130,6 +132,9 @@ class LLMEngine:
         """Token ids must index the embedding: one out of range would fail the whole batch's
         step, so it is refused here, for its own request only."""
         vocab = self.runner.model_config.vocab_size
+        if not token_ids or (set(map(type, token_ids)) <= {int} and 0 <= min(token_ids)
+                             and max(token_ids) < vocab):
+            return  # the usual case, checked in C: plain ints, all in range
         bad = [t for t in token_ids if isinstance(t, bool) or not hasattr(t, "__index__")
                or not 0 <= t.__index__() < vocab]
         if bad:
@@ -230,19 +235,20 @@ class LLMEngine:
             self.scheduler.settle(number)
             raise
         return _Step(
-            number, launched, is_prefill, sum(s.num_scheduled_tokens for s in seqs),
-            sum(len(s) for s in seqs), started, {},
+            number, launched, is_prefill, sum([s.num_scheduled_tokens for s in seqs]),
+            sum([len(s.token_ids) for s in seqs]), started, {},
         )
 
     @staticmethod
     def _mark_launched(step: _Step) -> None:
         """The step's tokens are computed (or will be): each sampling sequence gets a placeholder
         for its token."""
+        row_of, token_index, running = step.launched.row_of, step.token_index, SeqStatus.RUNNING
         for seq in step.launched.seqs:
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if seq.seq_id in step.launched.row_of and seq.status == SeqStatus.RUNNING:
-                step.token_index[seq.seq_id] = len(seq.token_ids)
+            if seq.seq_id in row_of and seq.status is running:
+                token_index[seq.seq_id] = len(seq.token_ids)
                 seq.token_ids.append(PLACEHOLDER)
 
     def _isolate(
@@ -324,17 +330,24 @@ class LLMEngine:
         # With overlap the step was queued while the previous one ran: it took from then on.
         seconds = done - max(step.started, self._last_done)
         self._last_done = done
-        stats = StepStats(step.is_prefill, len(step.launched.seqs), step.computed, step.context, seconds)
-        for observe in self.step_observers:
-            observe(stats)
+        if self.step_observers:  # none in the simulator, which runs ~100k steps a minute
+            stats = StepStats(step.is_prefill, len(step.launched.seqs), step.computed, step.context, seconds)
+            for observe in self.step_observers:
+                observe(stats)
         outputs = []
+        running, token_index, commit = SeqStatus.RUNNING, step.token_index, self.blocks.commit
+        # A decode step computes one token per sequence: it fills a block only when a
+        # sequence's computed count reaches a multiple of the block size; a prefill step may
+        # fill any number, so every sequence is committed.
+        bs = 1 if step.is_prefill else self.blocks.block_size
         for seq, result in zip(step.launched.seqs, sampled, strict=True):
-            if seq.status != SeqStatus.RUNNING:
+            if seq.status is not running:
                 continue  # it finished (or was aborted) while this step ran: its sample is dropped
-            index = step.token_index.get(seq.seq_id)
+            index = token_index.get(seq.seq_id)
             if index is not None:
                 seq.token_ids[index] = result.token
-            self.blocks.commit(seq)  # a prompt chunk's full blocks are reusable at once too
+            if not seq.num_computed_tokens % bs:
+                commit(seq)  # a prompt chunk's full blocks are reusable at once too
             if index is not None:
                 try:
                     outputs.append(self._after_token(seq, result.token, result.logprobs))

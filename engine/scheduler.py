@@ -95,9 +95,8 @@ class Scheduler:
 
     def _schedule_mixed(self) -> tuple[list[Sequence], bool]:
         budget = self.config.max_num_batched_tokens
-        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        chunking = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        batch = self._schedule_decode() if decoding else []
+        decoding, chunking = self._partition()
+        batch = self._schedule_decode(chunking) if decoding else []
         budget -= len(batch)
         for seq in chunking:  # prompts already started continue before new ones begin
             if budget <= 0 or seq not in self.running:
@@ -135,23 +134,37 @@ class Scheduler:
         self.running.extend(batch)
         return batch
 
-    def _schedule_decode(self) -> list[Sequence]:
+    def _partition(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Running sequences that decode (one token to compute) and those mid-prompt (chunked)."""
+        decoding: list[Sequence] = []
+        chunking: list[Sequence] = []
+        for seq in self.running:
+            n = len(seq.token_ids) - seq.num_computed_tokens  # num_uncomputed_tokens, inlined
+            if n == 1:
+                decoding.append(seq)
+            elif n > 1:
+                chunking.append(seq)
+        return decoding, chunking
+
+    def _schedule_decode(self, chunking: list[Sequence] | None = None) -> list[Sequence]:
         """One token for each running sequence whose prompt is computed (all of them, unless
-        chunked prefill left some mid-prompt: those stay in ``running`` untouched)."""
+        chunked prefill left some mid-prompt (``chunking``, found here unless given): those stay
+        in ``running`` untouched)."""
         batch: list[Sequence] = []
-        chunking = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        if chunking is None:
+            chunking = self._partition()[1]
         for seq in chunking:
             self.running.remove(seq)
-        while self.running and len(batch) < self.config.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.blocks.can_append(seq):
+        running, max_seqs, try_append_slot = self.running, self.config.max_num_seqs, self.blocks.try_append_slot
+        while running and len(batch) < max_seqs:
+            seq = running.popleft()
+            while not try_append_slot(seq):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:
                     self._preempt(seq)
                     break
             else:
-                self.blocks.append_slot(seq)
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
         self.running.extendleft(reversed(batch))

@@ -30,7 +30,7 @@ _ids = itertools.count()
 PLACEHOLDER = -1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: its fields are read per token per step
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -38,6 +38,7 @@ class Sequence:
     prefill_only: bool = False
     seq_id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(init=False)
+    num_prompt_tokens: int = field(init=False)  # the prompt never changes after creation
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -54,13 +55,10 @@ class Sequence:
         if not self.prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

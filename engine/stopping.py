@@ -31,7 +31,8 @@ class StopChecker:
             hit = self._stop_string(seq)
             if hit is not None:
                 return StopDecision("stop", hit)
-        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        length = len(seq.token_ids)
+        if length - seq.num_prompt_tokens >= params.max_tokens or length >= self.max_model_len:
             return StopDecision("length")
         return None
 

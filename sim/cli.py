@@ -87,7 +87,8 @@ def add_common_arguments(p: argparse.ArgumentParser, duration: float | None = No
     p.add_argument("--policy", default="least_loaded",
                    help="router policy (round_robin, least_loaded, prefix_aware, goodput)")
     p.add_argument("--overhead-ms", type=float, default=0.0,
-                   help="added to every request before routing (HTTP, tokenising)")
+                   help="a constant added to every request before routing, on top of the latency "
+                        "model's measured overhead.request_ms")
 
 
 def _latency(args: argparse.Namespace):

@@ -15,15 +15,22 @@ commands only there) and the first token leaves then; the prefill worker frees i
 too -> colocated: the worker queues the prompt and computes it in chunks inside its steps ->
 every later token leaves at the end of the step that sampled it -> done.
 
-What is not modelled: HTTP and detokenisation time (``overhead_ms`` adds a constant to each
-request's routing), the router's load being up to one poll old (here it is exact), failures and
-retries (the simulated workers never fail), and the one-step delay of overlapped steps' outputs.
+Costs outside the engine steps come from the latency model's measured ``overhead`` (drawn per
+request from its values): ``request_ms`` (HTTP in and out, tokenising, routing, admission) delays
+the routing of every request, and ``handoff_ms`` (the prefill hop, the KV connection, the decode
+worker taking the sequence) delays a split request's activation on its decode worker; a
+constant ``overhead_ms`` of the config adds to the former.
+
+What is not modelled: the router's load being up to one poll old (here it is exact), failures
+and retries (the simulated workers never fail), and the one-step delay of overlapped steps'
+outputs.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,10 +158,11 @@ class Simulation:
         self.config, self.latency, self.requests = config, latency, list(requests)
         self._ids = prompt_ids(self.requests, seed)
         lay = config.layout
-        self.prefills = [_Worker(f"sim://prefill-{i}", "prefill", sim_engine(config.shape, latency, False))
+        self.prefills = [self._worker(f"sim://prefill-{i}", "prefill", False, seed)
                          for i in range(lay.num_prefill)]
-        self.decodes = [_Worker(f"sim://decode-{i}", "decode", sim_engine(config.shape, latency, lay.colocated))
+        self.decodes = [self._worker(f"sim://decode-{i}", "decode", lay.colocated, seed)
                         for i in range(lay.num_decode)]
+        self._overhead_rng = random.Random(f"{seed}/overhead")
         self.policy = build_policy(config.policy, latency)
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._order = itertools.count()
@@ -162,6 +170,13 @@ class Simulation:
         # prefill-only sequence id -> (its decode sequence, the decode worker holding its blocks)
         self._pending: dict[int, tuple[EngineSeq, _Worker]] = {}
         self.steps = 0
+
+    def _worker(self, name: str, role: str, chunked_prefill: bool, seed: int) -> _Worker:
+        return _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked_prefill, f"{seed}/{name}"))
+
+    def _draw(self, values: tuple[float, ...]) -> float:
+        """One of a measured overhead's equally likely values (0 when none was measured)."""
+        return self._overhead_rng.choice(values) if values else 0.0
 
     def _at(self, t_ms: float, fn: Callable[..., None], *args: object) -> None:
         heapq.heappush(self._events, (t_ms, next(self._order), fn, args))
@@ -171,7 +186,7 @@ class Simulation:
             record = RequestRecord(index=req.index, scheduled_s=req.arrival_s, sent_s=req.arrival_s,
                                    prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens)
             self._flights[str(req.index)] = _Flight(req, record)
-            t = req.arrival_s * 1000 + self.config.overhead_ms
+            t = req.arrival_s * 1000 + self.config.overhead_ms + self._draw(self.latency.overhead_request_ms)
             self._at(t, self._route, str(req.index), t + self.config.max_queue_ms)
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
@@ -255,11 +270,12 @@ class Simulation:
         self._step(t, w)
 
     def _deliver(self, t: float, w: _Worker, outputs: list[StepOutput], started: float | None = None) -> None:
+        emit = self._emit
         for out in outputs:
             if out.seq.prefill_only:
                 self._prefilled(t, w, out, t if started is None else started)
             else:
-                self._emit(t, out)
+                emit(t, out)
 
     def _prefilled(self, t: float, p: _Worker, out: StepOutput, started: float) -> None:
         """The prompt is computed on ``p``: its KV lands on the decode worker, which activates
@@ -275,7 +291,7 @@ class Simulation:
         def release(now: float) -> None:
             p.engine.release(pseq)
 
-        self._at(landed, self._command, d, activate)
+        self._at(landed + self._draw(self.latency.overhead_handoff_ms), self._command, d, activate)
         self._at(landed, self._command, p, release)
 
     def _command(self, t: float, w: _Worker, fn: Callable[[float], None]) -> None:
@@ -286,12 +302,11 @@ class Simulation:
         """A token leaves a decode (or colocated) worker at ``t`` ms."""
         flight = self._flights[out.seq.request_id]
         rec = flight.record
-        now_s = t / 1000 - rec.sent_s
         if flight.last_ms is None:
-            rec.ttft_s = now_s
+            rec.ttft_s = t / 1000 - rec.sent_s
         else:
             rec.itl_s.append((t - flight.last_ms) / 1000)
         flight.last_ms = t
         rec.output_tokens += 1
         if out.finished:
-            rec.e2e_s, rec.finish_reason = now_s, out.seq.finish_reason
+            rec.e2e_s, rec.finish_reason = t / 1000 - rec.sent_s, out.seq.finish_reason

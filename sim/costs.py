@@ -28,7 +28,7 @@ def step_ms(model: LatencyModel, seqs: Iterable[Sequence], is_prefill: bool) -> 
     ``num_computed_tokens`` still as before the step)."""
     seqs = list(seqs)
     if not is_prefill:
-        return model.decode_step_ms(len(seqs), sum(len(s) for s in seqs))
+        return model.decode_step_ms(len(seqs), sum([len(s.token_ids) for s in seqs]))
     ms = model.prefill_base_ms
     for seq in seqs:
         n, before = seq.num_scheduled_tokens, seq.num_computed_tokens

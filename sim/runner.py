@@ -7,10 +7,13 @@ that this step brings to their end sample a token), ``fetch`` its samples, ``wai
 attributes the engine reads (``device``, ``model_config``, ``block_size``, ``num_blocks``,
 ``max_model_len``). Every sampled token is ``TOKEN``, never an end of sequence: the bench sends
 ``ignore_eos`` and a fixed ``max_tokens``, so only the length ends a request, in both worlds.
+When the latency model has a measured ``step_ratio`` spread, each step's cost is the model's
+prediction times a ratio drawn from it (a seeded generator per worker: runs repeat exactly).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -29,6 +32,9 @@ VOCAB = 1 << 30  # prompt ids are drawn from here: two prompts share a block onl
 class SimSample(NamedTuple):
     token: int
     logprobs: dict | None = None
+
+
+_SAMPLE = SimSample(TOKEN)
 
 
 class SimLaunched(NamedTuple):
@@ -50,16 +56,25 @@ class TimingRunner:
     model_config: SimpleNamespace = field(
         default_factory=lambda: SimpleNamespace(vocab_size=VOCAB, eos_token_ids=(), num_layers=1))
     last_ms: float = 0.0
+    rng: random.Random | None = None  # draws the step-time spread (None: the model has none)
 
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: SimLaunched | None = None) -> SimLaunched:
-        complete = [i for i, s in enumerate(seqs) if s.num_computed_tokens + s.num_scheduled_tokens == len(s)]
+        if is_prefill:
+            complete = [i for i, s in enumerate(seqs)
+                        if s.num_computed_tokens + s.num_scheduled_tokens == len(s.token_ids)]
+        else:  # a decode step computes each sequence's last token
+            complete = list(range(len(seqs)))
         self.last_ms = step_ms(self.latency, seqs, is_prefill)
+        if self.rng is not None:
+            self.last_ms *= self.rng.choice(self.latency.step_ratio)
         return SimLaunched(seqs, complete, {seqs[i].seq_id: row for row, i in enumerate(complete)}, self.last_ms)
 
     def fetch(self, launched: SimLaunched) -> list[SimSample | None]:
+        if len(launched.complete) == len(launched.seqs):  # every row samples (a decode step)
+            return [_SAMPLE] * len(launched.seqs)
         out: list[SimSample | None] = [None] * len(launched.seqs)
         for i in launched.complete:
-            out[i] = SimSample(TOKEN)
+            out[i] = _SAMPLE
         return out
 
     def wait_idle(self) -> None:
@@ -81,9 +96,11 @@ class EngineShape:
             raise ValueError("num_blocks and block_size must be >= 1")
 
 
-def sim_engine(shape: EngineShape, latency: LatencyModel, chunked_prefill: bool) -> LLMEngine:
-    """A real engine (synchronous steps) over a ``TimingRunner``."""
-    runner = TimingRunner(latency, shape.num_blocks, shape.block_size, shape.max_model_len)
+def sim_engine(shape: EngineShape, latency: LatencyModel, chunked_prefill: bool, seed: str = "") -> LLMEngine:
+    """A real engine (synchronous steps) over a ``TimingRunner``; ``seed`` seeds its step-time
+    spread (give each worker its own)."""
+    runner = TimingRunner(latency, shape.num_blocks, shape.block_size, shape.max_model_len,
+                          rng=random.Random(seed) if latency.step_ratio else None)
     config = EngineConfig(
         RunnerConfig(model_dir="(simulated)", block_size=shape.block_size,
                      num_kv_blocks=shape.num_blocks, max_model_len=shape.max_model_len,

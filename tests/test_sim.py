@@ -191,3 +191,77 @@ def test_validation_compares_latencies_relatively_and_attainment_in_points():
     colo, split = system_command("colocated", cmd_args), system_command("split", cmd_args)
     assert "--chunked-prefill" in colo and "--devices cuda:0 " in colo and "kv-backend" not in colo
     assert "--kv-backend cuda_ipc" in split and "--devices cuda:0,cuda:1" in split
+
+
+def test_a_fixed_seed_gives_the_records_it_gave_before_the_fast_paths():
+    """Digests of whole record lists, taken before the engine's per-token fast paths (and before
+    step-time spread and per-hop overheads, which default to none): a split run and a colocated
+    one whose cache is small enough to preempt. A change here is a change of behaviour."""
+    import hashlib
+    from pathlib import Path
+
+    lat = LatencyModel.load(Path(__file__).parents[1] / "bench/profiles/h200-llama3-8b-shape.json")
+    for layout, rate, n, blocks, want in (("1P2D", 20, 300, 2000, "fa1bdf494a44f772"),
+                                          ("colocated1", 30, 200, 300, "3f0f803077548f11")):
+        reqs = sim_requests(build_requests("chat", n, rate, 0, with_text=False))
+        shape = EngineShape(blocks, 16, 64, 2048)
+        records = Simulation(SimConfig(Layout.parse(layout), shape), lat, reqs).run()
+        text = json.dumps([r.to_dict() for r in records], sort_keys=True)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == want, layout
+
+
+def test_measured_overheads_delay_routing_and_the_split_handoff():
+    from dataclasses import replace
+
+    req = [SimRequest(0, 0.0, 160, 5)]
+    lat = replace(LAT, overhead_request_ms=(7.0,), overhead_handoff_ms=(3.0,))
+    _, [split0] = _run(Layout(1, 1), req)
+    _, [split] = _run(Layout(1, 1), req, lat=lat)
+    _, [colo0] = _run(Layout(0, 1), req)
+    _, [colo] = _run(Layout(0, 1), req, lat=lat)
+    assert colo.ttft_s * 1000 == pytest.approx(colo0.ttft_s * 1000 + 7)  # no handoff colocated
+    assert split.ttft_s * 1000 == pytest.approx(split0.ttft_s * 1000 + 7 + 3)
+    assert split.itl_s == pytest.approx(split0.itl_s) and colo.itl_s == pytest.approx(colo0.itl_s)
+
+
+def test_step_time_spread_is_drawn_per_step_and_repeats_with_the_seed():
+    from dataclasses import replace
+
+    lat = replace(LAT, step_ratio=(0.5, 1.0, 1.5))
+    reqs = _workload(4.0, n=40)
+    _, plain = _run(Layout(1, 1), reqs)
+    _, spread = _run(Layout(1, 1), reqs, lat=lat)
+    _, again = _run(Layout(1, 1), reqs, lat=lat)
+    assert [r.to_dict() for r in spread] == [r.to_dict() for r in again]
+    gaps = [g for r in spread for g in r.itl_s]
+    plain_gaps = [g for r in plain for g in r.itl_s]
+    assert max(gaps) > 1.3 * max(plain_gaps) and min(gaps) < 0.7 * min(plain_gaps)
+    assert sum(gaps) / len(gaps) == pytest.approx(sum(plain_gaps) / len(plain_gaps), rel=0.1)
+
+
+def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path):
+    """Runs 'measured' by a simulator that charges known overheads: calibration on the
+    lowest-rate run of each system recovers them, and the profile's other sections stay."""
+    import argparse
+    from dataclasses import replace
+
+    from splitserve.bench.sim_validate import calibrate
+    from splitserve.sim.sweep import run_rate
+
+    profile = tmp_path / "lat.json"
+    profile.write_text(json.dumps({"prefill": {"base_ms": 10, "per_token_ms": 0.05},
+                                   "decode": {"base_ms": 5, "per_seq_ms": 0.1, "per_context_token_ms": 0.0005},
+                                   "transfer": {"base_ms": 1, "per_token_ms": 0.01},
+                                   "meta": {"block_size": 16}}))
+    real = replace(LatencyModel.load(profile), overhead_request_ms=(6.0,), overhead_handoff_ms=(9.0,))
+    load, slo = Load("chat", num_requests=30, max_requests=30), SLO(1.0, 0.1)
+    for label, layout in (("colocated", Layout(0, 1)), ("split", Layout(1, 1))):
+        for rate in (0.5, 4.0):
+            run_rate(SimSpec(layout, SHAPE), real, load, rate, slo, tmp_path / "real", label)
+    args = argparse.Namespace(num_kv_blocks=SHAPE.num_blocks, max_num_seqs=SHAPE.max_num_seqs,
+                              max_num_batched_tokens=SHAPE.max_num_batched_tokens, policy="least_loaded")
+    doc = json.loads(calibrate(args, tmp_path, profile).read_text())
+    assert doc["overhead"]["request_ms"][9] == pytest.approx(6.0, abs=0.5)  # the median
+    assert doc["overhead"]["handoff_ms"][9] == pytest.approx(9.0, abs=0.5)
+    assert doc["prefill"] == json.loads(profile.read_text())["prefill"]
+    assert LatencyModel.from_dict(doc).overhead_request_ms[9] == doc["overhead"]["request_ms"][9]

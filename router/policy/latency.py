@@ -8,6 +8,8 @@ in milliseconds; each section gives either coefficients or measured points to fi
                    "per_cached_pair_ms": 0.0},
       "decode":   {"base_ms": 8, "per_seq_ms": 0.3, "per_context_token_ms": 0.0005},
       "transfer": {"base_ms": 1, "per_token_ms": 0.01},
+      "overhead": {"request_ms": [9.5, 12, 20], "handoff_ms": [15, 18]},
+      "spread":   {"step_ratio": [0.97, 0.99, 1.0, 1.02, 1.1]},
       "meta": {...anything, e.g. hardware and model...}
     }
 
@@ -22,6 +24,13 @@ per_cached_pair; without any, it is taken as 2*per_token2 (attention over c cach
 n*c, over its own n tokens causally about n^2/2);
 decode_step_ms(b, c) = base + per_seq*b + per_context_token*c (c = total context in the batch);
 transfer_ms(t) = base + per_token*t.
+
+The optional ``overhead`` and ``spread`` sections (absent: none) are what the simulator adds to
+the step costs, each a list of equally likely values (a number is a list of one) from which it
+draws: ``request_ms``, a request's fixed cost outside the engine steps (HTTP in and out,
+tokenising, routing, the worker admitting it); ``handoff_ms``, what a split request pays on top
+(the prefill hop, the KV connection, the decode worker activating it); ``step_ratio``, a step's
+time over the model's prediction for it.
 """
 
 from __future__ import annotations
@@ -36,6 +45,18 @@ _SECTIONS = {
     "decode": ("base_ms", "per_seq_ms", "per_context_token_ms"),
     "transfer": ("base_ms", "per_token_ms"),
 }
+# sections of equally likely values: section -> {key: LatencyModel field}
+_DRAWN = {
+    "overhead": {"request_ms": "overhead_request_ms", "handoff_ms": "overhead_handoff_ms"},
+    "spread": {"step_ratio": "step_ratio"},
+}
+
+
+def _values(section: str, key: str, value: Any) -> tuple[float, ...]:
+    values = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+    if not values:
+        raise ValueError(f"latency model {section}.{key} is an empty list")
+    return values
 
 
 def _fit(section: str, points: list[list[float]]) -> dict[str, float]:
@@ -81,11 +102,17 @@ class LatencyModel:
     decode_per_context_token_ms: float = 0.0005
     transfer_base_ms: float = 1.0
     transfer_per_token_ms: float = 0.01
+    overhead_request_ms: tuple[float, ...] = ()
+    overhead_handoff_ms: tuple[float, ...] = ()
+    step_ratio: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"latency model {f.name} must be >= 0, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if min(value, default=0) < 0 if isinstance(value, tuple) else value < 0:
+                raise ValueError(f"latency model {f.name} must be >= 0, got {value}")
+        if 0 in self.step_ratio:
+            raise ValueError("latency model spread.step_ratio values must be > 0")
 
     def prefill_ms(self, tokens: float, cached_pairs: float = 0.0) -> float:
         """A prefill batch computing ``tokens`` tokens, whose tokens attend to cached prefix
@@ -105,10 +132,16 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
-        unknown = set(data) - set(_SECTIONS) - {"meta"}
+        unknown = set(data) - set(_SECTIONS) - set(_DRAWN) - {"meta"}
         if unknown:
             raise ValueError(f"unknown latency model section(s): {', '.join(sorted(unknown))}")
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}
+        for section, names in _DRAWN.items():
+            sec = data.get(section) or {}
+            bad = set(sec) - set(names)
+            if bad:
+                raise ValueError(f"unknown latency model field(s) in {section}: {', '.join(sorted(bad))}")
+            values.update({names[k]: _values(section, k, v) for k, v in sec.items()})
         for section, keys in _SECTIONS.items():
             sec = data.get(section)
             if sec is None:
