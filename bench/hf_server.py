@@ -86,13 +86,13 @@ class _Job:
         s = spec.sampling
         self.request_id = spec.request_id
         self.prompt = list(spec.prompt_token_ids)
-        self.max_tokens = int(s["max_tokens"])
-        self.ignore_eos = bool(s.get("ignore_eos", False))
-        self.stop_ids = set(s.get("stop_token_ids") or ())
-        self.temperature = float(s.get("temperature", 1.0))
-        self.top_p = float(s.get("top_p", 1.0))
-        self.top_k = int(s.get("top_k", -1))
-        self.seed = s.get("seed")
+        self.max_tokens = s.max_tokens
+        self.ignore_eos = s.ignore_eos
+        self.stop_ids = set(s.stop_token_ids)
+        self.temperature = s.temperature
+        self.top_p = s.top_p
+        self.top_k = s.top_k
+        self.seed = s.seed
         self.loop = loop
         self.out: asyncio.Queue[Chunk | RouterError] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -193,7 +193,7 @@ class HFGenerator:
 
     async def run(self, spec: SequenceSpec) -> AsyncIterator[Chunk]:
         """Queue one sequence and yield its tokens; leaving early cancels it."""
-        if spec.sampling.get("logprobs") is not None:
+        if spec.sampling.logprobs is not None:
             raise bad_request("logprobs are not supported by the HF baseline server", "logprobs")
         job = _Job(spec, asyncio.get_running_loop())
         with self._cv:
@@ -341,7 +341,7 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
     from splitserve.router.app import model_max_len
     from splitserve.router.config import SLO
     from splitserve.router.errors import error_body
-    from splitserve.router.protocol import (
+    from splitserve.router.openai_api import (
         ChatCompletionRequest,
         CompletionRequest,
         check_model,

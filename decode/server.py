@@ -15,52 +15,39 @@ body is never iterated (the client left before the headers went out: ``LeasedStr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from fastapi.responses import StreamingResponse
 from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.block_manager import NoFreeBlocks
 from splitserve.engine.engine import StepOutput
 from splitserve.engine.handshake import kv_receiver
 from splitserve.engine.metrics import REQUESTS
-from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.worker import (
     EngineWorker,
     WorkerOptions,
-    WorkerRequest,
     add_common_routes,
     error,
     guard,
     lifespan,
     make_app,
+    read_message,
 )
+from splitserve.protocol import GenerateRequest, InvalidMessage, TokenLine
 
 log = logging.getLogger(__name__)
 
 
-class GenerateRequest(WorkerRequest):
-    recompute: bool = False
-
-
-def _line(obj: dict) -> bytes:
-    return (json.dumps(obj) + "\n").encode()
-
-
 def _token_line(out: StepOutput) -> bytes:
-    seq = out.seq
-    line = {
-        "token_ids": [out.token_id],
-        "finish_reason": seq.finish_reason if out.finished else None,
-        "stop_string": seq.stop_string if out.finished else None,
-    }
-    if out.logprobs is not None:
-        line["logprobs"] = [out.logprobs]
-    return _line(line)
+    seq, done = out.seq, out.finished
+    logprobs = None if out.logprobs is None else [out.logprobs]
+    return TokenLine([out.token_id], seq.finish_reason if done else None, seq.stop_string if done else None,
+                     logprobs).encode()
 
 
 class DecodeWorker(EngineWorker):
@@ -116,7 +103,7 @@ class DecodeWorker(EngineWorker):
             lease.end(Stage.FAILED)
             REQUESTS.labels("decode", "failed").inc()
             log.warning("request %s failed: %s", seq.request_id, exc)
-            yield _line({"error": str(exc), "finish_reason": "error"})
+            yield TokenLine.failure(str(exc)).encode()
         finally:  # closed at a yield (GeneratorExit): the client is gone
             lease.end(Stage.CANCELLED)
 
@@ -167,9 +154,16 @@ def create_app(options: WorkerOptions):
     guard(app, worker)
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(request: Request):
         try:
-            seq = Sequence(req.request_id, req.token_ids, SamplingParams.from_dict(req.sampling))
+            req = await read_message(request, GenerateRequest)
+        except InvalidMessage as exc:
+            if exc.request_id is None:  # not a request: nothing to tell the prefill side
+                REQUESTS.labels("decode", "bad_request").inc()
+                return error(400, str(exc))
+            return _refuse(worker, exc.request_id, exc)
+        try:
+            seq = Sequence(req.request_id, req.token_ids, req.sampling)
         except ValueError as exc:
             return _refuse(worker, req.request_id, exc)
         lease = worker.lease(seq)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_LOGPROBS = 20  # most alternatives per token a request may ask logprobs for
+from splitserve.protocol.sampling import MAX_LOGPROBS  # noqa: F401  (engine settings name it)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 

@@ -33,6 +33,7 @@ from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 from splitserve.engine.stopping import StopChecker
+from splitserve.protocol import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -375,14 +376,14 @@ class LLMEngine:
             self.step()
         return [s.output_token_ids for s in seqs]
 
-    def load(self) -> dict:
+    def load(self) -> LoadReport:
         """Live load, as workers report it on ``GET /load``."""
-        return {
-            "waiting": len(self.scheduler.waiting),
-            "running": len(self.scheduler.running),
-            "queued_prompt_tokens": self.scheduler.queued_prompt_tokens,
-            "free_blocks": self.blocks.num_free_blocks,
-            "total_blocks": self.blocks.num_blocks,
-            "block_size": self.blocks.block_size,
-            "max_model_len": self.max_model_len,
-        }
+        return LoadReport(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            queued_prompt_tokens=self.scheduler.queued_prompt_tokens,
+            free_blocks=self.blocks.num_free_blocks,
+            total_blocks=self.blocks.num_blocks,
+            block_size=self.blocks.block_size,
+            max_model_len=self.max_model_len,
+        )

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from dataclasses import replace
+from typing import Any
 
-from pydantic import BaseModel, Field
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.handshake import fingerprint, kv_spec
 from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
+from splitserve.protocol import DrainReply, ErrorReply, Health, InvalidMessage
 from splitserve.trust import (
     InternalAuthMiddleware,
     InternalSecret,
@@ -20,14 +23,6 @@ from splitserve.trust import (
 __all__ = ["WorkerOptions", "add_worker_args", "fingerprint", "kv_spec", "options_from_args"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerRequest(BaseModel):
-    """The fields every worker request carries (the router sends the same three to both)."""
-
-    request_id: str = Field(min_length=1)
-    token_ids: list[int] = Field(min_length=1)
-    sampling: dict = Field(default_factory=dict)
 
 
 class EngineWorker:
@@ -84,20 +79,14 @@ def add_common_routes(app, state, role: str) -> None:
 
     @app.get("/health")
     async def health() -> dict:
-        return {
-            "status": "ok",
-            "role": role,
-            "model": state.options.engine.runner.model_dir,
-            "kv_endpoint": getattr(state, "kv_endpoint", None),
-            "fingerprint": fingerprint(state.engine, state.options.generation),
-        }
+        return identity(state, role).to_json()
 
     @app.get("/load")
     async def load() -> dict:
         from splitserve.kvtransfer.metrics import peer_report
 
-        return {"role": role, **state.engine.load(), "draining": getattr(state, "draining", False),
-                "kv_peers": peer_report()}  # the backend negotiated with each peer, bytes/s
+        return replace(state.engine.load(), role=role, draining=getattr(state, "draining", False),
+                       kv_peers=tuple(peer_report())).to_json()
 
     @app.post("/drain")
     async def drain() -> dict:
@@ -111,11 +100,26 @@ def add_common_routes(app, state, role: str) -> None:
         heartbeat, state.heartbeat = getattr(state, "heartbeat", None), None
         if heartbeat is not None:  # deletes its key; joins its thread: not on the event loop
             await asyncio.to_thread(heartbeat.stop)
-        return {"draining": True}
+        return DrainReply().to_json()
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def identity(state, role: str) -> Health:
+    """Who this worker is: its ``/health`` answer and its registry entry."""
+    return Health(role, state.options.engine.runner.model_dir, getattr(state, "kv_endpoint", None),
+                  fingerprint(state.engine, state.options.generation))
+
+
+async def read_message(request, message_type: Any) -> Any:
+    """The request's JSON body as ``message_type`` (a protocol request), or InvalidMessage."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError as exc:
+        raise InvalidMessage(f"invalid request: body is not JSON: {exc}") from None
+    return message_type.from_json(data)
 
 
 def serve(app, options: WorkerOptions) -> None:
@@ -136,15 +140,15 @@ def make_app(role: str):
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": f"invalid request: {reasons}"}, status_code=400)
+        return JSONResponse(ErrorReply(f"invalid request: {reasons}").to_json(), status_code=400)
 
     return app
 
 
-def error(status: int, message: str, **extra):
+def error(status: int, message: str, reason: str | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    return JSONResponse(ErrorReply(message, reason).to_json(), status_code=status)
 
 
 def lifespan(worker, options: WorkerOptions, state):
@@ -159,14 +163,9 @@ def lifespan(worker, options: WorkerOptions, state):
         if options.redis_url:
             from splitserve.router.registry import redis_password, start_heartbeat
 
-            heartbeat = start_heartbeat(options.redis_url, {
-                "url": options.url,
-                "role": options.role,
-                "model": options.engine.runner.model_dir,
-                "kv_endpoint": getattr(state, "kv_endpoint", None),
-                "fingerprint": fingerprint(state.engine, options.generation),
-            }, namespace=options.redis_namespace, secret=worker.secret,
-                password=redis_password(options.redis_password_file))
+            heartbeat = start_heartbeat(options.redis_url, identity(state, options.role).announcement(options.url),
+                                        namespace=options.redis_namespace, secret=worker.secret,
+                                        password=redis_password(options.redis_password_file))
         state.heartbeat = heartbeat  # /drain stops it early
         try:
             yield

@@ -21,28 +21,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from pydantic import Field
+from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.handshake import kv_sender
 from splitserve.engine.metrics import REQUESTS
-from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.worker import (
     EngineWorker,
     WorkerOptions,
-    WorkerRequest,
     add_common_routes,
     error,
     guard,
     lifespan,
     make_app,
+    read_message,
 )
+from splitserve.protocol import InvalidMessage, PrefillRequest, PrefillResult, TransferMeta
 
 log = logging.getLogger(__name__)
-
-
-class PrefillRequest(WorkerRequest):
-    decode_kv_endpoint: str = Field(min_length=3, description="host:port of the decode worker's KV receiver")
 
 
 class PrefillWorker(EngineWorker):
@@ -58,14 +54,14 @@ class PrefillWorker(EngineWorker):
         self.transfers.shutdown(wait=False, cancel_futures=True)
         self.sender.close()
 
-    async def prefill(self, req: PrefillRequest) -> dict:
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill while streaming each layer's KV to the decode worker, then release the blocks.
 
         The transfer starts (connects and handshakes) before the prompt is computed; the engine
         hands it layer i's KV right after layer i's forward pass, and the first token after the
         last layer. Raises ValueError (bad input) or TransferError.
         """
-        seq = Sequence(req.request_id, req.token_ids, SamplingParams.from_dict(req.sampling), prefill_only=True)
+        seq = Sequence(req.request_id, req.token_ids, req.sampling, prefill_only=True)
         self.engine.check_prompt(seq.prompt_token_ids)
         stream = LayerStream(self.engine.runner.model_config.num_layers)
         seq.on_layer_kv = stream.put
@@ -73,7 +69,7 @@ class PrefillWorker(EngineWorker):
         transfer = loop.run_in_executor(
             self.transfers,
             lambda: self.sender.send(seq.request_id, req.decode_kv_endpoint, stream, stream.first_token,
-                                     {"num_prompt_tokens": seq.num_prompt_tokens},
+                                     TransferMeta(seq.num_prompt_tokens).to_json(),
                                      num_tokens=seq.num_prompt_tokens),
         )
         started = time.perf_counter()
@@ -94,15 +90,13 @@ class PrefillWorker(EngineWorker):
             stream.fail(exc)  # the sender stops at once; the decode side learns of it
             await asyncio.gather(transfer, return_exceptions=True)
             raise
-        return {
-            "request_id": req.request_id,
-            "first_token": stream.first_token(),
-            "first_logprobs": first_logprobs,  # the decode stream cannot carry them: it only gets the token
-            "num_prompt_tokens": seq.num_prompt_tokens,
-            "num_cached_tokens": seq.num_cached_tokens,
-            "prefill_ms": (prefilled - started) * 1e3,
-            "transfer_ms": (time.perf_counter() - prefilled) * 1e3,
-        }
+        return PrefillResult(
+            req.request_id, stream.first_token(), seq.num_prompt_tokens,
+            first_logprobs=first_logprobs,  # the decode stream cannot carry them: it only gets the token
+            num_cached_tokens=seq.num_cached_tokens,
+            prefill_ms=(prefilled - started) * 1e3,
+            transfer_ms=(time.perf_counter() - prefilled) * 1e3,
+        )
 
 
 class LayerStream:
@@ -155,7 +149,12 @@ def create_app(options: WorkerOptions):
     guard(app, worker)
 
     @app.post("/prefill")
-    async def prefill(req: PrefillRequest):
+    async def prefill(request: Request):
+        try:
+            req = await read_message(request, PrefillRequest)
+        except InvalidMessage as exc:
+            REQUESTS.labels("prefill", "bad_request").inc()
+            return error(400, str(exc))
         try:
             result = await worker.prefill(req)
         except TransferError as exc:
@@ -166,7 +165,7 @@ def create_app(options: WorkerOptions):
             REQUESTS.labels("prefill", "bad_request").inc()
             return error(400, str(exc))
         REQUESTS.labels("prefill", "ok").inc()
-        return result
+        return result.to_json()
 
     app.state.worker = worker
     return app

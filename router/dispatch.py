@@ -23,6 +23,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.protocol import (
+    GenerateRequest,
+    PrefillRequest,
+    PrefillResult,
+    SamplingParams,
+    TokenLine,
+)
 from splitserve.router.admission import AdmissionSignal
 from splitserve.router.config import SLO, RouterConfig
 from splitserve.router.errors import RouterError, ShedError, UpstreamError
@@ -38,17 +45,12 @@ log = logging.getLogger("splitserve.router.dispatch")
 class SequenceSpec:
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     slo: SLO
     arrival: float  # time.monotonic() when the HTTP request arrived
 
 
-@dataclass(frozen=True)
-class Chunk:
-    token_ids: list[int]
-    finish_reason: str | None
-    stop_string: str | None
-    logprobs: list[dict[str, Any]] | None = None  # one entry per token, when the request asked
+Chunk = TokenLine  # what one sequence yields: decode's lines that arrived together, merged
 
 
 class _WorkerFailed(Exception):
@@ -147,7 +149,7 @@ class Dispatcher:
 
     async def run(self, spec: SequenceSpec) -> AsyncIterator[Chunk]:
         """The sequence's chunks; raises RouterError (with its HTTP status) on failure."""
-        req = RouteRequest(spec.prompt_token_ids, spec.sampling["max_tokens"], spec.slo)
+        req = RouteRequest(spec.prompt_token_ids, spec.sampling.max_tokens, spec.slo)
         exclude: set[str] = set()
         last_error = ""
         first_at = last_at = None
@@ -191,7 +193,7 @@ class Dispatcher:
         for w in (d, p):
             if w is not None:
                 w.note_assigned(n)
-        body = {"request_id": rid, "token_ids": spec.prompt_token_ids, "sampling": spec.sampling, "recompute": p is None}
+        request = GenerateRequest(rid, spec.prompt_token_ids, spec.sampling, recompute=p is None)
         yielded = False
         prefill_task: asyncio.Task | None = None
         # Decode's first line comes after the prefill and the KV transfer: wait for it as long as
@@ -200,17 +202,17 @@ class Dispatcher:
         wire = _Tripwire([("decode", d), ("prefill", p)])
         try:
             try:
-                async with self.client.generate(d.url, body) as stream:
+                async with self.client.generate(d.url, request) as stream:
                     batches = stream.batches(first_timeout)
                     if p is not None:
                         prefill_task = asyncio.create_task(self._prefill(p, rid, spec, d))
                         wire.watch(prefill_task)
                     first = await anext(batches, None)
                     wire.disarm()
-                    if first and prefill_task is not None and spec.sampling.get("logprobs") is not None:
+                    if first and prefill_task is not None and spec.sampling.logprobs is not None:
                         # The first token came through the KV transfer, which carries the token
                         # only: its logprobs are in the prefill worker's response.
-                        first[0] = dict(first[0], logprobs=[(await prefill_task).get("first_logprobs")])
+                        first[0].logprobs = [(await prefill_task).first_logprobs]
                     async for chunk in self._chunks(first, batches, d):
                         yielded = True
                         yield chunk
@@ -241,20 +243,15 @@ class Dispatcher:
                 if w is not None:
                     w.note_done()
 
-    async def _prefill(self, p: WorkerState, rid: str, spec: SequenceSpec, d: WorkerState) -> dict[str, Any]:
-        body = {
-            "request_id": rid,
-            "token_ids": spec.prompt_token_ids,
-            "sampling": spec.sampling,
-            "decode_kv_endpoint": d.kv_endpoint,
-        }
+    async def _prefill(self, p: WorkerState, rid: str, spec: SequenceSpec, d: WorkerState) -> PrefillResult:
+        request = PrefillRequest(rid, spec.prompt_token_ids, spec.sampling, d.kv_endpoint)
         try:
-            result = await self.client.prefill(p.url, body)
+            result = await self.client.prefill(p.url, request)
         except WorkerUnreachable as exc:
             raise _WorkerFailed("prefill", p, str(exc), unreachable=True) from exc
         except WorkerRejected as exc:
             raise _WorkerFailed("prefill", p, f"HTTP {exc.status} {exc.message}", False, exc.status) from exc
-        self.policy.observe_transfer(p.url, d.url, len(spec.prompt_token_ids), result.get("transfer_ms"))
+        self.policy.observe_transfer(p.url, d.url, len(spec.prompt_token_ids), result.transfer_ms)
         return result
 
     @staticmethod
@@ -269,7 +266,7 @@ class Dispatcher:
 
     @staticmethod
     async def _chunks(
-        first: list[dict[str, Any]] | None, batches: AsyncIterator[list[dict[str, Any]]], d: WorkerState
+        first: list[TokenLine] | None, batches: AsyncIterator[list[TokenLine]], d: WorkerState
     ) -> AsyncIterator[Chunk]:
         """One Chunk per batch of lines (tokens joined), until the line with a finish_reason."""
         batch = first
@@ -333,25 +330,24 @@ class _Tripwire:
         return self.failure
 
 
-def _merge(lines: list[dict[str, Any]], d: WorkerState) -> Chunk:
+def _merge(lines: list[TokenLine], d: WorkerState) -> Chunk:
     """The lines of one batch as one Chunk: their tokens (and logprobs) in order, the finish of
     the line that finished; lines after a finish are ignored, an error line raises."""
-    if len(lines) == 1:  # the common case: no lists to join
+    if len(lines) == 1:  # the common case: the line is the chunk
         line = lines[0]
-        if line.get("error") is not None or line.get("finish_reason") == "error":
-            raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
-        return Chunk(list(line.get("token_ids") or []), line.get("finish_reason"), line.get("stop_string"),
-                     line.get("logprobs"))
+        if line.failed:
+            raise _DecodeError(f"decode worker {d.url} reported an error: {line.error}")
+        return line
     tokens: list[int] = []
     logprobs: list[dict[str, Any]] | None = None
     finish = stop = None
     for line in lines:
-        if line.get("error") is not None or line.get("finish_reason") == "error":
-            raise _DecodeError(f"decode worker {d.url} reported an error: {line.get('error')}")
-        tokens += line.get("token_ids") or []
-        if line.get("logprobs") is not None:
-            logprobs = (logprobs or []) + list(line["logprobs"])
-        finish, stop = line.get("finish_reason"), line.get("stop_string")
+        if line.failed:
+            raise _DecodeError(f"decode worker {d.url} reported an error: {line.error}")
+        tokens += line.token_ids
+        if line.logprobs is not None:
+            logprobs = (logprobs or []) + list(line.logprobs)
+        finish, stop = line.finish_reason, line.stop_string
         if finish is not None:
             break
     return Chunk(tokens, finish, stop, logprobs)

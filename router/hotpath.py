@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from splitserve.router.codec import dumps
 from splitserve.router.config import MAX_SLO_MS, SLO, check_slo_ms
 from splitserve.router.errors import LimitError, RouterError, bad_request, error_body
-from splitserve.router.protocol import (
+from splitserve.router.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     check_model,

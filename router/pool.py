@@ -67,10 +67,9 @@ class WorkerPool:
         try:
             if not w.healthy or (w.role == "decode" and not w.kv_endpoint):
                 health = await self.client.health(w.url)
-                if health.get("role") not in (None, w.role):
-                    raise WorkerRejected(200, f"registered as {w.role} but reports role {health.get('role')}")
-                w.kv_endpoint = health.get("kv_endpoint")
-                w.fingerprint = health.get("fingerprint")
+                if health.role not in (None, w.role):
+                    raise WorkerRejected(200, f"registered as {w.role} but reports role {health.role}")
+                w.kv_endpoint, w.fingerprint = health.kv_endpoint, health.fingerprint
             w.set_load(await self.client.load(w.url))
         except (WorkerUnreachable, WorkerRejected, ValueError) as exc:
             self.mark_unhealthy(w, str(exc))

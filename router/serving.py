@@ -25,8 +25,8 @@ from splitserve.router.config import SLO
 from splitserve.router.dispatch import Chunk, Dispatcher, SequenceSpec
 from splitserve.router.errors import RouterError, bad_request
 from splitserve.router.logprobs import LogprobsFormatter
+from splitserve.router.openai_api import SamplingFields
 from splitserve.router.output import ChoiceText
-from splitserve.router.protocol import SamplingFields
 from splitserve.router.tokenizer import RouterTokenizer
 
 _END = object()
@@ -115,7 +115,7 @@ class Serving:
         for i, (ids, limit) in enumerate(zip(prompts, limits, strict=True)):
             for j in range(body.n):
                 index = i * body.n + j
-                specs.append(SequenceSpec(f"{rid}-{index}", ids, body.sampling(limit, index), slo, now))
+                specs.append(SequenceSpec(f"{rid}-{index}", ids, body.sampling_params(limit, index), slo, now))
                 owners.append(i)
         return rid, specs, owners
 

@@ -2,9 +2,10 @@
 
 For router tests and ``bench/router.py``: they answer instantly (or after a set delay), emit
 deterministic tokens, and can be told to fail in the ways real workers do (prefill refuses,
-decode dies mid-stream). The KV hand-off is imitated over HTTP: the prefill stub POSTs
-``/stub_kv`` to the decode stub's ``kv_endpoint``, and a decode stub that is not told to
-recompute waits for it, like a real decode worker waits for the KV.
+decode dies mid-stream). Every message is the real workers' (``splitserve.protocol``). The KV
+hand-off is imitated over HTTP: the prefill stub POSTs its ``PrefillResult`` to ``/stub_kv`` at
+the decode stub's ``kv_endpoint``, and a decode stub that is not told to recompute waits for it,
+like a real decode worker waits for the KV.
 
 Run one: ``python -m splitserve.router.stub_worker --role decode --port 9001``.
 """
@@ -14,9 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from splitserve.protocol import (
+    ErrorReply,
+    GenerateRequest,
+    Health,
+    LoadReport,
+    PrefillRequest,
+    PrefillResult,
+    TokenLine,
+)
 from splitserve.router import http1
 from splitserve.router.codec import dumps, loads
 from splitserve.router.hotpath import read_body, send_json
@@ -38,9 +48,9 @@ class StubBehaviour:
     die_after_tokens: int | None = None  # decode: break the connection after this many tokens
     dead: bool = False  # every endpoint answers 500
     wait_for_kv_s: float = 5.0
-    load: dict[str, int] = field(default_factory=dict)
+    load: dict[str, int] = field(default_factory=dict)  # LoadReport fields to report instead
     stop_strings_from: Any = None  # a RouterTokenizer: apply stop strings like the engine does
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)  # the bodies received, as sent
     aborted: list[str] = field(default_factory=list)
 
 
@@ -73,16 +83,16 @@ class StubApp:
         if scope["type"] != "http":
             return
         if self.b.dead:
-            await send_json(send, 500, {"error": "stub is dead"})
+            await send_json(send, 500, ErrorReply("stub is dead").to_json())
             return
         handler = self.routes.get((scope["method"], scope["path"]))
         if handler is None:
-            await send_json(send, 404, {"error": f"no route {scope['method']} {scope['path']}"})
+            await send_json(send, 404, ErrorReply(f"no route {scope['method']} {scope['path']}").to_json())
             return
         try:
             body = loads(await read_body(receive)) if scope["method"] == "POST" else {}
         except ValueError as exc:
-            await send_json(send, 400, {"error": f"body is not JSON: {exc}"})
+            await send_json(send, 400, ErrorReply(f"body is not JSON: {exc}").to_json())
             return
         await handler(body, receive, send)
 
@@ -102,32 +112,35 @@ class StubApp:
 
     async def health(self, _body: dict, _receive: Any, send: Any) -> None:
         b = self.b
-        await send_json(send, 200, {"status": "ok", "role": b.role, "model": "stub",
-                                    "kv_endpoint": b.kv_endpoint, "fingerprint": "stub"})
+        await send_json(send, 200, Health(b.role, "stub", b.kv_endpoint, "stub").to_json())
 
     async def load(self, _body: dict, _receive: Any, send: Any) -> None:
         b = self.b
-        base = {"role": b.role, "waiting": 0, "running": self.running, "queued_prompt_tokens": 0,
-                "free_blocks": 1000, "total_blocks": 1000, "block_size": 16,
-                "max_model_len": b.max_model_len}
-        await send_json(send, 200, base | b.load)
+        report = LoadReport(running=self.running, free_blocks=1000, total_blocks=1000, block_size=16,
+                            max_model_len=b.max_model_len, role=b.role)
+        await send_json(send, 200, replace(report, **b.load).to_json())
 
     async def stub_kv(self, body: dict, _receive: Any, send: Any) -> None:
-        self.event(body["request_id"]).set()
-        await send_json(send, 200, {"ok": True})
+        self.event(PrefillResult.from_json(body).request_id).set()
+        await send_json(send, 200, {})
 
     async def prefill(self, body: dict, _receive: Any, send: Any) -> None:
         b = self.b
+        req = await _message(PrefillRequest, body, send)
+        if req is None:
+            return
         b.requests.append(body)
         if b.prefill_status != 200:
-            await send_json(send, b.prefill_status, {"error": "stub prefill refuses", "reason": "stub"})
+            await send_json(send, b.prefill_status, ErrorReply("stub prefill refuses", "stub").to_json())
             return
         if b.prefill_delay_s:
             await asyncio.sleep(b.prefill_delay_s)
         if self.pool is None:
             self.pool = http1.Pool(connect_timeout_s=5.0)
-        host, _, port = body["decode_kv_endpoint"].rpartition(":")
-        payload = dumps({"request_id": body["request_id"]})
+        host, _, port = req.decode_kv_endpoint.rpartition(":")
+        result = PrefillResult(req.request_id, b.output_token_ids[0], len(req.token_ids), prefill_ms=0.0,
+                               transfer_ms=0.0)
+        payload = dumps(result.to_json())
         for attempt in (1, 2):  # idempotent: once more if a kept-alive connection was just closed
             try:
                 resp = await self.pool.post(host, int(port), "/stub_kv", payload, 30.0)
@@ -139,18 +152,14 @@ class StubApp:
             except OSError:
                 if attempt == 2:
                     raise
-        await send_json(send, 200, {
-            "request_id": body["request_id"],
-            "first_token": b.output_token_ids[0],
-            "num_prompt_tokens": len(body["token_ids"]),
-            "num_cached_tokens": 0,
-            "prefill_ms": 0.0,
-            "transfer_ms": 0.0,
-        })
+        await send_json(send, 200, result.to_json())
 
     async def generate(self, body: dict, receive: Any, send: Any) -> None:
         """The NDJSON stream; a client that disconnects cancels it (recorded in ``aborted``)."""
-        rid = body["request_id"]
+        req = await _message(GenerateRequest, body, send)
+        if req is None:
+            return
+        rid = req.request_id
         self.b.requests.append(body)
         current = asyncio.current_task()
         gone = streaming = False
@@ -167,7 +176,7 @@ class StubApp:
                     "headers": [(b"content-type", b"application/x-ndjson")]})
         watcher = asyncio.ensure_future(watch())
         streaming = True
-        lines = self._lines(body)
+        lines = self._lines(req)
         try:
             async for line in lines:
                 await send({"type": "http.response.body", "body": line, "more_body": True})
@@ -198,15 +207,15 @@ class StubApp:
             return False
         return True
 
-    async def _lines(self, body: dict) -> AsyncIterator[bytes]:
+    async def _lines(self, req: GenerateRequest) -> AsyncIterator[bytes]:
         b = self.b
-        rid = body["request_id"]
-        max_tokens = body["sampling"]["max_tokens"]
-        stops = body["sampling"].get("stop") or []
+        rid = req.request_id
+        max_tokens = req.sampling.max_tokens
+        stops = list(req.sampling.stop)
         self.running += 1
         try:
-            if not body.get("recompute") and not await self._wait_kv(rid):
-                yield dumps({"error": "KV never arrived", "finish_reason": "error"}) + b"\n"
+            if not req.recompute and not await self._wait_kv(rid):
+                yield TokenLine.failure("KV never arrived").encode()
                 return
             out: list[int] = []
             pending: list[int] = []
@@ -221,7 +230,7 @@ class StubApp:
                 pending.append(tok)
                 finish, hit = _finish(b, out, tok, max_tokens, stops)
                 if finish or len(pending) >= b.tokens_per_chunk:
-                    yield dumps({"token_ids": pending, "finish_reason": finish, "stop_string": hit}) + b"\n"
+                    yield TokenLine(pending, finish, hit).encode()
                     pending = []
                 if finish:
                     return
@@ -234,6 +243,15 @@ class StubApp:
         finally:
             self.running -= 1
             self.kv_events.pop(rid, None)
+
+
+async def _message(cls: Any, body: dict, send: Any) -> Any:
+    """``body`` as the request ``cls``, or None once the sender got the real workers' 400."""
+    try:
+        return cls.from_json(body)
+    except ValueError as exc:
+        await send_json(send, 400, ErrorReply(str(exc)).to_json())
+        return None
 
 
 def _finish(

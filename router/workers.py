@@ -13,13 +13,21 @@ go, so a backlog costs one pass through the router, not one per line.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from splitserve.protocol import (
+    ErrorReply,
+    GenerateRequest,
+    Health,
+    LoadReport,
+    PrefillRequest,
+    PrefillResult,
+    TokenLine,
+)
 from splitserve.router import http1
 from splitserve.router.codec import dumps, loads
 
@@ -40,32 +48,7 @@ class WorkerRejected(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class WorkerLoad:
-    """One ``GET /load`` answer."""
-
-    waiting: int = 0
-    running: int = 0
-    queued_prompt_tokens: int = 0
-    free_blocks: int = 0
-    total_blocks: int = 0
-    block_size: int = 16
-    max_model_len: int = 0
-    draining: bool = False  # the worker's pod is terminating: nothing new for it
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WorkerLoad:
-        counts = {k: int(data.get(k, getattr(cls, k))) for k in cls.__dataclass_fields__
-                  if k != "draining"}
-        return cls(**counts, draining=data.get("draining") is True)
-
-    @property
-    def used_tokens(self) -> int:
-        return (self.total_blocks - self.free_blocks) * self.block_size
-
-    @property
-    def free_fraction(self) -> float:
-        return self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+WorkerLoad = LoadReport  # the router's name for a worker's last /load (policies read it)
 
 
 @dataclass
@@ -110,17 +93,8 @@ async def _error_message(resp: aiohttp.ClientResponse) -> tuple[str, str | None]
 
 def _error_text(raw: bytes, status: int) -> tuple[str, str | None]:
     """(message, reason) from an error answer: the worker's JSON error if it is one."""
-    text = raw.decode(errors="replace")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return text[:500] or f"HTTP {status}", None
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict):
-            return str(err.get("message", err)), err.get("reason")
-        return str(err), data.get("reason")
-    return str(data), None
+    reply = ErrorReply.parse(raw, status)
+    return reply.message, reply.reason
 
 
 def _describe(exc: BaseException) -> str:
@@ -170,8 +144,11 @@ class WorkerClient:
         except _NET_ERRORS as exc:
             raise WorkerUnreachable(f"{url}: {_describe(exc)}") from exc
 
-    async def health(self, base: str) -> dict[str, Any]:
-        return await self._get_json(f"{base}/health")
+    async def health(self, base: str) -> Health:
+        try:
+            return Health.from_json(await self._get_json(f"{base}/health"))
+        except ValueError as exc:
+            raise WorkerRejected(200, f"{base}/health: {exc}") from exc
 
     async def load(self, base: str) -> WorkerLoad:
         return WorkerLoad.from_json(await self._get_json(f"{base}/load"))
@@ -190,10 +167,10 @@ class WorkerClient:
         host, port, prefix = self._address(base)
         return await self.pool.post(host, port, prefix + path, dumps(body), timeout)
 
-    async def prefill(self, base: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def prefill(self, base: str, request: PrefillRequest) -> PrefillResult:
         timeout = self.prefill_timeout.total
         try:
-            resp = await self.post(base, "/prefill", body, timeout)
+            resp = await self.post(base, "/prefill", request.to_json(), timeout)
             try:
                 raw = await resp.read(timeout)
             finally:
@@ -204,12 +181,12 @@ class WorkerClient:
             msg, reason = _error_text(raw, resp.status)
             raise WorkerRejected(resp.status, f"prefill {base}: {msg}", reason)
         try:
-            return loads(raw)
+            return PrefillResult.from_json(loads(raw))
         except ValueError as exc:
-            raise WorkerRejected(resp.status, f"prefill {base}: answer is not JSON: {exc}") from exc
+            raise WorkerRejected(resp.status, f"prefill {base}: answer is not a prefill result: {exc}") from exc
 
-    def generate(self, base: str, body: dict[str, Any]) -> GenerateStream:
-        return GenerateStream(self, base, body)
+    def generate(self, base: str, request: GenerateRequest) -> GenerateStream:
+        return GenerateStream(self, base, request.to_json())
 
 
 class GenerateStream:
@@ -251,8 +228,8 @@ class GenerateStream:
         except _NET_ERRORS:
             pass  # __aexit__ closes it; nothing is lost but the connection
 
-    async def batches(self, first_timeout: float | None = None) -> AsyncIterator[list[dict[str, Any]]]:
-        """Parsed NDJSON objects, as lists of every complete line that had arrived; a broken
+    async def batches(self, first_timeout: float | None = None) -> AsyncIterator[list[TokenLine]]:
+        """Parsed NDJSON token lines, as lists of every complete line that had arrived; a broken
         connection or a line that is not JSON raises WorkerUnreachable. The first data may
         take ``first_timeout`` (default: the idle timeout), the rest the idle timeout each."""
         if self._resp is None:
@@ -266,11 +243,11 @@ class GenerateStream:
                 if not data:
                     break
                 *complete, rest = (rest + data).split(b"\n")
-                batch = [loads(line) for line in complete if line.strip()]
+                batch = [TokenLine.from_json(loads(line)) for line in complete if line.strip()]
                 if batch:
                     yield batch
             if rest.strip():
-                yield [loads(rest)]
+                yield [TokenLine.from_json(loads(rest))]
         except _NET_ERRORS as exc:
             raise WorkerUnreachable(f"decode {self.base} stream broke: {_describe(exc)}") from exc
         except ValueError as exc:

@@ -44,7 +44,7 @@ from splitserve.engine.sequence import Sequence as EngineSeq
 from splitserve.router.config import SLO as RouterSLO
 from splitserve.router.policy import NoCandidate, RouteRequest, SloUnattainable, build_policy
 from splitserve.router.policy.latency import LatencyModel
-from splitserve.router.workers import WorkerLoad, WorkerState
+from splitserve.router.workers import WorkerState
 from splitserve.sim.costs import transfer_done_ms
 from splitserve.sim.runner import VOCAB, EngineShape, sim_engine
 
@@ -137,7 +137,7 @@ class _Worker:
         self.commands: deque[Callable[[float], None]] = deque()
 
     def refresh(self) -> None:
-        self.state.set_load(WorkerLoad.from_json(self.engine.load()))
+        self.state.set_load(self.engine.load())
 
 
 @dataclass

@@ -99,13 +99,14 @@ def test_static_batch_gives_the_same_greedy_tokens(
 ) -> None:
     """Two queued requests of different lengths, one left-padded generate call."""
     from splitserve.bench.hf_server import HFGenerator, HFServerConfig, load_model
+    from splitserve.protocol import SamplingParams
     from splitserve.router.config import SLO
     from splitserve.router.dispatch import SequenceSpec
 
     prompts, expected = reference
     model, eos, pad = load_model(HFServerConfig(str(demo_model), "demo", device="cpu"))
     gen = HFGenerator(model, eos, pad, batch=2)
-    sampling = {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     specs = [SequenceSpec(f"r{i}", p, sampling, SLO(), 0.0) for i, p in enumerate(prompts)]
 
     async def collect(spec: SequenceSpec) -> list[int]:

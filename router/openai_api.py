@@ -1,4 +1,5 @@
-"""OpenAI request bodies (pydantic) and their translation to the workers' SamplingParams JSON.
+"""The router's public protocol: OpenAI request bodies (pydantic), and their translation to the
+workers' ``SamplingParams`` (the workers' own protocol is ``splitserve.protocol``).
 
 Unknown fields are refused (like OpenAI's "Unrecognized request argument"), and fields we accept
 but do not implement (penalties, logprobs) are refused when set to anything but their no-op
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from splitserve.engine.config import MAX_LOGPROBS
+from splitserve.protocol import MAX_LOGPROBS, SamplingParams
 from splitserve.router.errors import bad_request
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -107,21 +108,23 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int, index: int) -> dict[str, Any]:
-        """The SamplingParams JSON for choice ``index`` (seeds differ per choice, else n copies
-        of one sample; they wrap around so every one stays within ``MAX_SEED``)."""
+    def sampling_params(self, max_tokens: int, index: int) -> SamplingParams:
+        """The sampling parameters of choice ``index`` (seeds differ per choice, else n copies
+        of one sample; they wrap around so every one stays within ``MAX_SEED``). A value the
+        engine cannot run is a 400 here, not a worker's."""
         seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
-        return {
-            "max_tokens": max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": seed,
-            "stop": self.stop_list,
-            "stop_token_ids": list(self.stop_token_ids or []),
-            "ignore_eos": self.ignore_eos,
-            "logprobs": self.num_logprobs,
-        }
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                seed=seed, stop=tuple(self.stop_list), stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos, logprobs=self.num_logprobs,
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    def sampling(self, max_tokens: int, index: int) -> dict[str, Any]:
+        """The JSON of ``sampling_params``, as it goes to the workers."""
+        return self.sampling_params(max_tokens, index).to_json()
 
     @property
     def num_logprobs(self) -> int | None:
