@@ -68,6 +68,7 @@ from typing import Any
 
 from splitserve.launcher.processes import python_command, wait_http_ok
 from splitserve.launcher.up import free_port
+from splitserve.protocol import GenerateRequest, PrefillRequest, SamplingParams
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -247,16 +248,15 @@ async def _client_loop(mode: str, target: dict[str, Any], streams: int, first_st
         async def direct(k: int, i: int) -> tuple[float, float]:
             pair = target["pairs"][k % len(target["pairs"])]  # stream k sticks to one stub pair
             rid = f"{os.getpid()}-{k}-{i}-{time.perf_counter_ns()}"
-            sampling = {"max_tokens": max_tokens, "temperature": 0.0}
-            body = {"request_id": rid, "token_ids": [1, 2, 3], "sampling": sampling, "recompute": False}
+            sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            body = GenerateRequest(rid, [1, 2, 3], sampling).to_json()
             t0 = time.perf_counter()
             first = None
             async with session.post(pair["decode"] + "/generate", json=body) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}")
-                pre = asyncio.ensure_future(session.post(pair["prefill"] + "/prefill", json={
-                    "request_id": rid, "token_ids": [1, 2, 3], "sampling": sampling,
-                    "decode_kv_endpoint": pair["kv_endpoint"]}))
+                prefill = PrefillRequest(rid, [1, 2, 3], sampling, pair["kv_endpoint"])
+                pre = asyncio.ensure_future(session.post(pair["prefill"] + "/prefill", json=prefill.to_json()))
                 async for _line in resp.content:  # to the end, so the connection is reused
                     if first is None:
                         first = time.perf_counter()

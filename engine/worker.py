@@ -72,10 +72,12 @@ def guard(app, worker: EngineWorker) -> None:
 
 
 def add_common_routes(app, state, role: str) -> None:
-    """``/health``, ``/load`` and ``/metrics``; ``state`` has ``engine``, ``options`` and, on
-    decode, ``kv_endpoint``."""
+    """``/health``, ``/load``, ``/drain`` and ``/metrics``; ``state`` has ``engine``, ``options``
+    and ``kv_endpoint`` (decode's KV receiver; None on prefill), and gets ``draining``."""
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state.draining = False
 
     @app.get("/health")
     async def health() -> dict:
@@ -85,8 +87,7 @@ def add_common_routes(app, state, role: str) -> None:
     async def load() -> dict:
         from splitserve.kvtransfer.metrics import peer_report
 
-        return replace(state.engine.load(), role=role, draining=getattr(state, "draining", False),
-                       kv_peers=tuple(peer_report())).to_json()
+        return replace(state.engine.load(), role=role, draining=state.draining, kv_peers=tuple(peer_report())).to_json()
 
     @app.post("/drain")
     async def drain() -> dict:
@@ -94,7 +95,7 @@ def add_common_routes(app, state, role: str) -> None:
         tell routers (``/load``'s ``draining``) to send nothing new, while what runs finishes.
         Kubernetes' own removal from the Service does not reach routers that find workers
         through Redis."""
-        if not getattr(state, "draining", False):
+        if not state.draining:
             log.info("%s worker draining: no new requests; finishing the ones it has", role)
         state.draining = True
         heartbeat, state.heartbeat = getattr(state, "heartbeat", None), None
@@ -109,7 +110,7 @@ def add_common_routes(app, state, role: str) -> None:
 
 def identity(state, role: str) -> Health:
     """Who this worker is: its ``/health`` answer and its registry entry."""
-    return Health(role, state.options.engine.runner.model_dir, getattr(state, "kv_endpoint", None),
+    return Health(role, state.options.engine.runner.model_dir, state.kv_endpoint,
                   fingerprint(state.engine, state.options.generation))
 
 

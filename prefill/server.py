@@ -143,7 +143,7 @@ def create_app(options: WorkerOptions):
 
     worker = PrefillWorker(options)
     app = make_app("prefill")
-    state = SimpleNamespace(engine=worker.engine, options=options)
+    state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=None)
     app.router.lifespan_context = lifespan(worker, options, state)
     add_common_routes(app, state, "prefill")
     guard(app, worker)

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from splitserve.router.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_message,
+)
 from splitserve.router.output import ChoiceText, _held_tail
-from splitserve.router.openai_api import ChatCompletionRequest, CompletionRequest, validation_message
 from splitserve.router.tokenizer import RouterTokenizer
 
 TEXTS = [
