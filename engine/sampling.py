@@ -8,10 +8,9 @@ tokens on any worker and at any batch composition.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from splitserve.engine.host_copy import to_device, to_host
+from splitserve.protocol.messages import LogprobEntry
 from splitserve.protocol.sampling import SamplingParams
 
 __all__ = ["Logprobs", "SamplingParams", "make_generator", "sample_tokens"]
@@ -113,8 +112,8 @@ class Logprobs:
             to_host(t) for t in (self.chosen, self.top_values, self.top_ids)
         )
 
-    def entries(self, tokens: list[int]) -> dict[int, dict[str, Any]]:
-        """Row -> {"token_id", "logprob", "top": [[id, logprob], ...]}; call once landed."""
+    def entries(self, tokens: list[int]) -> dict[int, LogprobEntry]:
+        """Row -> its entry, as token lines carry it; call once landed."""
         chosen, values, ids = self.chosen.tolist(), self.top_values.tolist(), self.top_ids.tolist()
         return {
             row: {

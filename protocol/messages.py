@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from splitserve.protocol.sampling import SamplingParams
 
@@ -50,6 +50,16 @@ def _token_ids(data: dict[str, Any]) -> list[int]:
 
 def _milliseconds(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+class LogprobEntry(TypedDict):
+    """One token's logprobs, as the engine computes them and token lines carry them: the chosen
+    token's, and the request's top alternatives (most likely first). A TypedDict, not a class:
+    it goes on the wire as it is, with no conversion per token."""
+
+    token_id: int
+    logprob: float
+    top: list[list[float]]  # [token id, logprob] pairs
 
 
 class InvalidMessage(ValueError):
@@ -134,7 +144,7 @@ class TokenLine:
     token_ids: list[int]
     finish_reason: str | None = None
     stop_string: str | None = None
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[LogprobEntry | None] | None = None
     error: str | None = None
 
     @classmethod
@@ -179,7 +189,7 @@ class PrefillResult:
     request_id: str
     first_token: int
     num_prompt_tokens: int
-    first_logprobs: dict[str, Any] | None = None
+    first_logprobs: LogprobEntry | None = None
     num_cached_tokens: int = 0
     prefill_ms: float | None = None  # None: the worker did not say
     transfer_ms: float | None = None  # the KV transfer, past the compute

@@ -21,10 +21,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from splitserve.protocol import (
     GenerateRequest,
+    LogprobEntry,
     PrefillRequest,
     PrefillResult,
     SamplingParams,
@@ -339,7 +339,7 @@ def _merge(lines: list[TokenLine], d: WorkerState) -> Chunk:
             raise _DecodeError(f"decode worker {d.url} reported an error: {line.error}")
         return line
     tokens: list[int] = []
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[LogprobEntry | None] | None = None
     finish = stop = None
     for line in lines:
         if line.failed:

@@ -1,5 +1,4 @@
-"""OpenAI's two logprobs shapes, from the workers' per-token entries
-``{"token_id", "logprob", "top": [[id, logprob], ...]}``.
+"""OpenAI's two logprobs shapes, from the workers' per-token entries (``protocol.LogprobEntry``).
 
 Completions: parallel lists (tokens, token_logprobs, top_logprobs, text_offset). Chat: one object
 per token with its bytes. Token text is each token decoded alone (special tokens included), so a
@@ -10,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from splitserve.protocol import LogprobEntry
 from splitserve.router.tokenizer import RouterTokenizer
 
 
@@ -21,7 +21,7 @@ class LogprobsFormatter:
     def _text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def format(self, entries: list[dict[str, Any] | None]) -> dict[str, Any]:
+    def format(self, entries: list[LogprobEntry | None]) -> dict[str, Any]:
         entries = [e for e in entries if e is not None]
         if self.chat:
             return {"content": [self._chat_entry(e) for e in entries]}
@@ -37,7 +37,7 @@ class LogprobsFormatter:
             "text_offset": offsets,
         }
 
-    def _chat_entry(self, e: dict[str, Any]) -> dict[str, Any]:
+    def _chat_entry(self, e: LogprobEntry) -> dict[str, Any]:
         def one(token_id: int, logprob: float) -> dict[str, Any]:
             text = self._text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
