@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 from splitserve.engine.config import RunnerConfig, SchedulerConfig
 from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
 from splitserve.engine.engine import EngineConfig, LLMEngine

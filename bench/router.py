@@ -1,6 +1,6 @@
 """What the router costs: routing-decision throughput, and the latency it adds to a request, the
 request rate it sustains and the CPU time it spends per request with many concurrent streams
-against stub workers that answer instantly (router/stub_worker.py), so that every millisecond
+against stub workers that answer instantly (testing/stub_worker.py), so that every millisecond
 measured is the router's (or the client's) own.
 
 Two measurements in one run:
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             for role in ("prefill", "decode"):
                 port = free_port()
                 # --kv-wait 60: an overloaded load side shows as latency, not as "KV never arrived"
-                procs.append(subprocess.Popen([*python_command("-m"), "splitserve.router.stub_worker", "--role", role,
+                procs.append(subprocess.Popen([*python_command("-m"), "splitserve.testing.stub_worker", "--role", role,
                                                "--port", str(port), "--tokens", "10", "11", "12", "13",
                                                "--kv-wait", "60"],
                                               preexec_fn=_pin(load_cpus)))

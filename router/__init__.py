@@ -8,7 +8,6 @@ Entry points (imported from their modules so ``import splitserve.router`` stays 
   to announce itself in the Redis registry
 - ``splitserve.router.policy.build_policy(name_or_spec)``: a preset (round_robin, least_loaded,
   prefix_aware, goodput: ``policy/presets.py``) or a ``PolicySpec`` (``--policy-config FILE``)
-- ``splitserve.router.stub_worker``: model-less workers speaking the Worker HTTP API (tests, benches)
 
 Modules, in request order: connection_limits (the HTTP server's protocol: connection count,
 header and idle timeouts) -> hotpath (the completion endpoints as plain ASGI) -> protocol

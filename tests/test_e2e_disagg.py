@@ -13,7 +13,7 @@ import concurrent.futures
 
 import httpx
 import pytest
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 from splitserve.launcher.up import Deployment, UpConfig, free_port, plan
 
 PROMPTS = [

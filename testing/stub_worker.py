@@ -7,7 +7,7 @@ hand-off is imitated over HTTP: the prefill stub POSTs its ``PrefillResult`` to 
 the decode stub's ``kv_endpoint``, and a decode stub that is not told to recompute waits for it,
 like a real decode worker waits for the KV.
 
-Run one: ``python -m splitserve.router.stub_worker --role decode --port 9001``.
+Run one: ``python -m splitserve.testing.stub_worker --role decode --port 9001``.
 """
 
 from __future__ import annotations
