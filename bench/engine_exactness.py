@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 from splitserve.engine.config import RunnerConfig, SchedulerConfig
 from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
 from splitserve.engine.engine import EngineConfig, LLMEngine
 from splitserve.engine.sampling import SamplingParams
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = ["hello world", "the model serve token prompt decode prefill cache " * 9, "a",
            "Explain how the router picks a worker, and why the cache matters?"]

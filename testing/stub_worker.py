@@ -29,7 +29,7 @@ from splitserve.protocol import (
 )
 from splitserve.router import http1
 from splitserve.router.codec import dumps, loads
-from splitserve.router.hotpath import read_body, send_json
+from splitserve.router.completions import read_body, send_json
 
 
 @dataclass

@@ -13,8 +13,8 @@ import concurrent.futures
 
 import httpx
 import pytest
-from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 from splitserve.launcher.up import Deployment, UpConfig, free_port, plan
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = [
     "hello world",

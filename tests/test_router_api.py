@@ -22,9 +22,9 @@ from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
-from splitserve.router.serve import server_options
-from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.router.processes import server_options
 from splitserve.router.tokenizer import RouterTokenizer
+from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+from splitserve.router.choices import Shape, SSEStream
 from splitserve.router.codec import dumps
 from splitserve.router.config import MAX_SLO_MS, SLO, check_slo_ms
 from splitserve.router.errors import LimitError, RouterError, bad_request, error_body
@@ -30,7 +31,6 @@ from splitserve.router.openai_api import (
     check_model,
     validation_message,
 )
-from splitserve.router.serving import Shape, SSEStream
 
 if TYPE_CHECKING:
     from splitserve.router.app import RouterState
