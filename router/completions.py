@@ -3,7 +3,7 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` are answered here, ahead of FastAPI:
 through FastAPI each request passed about ten middleware and routing layers, each wrapping every
 ``send`` of the stream, and the body went JSON -> dict -> pydantic; that was the larger part of
-the router's CPU time per request (bench/router.py measures it). Here the body is validated in
+the router's CPU time per request (bench/lab/router.py measures it). Here the body is validated in
 one pydantic-core call from the raw bytes (same models, same 400 messages), errors are OpenAI's
 JSON shape with the same statuses, and the SSE stream is written straight to the server.
 

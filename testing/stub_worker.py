@@ -1,6 +1,6 @@
 """Stub prefill and decode workers that speak the Worker HTTP API with no model behind them.
 
-For router tests and ``bench/router.py``: they answer instantly (or after a set delay), emit
+For router tests and ``bench/lab/router.py``: they answer instantly (or after a set delay), emit
 deterministic tokens, and can be told to fail in the ways real workers do (prefill refuses,
 decode dies mid-stream). Every message is the real workers' (``splitserve.protocol``). The KV
 hand-off is imitated over HTTP: the prefill stub POSTs its ``PrefillResult`` to ``/stub_kv`` at
@@ -59,7 +59,7 @@ def create_stub_app(b: StubBehaviour) -> StubApp:
 
 
 class StubApp:
-    """The stub as a plain ASGI app: the load side of bench/router.py, so it must cost less per
+    """The stub as a plain ASGI app: the load side of bench/lab/router.py, so it must cost less per
     request than the router it measures (as a FastAPI app with an HTTP middleware the decode stub
     spent ~3x the router's CPU per request)."""
 

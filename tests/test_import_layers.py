@@ -6,7 +6,7 @@
   (``splitserve.testing``); they may import it;
 - the test doubles are imported only by the tests and the benchmarks;
 - a benchmark that is no user command (no ``splitserve bench ...`` reaches it) is a laboratory
-  script: only the benchmarks and the tests import it.
+  script in ``bench/lab/``, which is not installed: only the benchmarks and the tests import it.
 """
 
 from __future__ import annotations
@@ -87,12 +87,24 @@ def _reached_from(start: str, modules: dict[str, Path]) -> set[str]:
     return seen
 
 
-def test_laboratory_benchmarks_are_imported_only_by_benchmarks_and_tests():
+def test_laboratory_benchmarks_are_bench_lab_and_only_benchmarks_and_tests_import_them():
+    """bench/lab/ holds exactly the benchmarks no ``splitserve bench`` command reaches."""
     modules = _modules()
     commands = _reached_from("splitserve.bench.cli", modules)
-    lab = {n for n in modules if _within(n, "splitserve.bench") and n not in commands}
-    assert "splitserve.bench.kernels" in lab and "splitserve.bench.workloads" not in lab
+    bench = {n for n in modules if _within(n, "splitserve.bench")}
+    lab = {n for n in bench if _within(n, "splitserve.bench.lab")}
+    assert {n for n in bench if n not in commands} == lab
+    assert "splitserve.bench.lab.kernels" in lab and "splitserve.bench.workloads" in commands
     wrong = {f: n for f, n in ((str(p.relative_to(ROOT)), _imports(p)) for p in modules.values()
                                if _area(p) != "bench")
              if n & lab}
     assert wrong == {}
+
+
+def test_the_laboratory_is_not_installed():
+    """pyproject installs bench/'s user commands, not bench/lab/ (it runs from a checkout)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "splitserve.bench" in packages and "splitserve.testing" in packages
+    assert not [p for p in packages if _within(p, "splitserve.bench.lab")]

@@ -28,7 +28,7 @@ the latencies are service times, router minus direct.
 
 Here (a loaded 2-core machine):
 
-    python -m splitserve.bench.router --concurrency 1000 --duration 15 [--policy goodput]
+    python -m splitserve.bench.lab.router --concurrency 1000 --duration 15 [--policy goodput]
 
 On a 16-core machine that has python3.12 (and maybe torch) but none of the router's libraries:
 build the wheelhouse where there is network (``bash scripts/wheelhouse.sh``: folder
@@ -38,9 +38,9 @@ repository root:
     python3 -m venv --system-site-packages /tmp/rv && . /tmp/rv/bin/activate
     pip install --no-index --find-links .wheelhouse -r .wheelhouse/requirements.txt
     pip install --no-index --find-links .wheelhouse --no-deps -e .
-    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1,100,1000 \
+    python3 -m splitserve.bench.lab.router --router-cpus first:2 --concurrency 1,100,1000 \
         --duration 15 --out /tmp/router_closed.json
-    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1000 --rate 2000 \
+    python3 -m splitserve.bench.lab.router --router-cpus first:2 --concurrency 1000 --rate 2000 \
         --duration 15 --decisions 0 --out /tmp/router_paced.json
 
 (``--system-site-packages`` keeps the machine's torch and numpy visible: the bench makes its demo

@@ -1,7 +1,7 @@
 """Greedy tokens of our engine (on this machine's GPU: Triton kernels, CUDA graphs, overlapped steps) against
 Hugging Face transformers on the same weights, for several demo architectures in fp32.
 
-Usage: python bench/engine_exactness.py   (prints one line per model, exits 1 on a mismatch)
+Usage: python bench/lab/engine_exactness.py   (prints one line per model, exits 1 on a mismatch)
 """
 
 from __future__ import annotations
