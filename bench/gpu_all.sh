@@ -57,32 +57,32 @@ for step in "${steps[@]}"; do
         tests/test_kernels_triton.py tests/test_kernels_gemv.py
       run check_overlap 240 python3 -m pytest -q --noconftest tests/test_engine_gpu_overlap.py \
         tests/test_warmup_gpu.py
-      run check_engine 240 python3 -m splitserve.bench.engine_exactness
+      run check_engine 240 python3 -m splitserve.bench.lab.engine_exactness
       run check_cuda_ipc 240 python3 -m pytest -q --noconftest tests/test_kvtransfer_cuda_ipc.py \
         tests/test_kvtransfer_contract.py -k cuda_ipc
       run check_one_gpu_split 300 python3 -m pytest -q --noconftest tests/test_up_one_gpu.py
       run check_nixl 240 python3 -m pytest -q --noconftest -rs tests/test_kvtransfer_nixl.py \
         tests/test_kvtransfer_contract.py -k nixl ;;  # skips with the reason without NIXL
     engine) run engine 420 python3 -m splitserve.bench.engine --batches 1,32,64 --out "$out/engine.json" ;;
-    kernels) run kernels 300 python3 -m splitserve.bench.kernels --json "$out/kernels.json" ;;
-    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json"
-      run kvtransfer_nixl 180 python3 -m splitserve.bench.kvtransfer_nixl --device cuda \
+    kernels) run kernels 300 python3 -m splitserve.bench.lab.kernels --json "$out/kernels.json" ;;
+    kvtransfer) run kvtransfer 180 python3 -m splitserve.bench.lab.kvtransfer_gpu --repeats 10 --json "$out/kvtransfer.json"
+      run kvtransfer_nixl 180 python3 -m splitserve.bench.lab.kvtransfer_nixl --device cuda \
         --devices 0,1 --tokens 4096 --repeats 10 --json "$out/kvtransfer_nixl.json" ;;
-    prefill_transfer) run prefill_transfer 240 python3 -m splitserve.bench.prefill_transfer \
+    prefill_transfer) run prefill_transfer 240 python3 -m splitserve.bench.lab.prefill_transfer \
         --backend cuda_ipc,tcp --lengths 1024,4096 --out "$out/prefill_transfer.json" ;;
-    router) run router 240 python3 -m splitserve.bench.router --router-cpus first:2 \
+    router) run router 240 python3 -m splitserve.bench.lab.router --router-cpus first:2 \
         --concurrency 1,1000 --duration 15 --out "$out/router.json"
-      run router_paced 120 python3 -m splitserve.bench.router --router-cpus first:2 \
+      run router_paced 120 python3 -m splitserve.bench.lab.router --router-cpus first:2 \
         --concurrency 1000 --rate 2000 --duration 15 --decisions 0 --out "$out/router_paced.json" ;;
     engine_vs_hf) run engine_vs_hf 600 python3 -m splitserve.bench.engine_vs_hf --model /tmp/l8 \
         --make-8b-shape --device cuda:0 --out "$out/engine_vs_hf" --no-progress ;;
     sim)  # simulator vs measured (a split on one GPU shares it: its rows are marked), then sim speed
       devs=cuda:0,cuda:0
       [ "$gpus" -ge 2 ] && devs=cuda:0,cuda:1
-      run sim_validate 560 python3 -m splitserve.bench.sim_validate --model /tmp/l8 --make-8b-shape \
+      run sim_validate 560 python3 -m splitserve.bench.lab.sim_validate --model /tmp/l8 --make-8b-shape \
         --devices "$devs" --dtype bfloat16 --kv-backend cuda_ipc --num-kv-blocks 8192 \
         --rates 2,4,8,12 --duration 15 --workload chat --out "$out/sim_validate" --no-progress
-      run sim_speed 300 taskset -c 2 python3 -m splitserve.bench.sim_speed --rates 40,150 \
+      run sim_speed 300 taskset -c 2 python3 -m splitserve.bench.lab.sim_speed --rates 40,150 \
         --out "$out/sim_speed.json" ;;
     split)
       if [ "$gpus" -ge 2 ]; then

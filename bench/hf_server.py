@@ -15,7 +15,7 @@ is the common deployment and the one whose outputs are exactly ``generate``'s fo
 The HTTP side is the router's own code, so both systems in a comparison tokenize, detokenize,
 stream and count tokens identically: the same ``CompletionRequest`` validation, the same
 ``RouterTokenizer`` (the model's tokenizer.json: same prompt token ids as the engine sees), and
-``router.serving.Serving``, which only needs a dispatcher whose ``run(spec)`` yields ``Chunk``s;
+``router.choices.Serving``, which only needs a dispatcher whose ``run(spec)`` yields ``Chunk``s;
 ``HFGenerator`` is that dispatcher. Honoured per request: ``max_tokens``, ``ignore_eos`` (EOS
 ends a request unless it is set, as in the engine; the load generator sets it so outputs have the
 drawn length), ``stop_token_ids``, ``stop`` strings (cut by ``Serving``, which then cancels the
@@ -173,7 +173,7 @@ def _stop_when_done(jobs: list[_Job]) -> Any:
 class HFGenerator:
     """A FIFO queue and one thread running ``model.generate`` for up to ``batch`` requests.
 
-    Also the dispatcher ``router.serving.Serving`` calls: ``run(spec)`` yields ``Chunk``s.
+    Also the dispatcher ``router.choices.Serving`` calls: ``run(spec)`` yields ``Chunk``s.
     """
 
     def __init__(self, model: Any, eos_ids: Iterable[int], pad_id: int, batch: int = 1) -> None:
@@ -338,7 +338,9 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from splitserve.bench.streaming_response import DisconnectAwareStreamingResponse
     from splitserve.router.app import model_max_len
+    from splitserve.router.choices import Serving, Shape
     from splitserve.router.config import SLO
     from splitserve.router.errors import error_body
     from splitserve.router.openai_api import (
@@ -347,8 +349,6 @@ def create_app(cfg: HFServerConfig, generator: "HFGenerator",
         check_model,
         validation_message,
     )
-    from splitserve.router.serving import Serving, Shape
-    from splitserve.router.streaming import DisconnectAwareStreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     max_len = model_max_len(cfg.model_dir)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from splitserve.kernels._launch import kernel_mode, use_triton
 
 # Decode-sized matmuls go to the Triton GEMV (``triton_gemv.py``) only where it measured faster
-# than cuBLAS (F.linear) by >= 3% on an H200 (bf16, graph-replayed, W not in L2; bench/gemv.py,
+# than cuBLAS (F.linear) by >= 3% on an H200 (bf16, graph-replayed, W not in L2; bench/lab/gemv.py,
 # bench/RESULTS.md "## GEMV"). Keyed by the weight's exact (N, K); each entry is an inclusive M
 # range and the launch config measured there: (block_n, block_k, split_k, num_warps, num_stages).
 # Ranges between measured M (1, 8, 32, 64) are interpolated. Everything else stays F.linear.

@@ -4,7 +4,8 @@ One role-split interface (:class:`KVSender`, :class:`KVReceiver`; ``base.py`` ha
 and the block-ownership rule), backends registered by name (``registry.py``: "tcp", "shm",
 "cuda_ipc", "nixl", and "auto", which negotiates one of them per peer: ``negotiate.py`` decides,
 ``auto.py`` runs it), one wire format (``wire.py``), one socket engine per side (``sender.py``,
-``receiver.py``) that every backend shares, the paged-cache <-> wire translation (``layout.py``)
+``receiver.py``: a transfer table, connection threads and one session per connection) that every
+backend shares, the paged-cache <-> wire translation (``layout.py``)
 and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
 
 Decode side::

@@ -8,13 +8,15 @@ Entry points (imported from their modules so ``import splitserve.router`` stays 
   to announce itself in the Redis registry
 - ``splitserve.router.policy.build_policy(name_or_spec)``: a preset (round_robin, least_loaded,
   prefix_aware, goodput: ``policy/presets.py``) or a ``PolicySpec`` (``--policy-config FILE``)
-- ``splitserve.router.stub_worker``: model-less workers speaking the Worker HTTP API (tests, benches)
 
 Modules, in request order: connection_limits (the HTTP server's protocol: connection count,
-header and idle timeouts) -> hotpath (the completion endpoints as plain ASGI) -> protocol
-(request bodies) -> tokenizer -> serving (choices, n, SSE) -> dispatch (admission, pick, decode
-stream + prefill, retry; admission: waits for the pool's rounds) -> policy/ -> workers (HTTP calls; http1, the keep-alive client of the
-hot path) -> pool (health and load polling) <- registry (static URLs or Redis); output
-(detokenize, stop strings), codec (orjson), metrics, errors, auth, streaming; serve (one process
-or ``--workers N`` on one port), ``python -m splitserve.router`` (the router command alone).
+header and idle timeouts) -> app (the ASGI app: built from the config; FastAPI for /v1/models,
+/health, /metrics) -> completions (the two completion endpoints as plain ASGI) -> openai_api
+(request bodies) -> tokenizer -> choices (token limits, fan-out of n, JSON and SSE shapes) ->
+dispatch (admission, pick, decode stream + prefill, retry; admission: waits for the pool's
+rounds) -> policy/ -> workers (HTTP calls; http1, the keep-alive client of the hot path) -> pool
+(health and load polling) <- registry (static URLs or Redis); output (detokenize, stop strings),
+logprobs, codec (orjson), metrics, errors, auth; processes (one server process, or
+``--workers N`` on one port), cli (``splitserve router``), ``python -m splitserve.router`` (the
+router command alone).
 """

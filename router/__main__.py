@@ -2,7 +2,7 @@
 
 The ``splitserve`` command discovers every component's CLI module, and some of them import
 libraries the router never uses (numpy, rich); a router-only machine or image (and
-bench/router.py) starts the router through here with the router's own dependencies alone.
+bench/lab/router.py) starts the router through here with the router's own dependencies alone.
 """
 
 from __future__ import annotations

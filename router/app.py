@@ -1,4 +1,4 @@
-"""The router's OpenAI-compatible HTTP app.
+"""The router's ASGI application: everything a request meets, built from the config.
 
 ``create_app(config)`` builds everything from the config: the tokenizer (at once, so a bad model
 folder fails at start-up), and on start-up the worker client, registry, pool poller, policy and
@@ -7,7 +7,7 @@ malformed JSON), 401 without the API key, 404 for an unknown model, 429 when she
 workers fail.
 
 The two completion endpoints, which every request goes through, are plain ASGI handlers
-(hotpath.py) that ``RouterApp`` calls before FastAPI's middleware and routing; FastAPI serves the
+(completions.py) that ``RouterApp`` calls before FastAPI's middleware and routing; FastAPI serves the
 rest (/v1/models, /health, /metrics, errors for unknown paths).
 """
 
@@ -24,16 +24,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitserve.router.auth import APIKeyMiddleware
+from splitserve.router.choices import Serving
+from splitserve.router.completions import CompletionsEndpoint
 from splitserve.router.config import RouterConfig
 from splitserve.router.dispatch import Dispatcher
 from splitserve.router.errors import error_body
-from splitserve.router.hotpath import CompletionsEndpoint
 from splitserve.router.kv_links import kv_links
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
 from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry, redis_password
-from splitserve.router.serving import Serving
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient
 from splitserve.trust import auth_headers, load_internal_secret, warn_unauthenticated

@@ -243,7 +243,7 @@ def api_key_from_args(args: argparse.Namespace) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from splitserve.router.serve import serve, serve_processes
+    from splitserve.router.processes import serve, serve_processes
 
     if args.workers < 1:
         raise SystemExit(f"splitserve router: --workers must be >= 1, got {args.workers}")

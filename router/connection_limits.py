@@ -14,7 +14,7 @@ descriptors and lock everyone out. Here, per connection:
 - beyond ``max_connections`` open connections in this process: 503 at once and closed.
 
 Each of these is counted by reason (``on_refuse``). The body's own size and deadline are checked
-by the endpoint that reads it (hotpath.read_body), where the answer is OpenAI's error JSON.
+by the endpoint that reads it (completions.read_body), where the answer is OpenAI's error JSON.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ httptools (the C parser uvicorn uses).
 
 Why not aiohttp here: building and tracking a request through aiohttp (request and response
 objects, auto headers, payload registry, timers, flow control) cost about a quarter of the
-router's CPU per request in bench/router.py. These calls need none of that: the workers are
+router's CPU per request in bench/lab/router.py. These calls need none of that: the workers are
 known, the bodies are small JSON, and the only streaming is decode's NDJSON. aiohttp stays for
 everything off the hot path (health and load polls).
 

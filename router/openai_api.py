@@ -10,7 +10,7 @@ coercion would accept what the client did not mean), an integer is accepted wher
 expected (as OpenAI does), NaN and infinities are refused. Every value the workers receive is
 within what the engine takes (the seed fits torch's generator, token ids the vocabulary), so a
 bad request is a 400 here and never an exception inside a worker; what needs the model (the
-vocabulary, the context length) is checked by ``check_token_ids`` and serving.token_limits.
+vocabulary, the context length) is checked by ``check_token_ids`` and choices.token_limits.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels splitserve needs on a machine without network (the GPU box: python3.12 with
 # torch, without the web stack): the router, the workers' HTTP side, the stub workers and
-# bench/router.py, and with --bench also what `python3 -m splitserve.bench.engine_vs_hf` adds (the
+# bench/lab/router.py, and with --bench also what `python3 -m splitserve.bench.engine_vs_hf` adds (the
 # HF baseline server: transformers). Binary wheels only, for manylinux x86_64, resolved for the
 # target Python (not this one), with their dependencies except torch, numpy, triton and nvidia-*
 # (the target has them; never carried).
@@ -35,7 +35,7 @@ fi
 mkdir -p "$out"
 req="$out/requirements.txt"
 cat > "$req" <<'EOF'
-# splitserve router, workers' HTTP side, stub workers, bench/router.py (scripts/wheelhouse.sh)
+# splitserve router, workers' HTTP side, stub workers, bench/lab/router.py (scripts/wheelhouse.sh)
 fastapi>=0.110          # the router's cold endpoints, workers, stub workers, HF server
 pydantic>=2.6           # request validation
 uvicorn>=0.29           # the ASGI server

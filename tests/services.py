@@ -77,7 +77,7 @@ def stub_router(demo_model: Path, *args: str, scheme: str = "http", verify: obje
     import httpx
     from splitserve.launcher.processes import python_command
     from splitserve.launcher.up import free_port
-    from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+    from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
     @contextlib.contextmanager
     def running():

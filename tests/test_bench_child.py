@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from splitserve.bench.child import LineChild
+from splitserve.bench.lab.child import LineChild
 
 ECHO = "import sys\nprint('READY', flush=True)\nfor line in sys.stdin:\n    print(line.strip().upper(), flush=True)"
 

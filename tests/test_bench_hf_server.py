@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from splitserve.bench.goodput import System, started
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.router.tokenizer import RouterTokenizer
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = ["hello world, please tell me a story about a cache", "why"]
 NEW_TOKENS = 16

@@ -1,11 +1,11 @@
-"""Chaos under load on real processes (bench/chaos.py): for each ordinary fault, every request
+"""Chaos under load on real processes (bench/lab/chaos.py): for each ordinary fault, every request
 either completed or got a clear error, no client hung, no stream was cut without a word, and
 every worker's KV blocks came back to their idle count (issue 14)."""
 
 from __future__ import annotations
 
 import pytest
-from splitserve.bench.chaos import Load, run_fault, standard_faults
+from splitserve.bench.lab.chaos import Load, run_fault, standard_faults
 from splitserve.launcher.up import Deployment, UpConfig, free_port
 
 WORKER_ARGS = ("--block-size", "8", "--num-kv-blocks", "512")

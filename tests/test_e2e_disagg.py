@@ -14,8 +14,8 @@ import time
 
 import httpx
 import pytest
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.launcher.up import Deployment, UpConfig, free_port, plan
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = [
     "hello world",

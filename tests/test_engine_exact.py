@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.engine.config import RunnerConfig, SchedulerConfig
 from splitserve.engine.engine import EngineConfig, LLMEngine
 from splitserve.engine.sampling import SamplingParams
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = [
     "hello world",

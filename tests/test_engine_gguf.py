@@ -62,10 +62,10 @@ def test_quantized_weights_are_within_the_types_error(demo_model, tmp_path, kind
 
 def test_greedy_tokens_equal_transformers_gguf_loading(demo_model, tmp_path):
     """Q8_0 weights, dequantized by us and by transformers: the same model, the same tokens."""
-    from splitserve.bench.hf_reference import hf_greedy
     from splitserve.engine.config import RunnerConfig
     from splitserve.engine.engine import EngineConfig, LLMEngine
     from splitserve.engine.sampling import SamplingParams
+    from splitserve.testing.hf_reference import hf_greedy
 
     gguf = write_gguf(demo_model, tmp_path / "model-q8.gguf", "Q8_0")
     prompts = [[1, 17, 99, 250, 3, 64], [1, 400, 12]]
@@ -111,8 +111,8 @@ def test_sentencepiece_vocabulary_tokenizes_as_transformers_does(tmp_path):
     """Llama 2 / Mistral files: merges derived from scores, byte fallback, BOS added, the
     leading space SentencePiece adds and strips."""
     from gguf_testing import write_sentencepiece_gguf
-    from splitserve.bench.hf_reference import hf_tokenizer
     from splitserve.router.tokenizer import RouterTokenizer
+    from splitserve.testing.hf_reference import hf_tokenizer
 
     gguf = write_sentencepiece_gguf(tmp_path / "spm.gguf")
     ours, theirs = RouterTokenizer(gguf), hf_tokenizer(gguf)

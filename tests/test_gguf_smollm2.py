@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenizer
 from splitserve.engine.default_model import cached_path
 from splitserve.launcher.up import Deployment, UpConfig, free_port
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenizer
 
 SMOLLM2 = cached_path()
 pytestmark = pytest.mark.skipif(

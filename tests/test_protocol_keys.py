@@ -27,7 +27,7 @@ WORKER_KEYS = (
 SHARED_KEYS = ("finish_reason", "logprobs", "max_tokens", "stop_token_ids", "ignore_eos", "error",
                "block_size", "max_model_len", "waiting", "running")
 WORKER_SIDE = ("prefill/", "decode/", "engine/", "router/dispatch.py", "router/workers.py",
-               "router/pool.py", "router/stub_worker.py")
+               "router/pool.py", "testing/stub_worker.py")
 NOT_MESSAGES = ("engine/profile.py",)  # writes the step-cost profile file, read by the simulator
 
 

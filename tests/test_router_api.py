@@ -1,5 +1,5 @@
 """The router's HTTP API through a real uvicorn server, with the real ``openai`` client, in front
-of stub workers that speak the Worker HTTP API (router/stub_worker.py): results, streaming,
+of stub workers that speak the Worker HTTP API (testing/stub_worker.py): results, streaming,
 ``n``, stop strings, usage, every 4xx path, API keys, and failures (prefill refuses, decode dies
 mid-stream or is killed) - the client always gets a clear error promptly, never a hang."""
 
@@ -22,9 +22,9 @@ from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
-from splitserve.router.serve import server_options
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.router.processes import server_options
 from splitserve.router.tokenizer import RouterTokenizer
+from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -314,7 +314,7 @@ def test_decode_process_killed_mid_stream(demo_model, workers, tok) -> None:
     """A real decode process is SIGKILLed while streaming: the stream ends with an error event."""
     sock_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitserve.router.stub_worker", "--role", "decode", "--port", str(sock_port),
+        [sys.executable, "-m", "splitserve.testing.stub_worker", "--role", "decode", "--port", str(sock_port),
          "--token-delay", "0.05", "--tokens", *map(str, tok.encode(OUTPUT_TEXT, add_special_tokens=False))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

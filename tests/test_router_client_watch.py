@@ -1,4 +1,4 @@
-"""ClientWatch (router/hotpath.py): cancels a request's handler when its client leaves, and costs
+"""ClientWatch (router/completions.py): cancels a request's handler when its client leaves, and costs
 the garbage collector nothing when it does not (a cancelled watcher per request left a reference
 cycle each, and collecting them was the router's p99 latency)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from splitserve.router.hotpath import ClientWatch
+from splitserve.router.completions import ClientWatch
 
 
 class _Connection:

@@ -17,7 +17,7 @@ from splitserve.launcher.processes import Component, ProcessGroup
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
-from splitserve.router.stub_worker import ServerThread
+from splitserve.testing.stub_worker import ServerThread
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 

@@ -19,8 +19,8 @@ from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
-from splitserve.router.serve import server_options
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.router.processes import server_options
+from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,7 +32,7 @@ def stub_process(role: str) -> Iterator[subprocess.Popen]:
     """A stub worker in its own process (to kill or stop), waiting long for KV (so a hung
     prefill is noticed by the router, not by decode giving up)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve.router.stub_worker", "--role", role,
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve.testing.stub_worker", "--role", role,
                              "--port", str(port), "--kv-wait", "60"], stdout=subprocess.DEVNULL)
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     try:

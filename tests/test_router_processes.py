@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from splitserve.launcher.processes import wait_http_ok
 from splitserve.launcher.up import free_port
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(120)
 

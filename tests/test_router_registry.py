@@ -14,7 +14,7 @@ from services import RedisServer
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
 from splitserve.router.registry import RedisRegistry, StaticRegistry, start_heartbeat
-from splitserve.router.stub_worker import ServerThread, StubBehaviour, create_stub_app
+from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(60)
 

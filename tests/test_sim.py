@@ -1,5 +1,5 @@
 """The simulator (``splitserve sim``): its rules on tiny synthetic latency models, not timing
-accuracy (that is what bench/sim_validate.py measures against real runs)."""
+accuracy (that is what bench/lab/sim_validate.py measures against real runs)."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
 def test_validation_compares_latencies_relatively_and_attainment_in_points():
     import argparse
 
-    from splitserve.bench.sim_validate import compare, markdown, system_command
+    from splitserve.bench.lab.sim_validate import compare, markdown, system_command
 
     args = argparse.Namespace(tolerance=0.10, attainment_points=5.0)
     summary = {"ttft_ms": {"p50": 100.0, "p90": 200.0}, "tpot_ms": {"p50": 10.0, "p90": 20.0},
@@ -245,7 +245,7 @@ def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path
     import argparse
     from dataclasses import replace
 
-    from splitserve.bench.sim_validate import calibrate
+    from splitserve.bench.lab.sim_validate import calibrate
     from splitserve.sim.sweep import run_rate
 
     profile = tmp_path / "lat.json"

@@ -49,7 +49,7 @@ def _wait_up(proc: subprocess.Popen, url: str, log_dir) -> None:
 # sys.path, where our kernels/ shadows the Hugging Face `kernels` package transformers imports.
 HF_TEXTS = """
 import json, sys
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 from transformers import AutoTokenizer
 model, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(model)

@@ -10,14 +10,14 @@ heads, head dim 128, bf16: 128 KiB per token). Measured in the same process, sam
   shuffled blocks) and verified afterwards.
 - ``tcp xN``: the TCP backend with the layers spread over N connections (``--streams``).
 Prints one table with GB/s and the ratio to the socket copy (best of ``--repeats``).
-``python -m splitserve.bench.kvtransfer [--tokens 2048] [--repeats 3] [--json PATH]``.
+``python -m splitserve.bench.lab.kvtransfer [--tokens 2048] [--repeats 3] [--json PATH]``.
 
 ``--latency``: the fixed cost instead of the bandwidth, as a decode request's TTFT sees it. The
 receiver runs in a second process (the real deployment: two interpreters, two GILs), one
 long-lived sender and receiver, ``--transfers`` back-to-back transfers of a ``--latency-tokens``
 prompt (default 1 token, 4 KiB per layer) with 1 and 32 layers; per transfer the median, p90 and
 min of ``send()`` (which returns after the receiver's DONE, so the decode side has the KV).
-``python -m splitserve.bench.kvtransfer --latency [--transfers 300] [--backends tcp,shm]``.
+``python -m splitserve.bench.lab.kvtransfer --latency [--transfers 300] [--backends tcp,shm]``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def run(tokens: int, repeats: int, extra_streams: tuple[int, ...] = ()) -> list[
         timings = {"socket copy": socket_copy_seconds(kv),
                    "(hot buffer)": socket_copy_seconds(kv, hot=True)}
         for backend in available_backends():
-            if backend in ("cuda_ipc", "nixl", "auto"):  # bench/kvtransfer_gpu.py,
+            if backend in ("cuda_ipc", "nixl", "auto"):  # bench/lab/kvtransfer_gpu.py,
                 continue  # kvtransfer_nixl.py; auto is one of the others after one OFFER
             timings[backend] = backend_seconds(backend, tokens, kv, f"r{i}")
         for streams in extra_streams:

@@ -1,6 +1,6 @@
 """What the router costs: routing-decision throughput, and the latency it adds to a request, the
 request rate it sustains and the CPU time it spends per request with many concurrent streams
-against stub workers that answer instantly (router/stub_worker.py), so that every millisecond
+against stub workers that answer instantly (testing/stub_worker.py), so that every millisecond
 measured is the router's (or the client's) own.
 
 Two measurements in one run:
@@ -28,7 +28,7 @@ the latencies are service times, router minus direct.
 
 Here (a loaded 2-core machine):
 
-    python -m splitserve.bench.router --concurrency 1000 --duration 15 [--policy goodput]
+    python -m splitserve.bench.lab.router --concurrency 1000 --duration 15 [--policy goodput]
 
 On a 16-core machine that has python3.12 (and maybe torch) but none of the router's libraries:
 build the wheelhouse where there is network (``bash scripts/wheelhouse.sh``: folder
@@ -38,9 +38,9 @@ repository root:
     python3 -m venv --system-site-packages /tmp/rv && . /tmp/rv/bin/activate
     pip install --no-index --find-links .wheelhouse -r .wheelhouse/requirements.txt
     pip install --no-index --find-links .wheelhouse --no-deps -e .
-    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1,100,1000 \
+    python3 -m splitserve.bench.lab.router --router-cpus first:2 --concurrency 1,100,1000 \
         --duration 15 --out /tmp/router_closed.json
-    python3 -m splitserve.bench.router --router-cpus first:2 --concurrency 1000 --rate 2000 \
+    python3 -m splitserve.bench.lab.router --router-cpus first:2 --concurrency 1000 --rate 2000 \
         --duration 15 --decisions 0 --out /tmp/router_paced.json
 
 (``--system-site-packages`` keeps the machine's torch and numpy visible: the bench makes its demo
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             for role in ("prefill", "decode"):
                 port = free_port()
                 # --kv-wait 60: an overloaded load side shows as latency, not as "KV never arrived"
-                procs.append(subprocess.Popen([*python_command("-m"), "splitserve.router.stub_worker", "--role", role,
+                procs.append(subprocess.Popen([*python_command("-m"), "splitserve.testing.stub_worker", "--role", role,
                                                "--port", str(port), "--tokens", "10", "11", "12", "13",
                                                "--kv-wait", "60"],
                                               preexec_fn=_pin(load_cpus)))

@@ -22,7 +22,7 @@
 CPU smoke run with the demo model (a few minutes; a loaded machine's timings are noisy, so read
 its table as a check of the machinery, not of the model's accuracy):
 
-    python -m splitserve.bench.sim_validate --model /tmp/demo --make-demo --devices cpu,cpu \\
+    python -m splitserve.bench.lab.sim_validate --model /tmp/demo --make-demo --devices cpu,cpu \\
         --dtype float32 --kv-backend tcp --rates 0.5,1,2,3 --duration 15 --num-requests 8 \\
         --max-input 128 --max-output 16 --max-context 1024 --ttft-ms 3000 --tpot-ms 500 \\
         --num-kv-blocks 512 --out /tmp/simval
@@ -32,7 +32,7 @@ which the simulator does not model: those rows are marked "shared device" and le
 pass/fail verdict; on two GPUs give ``--devices cuda:0,cuda:1``; ``bash bench/gpu_all.sh OUT
 sim`` runs this):
 
-    python -m splitserve.bench.sim_validate --model /tmp/l8 --make-8b-shape --devices cuda:0,cuda:0 \\
+    python -m splitserve.bench.lab.sim_validate --model /tmp/l8 --make-8b-shape --devices cuda:0,cuda:0 \\
         --dtype bfloat16 --kv-backend cuda_ipc --num-kv-blocks 8192 --rates 2,4,8,12 \\
         --duration 20 --workload chat --out bench/out/sim_validate
 """
@@ -51,7 +51,7 @@ from splitserve.bench import goodput
 from splitserve.bench.goodput import command_template
 from splitserve.launcher.processes import python_command
 
-log = logging.getLogger("splitserve.bench.sim_validate")
+log = logging.getLogger("splitserve.bench.lab.sim_validate")
 
 SYSTEMS = {"colocated": (0, 1), "split": (1, 1)}  # label -> (prefill, decode) workers
 METRICS = (("ttft_ms", "p50"), ("ttft_ms", "p90"), ("tpot_ms", "p50"), ("tpot_ms", "p90"))
@@ -338,7 +338,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitserve.bench.sim_validate ...``"""
+    """``python -m splitserve.bench.lab.sim_validate ...``"""
     from splitserve.bench.entry import standalone_main
 
     return standalone_main(sys.modules[__name__], run, argv)

@@ -3,7 +3,7 @@
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` are answered here, ahead of FastAPI:
 through FastAPI each request passed about ten middleware and routing layers, each wrapping every
 ``send`` of the stream, and the body went JSON -> dict -> pydantic; that was the larger part of
-the router's CPU time per request (bench/router.py measures it). Here the body is validated in
+the router's CPU time per request (bench/lab/router.py measures it). Here the body is validated in
 one pydantic-core call from the raw bytes (same models, same 400 messages), errors are OpenAI's
 JSON shape with the same statuses, and the SSE stream is written straight to the server.
 
@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
+from splitserve.router.choices import Shape, SSEStream
 from splitserve.router.codec import dumps
 from splitserve.router.config import MAX_SLO_MS, SLO, check_slo_ms
 from splitserve.router.errors import LimitError, RouterError, bad_request, error_body
@@ -30,7 +31,6 @@ from splitserve.router.openai_api import (
     check_model,
     validation_message,
 )
-from splitserve.router.serving import Shape, SSEStream
 
 if TYPE_CHECKING:
     from splitserve.router.app import RouterState

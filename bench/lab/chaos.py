@@ -14,7 +14,7 @@ requests. Afterwards each request is exactly one of:
 and, once the deployment is quiet, every worker's KV blocks must be back at their idle count
 (``/load``: free == total). ``hung`` and leaked blocks must be 0; ``broken`` too.
 
-Run: ``python -P -m splitserve.bench.chaos --model DIR`` prints one table row per fault (the
+Run: ``python -P -m splitserve.bench.lab.chaos --model DIR`` prints one table row per fault (the
 figures in bench/RESULTS.md); tests/test_chaos.py runs a bounded version in CI.
 """
 

@@ -1,5 +1,5 @@
 """Hugging Face transformers as the reference implementation: greedy tokens for exactness checks
-(tests on the CPU, ``bench/engine_exactness.py`` on a GPU)."""
+(tests on the CPU, ``bench/lab/engine_exactness.py`` on a GPU)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ number and the capture itself proves the kernel is graph-safe. Reports W bytes r
 (TB/s), ours / torch, and ``ops.linear`` (the dispatch: a table config or F.linear). Then a sweep
 of launch configs (tile N x K, warps, stages, K splits) per shape. Checks correctness first
 (bf16, fp16, fp32, bias, K not a multiple of the tile).
-Run: ``PYTHONPATH=<dir holding splitserve> python3 -m splitserve.bench.gemv [--json PATH]``.
+Run: ``PYTHONPATH=<dir holding splitserve> python3 -m splitserve.bench.lab.gemv [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def graph_us(call: Callable[[int], object], copies: int, reps: int = 5) -> float
 
 
 def copy_tbs() -> float:
-    """Bytes read + written per second by a 4 GiB device copy (as bench/kernels.py measures)."""
+    """Bytes read + written per second by a 4 GiB device copy (as bench/lab/kernels.py measures)."""
     from triton.testing import do_bench
 
     src = torch.empty(1 << 30, device=DEV, dtype=torch.float32)

@@ -9,7 +9,7 @@ bf16, Llama-3-8B attention shapes (32 query heads, 8 KV heads, head dim 128), pa
 - the fused elementwise kernels against their torch references (bytes moved per second).
 Each Triton kernel is checked against a reference first. Prints one table; ``--json PATH``
 also writes every number. Imports only torch, triton and splitserve.kernels, so it runs on a
-bare GPU image: ``PYTHONPATH=<dir holding splitserve> python3 bench/kernels.py``.
+bare GPU image: ``PYTHONPATH=<dir holding splitserve> python3 bench/lab/kernels.py``.
 """
 
 from __future__ import annotations

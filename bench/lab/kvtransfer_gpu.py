@@ -19,7 +19,7 @@ on the GPU from a seed in both processes. Measured in the same run, best of ``--
 - with two GPUs, ``peer copy`` cuda:0 -> cuda:1 and ``cuda_ipc -> cuda:1`` the same way.
 
 Prints one table with GB/s and the ratio to the device copy (``vs peer copy`` for cross-GPU).
-``python -m splitserve.bench.kvtransfer_gpu [--tokens 4096] [--repeats 5] [--json PATH]``.
+``python -m splitserve.bench.lab.kvtransfer_gpu [--tokens 4096] [--repeats 5] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from splitserve.bench.child import LineChild
+from splitserve.bench.lab.child import LineChild
 from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
@@ -45,7 +45,7 @@ import json, sys, torch
 from splitserve.kvtransfer import KVSpec, create_sender
 spec = KVSpec(**json.loads(sys.argv[1]))
 tokens = int(sys.argv[2])
-from splitserve.bench.kvtransfer_gpu import make_kv
+from splitserve.bench.lab.kvtransfer_gpu import make_kv
 kv = make_kv(tokens, "cuda:0")
 torch.cuda.synchronize()
 print("READY", flush=True)

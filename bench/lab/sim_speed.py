@@ -4,7 +4,7 @@ Times only the simulation (``Simulation.run``), not building the request list or
 run file, on the machine it runs on (one process, one core; wall and CPU seconds, the latter
 less inflated by other processes on a shared machine)::
 
-    python -m splitserve.bench.sim_speed --latency-model bench/profiles/h200-llama3-8b-shape.json \\
+    python -m splitserve.bench.lab.sim_speed --latency-model bench/profiles/h200-llama3-8b-shape.json \\
         --layouts 4P4D,colocated8 --rates 40,120 --duration 60
 
 ``--profile FILE`` writes a cProfile of the last simulation there (``python -m pstats FILE``).
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitserve.bench.sim_speed ...``"""
+    """``python -m splitserve.bench.lab.sim_speed ...``"""
     from splitserve.bench.entry import standalone_main
 
     return standalone_main(sys.modules[__name__], run, argv)

@@ -1,7 +1,7 @@
 """NIXL backend benchmark: bytes per second of ``nixl`` against ``tcp`` and against a plain NIXL
 WRITE of the same bytes (the ceiling: what NIXL itself moves with nothing of ours around it).
 
-Payload as ``bench/kvtransfer.py``: the KV of a ``--tokens``-token prompt of a Llama-3-8B-shaped
+Payload as ``bench/lab/kvtransfer.py``: the KV of a ``--tokens``-token prompt of a Llama-3-8B-shaped
 model (32 layers, 8 KV heads, head dim 128, bf16: 128 KiB per token). One sender and one receiver
 per backend, made once and warmed up with one transfer (connection setup, registration), then
 ``--repeats`` transfers, alternating paths so background load hits all alike; best and median:
@@ -17,7 +17,7 @@ process. GPU: ``--device cuda --devices 0,1`` puts the sender's layers and stagi
 the receiver's cache on GPU 1, UCX_TLS ``cuda_ipc,cuda_copy,tcp`` (tcp still carries
 notifications); the ``tcp`` path then stages through host memory as it does in production.
 
-``python -m splitserve.bench.kvtransfer_nixl [--tokens 2048] [--repeats 5] [--json PATH]``
+``python -m splitserve.bench.lab.kvtransfer_nixl [--tokens 2048] [--repeats 5] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ DEFAULT_TLS = {"cpu": "tcp", "cuda": "cuda_ipc,cuda_copy,tcp"}
 
 
 def _payload(tokens: int, device: torch.device) -> list[torch.Tensor]:
-    from splitserve.bench.kvtransfer import DIM, HEADS, LAYERS
+    from splitserve.bench.lab.kvtransfer import DIM, HEADS, LAYERS
 
     torch.manual_seed(0)
     return [torch.randn(2, tokens, HEADS, DIM).to(torch.bfloat16).to(device) for _ in range(LAYERS)]
@@ -47,7 +47,7 @@ class BackendPath:
 
     def __init__(self, backend: str, tokens: int, kv: list[torch.Tensor], tx_device: torch.device,
                  rx_device: torch.device) -> None:
-        from splitserve.bench.kvtransfer import BLOCK, DIM, DTYPE, HEADS, LAYERS
+        from splitserve.bench.lab.kvtransfer import BLOCK, DIM, DTYPE, HEADS, LAYERS
         from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
 
         spec = KVSpec("bench", DTYPE, LAYERS, HEADS, DIM, BLOCK, backend=backend)

@@ -1,11 +1,12 @@
-"""A StreamingResponse that notices a client leaving while the stream is idle.
+"""The HF baseline server's (hf_server.py) streaming response: a StreamingResponse that notices a
+client leaving while the stream is idle.
 
 With ASGI spec 2.4 servers (uvicorn today), Starlette's StreamingResponse only learns that the
 client went away when a ``send`` fails, and uvicorn drops sends to a closed connection silently,
 so a stream keeps producing (a decode sequence keeps running) until it ends by itself. This one
 also listens for ``http.disconnect`` and cancels the stream at once, then runs ``on_close``
-(always, however the response ended). Decode workers can use it for ``/generate`` so that closing
-the stream really aborts the sequence.
+(always, however the response ended), so a client that closes the stream really aborts its
+generation. (The router writes its streams itself: router/completions.py.)
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Stub prefill and decode workers that speak the Worker HTTP API with no model behind them.
 
-For router tests and ``bench/router.py``: they answer instantly (or after a set delay), emit
+For router tests and ``bench/lab/router.py``: they answer instantly (or after a set delay), emit
 deterministic tokens, and can be told to fail in the ways real workers do (prefill refuses,
 decode dies mid-stream). Every message is the real workers' (``splitserve.protocol``). The KV
 hand-off is imitated over HTTP: the prefill stub POSTs its ``PrefillResult`` to ``/stub_kv`` at
 the decode stub's ``kv_endpoint``, and a decode stub that is not told to recompute waits for it,
 like a real decode worker waits for the KV.
 
-Run one: ``python -m splitserve.router.stub_worker --role decode --port 9001``.
+Run one: ``python -m splitserve.testing.stub_worker --role decode --port 9001``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from splitserve.protocol import (
 )
 from splitserve.router import http1
 from splitserve.router.codec import dumps, loads
-from splitserve.router.hotpath import read_body, send_json
+from splitserve.router.completions import read_body, send_json
 
 
 @dataclass
@@ -59,7 +59,7 @@ def create_stub_app(b: StubBehaviour) -> StubApp:
 
 
 class StubApp:
-    """The stub as a plain ASGI app: the load side of bench/router.py, so it must cost less per
+    """The stub as a plain ASGI app: the load side of bench/lab/router.py, so it must cost less per
     request than the router it measures (as a FastAPI app with an HTTP middleware the decode stub
     spent ~3x the router's CPU per request)."""
 

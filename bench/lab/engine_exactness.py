@@ -1,7 +1,7 @@
 """Greedy tokens of our engine (on this machine's GPU: Triton kernels, CUDA graphs, overlapped steps) against
 Hugging Face transformers on the same weights, for several demo architectures in fp32.
 
-Usage: python bench/engine_exactness.py   (prints one line per model, exits 1 on a mismatch)
+Usage: python bench/lab/engine_exactness.py   (prints one line per model, exits 1 on a mismatch)
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 import tempfile
 
-from splitserve.bench.hf_reference import hf_greedy, hf_tokenize
 from splitserve.engine.config import RunnerConfig, SchedulerConfig
 from splitserve.engine.demo_model import DemoModelSpec, init_demo_model
 from splitserve.engine.engine import EngineConfig, LLMEngine
 from splitserve.engine.sampling import SamplingParams
+from splitserve.testing.hf_reference import hf_greedy, hf_tokenize
 
 PROMPTS = ["hello world", "the model serve token prompt decode prefill cache " * 9, "a",
            "Explain how the router picks a worker, and why the cache matters?"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from splitserve.router.config import RouterConfig
 
-log = logging.getLogger("splitserve.router.serve")
+log = logging.getLogger("splitserve.router.processes")
 
 
 def server_options(app: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Reported per backend and prompt length: prefill alone, prefill + streamed transf
 receiver has every layer (the sender's DONE), and the added fraction; the received KV is
 checked against the source by per-layer digests. Usage::
 
-    python -m splitserve.bench.prefill_transfer --backend tcp,cuda_ipc --lengths 1024,4096
+    python -m splitserve.bench.lab.prefill_transfer --backend tcp,cuda_ipc --lengths 1024,4096
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from splitserve.bench.child import LineChild
 from splitserve.bench.engine import LLAMA3_8B, make_engine
+from splitserve.bench.lab.child import LineChild
 from splitserve.kvtransfer.layout import gather_layer, token_slots
 
 BLOCK = 16
@@ -35,7 +35,7 @@ BLOCK = 16
 # The decode side: a receiver on cuda:0 in its own process; one JSON job per stdin line.
 CHILD = r"""
 import json, sys
-from splitserve.bench.prefill_transfer import serve_receiver
+from splitserve.bench.lab.prefill_transfer import serve_receiver
 serve_receiver(json.loads(sys.argv[1]), int(sys.argv[2]))
 """
 
