@@ -6,7 +6,7 @@ never starts ends the request within the transfer timeout) -> running (joins the
 with the prefill worker's first token) -> done. With ``recompute`` the worker prefills the prompt
 itself: the fallback when no prefill worker can serve. Tokens stream back as NDJSON lines.
 
-Each request's blocks are held by a :class:`~splitserve.engine.block_lease.BlockLease` from
+Each request's blocks are held by a :class:`~splitserve.worker.block_lease.BlockLease` from
 before the reserve until they are freed, once, however the request ends: finished, failed, or
 cancelled at any await (the reserve, the wait for KV, the stream) and even when the response
 body is never iterated (the client left before the headers went out: ``LeasedStream``).
@@ -22,15 +22,16 @@ from typing import Any
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from fastapi.responses import StreamingResponse
-from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.block_manager import NoFreeBlocks
 from splitserve.engine.engine import StepOutput
-from splitserve.engine.handshake import kv_receiver
-from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.worker import (
+from splitserve.protocol import GenerateRequest, InvalidMessage, TokenLine
+from splitserve.worker.block_lease import BlockLease, Stage
+from splitserve.worker.handshake import kv_receiver
+from splitserve.worker.metrics import REQUESTS
+from splitserve.worker.options import WorkerOptions
+from splitserve.worker.shell import (
     EngineWorker,
-    WorkerOptions,
     add_common_routes,
     error,
     guard,
@@ -38,7 +39,6 @@ from splitserve.engine.worker import (
     make_app,
     read_message,
 )
-from splitserve.protocol import GenerateRequest, InvalidMessage, TokenLine
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from splitserve.discovery.registry import RedisRegistry, Registry, StaticRegistry, redis_password
 from splitserve.router.auth import APIKeyMiddleware
 from splitserve.router.config import RouterConfig
 from splitserve.router.dispatch import Dispatcher
@@ -31,7 +32,6 @@ from splitserve.router.hotpath import CompletionsEndpoint
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
-from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry, redis_password
 from splitserve.router.serving import Serving
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient

@@ -1,5 +1,12 @@
-"""What the prefill and decode workers share at run time: the KV-transfer handshake spec, the
-``/health``, ``/load`` and ``/metrics`` routes, the Redis announcement and the server loop."""
+"""What the prefill and decode workers share at run time: the engine in its thread with its
+metrics, the ``/health``, ``/load``, ``/drain`` and ``/metrics`` routes, the internal-secret
+guard, the announcement in the registry (``splitserve.discovery``) and the server loop.
+
+A worker's life: options -> secret read -> model loaded and warmed up (``EngineWorker``) -> app
+built with the common routes and its role's own (``splitserve.prefill.server`` or
+``splitserve.decode.server``) -> serving: engine thread started, announced by heartbeat ->
+draining (``/drain``: out of the registry, finishing what it has) -> stopped (heartbeat key
+deleted, engine thread joined)."""
 
 from __future__ import annotations
 
@@ -10,8 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.handshake import fingerprint, kv_spec
-from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
+from splitserve.engine.kv_spec import fingerprint
 from splitserve.protocol import DrainReply, ErrorReply, Health, InvalidMessage
 from splitserve.trust import (
     InternalAuthMiddleware,
@@ -19,8 +25,7 @@ from splitserve.trust import (
     load_internal_secret,
     warn_unauthenticated,
 )
-
-__all__ = ["WorkerOptions", "add_worker_args", "fingerprint", "kv_spec", "options_from_args"]
+from splitserve.worker.options import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,7 @@ class EngineWorker:
 
     def __init__(self, options: WorkerOptions) -> None:
         from splitserve.engine.async_engine import AsyncEngine
-        from splitserve.engine.metrics import observe_engine
+        from splitserve.worker.metrics import observe_engine
 
         self.options = options
         self.secret = worker_secret(options)  # before the model loads: a bad path fails fast
@@ -63,7 +68,7 @@ def guard(app, worker: EngineWorker) -> None:
     (probes carry no credentials) and, with ``--public-metrics``, ``/metrics``."""
     if worker.secret is None:
         return
-    from splitserve.engine.metrics import REQUESTS
+    from splitserve.worker.metrics import REQUESTS
 
     role = worker.options.role
     open_paths = {"/health", "/metrics"} if worker.options.public_metrics else {"/health"}
@@ -162,7 +167,7 @@ def lifespan(worker, options: WorkerOptions, state):
         worker.start()
         heartbeat = None
         if options.redis_url:
-            from splitserve.router.registry import redis_password, start_heartbeat
+            from splitserve.discovery.registry import redis_password, start_heartbeat
 
             heartbeat = start_heartbeat(options.redis_url, identity(state, options.role).announcement(options.url),
                                         namespace=options.redis_namespace, secret=worker.secret,
