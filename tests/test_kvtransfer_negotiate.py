@@ -18,14 +18,17 @@ from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_iden
 ALL = ("tcp", "shm", "cuda_ipc", "nixl")
 
 
-def offer(*backends: str, host: str = "h1", gpu: bool = False, requested: str = "auto") -> Offer:
-    return Offer(offered(requested, backends), host, gpu, requested)
+def offer(*backends: str, host: str = "h1", gpu: bool = False, requested: str = "auto",
+          slow: tuple[str, ...] = ()) -> Offer:
+    return Offer(offered(requested, backends), host, gpu, requested, slow)
 
 
 @pytest.mark.parametrize("mine,peer,backend,why", [
     (offer(*ALL, gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host, both on GPU"),
-    (offer(*ALL, gpu=True), offer(*ALL, gpu=False), "nixl", "nixl installed on both ends"),
-    (offer(*ALL, gpu=True), offer(*ALL, host="h2", gpu=True), "nixl", "nixl"),
+    (offer(*ALL, gpu=True), offer(*ALL, gpu=False), "shm", "same host"),
+    (offer(*ALL, gpu=True), offer(*ALL, host="h2", gpu=True), "nixl", "nixl installed on both ends"),
+    (offer(*ALL, host="h2", slow=("nixl",)), offer(*ALL), "tcp", "no faster backend"),
+    (offer(*ALL, host="h2"), offer(*ALL, slow=("nixl",)), "tcp", "no faster backend"),
     (offer("shm", "cuda_ipc", gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host"),
     (offer("shm"), offer(*ALL), "shm", "same host"),
     (offer("shm"), offer("shm", host="h2"), "tcp", "no faster backend"),
@@ -109,7 +112,7 @@ def test_auto_pair_negotiates_once_logs_and_exports_the_choice(caplog):
     cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
     with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
         expected = choose(tx.offer, rx.offer()).backend
-        assert expected in ("nixl", "shm")  # same host, no GPU: nixl where installed
+        assert expected == "shm"  # same host, no GPU
         for i in range(3):
             round_trip(tx, rx, f"r{i}")
         chosen = [r for r in caplog.records if "kv backend" in r.getMessage()]
@@ -177,3 +180,24 @@ def test_auto_pair_on_one_gpu_host_picks_cuda_ipc():
         assert fut.result(timeout=10).first_token == 7
         assert tx.choice(rx.endpoint).backend == "cuda_ipc"
         assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
+
+
+def test_a_slow_backend_is_still_honoured_when_asked_for():
+    mine = offer(*ALL, host="h2", requested="nixl", slow=("nixl",))
+    assert choose(mine, offer(*ALL)).backend == "nixl"
+    assert Offer.from_dict(mine.to_dict()) == mine
+    assert Offer.from_dict({"backends": ["tcp"], "host": "h", "gpu": False}).slow == ()  # older peer
+
+
+@pytest.mark.parametrize("tls,rdma,fast", [
+    ("tcp", True, False), ("tcp,sm", False, False), ("rc,tcp", False, True),
+    ("cuda_ipc,cuda_copy,tcp", False, True), ("", False, False), ("", True, True),
+    ("all", False, False), ("^ib", True, True),
+])
+def test_nixl_is_fast_only_with_a_transport_faster_than_tcp(tmp_path, tls, rdma, fast):
+    from splitserve.kvtransfer.negotiate import nixl_has_fast_path
+
+    if rdma:
+        (tmp_path / "mlx5_0").mkdir()
+    env = {"UCX_TLS": tls} if tls else {}
+    assert nixl_has_fast_path(env, str(tmp_path)) is fast
