@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
@@ -32,12 +31,9 @@ from splitserve.worker.metrics import REQUESTS
 from splitserve.worker.options import WorkerOptions
 from splitserve.worker.shell import (
     EngineWorker,
-    add_common_routes,
     error,
-    guard,
-    lifespan,
-    make_app,
     read_message,
+    worker_app,
 )
 
 log = logging.getLogger(__name__)
@@ -147,11 +143,7 @@ def _refuse(worker: DecodeWorker, request_id: str, exc: Exception):
 
 def create_app(options: WorkerOptions):
     worker = DecodeWorker(options)
-    app = make_app("decode")
-    state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=worker.kv_endpoint)
-    app.router.lifespan_context = lifespan(worker, options, state)
-    add_common_routes(app, state, "decode")
-    guard(app, worker)
+    app = worker_app(worker)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -180,5 +172,4 @@ def create_app(options: WorkerOptions):
             raise
         return LeasedStream(worker.generate(seq, lease, req.recompute), lease)
 
-    app.state.worker = worker
     return app

@@ -19,7 +19,6 @@ import logging
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from splitserve.engine.sequence import Sequence
@@ -30,12 +29,9 @@ from splitserve.worker.metrics import REQUESTS
 from splitserve.worker.options import WorkerOptions
 from splitserve.worker.shell import (
     EngineWorker,
-    add_common_routes,
     error,
-    guard,
-    lifespan,
-    make_app,
     read_message,
+    worker_app,
 )
 
 log = logging.getLogger(__name__)
@@ -142,11 +138,7 @@ def create_app(options: WorkerOptions):
     from splitserve.kvtransfer import TransferError
 
     worker = PrefillWorker(options)
-    app = make_app("prefill")
-    state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=None)
-    app.router.lifespan_context = lifespan(worker, options, state)
-    add_common_routes(app, state, "prefill")
-    guard(app, worker)
+    app = worker_app(worker)
 
     @app.post("/prefill")
     async def prefill(request: Request):
@@ -167,5 +159,4 @@ def create_app(options: WorkerOptions):
         REQUESTS.labels("prefill", "ok").inc()
         return result.to_json()
 
-    app.state.worker = worker
     return app
