@@ -43,7 +43,7 @@ log = logging.getLogger("splitserve.router")
 
 def model_max_len(model_path: str | Path) -> int:
     """Context length from the model's config (max_position_embeddings)."""
-    from splitserve.engine.model_files import read_config
+    from splitserve.modelfiles.read import read_config
 
     try:
         cfg = read_config(model_path)
