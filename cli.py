@@ -15,7 +15,7 @@ import logging
 import sys
 
 # Order is the order of ``splitserve --help``.
-COMPONENTS = ("launcher", "engine", "prefill", "decode", "router", "operator", "bench", "sim")
+COMPONENTS = ("launcher", "engine", "worker", "prefill", "decode", "router", "operator", "bench", "sim")
 
 
 def build_parser() -> argparse.ArgumentParser:

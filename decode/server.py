@@ -6,7 +6,7 @@ never starts ends the request within the transfer timeout) -> running (joins the
 with the prefill worker's first token) -> done. With ``recompute`` the worker prefills the prompt
 itself: the fallback when no prefill worker can serve. Tokens stream back as NDJSON lines.
 
-Each request's blocks are held by a :class:`~splitserve.engine.block_lease.BlockLease` from
+Each request's blocks are held by a :class:`~splitserve.worker.block_lease.BlockLease` from
 before the reserve until they are freed, once, however the request ends: finished, failed, or
 cancelled at any await (the reserve, the wait for KV, the stream) and even when the response
 body is never iterated (the client left before the headers went out: ``LeasedStream``).
@@ -17,28 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from fastapi.responses import StreamingResponse
-from splitserve.engine.block_lease import BlockLease, Stage
 from splitserve.engine.block_manager import NoFreeBlocks
 from splitserve.engine.engine import StepOutput
-from splitserve.engine.handshake import kv_receiver
-from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.worker import (
-    EngineWorker,
-    WorkerOptions,
-    add_common_routes,
-    error,
-    guard,
-    lifespan,
-    make_app,
-    read_message,
-)
 from splitserve.protocol import GenerateRequest, InvalidMessage, TokenLine
+from splitserve.worker.block_lease import BlockLease, Stage
+from splitserve.worker.handshake import kv_receiver
+from splitserve.worker.metrics import REQUESTS
+from splitserve.worker.options import WorkerOptions
+from splitserve.worker.shell import (
+    EngineWorker,
+    error,
+    read_message,
+    worker_app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +143,7 @@ def _refuse(worker: DecodeWorker, request_id: str, exc: Exception):
 
 def create_app(options: WorkerOptions):
     worker = DecodeWorker(options)
-    app = make_app("decode")
-    state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=worker.kv_endpoint)
-    app.router.lifespan_context = lifespan(worker, options, state)
-    add_common_routes(app, state, "decode")
-    guard(app, worker)
+    app = worker_app(worker)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -180,5 +172,4 @@ def create_app(options: WorkerOptions):
             raise
         return LeasedStream(worker.generate(seq, lease, req.recompute), lease)
 
-    app.state.worker = worker
     return app

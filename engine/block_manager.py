@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from splitserve.engine.prefix_hash import iter_block_hashes, iter_prompt_block_hashes
 from splitserve.engine.sequence import Sequence
+from splitserve.protocol.prefix_hash import iter_block_hashes, iter_prompt_block_hashes
 
 
 @dataclass(slots=True)

@@ -1,5 +1,5 @@
 """``splitserve model init``: make the local demo model; ``splitserve model pull``: fetch the
-default model."""
+default model. (``splitserve profile`` takes a worker's options: ``splitserve.worker.cli``.)"""
 
 from __future__ import annotations
 
@@ -48,22 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_init)
 
-    from splitserve.engine.worker_options import add_worker_args
-
-    prof = sub.add_parser(
-        "profile",
-        help="measure prefill/decode/transfer latency on this hardware (for the goodput policy)",
-        description=(
-            "Time the real engine: prefill vs batched prompt tokens, decode step vs batch size and "
-            "context, KV transfer vs tokens (loopback). Writes the latency-model JSON that "
-            "`splitserve router --latency-model` and the planner read."
-        ),
-    )
-    add_worker_args(prof, default_port=0)
-    prof.add_argument("--out", default="latency-model.json", help="output JSON (default latency-model.json)")
-    prof.add_argument("--no-transfer", action="store_true", help="skip the KV transfer measurement")
-    prof.set_defaults(func=_profile)
-
 
 def _pull(args: argparse.Namespace) -> int:
     from splitserve.engine.default_model import ModelUnavailable, pull
@@ -100,20 +84,3 @@ def _init(args: argparse.Namespace) -> int:
     print("note: the weights are random, so the model's output is random text")
     return 0
 
-
-def _profile(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-    from splitserve.engine.profile import profile
-    from splitserve.engine.worker_options import options_from_args
-
-    console = Console(stderr=True)
-    options = options_from_args(args, "profile")
-    with console.status("profiling...") as status:
-        doc = profile(options.engine, progress=lambda line: (status.update(line), console.log(line)),
-                      with_transfer=not args.no_transfer)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out} ({len(doc['prefill']['points'])} prefill, {len(doc['decode']['points'])} decode points)")
-    return 0

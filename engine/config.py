@@ -109,7 +109,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
         """From a Hugging Face folder's config.json or a GGUF file's metadata."""
-        from splitserve.engine.model_files import read_config
+        from splitserve.modelfiles.read import read_config
 
         return cls.from_dict(read_config(model_path))
 

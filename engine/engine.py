@@ -80,7 +80,7 @@ class PromptTooLong(ValueError):
 
 def load_tokenizer(model_path: str | Path):
     """The model's fast tokenizer (from tokenizer.json or a GGUF), or None when it has none."""
-    from splitserve.engine.model_files import read_tokenizer
+    from splitserve.modelfiles.read import read_tokenizer
 
     return read_tokenizer(model_path)
 

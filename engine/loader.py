@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from splitserve.engine.config import ModelConfig
-from splitserve.engine.gguf_file import gguf_tensors, is_gguf, tensor_count
 from splitserve.engine.model import CausalLM
 from splitserve.engine.rope import cos_sin_table
+from splitserve.modelfiles.gguf_file import gguf_tensors, is_gguf, tensor_count
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ def transfer_points(engine: LLMEngine, sizes: list[int], backend: str = "tcp") -
     import time
     import uuid
 
-    from splitserve.engine.handshake import kv_spec
+    from splitserve.engine.kv_spec import kv_spec
     from splitserve.kvtransfer import create_receiver, create_sender
     from splitserve.kvtransfer.layout import iter_cache_layers
 

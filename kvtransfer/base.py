@@ -21,7 +21,7 @@ Block ownership (one owner at a time, so nothing leaks and nothing is written af
   safe; a caller that gives up waiting must defer the free until it does.
 * the prefill worker owns its source blocks; it frees them after ``send()`` returns or raises.
 * on the decode side this is the RECEIVING stage of the request's
-  :class:`splitserve.engine.block_lease.BlockLease`: from ``expect()`` until the future resolves,
+  :class:`splitserve.worker.block_lease.BlockLease`: from ``expect()`` until the future resolves,
   a request that ends is DRAINING (``cancel()`` is called) and its blocks are released by the
   future's done callback, never earlier and never by an awaited cleanup.
 

@@ -49,9 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from splitserve.engine.model_files import model_name
     from splitserve.launcher.supervise import GaveUp, RestartPolicy, Supervisor
     from splitserve.launcher.up import DEMO_MODEL_DIR, Deployment, UpConfig
+    from splitserve.modelfiles.read import model_name
 
     log = logging.getLogger("splitserve.up")
     model = args.model

@@ -6,7 +6,7 @@ A request's life here: connecting (the transfer to the decode worker opens and h
 (each layer's KV goes on the wire as soon as the layer is computed) -> prefilled (first token
 sampled and sent; blocks held until the decode side acknowledges) -> released (blocks freed,
 whether the transfer succeeded or failed; the response says which). Prompts that share a prefix
-reuse its cached blocks. A :class:`~splitserve.engine.block_lease.BlockLease` (queued -> sending
+reuse its cached blocks. A :class:`~splitserve.worker.block_lease.BlockLease` (queued -> sending
 -> finished, or cancelled / failed from either) frees the blocks exactly once on every path,
 without awaiting: a request cancelled during its cleanup still gives them back.
 """
@@ -19,24 +19,20 @@ import logging
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
-from splitserve.engine.block_lease import BlockLease, Stage
-from splitserve.engine.handshake import kv_sender
-from splitserve.engine.metrics import REQUESTS
 from splitserve.engine.sequence import Sequence
-from splitserve.engine.worker import (
-    EngineWorker,
-    WorkerOptions,
-    add_common_routes,
-    error,
-    guard,
-    lifespan,
-    make_app,
-    read_message,
-)
 from splitserve.protocol import InvalidMessage, PrefillRequest, PrefillResult, TransferMeta
+from splitserve.worker.block_lease import BlockLease, Stage
+from splitserve.worker.handshake import kv_sender
+from splitserve.worker.metrics import REQUESTS
+from splitserve.worker.options import WorkerOptions
+from splitserve.worker.shell import (
+    EngineWorker,
+    error,
+    read_message,
+    worker_app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +138,7 @@ def create_app(options: WorkerOptions):
     from splitserve.kvtransfer import TransferError
 
     worker = PrefillWorker(options)
-    app = make_app("prefill")
-    state = SimpleNamespace(engine=worker.engine, options=options, kv_endpoint=None)
-    app.router.lifespan_context = lifespan(worker, options, state)
-    add_common_routes(app, state, "prefill")
-    guard(app, worker)
+    app = worker_app(worker)
 
     @app.post("/prefill")
     async def prefill(request: Request):
@@ -167,5 +159,4 @@ def create_app(options: WorkerOptions):
         REQUESTS.labels("prefill", "ok").inc()
         return result.to_json()
 
-    app.state.worker = worker
     return app

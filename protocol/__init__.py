@@ -1,6 +1,7 @@
 """The worker protocol: every message that crosses a process boundary between the router, prefill
 workers and decode workers, as typed classes (``messages``), and the sampling parameters they
-carry (``sampling``).
+carry (``sampling``); and the names both sides give a prompt's KV blocks (``prefix_hash``: the
+router's prefix-aware policy predicts hits in the workers' prefix caches with them).
 
 This is the only place a key of those messages is spelled; the router, both workers and the test
 stub read and write them through these classes. It imports nothing but the standard library (no

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from splitserve.discovery.registry import RedisRegistry, Registry, StaticRegistry, redis_password
 from splitserve.router.auth import APIKeyMiddleware
 from splitserve.router.choices import Serving
 from splitserve.router.completions import CompletionsEndpoint
@@ -33,7 +34,6 @@ from splitserve.router.kv_links import kv_links
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
-from splitserve.router.registry import RedisRegistry, Registry, StaticRegistry, redis_password
 from splitserve.router.tokenizer import RouterTokenizer
 from splitserve.router.workers import WorkerClient
 from splitserve.trust import auth_headers, load_internal_secret, warn_unauthenticated
@@ -43,7 +43,7 @@ log = logging.getLogger("splitserve.router")
 
 def model_max_len(model_path: str | Path) -> int:
     """Context length from the model's config (max_position_embeddings)."""
-    from splitserve.engine.model_files import read_config
+    from splitserve.modelfiles.read import read_config
 
     try:
         cfg = read_config(model_path)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from splitserve.router.registry import Registry
+from splitserve.discovery.registry import Registry
 from splitserve.router.workers import WorkerClient, WorkerRejected, WorkerState, WorkerUnreachable
 
 log = logging.getLogger("splitserve.router.pool")

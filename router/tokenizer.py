@@ -48,7 +48,7 @@ class RouterTokenizer:
     """Encode prompts, render chats, decode outputs for one model (a folder or a GGUF file)."""
 
     def __init__(self, model_path: str | Path) -> None:
-        from splitserve.engine.model_files import read_tokenizer, read_tokenizer_config
+        from splitserve.modelfiles.read import read_tokenizer, read_tokenizer_config
 
         tok = read_tokenizer(model_path)
         if tok is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
-from splitserve.engine.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
+from splitserve.modelfiles.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
 
 _TO_GGUF = {f"{hf}.": f"{g}." for g, hf in _GLOBAL_NAMES.items()}
 _LAYER_TO_GGUF = {f".{hf}.": f".{g}." for g, hf in _LAYER_NAMES.items()}

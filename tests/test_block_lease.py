@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from splitserve.engine.block_lease import BlockLease, LeaseError, Stage
+from splitserve.worker.block_lease import BlockLease, LeaseError, Stage
 
 # How each worker walks a request forward (the stages before an end).
 DECODE_PATH = [Stage.RESERVING, Stage.RESERVED, Stage.RECEIVING, Stage.RUNNING]

@@ -91,7 +91,7 @@ def test_tokenizer_and_chat_template_equal_the_folders(variant):
 
 def test_config_and_served_name_come_from_the_file(variant):
     from splitserve.engine.config import ModelConfig
-    from splitserve.engine.model_files import model_name
+    from splitserve.modelfiles.read import model_name
 
     folder, gguf = variant
     ours, expected = ModelConfig.from_pretrained(gguf), ModelConfig.from_pretrained(folder)

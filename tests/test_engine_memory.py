@@ -25,7 +25,7 @@ from splitserve.engine.memory import (
     weight_bytes,
 )
 from splitserve.engine.runner import ModelRunner
-from splitserve.engine.worker_options import add_worker_args, options_from_args
+from splitserve.worker.options import add_worker_args, options_from_args
 
 GiB = 2**30
 

@@ -410,9 +410,9 @@ def test_grafana_dashboard_queries_only_metrics_we_export() -> None:
     import json
     import re
 
-    import splitserve.engine.metrics  # noqa: F401  (registers the workers' metrics)
     import splitserve.kvtransfer.metrics  # noqa: F401
     import splitserve.operator.metrics  # noqa: F401
+    import splitserve.worker.metrics  # noqa: F401  (registers the workers' metrics)
     from prometheus_client import REGISTRY
     from splitserve.router.metrics import RouterMetrics
 

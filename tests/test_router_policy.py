@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from splitserve.engine.prefix_hash import prompt_block_hashes
+from splitserve.protocol.prefix_hash import prompt_block_hashes
 from splitserve.router.config import SLO
 from splitserve.router.policy import (
     LatencyModel,

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 from services import RedisServer
+from splitserve.discovery.registry import RedisRegistry, StaticRegistry, start_heartbeat
 from splitserve.router.app import create_app
 from splitserve.router.config import RouterConfig
-from splitserve.router.registry import RedisRegistry, StaticRegistry, start_heartbeat
 from splitserve.testing.stub_worker import ServerThread, StubBehaviour, create_stub_app
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from splitserve.discovery.registry import RedisRegistry, signed_entry, start_heartbeat, worker_key
 from splitserve.launcher.up import Deployment, UpConfig, free_port
-from splitserve.router.registry import RedisRegistry, signed_entry, start_heartbeat, worker_key
 from splitserve.trust import ENV_FILE, ENV_VALUE, InternalSecret, auth_headers
 
 pytestmark = pytest.mark.timeout(180)

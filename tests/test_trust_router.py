@@ -8,10 +8,10 @@ import logging
 
 import pytest
 from fastapi.testclient import TestClient
+from splitserve.discovery.registry import StaticRegistry
 from splitserve.router.app import create_app
 from splitserve.router.cli import api_key_from_args, register
 from splitserve.router.config import RouterConfig
-from splitserve.router.registry import StaticRegistry
 
 pytestmark = pytest.mark.timeout(60)
 

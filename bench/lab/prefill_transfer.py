@@ -136,7 +136,7 @@ def run_once(engine, receiver: ReceiverProcess | None, sender, n: int, rng: rand
 
 
 def measure(engine, backend: str, lengths: list[int], repeats: int) -> list[dict[str, Any]]:
-    from splitserve.engine.handshake import kv_spec
+    from splitserve.engine.kv_spec import kv_spec
     from splitserve.kvtransfer import create_sender
 
     spec = kv_spec(engine, backend, "bench")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from splitserve.engine.prefix_hash import prompt_block_hashes
+from splitserve.protocol.prefix_hash import prompt_block_hashes
 from splitserve.router.config import SLO
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.router.policy.prefix import PrefixIndex

@@ -1,6 +1,6 @@
 """Where each prompt prefix went: the router's mirror of the prefill workers' prefix caches.
 
-Blocks are hashed by the engine's own function (``engine/prefix_hash.py``: chained blake2b of
+Blocks are hashed by the engine's own definition (``protocol/prefix_hash.py``: chained blake2b of
 blocks, never the block holding the last prompt token), so a hit here means the chosen prefill
 worker most likely still holds those blocks. Bounded LRU; stale entries only cost a wrong guess.
 """

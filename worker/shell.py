@@ -1,5 +1,12 @@
-"""What the prefill and decode workers share at run time: the KV-transfer handshake spec, the
-``/health``, ``/load`` and ``/metrics`` routes, the Redis announcement and the server loop."""
+"""What the prefill and decode workers share at run time: the engine in its thread with its
+metrics, the ``/health``, ``/load``, ``/drain`` and ``/metrics`` routes, the internal-secret
+guard, the announcement in the registry (``splitserve.discovery``) and the server loop.
+
+A worker's life: options -> secret read -> model loaded and warmed up (``EngineWorker``) -> app
+built with the common routes and its role's own (``splitserve.prefill.server`` or
+``splitserve.decode.server``) -> serving: engine thread started, announced by heartbeat ->
+draining (``/drain``: out of the registry, finishing what it has) -> stopped (heartbeat key
+deleted, engine thread joined)."""
 
 from __future__ import annotations
 
@@ -7,11 +14,10 @@ import asyncio
 import json
 import logging
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.engine.engine import LLMEngine
-from splitserve.engine.handshake import fingerprint, kv_spec
-from splitserve.engine.worker_options import WorkerOptions, add_worker_args, options_from_args
+from splitserve.engine.kv_spec import fingerprint
 from splitserve.protocol import DrainReply, ErrorReply, Health, InvalidMessage
 from splitserve.trust import (
     InternalAuthMiddleware,
@@ -19,19 +25,25 @@ from splitserve.trust import (
     load_internal_secret,
     warn_unauthenticated,
 )
+from splitserve.worker.options import WorkerOptions
 
-__all__ = ["WorkerOptions", "add_worker_args", "fingerprint", "kv_spec", "options_from_args"]
+if TYPE_CHECKING:
+    from splitserve.discovery.registry import Heartbeat
 
 log = logging.getLogger(__name__)
 
 
 class EngineWorker:
     """An engine in its own thread, with metrics under the worker's role: what both worker kinds
-    are built on."""
+    are built on. The common routes read it: ``kv_endpoint`` (where a decode worker's KV receiver
+    listens; None on prefill), ``draining`` and the registry ``heartbeat`` (None without Redis or
+    once drained)."""
+
+    kv_endpoint: str | None = None
 
     def __init__(self, options: WorkerOptions) -> None:
         from splitserve.engine.async_engine import AsyncEngine
-        from splitserve.engine.metrics import observe_engine
+        from splitserve.worker.metrics import observe_engine
 
         self.options = options
         self.secret = worker_secret(options)  # before the model loads: a bad path fails fast
@@ -41,6 +53,8 @@ class EngineWorker:
         warm_up(self.engine)  # before metrics observe it and before /health can answer
         observe_engine(self.engine, options.role)
         self.async_engine = AsyncEngine(self.engine)
+        self.draining = False
+        self.heartbeat: Heartbeat | None = None
 
     def start(self) -> None:
         self.async_engine.start()
@@ -63,7 +77,7 @@ def guard(app, worker: EngineWorker) -> None:
     (probes carry no credentials) and, with ``--public-metrics``, ``/metrics``."""
     if worker.secret is None:
         return
-    from splitserve.engine.metrics import REQUESTS
+    from splitserve.worker.metrics import REQUESTS
 
     role = worker.options.role
     open_paths = {"/health", "/metrics"} if worker.options.public_metrics else {"/health"}
@@ -71,23 +85,33 @@ def guard(app, worker: EngineWorker) -> None:
                        on_reject=lambda _path: REQUESTS.labels(role, "unauthorized").inc())
 
 
-def add_common_routes(app, state, role: str) -> None:
-    """``/health``, ``/load``, ``/drain`` and ``/metrics``; ``state`` has ``engine``, ``options``
-    and ``kv_endpoint`` (decode's KV receiver; None on prefill), and gets ``draining``."""
+def worker_app(worker: EngineWorker):
+    """The app of one worker, before its role adds its own routes: 400s for bad bodies, the
+    common routes, the guard, and a lifespan that runs the engine thread and the heartbeat."""
+    app = make_app(worker.options.role)
+    app.router.lifespan_context = lifespan(worker)
+    add_common_routes(app, worker)
+    guard(app, worker)
+    app.state.worker = worker
+    return app
+
+
+def add_common_routes(app, worker: EngineWorker) -> None:
+    """``/health``, ``/load``, ``/drain`` and ``/metrics``."""
     from fastapi.responses import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    state.draining = False
+    role = worker.options.role
 
     @app.get("/health")
     async def health() -> dict:
-        return identity(state, role).to_json()
+        return identity(worker).to_json()
 
     @app.get("/load")
     async def load() -> dict:
         from splitserve.kvtransfer.metrics import peer_report
 
-        return replace(state.engine.load(), role=role, draining=state.draining, kv_peers=tuple(peer_report())).to_json()
+        return replace(worker.engine.load(), role=role, draining=worker.draining, kv_peers=tuple(peer_report())).to_json()
 
     @app.post("/drain")
     async def drain() -> dict:
@@ -95,10 +119,10 @@ def add_common_routes(app, state, role: str) -> None:
         tell routers (``/load``'s ``draining``) to send nothing new, while what runs finishes.
         Kubernetes' own removal from the Service does not reach routers that find workers
         through Redis."""
-        if not state.draining:
+        if not worker.draining:
             log.info("%s worker draining: no new requests; finishing the ones it has", role)
-        state.draining = True
-        heartbeat, state.heartbeat = getattr(state, "heartbeat", None), None
+        worker.draining = True
+        heartbeat, worker.heartbeat = worker.heartbeat, None
         if heartbeat is not None:  # deletes its key; joins its thread: not on the event loop
             await asyncio.to_thread(heartbeat.stop)
         return DrainReply().to_json()
@@ -108,10 +132,11 @@ def add_common_routes(app, state, role: str) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def identity(state, role: str) -> Health:
+def identity(worker: EngineWorker) -> Health:
     """Who this worker is: its ``/health`` answer and its registry entry."""
-    return Health(role, state.options.engine.runner.model_dir, state.kv_endpoint,
-                  fingerprint(state.engine, state.options.generation))
+    options = worker.options
+    return Health(options.role, options.engine.runner.model_dir, worker.kv_endpoint,
+                  fingerprint(worker.engine, options.generation))
 
 
 async def read_message(request, message_type: Any) -> Any:
@@ -152,27 +177,28 @@ def error(status: int, message: str, reason: str | None = None):
     return JSONResponse(ErrorReply(message, reason).to_json(), status_code=status)
 
 
-def lifespan(worker, options: WorkerOptions, state):
+def lifespan(worker: EngineWorker):
     """Start ``worker`` (its engine thread) with the app, announce it in Redis when configured
     (so routers find it; the key expires if this process dies), and undo both on shutdown."""
     from contextlib import asynccontextmanager
 
+    options = worker.options
+
     @asynccontextmanager
     async def run(_app):
         worker.start()
-        heartbeat = None
         if options.redis_url:
-            from splitserve.router.registry import redis_password, start_heartbeat
+            from splitserve.discovery.registry import redis_password, start_heartbeat
 
-            heartbeat = start_heartbeat(options.redis_url, identity(state, options.role).announcement(options.url),
-                                        namespace=options.redis_namespace, secret=worker.secret,
-                                        password=redis_password(options.redis_password_file))
-        state.heartbeat = heartbeat  # /drain stops it early
+            worker.heartbeat = start_heartbeat(  # /drain stops it early
+                options.redis_url, identity(worker).announcement(options.url),
+                namespace=options.redis_namespace, secret=worker.secret,
+                password=redis_password(options.redis_password_file))
         try:
             yield
         finally:
-            if state.heartbeat is not None:
-                state.heartbeat.stop()
+            if worker.heartbeat is not None:
+                worker.heartbeat.stop()
             worker.close()
 
     return run

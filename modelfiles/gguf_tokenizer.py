@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitserve.engine.gguf_file import metadata
+from splitserve.modelfiles.gguf_file import metadata
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

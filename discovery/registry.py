@@ -1,4 +1,4 @@
-"""Where the router learns which workers exist.
+"""Where routers learn which workers exist, and how workers say they do.
 
 - ``StaticRegistry``: the URLs given on the command line (single host, no Redis).
 - ``RedisRegistry``: workers announce themselves with ``start_heartbeat``: a key
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from splitserve.trust import InternalSecret, read_secret
 
-log = logging.getLogger("splitserve.router.registry")
+log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
 

@@ -112,25 +112,3 @@ def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
         public_metrics=args.public_metrics,
     )
 
-
-def register_worker(
-    sub: argparse._SubParsersAction, role: str, default_port: int, help: str, description: str
-) -> argparse.ArgumentParser:
-    """The ``splitserve prefill|decode`` subcommand: the shared worker options, and a run
-    function that serves ``splitserve.<role>.server.create_app``. Returns the parser so a role
-    can add its own options."""
-    parser = sub.add_parser(role, help=help, description=description)
-    add_worker_args(parser, default_port=default_port)
-    parser.set_defaults(func=_run_worker, worker_role=role)
-    return parser
-
-
-def _run_worker(args: argparse.Namespace) -> int:
-    import importlib
-
-    from splitserve.engine.worker import serve
-
-    create_app = importlib.import_module(f"splitserve.{args.worker_role}.server").create_app
-    options = options_from_args(args, args.worker_role)
-    serve(create_app(options), options)
-    return 0

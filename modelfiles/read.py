@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitserve.engine.gguf_file import gguf_config, is_gguf
+from splitserve.modelfiles.gguf_file import gguf_config, is_gguf
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -37,7 +37,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def read_tokenizer(path: str | Path) -> Tokenizer | None:
     """The model's ``tokenizers.Tokenizer``, or None for a folder without tokenizer.json."""
     if is_gguf(path):
-        from splitserve.engine.gguf_tokenizer import gguf_tokenizer
+        from splitserve.modelfiles.gguf_tokenizer import gguf_tokenizer
 
         return gguf_tokenizer(path)
     from tokenizers import Tokenizer
@@ -49,7 +49,7 @@ def read_tokenizer(path: str | Path) -> Tokenizer | None:
 def read_tokenizer_config(path: str | Path) -> dict[str, Any]:
     """The model's ``tokenizer_config.json`` dict (special tokens, chat template); {} if none."""
     if is_gguf(path):
-        from splitserve.engine.gguf_tokenizer import gguf_tokenizer_config
+        from splitserve.modelfiles.gguf_tokenizer import gguf_tokenizer_config
 
         return gguf_tokenizer_config(path)
     file = Path(path) / "tokenizer_config.json"
