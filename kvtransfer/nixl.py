@@ -595,11 +595,10 @@ class _BufferPool:
 
     def take(self, nbytes: int, device: torch.device) -> tuple[torch.Tensor, Any]:
         with self._lock:
-            fits = [b for b in self._free if b[0].numel() >= nbytes and b[0].device == device]
-            if fits:
-                best = min(fits, key=lambda b: b[0].numel())
-                self._free.remove(best)
-                return best
+            fits = [i for i, (t, _) in enumerate(self._free)
+                    if t.numel() >= nbytes and t.device == device]
+            if fits:  # by index: list.remove would compare tensors with ==, element by element
+                return self._free.pop(min(fits, key=lambda i: self._free[i][0].numel()))
         size = 1 << max(16, (nbytes - 1).bit_length())
         tensor = torch.empty(size, dtype=torch.uint8, device=device)
         return tensor, self._agent.register_memory(tensor)
