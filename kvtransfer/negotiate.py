@@ -49,6 +49,11 @@ class Offer:
         if not isinstance(self.host, str) or not isinstance(self.requested, str) or not self.requested:
             raise ValueError("Offer.host and Offer.requested must be strings")
 
+    def without(self, backend: str) -> Offer:
+        """This offer less ``backend`` (it failed to set up here); tcp is never withdrawn."""
+        kept = tuple(b for b in self.backends if b != backend or b == FALLBACK)
+        return dataclasses.replace(self, backends=kept)
+
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.backends), "host": self.host, "gpu": self.gpu,
                 "requested": self.requested}

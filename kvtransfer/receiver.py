@@ -188,9 +188,10 @@ class SocketReceiver(KVReceiver):
         """What this receiver can do, for a negotiating sender: its own backend only."""
         return Offer((self.backend,), host_identity(), bool(self.kv_cache.is_cuda), self.backend)
 
-    def prepare(self, backend: str) -> None:
-        """Called when a peer's offer picked ``backend``, before the answer goes out."""
-        return None
+    def prepare(self, backend: str) -> bool:
+        """Called when a peer's offer picked ``backend``, before the answer goes out; False:
+        it could not be set up and is no longer in :meth:`offer` (choose again)."""
+        return True
 
     # ----------------------------------------------------------------- public API
     @property
@@ -481,7 +482,9 @@ class SocketReceiver(KVReceiver):
             raise TransferError(FailureReason.PROTOCOL_ERROR, str(exc)) from exc
         mine = self.offer()
         choice = choose(mine, peer)
-        self.prepare(choice.backend)
+        while not self.prepare(choice.backend):  # withdrawn: the rest of the offer
+            mine = self.offer()
+            choice = choose(mine, peer)
         send_frame(conn, FrameType.OFFER, {"offer": mine.to_dict()})
         report_choice("receive", _peer_host(conn), choice, peer)
 

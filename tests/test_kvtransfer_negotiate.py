@@ -12,6 +12,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 from splitserve.kvtransfer import KVSpec, TransferError, create_receiver, create_sender
+from splitserve.kvtransfer import nixl as nixl_backend
+from splitserve.kvtransfer.auto import usable_backends
+from splitserve.kvtransfer.base import FailureReason
 from splitserve.kvtransfer.metrics import peer_report
 from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_identity, offered
 
@@ -78,6 +81,13 @@ def test_offer_round_trips_and_a_malformed_one_is_refused():
                 {"backends": [], "host": 3, "gpu": False}, {"backends": [], "host": "h"}):
         with pytest.raises(ValueError):
             Offer.from_dict(bad)
+
+
+def test_a_withdrawn_backend_leaves_the_offer_but_tcp_never_does():
+    mine = offer(*ALL, gpu=True)
+    assert mine.without("nixl").backends == ("cuda_ipc", "shm", "tcp")
+    assert mine.without("tcp") == mine
+    assert choose(mine.without("cuda_ipc"), offer(*ALL, gpu=True)).backend == "nixl"
 
 
 def test_this_process_has_one_host_identity():
@@ -177,3 +187,58 @@ def test_auto_pair_on_one_gpu_host_picks_cuda_ipc():
         assert fut.result(timeout=10).first_token == 7
         assert tx.choice(rx.endpoint).backend == "cuda_ipc"
         assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
+
+
+# --------------------------------------------------------------------------- nixl that cannot run
+def _nixl_fails(monkeypatch, *roles: str) -> None:
+    """nixl passes its probe, but making an agent for ``roles`` fails as UCX did on an H200
+    without UCX_TLS (createBackend: NIXL_ERR_BACKEND)."""
+    real = nixl_backend.make_agent
+
+    def make_agent(role: str):
+        if role in roles:
+            raise TransferError(FailureReason.BACKEND_UNAVAILABLE,
+                                "NIXL could not create its UCX backend: nixlBackendError('NIXL_ERR_BACKEND')")
+        return real(role)
+
+    monkeypatch.setattr(nixl_backend, "probe", lambda gpu: None)
+    monkeypatch.setattr(nixl_backend, "make_agent", make_agent)
+
+
+def test_nixl_is_offered_only_where_its_probe_makes_an_agent(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    nixl_backend.probe.cache_clear()
+    monkeypatch.setattr(nixl_backend, "nixl_api", lambda: pytest.fail("the probe must make an agent"))
+
+    def broken(role: str):
+        raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "simulated: no UCX backend")
+
+    monkeypatch.setattr(nixl_backend, "make_agent", broken)
+    try:
+        assert "nixl" not in usable_backends(gpu=False)
+        assert "nixl" not in usable_backends(gpu=False)  # cached: one probe per process
+    finally:
+        nixl_backend.probe.cache_clear()
+    probes = [r for r in caplog.records if r.getMessage().startswith("nixl probe")]
+    assert len(probes) == 1 and probes[0].levelno == logging.INFO
+    assert "not offered" in probes[0].getMessage() and "simulated" in probes[0].getMessage()
+
+
+@pytest.mark.parametrize("side", ["rx", pytest.param("tx", marks=pytest.mark.skipif(
+    nixl_backend.probe(False) is not None, reason="the receiver's half needs a working NIXL"))])
+def test_an_end_that_cannot_set_up_nixl_falls_back_with_a_warning(monkeypatch, caplog, side):
+    """Both ends offer nixl and choose it; one end then fails to make its agent: it withdraws
+    nixl, the pair negotiates again without it and the transfer succeeds (shm, same host)."""
+    _nixl_fails(monkeypatch, side)
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
+        assert choose(tx.offer, rx.offer()).backend == "nixl"
+        round_trip(tx, rx, f"{side}-0")
+        round_trip(tx, rx, f"{side}-1")
+        assert tx.choice(rx.endpoint).backend == "shm"
+        assert "nixl" not in (rx.offer() if side == "rx" else tx.offer).backends
+    assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
+    withdrawn = [r for r in caplog.records if "could not be set up" in r.getMessage()]
+    assert len(withdrawn) == 1 and withdrawn[0].levelno == logging.WARNING
+    assert "NIXL_ERR_BACKEND" in withdrawn[0].getMessage()
