@@ -45,7 +45,6 @@ Transports are UCX's choice; on a host without RDMA or for tests, ``UCX_TLS=tcp`
 from __future__ import annotations
 
 import base64
-import functools
 import importlib
 import logging
 import os
@@ -81,6 +80,8 @@ POOL_BUFFERS = 4  # registered staging buffers a sender keeps for later transfer
 RING_BYTES = 64 << 20  # a transfer's staging ring: up to this many bytes of layers in flight
 MIN_SLOTS = 2
 _API: ModuleType | None = None
+_PROBED: dict[bool, str | None] = {}  # probe(gpu)'s finding, per gpu
+_PROBE_LOCK = threading.Lock()
 
 
 def nixl_api() -> ModuleType:
@@ -134,12 +135,19 @@ def make_agent(role: str) -> Any:
     return agent
 
 
-@functools.cache
 def probe(gpu: bool) -> str | None:
     """Why nixl cannot run in this process (None: it can): NIXL imports, an agent with the UCX
     backend is created, and a small buffer (on the GPU too with ``gpu``) registers with it. An
     end offers nixl only where this passes: importing the package proves nothing about UCX (its
-    transports, the devices it may open). Once per process; the finding is logged at INFO."""
+    transports, the devices it may open). Once per process, however many threads ask at once
+    (a prefill's first transfers do); the finding is logged at INFO."""
+    with _PROBE_LOCK:
+        if gpu not in _PROBED:
+            _PROBED[gpu] = _probe(gpu)
+        return _PROBED[gpu]
+
+
+def _probe(gpu: bool) -> str | None:
     start = time.monotonic()
     try:
         agent = make_agent("probe")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -207,18 +209,17 @@ def _nixl_fails(monkeypatch, *roles: str) -> None:
 
 def test_nixl_is_offered_only_where_its_probe_makes_an_agent(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
-    nixl_backend.probe.cache_clear()
+    monkeypatch.setattr(nixl_backend, "_PROBED", {})
     monkeypatch.setattr(nixl_backend, "nixl_api", lambda: pytest.fail("the probe must make an agent"))
 
     def broken(role: str):
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
         raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "simulated: no UCX backend")
 
     monkeypatch.setattr(nixl_backend, "make_agent", broken)
-    try:
-        assert "nixl" not in usable_backends(gpu=False)
-        assert "nixl" not in usable_backends(gpu=False)  # cached: one probe per process
-    finally:
-        nixl_backend.probe.cache_clear()
+    with ThreadPoolExecutor(4) as pool:  # a prefill's first transfers ask at once
+        offers = list(pool.map(lambda _: usable_backends(gpu=False), range(4)))
+    assert not any("nixl" in usable for usable in offers)
     probes = [r for r in caplog.records if r.getMessage().startswith("nixl probe")]
     assert len(probes) == 1 and probes[0].levelno == logging.INFO
     assert "not offered" in probes[0].getMessage() and "simulated" in probes[0].getMessage()
