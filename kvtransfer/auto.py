@@ -14,6 +14,11 @@ Receiver: one listening endpoint serves HELLOs of every backend it offers, each 
 backend's own layer source; what a backend needs once per receiver (the CUDA IPC share of the
 cache; the NIXL agent with the cache registered) is made when it is offered or, for nixl, when a
 peer first picks it.
+
+An end offers nixl only where its probe (``nixl.probe``, once per process) made an agent with
+UCX. A backend that still fails to set up on either end is withdrawn from that end's offer with
+a warning, and the pair chooses again without it within the same transfer: the receiver before
+it answers the OFFER, the sender when it makes the backend's sender (then it asks again).
 """
 
 from __future__ import annotations
