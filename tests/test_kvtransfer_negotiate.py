@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -243,3 +246,31 @@ def test_an_end_that_cannot_set_up_nixl_falls_back_with_a_warning(monkeypatch, c
     withdrawn = [r for r in caplog.records if "could not be set up" in r.getMessage()]
     assert len(withdrawn) == 1 and withdrawn[0].levelno == logging.WARNING
     assert "NIXL_ERR_BACKEND" in withdrawn[0].getMessage()
+
+
+PAIR_SCRIPT = """
+import logging
+import torch
+logging.basicConfig(level=logging.INFO)
+from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
+spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
+with create_receiver("auto", spec, torch.zeros(3, 2, 8, 4, 2, 8)) as rx, \\
+        create_sender("auto", spec) as tx:
+    fut = rx.expect("r", 5, [0, 1], timeout=10)
+    tx.send("r", rx.endpoint, [torch.ones(2, 5, 2, 8)] * 3, 7)
+    print("pair:", fut.result(timeout=10).first_token, tx.choice(rx.endpoint).backend,
+          *rx.offer().backends)
+"""
+
+
+@pytest.mark.skipif(nixl_backend.probe(False) is not None, reason="needs NIXL installed")
+def test_nixl_whose_ucx_cannot_start_is_not_offered_and_the_pair_transfers():
+    """Real NIXL, asked for a UCX transport that does not exist: UCX backend creation fails
+    (as on an H200 without UCX_TLS), the probe says so and the pair uses shm."""
+    env = {**os.environ, "UCX_TLS": "no_such_transport", "UCX_NET_DEVICES": "lo"}
+    out = subprocess.run([sys.executable, "-c", PAIR_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pair = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("pair:")]
+    assert pair == [["7", "shm", "shm", "tcp"]], out.stdout[-2000:]  # UCX prints on stdout too
+    assert "nixl probe: not usable here" in out.stderr and "NIXL_ERR_BACKEND" in out.stderr
