@@ -36,7 +36,16 @@ from splitserve.trust import InternalSecret
 from . import auth, metrics
 from .base import FailureReason, FirstToken, KVSender, KVSpec, TransferError, TransferResult
 from .layout import check_cache
-from .negotiate import AUTO, FALLBACK, Choice, Offer, choose, host_identity, offered
+from .negotiate import (
+    AUTO,
+    FALLBACK,
+    Choice,
+    Offer,
+    choose,
+    host_identity,
+    nixl_has_fast_path,
+    offered,
+)
 from .receiver import LayerSource, SocketReceiver
 from .registry import available_backends, backend_class
 from .wire import FrameType, expect_frame, parse_endpoint, send_frame, tune_socket
@@ -71,7 +80,9 @@ def _warn_withdrawn(side: str, backend: str, err: Exception) -> None:
 
 
 def local_offer(requested: str, gpu: bool) -> Offer:
-    return Offer(offered(requested, usable_backends(gpu)), host_identity(), gpu, requested)
+    backends = offered(requested, usable_backends(gpu))
+    slow = ("nixl",) if "nixl" in backends and not nixl_has_fast_path() else ()
+    return Offer(backends, host_identity(), gpu, requested, slow)
 
 
 def _check_requested(requested: str) -> None:

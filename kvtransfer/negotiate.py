@@ -7,7 +7,11 @@ handles) and whether its KV lives on a GPU, plus what its operator asked for (``
 answer from the two offers without a further round trip:
 
 * nobody asked for a backend: the first usable one of :data:`PREFERENCE`, fastest first
-  (cuda_ipc: same host, GPUs on both ends; nixl: installed on both ends; shm: same host; tcp);
+  (cuda_ipc: same host, GPUs on both ends; shm: same host; nixl: installed on both ends, and
+  neither end says it is *slow* there; tcp). An end calls nixl slow when UCX has nothing faster
+  than TCP to use (no RDMA device, ``UCX_TLS`` naming no RDMA or CUDA transport): UCX over TCP
+  moved KV at 0.25-0.4x our own tcp backend on the CPU and 0.1x on an H200 whose UCX could not
+  reach GPU memory (bench/RESULTS.md), so there tcp is the faster choice;
 * one end asked for one (the other said "auto"): that one if usable, else tcp as a *fallback*;
 * both ends asked for different ones: tcp as a fallback (neither request can be honoured).
 
@@ -26,10 +30,10 @@ from typing import Any
 
 AUTO = "auto"
 FALLBACK = "tcp"  # every end can do it: one TCP connection to any host
-PREFERENCE = ("cuda_ipc", "nixl", "shm", "tcp")  # fastest first
+PREFERENCE = ("cuda_ipc", "shm", "nixl", "tcp")  # fastest first
 _WHY = {
     "cuda_ipc": "same host, both on GPU",
-    "nixl": "nixl installed on both ends",
+    "nixl": "nixl installed on both ends, with a transport faster than TCP",
     "shm": "same host, no GPU path on both ends",
     "tcp": "no faster backend that both ends support",
 }
@@ -43,28 +47,32 @@ class Offer:
     host: str
     gpu: bool
     requested: str = AUTO
+    slow: tuple[str, ...] = ()  # usable here, but not worth choosing over tcp unless asked for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(str(b) for b in self.backends))
+        object.__setattr__(self, "slow", tuple(str(b) for b in self.slow))
         if not isinstance(self.host, str) or not isinstance(self.requested, str) or not self.requested:
             raise ValueError("Offer.host and Offer.requested must be strings")
 
     def without(self, backend: str) -> Offer:
         """This offer less ``backend`` (it failed to set up here); tcp is never withdrawn."""
-        kept = tuple(b for b in self.backends if b != backend or b == FALLBACK)
-        return dataclasses.replace(self, backends=kept)
+        if backend == FALLBACK:
+            return self
+        return dataclasses.replace(self, backends=tuple(b for b in self.backends if b != backend),
+                                   slow=tuple(b for b in self.slow if b != backend))
 
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.backends), "host": self.host, "gpu": self.gpu,
-                "requested": self.requested}
+                "requested": self.requested, "slow": list(self.slow)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Offer:
         """Parse a peer's offer; a malformed one is a ValueError (the peer is refused)."""
-        backends = data.get("backends")
-        if not isinstance(backends, list) or not isinstance(data.get("gpu"), bool):
+        backends, slow = data.get("backends"), data.get("slow", [])
+        if not isinstance(backends, list) or not isinstance(slow, list) or not isinstance(data.get("gpu"), bool):
             raise ValueError(f"malformed KV offer: {dict(data)!r}")
-        return cls(tuple(backends), data.get("host"), data["gpu"], data.get("requested", AUTO))
+        return cls(tuple(backends), data.get("host"), data["gpu"], data.get("requested", AUTO), tuple(slow))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +111,8 @@ def choose(mine: Offer, peer: Offer) -> Choice:
             return Choice(wanted, f"{wanted} was requested")
         return Choice(FALLBACK, f"{wanted} was requested but {why_not}", fallback=True)
     for backend in PREFERENCE:
+        if backend in mine.slow or backend in peer.slow:
+            continue
         if unusable(backend, mine, peer) is None:
             return Choice(backend, _WHY[backend])
     raise AssertionError("tcp is always usable")
@@ -126,3 +136,19 @@ def host_identity() -> str:
         except OSError:
             parts.append(socket.gethostname())
     return "/".join(parts)
+
+
+# UCX transports faster than TCP (RDMA verbs, CUDA IPC/copy, GPUDirect copy), by UCX_TLS name
+_FAST_UCX = ("rc", "ud", "dc", "ib", "mlx5", "cuda", "gdr", "efa", "rocm", "ze")
+
+
+def nixl_has_fast_path(env: Mapping[str, str] | None = None, rdma_dir: str = "/sys/class/infiniband") -> bool:
+    """Whether NIXL's UCX can use a transport faster than TCP here: ``UCX_TLS`` names one, or
+    (``UCX_TLS`` unset, ``all`` or an exclusion list) an RDMA device is present."""
+    tls = (os.environ if env is None else env).get("UCX_TLS", "").strip()
+    if tls and tls != "all" and not tls.startswith("^"):
+        return any(part.strip().startswith(_FAST_UCX) for part in tls.split(","))
+    try:
+        return any(Path(rdma_dir).iterdir())
+    except OSError:
+        return False

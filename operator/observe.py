@@ -14,7 +14,10 @@ Read from the router (names are the contract with ``router/metrics.py``):
 - ``splitserve_router_slo_requests{ttft,tpot}``: SLO attainment (both targets met / finished),
   and each target's own (the planner's feedback: TTFT misses are prefill's, TPOT misses decode's);
 - ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second (from a router that
-  lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill).
+  lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill);
+- ``splitserve_router_kv_link_{transfers,failures,bytes_per_second}`` (gauges per prefill ->
+  decode link, labelled with the negotiated backend): not a window but the links' state now,
+  summarised by ``kv_summary`` into ``status.observed.kvTransfer``.
 
 A router Deployment has several pods (``spec.router.replicas``, an HPA), each with its own
 counters, so the SLO loop scrapes every ready pod, not the Service (which would answer from a
@@ -41,6 +44,7 @@ E2E = "splitserve_router_e2e_seconds"
 INFLIGHT = "splitserve_router_inflight_sequences"
 SLO = "splitserve_router_slo_requests"
 PROMPT_TOKENS = "splitserve_router_prompt_tokens"
+KV_LINK = "splitserve_router_kv_link"
 
 
 class MetricsUnavailable(RuntimeError):
@@ -100,6 +104,47 @@ class Snapshot:
     prompt_tokens: float | None
     ttft_met: float = 0.0  # finished sequences that met the TTFT target
     tpot_met: float = 0.0  # finished sequences that met the TPOT target
+    kv_links: tuple[KvLink, ...] = ()
+
+
+@dataclass(frozen=True)
+class KvLink:
+    """One prefill -> decode link as a router pod exports it (``router/kv_links.py``)."""
+
+    prefill: str
+    decode: str
+    backend: str
+    fallback: bool
+    transfers: float
+    failures: float
+    bytes_per_s: float | None
+
+
+def kv_summary(snapshots: list[Snapshot]) -> dict[str, Any] | None:
+    """``status.observed.kvTransfer`` from the latest scrape of each router pod: links by
+    backend, fallbacks (a pair that wanted a faster backend and got tcp), transfers, failures
+    and the mean rate over links that moved bytes. Several router pods poll the same workers,
+    so a link seen by many counts once (its largest counts). None when no link is known."""
+    links: dict[tuple[str, str], KvLink] = {}
+    for snap in snapshots:
+        for link in snap.kv_links:
+            key = (link.prefill, link.decode)
+            if key not in links or link.transfers > links[key].transfers:
+                links[key] = link
+    if not links:
+        return None
+    backends: dict[str, int] = {}
+    for link in links.values():
+        backends[link.backend] = backends.get(link.backend, 0) + 1
+    rates = [k.bytes_per_s for k in links.values() if k.bytes_per_s]
+    return {
+        "links": len(links),
+        "backends": dict(sorted(backends.items())),
+        "fallbacks": sum(1 for k in links.values() if k.fallback),
+        "transfers": int(sum(k.transfers for k in links.values())),
+        "failures": int(sum(k.failures for k in links.values())),
+        "bytesPerSecond": round(sum(rates) / len(rates)) if rates else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -188,6 +233,23 @@ def parse(text: str, at: float) -> Snapshot:
         prompt_tokens=_value(families, f"{PROMPT_TOKENS}_total"),
         ttft_met=_value(families, f"{SLO}_total", ttft="met") or 0.0,
         tpot_met=_value(families, f"{SLO}_total", tpot="met") or 0.0,
+        kv_links=_kv_links(families),
+    )
+
+
+def _kv_links(families: list[Any]) -> tuple[KvLink, ...]:
+    """The link gauges, joined on their labels (transfers are always exported, the rate only
+    once bytes moved)."""
+    def by_link(name: str) -> dict[tuple[str, str, str, str], float]:
+        return {(s.labels["prefill"], s.labels["decode"], s.labels["backend"], s.labels["fallback"]):
+                s.value for s in _samples(families, name)}
+
+    failures = by_link(f"{KV_LINK}_failures")
+    rates = by_link(f"{KV_LINK}_bytes_per_second")
+    return tuple(
+        KvLink(prefill=key[0], decode=key[1], backend=key[2], fallback=key[3] == "true",
+               transfers=value, failures=failures.get(key, 0.0), bytes_per_s=rates.get(key))
+        for key, value in by_link(f"{KV_LINK}_transfers").items()
     )
 
 

@@ -79,8 +79,9 @@ def latency_model(path: str | None) -> LatencyModel | None:
     return LatencyModel.load(path) if path else None
 
 
-def observed_status(win: observe.Window, now: float) -> dict[str, Any]:
-    """The status fields every tick writes (None deletes a field: nothing finished)."""
+def observed_status(win: observe.Window, now: float, kv: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status fields every tick writes (None deletes a field: nothing finished);
+    ``kv``: the KV links' summary (``observe.kv_summary``), None while no link is known."""
     ms = None if win.ttft_p90_ms is None else round(win.ttft_p90_ms, 1)
     tpot = None if win.tpot_p90_ms is None else round(win.tpot_p90_ms, 1)
     att = None if win.attainment is None else round(win.attainment, 3)
@@ -88,7 +89,7 @@ def observed_status(win: observe.Window, now: float) -> dict[str, Any]:
         "ttftMs": ms,
         "tpotMs": tpot,
         "attainment": att,
-        "observed": {**win.to_status(), "time": _iso(now)},
+        "observed": {**win.to_status(), "time": _iso(now), "kvTransfer": kv},
     }
 
 
@@ -218,7 +219,8 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
     if win is None:
         return
     now = time.time()
-    patch = observed_status(win, now)
+    latest = [scrapes[-1] for scrapes in memory.history.pods.values() if scrapes]
+    patch = observed_status(win, now, observe.kv_summary(latest))
     if not scaling.enabled(spec):
         kube.patch_status(namespace, name, patch)
         return

@@ -28,6 +28,7 @@ from splitserve.router.config import RouterConfig
 from splitserve.router.dispatch import Dispatcher
 from splitserve.router.errors import error_body
 from splitserve.router.hotpath import CompletionsEndpoint
+from splitserve.router.kv_links import kv_links
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import LatencyModel, build_policy
 from splitserve.router.pool import WorkerPool
@@ -99,6 +100,9 @@ class RouterState:
         self.client = WorkerClient(c.connect_timeout_s, c.prefill_timeout_s, c.stream_idle_timeout_s,
                                    auth_headers(self.secret))
         self.pool = WorkerPool(registry or _registry(c, self), self.client, c.poll_interval_s)
+        pool = self.pool
+        pool.on_change.add(lambda: self.metrics.observe_kv_links(
+            kv_links(pool.role("prefill"), pool.role("decode"))))
         await self.pool.start()
         dispatcher = Dispatcher(c, self.pool, self.client, self.policy, self.metrics)
         self.serving = Serving(self.tokenizer, dispatcher, c.served_model_name)

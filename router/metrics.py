@@ -14,9 +14,11 @@ gauges summed (queued, in flight) or maxed (worker health) over the live process
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from splitserve.router.kv_links import KvLink
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_SAMPLE = 8  # policy step times of one decision in this many: enough to find a slow plugin
@@ -127,6 +129,34 @@ class RouterMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        link = ["prefill", "decode", "backend", "fallback"]
+        self.kv_link_transfers = Gauge(
+            "splitserve_router_kv_link_transfers",
+            "KV transfers a prefill worker reports to a decode worker, by negotiated backend",
+            link, registry=r, multiprocess_mode="livemax",
+        )
+        self.kv_link_failures = Gauge(
+            "splitserve_router_kv_link_failures",
+            "Failed KV transfers a prefill worker reports to a decode worker",
+            link, registry=r, multiprocess_mode="livemax",
+        )
+        self.kv_link_bytes_per_second = Gauge(
+            "splitserve_router_kv_link_bytes_per_second",
+            "Bytes per second of a prefill -> decode link's transfers (the sender's mean)",
+            link, registry=r, multiprocess_mode="livemax",
+        )
+
+    def observe_kv_links(self, links: Iterable[KvLink]) -> None:
+        """Replace the link gauges with ``links`` (links of departed workers disappear)."""
+        gauges = (self.kv_link_transfers, self.kv_link_failures, self.kv_link_bytes_per_second)
+        for gauge in gauges:
+            gauge.clear()
+        for k in links:
+            labels = (k.prefill, k.decode, k.backend, str(k.fallback).lower())
+            self.kv_link_transfers.labels(*labels).set(k.transfers)
+            self.kv_link_failures.labels(*labels).set(k.failures)
+            if k.bytes_per_s is not None:
+                self.kv_link_bytes_per_second.labels(*labels).set(k.bytes_per_s)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this registry, or every router process's values when they

@@ -10,6 +10,7 @@ test_router_e2e.py against the same real workers.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import pytest
@@ -70,6 +71,27 @@ def test_greedy_concurrent_matches_transformers(client, demo_model):
     expected = hf_reference(demo_model, PROMPTS, MAX_TOKENS)
     assert [text for text, _ in results] == expected
     assert all(n == MAX_TOKENS for _, n in results)
+
+
+def test_router_metrics_show_each_kv_link_and_its_negotiated_backend(client, deployment):
+    """After traffic, the router exports every prefill -> decode link its prefill worker reports,
+    with the backend the handshake chose (one host, CPU caches: shm) and no fallback."""
+    from splitserve.operator import observe
+
+    client.completions.create(model="demo", prompt="hello", max_tokens=2, temperature=0)
+    root = deployment.base_url.removesuffix("/v1")
+    deadline = time.monotonic() + 10
+    while True:  # the router learns a worker's peers from its next /load poll
+        text = httpx.get(f"{root}/metrics", headers=deployment.internal_headers()).text
+        links = observe.parse(text, at=0.0).kv_links
+        if links or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert links, "no splitserve_router_kv_link_* sample after a served request"
+    assert {k.backend for k in links} == {"shm"} and not any(k.fallback for k in links)
+    assert all(k.decode.startswith("http://") for k in links)  # named by the decode worker's URL
+    summary = observe.kv_summary([observe.parse(text, at=0.0)])
+    assert summary["transfers"] >= 1 and summary["failures"] == 0
 
 
 def test_greedy_matches_transformers_on_qwen2_tied(tmp_path):

@@ -26,14 +26,17 @@ from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_iden
 ALL = ("tcp", "shm", "cuda_ipc", "nixl")
 
 
-def offer(*backends: str, host: str = "h1", gpu: bool = False, requested: str = "auto") -> Offer:
-    return Offer(offered(requested, backends), host, gpu, requested)
+def offer(*backends: str, host: str = "h1", gpu: bool = False, requested: str = "auto",
+          slow: tuple[str, ...] = ()) -> Offer:
+    return Offer(offered(requested, backends), host, gpu, requested, slow)
 
 
 @pytest.mark.parametrize("mine,peer,backend,why", [
     (offer(*ALL, gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host, both on GPU"),
-    (offer(*ALL, gpu=True), offer(*ALL, gpu=False), "nixl", "nixl installed on both ends"),
-    (offer(*ALL, gpu=True), offer(*ALL, host="h2", gpu=True), "nixl", "nixl"),
+    (offer(*ALL, gpu=True), offer(*ALL, gpu=False), "shm", "same host"),
+    (offer(*ALL, gpu=True), offer(*ALL, host="h2", gpu=True), "nixl", "nixl installed on both ends"),
+    (offer(*ALL, host="h2", slow=("nixl",)), offer(*ALL), "tcp", "no faster backend"),
+    (offer(*ALL, host="h2"), offer(*ALL, slow=("nixl",)), "tcp", "no faster backend"),
     (offer("shm", "cuda_ipc", gpu=True), offer(*ALL, gpu=True), "cuda_ipc", "same host"),
     (offer("shm"), offer(*ALL), "shm", "same host"),
     (offer("shm"), offer("shm", host="h2"), "tcp", "no faster backend"),
@@ -92,7 +95,8 @@ def test_a_withdrawn_backend_leaves_the_offer_but_tcp_never_does():
     mine = offer(*ALL, gpu=True)
     assert mine.without("nixl").backends == ("cuda_ipc", "shm", "tcp")
     assert mine.without("tcp") == mine
-    assert choose(mine.without("cuda_ipc"), offer(*ALL, gpu=True)).backend == "nixl"
+    assert choose(mine.without("cuda_ipc"), offer(*ALL, gpu=True)).backend == "shm"
+    assert offer(*ALL, slow=("nixl",)).without("nixl").slow == ()
 
 
 def test_this_process_has_one_host_identity():
@@ -124,7 +128,7 @@ def test_auto_pair_negotiates_once_logs_and_exports_the_choice(caplog):
     cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
     with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
         expected = choose(tx.offer, rx.offer()).backend
-        assert expected in ("nixl", "shm")  # same host, no GPU: nixl where installed
+        assert expected == "shm"  # same host, no GPU
         for i in range(3):
             round_trip(tx, rx, f"r{i}")
         chosen = [r for r in caplog.records if "kv backend" in r.getMessage()]
@@ -194,6 +198,27 @@ def test_auto_pair_on_one_gpu_host_picks_cuda_ipc():
         assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
 
 
+def test_a_slow_backend_is_still_honoured_when_asked_for():
+    mine = offer(*ALL, host="h2", requested="nixl", slow=("nixl",))
+    assert choose(mine, offer(*ALL)).backend == "nixl"
+    assert Offer.from_dict(mine.to_dict()) == mine
+    assert Offer.from_dict({"backends": ["tcp"], "host": "h", "gpu": False}).slow == ()  # older peer
+
+
+@pytest.mark.parametrize("tls,rdma,fast", [
+    ("tcp", True, False), ("tcp,sm", False, False), ("rc,tcp", False, True),
+    ("cuda_ipc,cuda_copy,tcp", False, True), ("", False, False), ("", True, True),
+    ("all", False, False), ("^ib", True, True),
+])
+def test_nixl_is_fast_only_with_a_transport_faster_than_tcp(tmp_path, tls, rdma, fast):
+    from splitserve.kvtransfer.negotiate import nixl_has_fast_path
+
+    if rdma:
+        (tmp_path / "mlx5_0").mkdir()
+    env = {"UCX_TLS": tls} if tls else {}
+    assert nixl_has_fast_path(env, str(tmp_path)) is fast
+
+
 # --------------------------------------------------------------------------- nixl that cannot run
 def _nixl_fails(monkeypatch, *roles: str) -> None:
     """nixl passes its probe, but making an agent for ``roles`` fails as UCX did on an H200
@@ -231,21 +256,25 @@ def test_nixl_is_offered_only_where_its_probe_makes_an_agent(monkeypatch, caplog
 @pytest.mark.parametrize("side", ["rx", pytest.param("tx", marks=pytest.mark.skipif(
     nixl_backend.probe(False) is not None, reason="the receiver's half needs a working NIXL"))])
 def test_an_end_that_cannot_set_up_nixl_falls_back_with_a_warning(monkeypatch, caplog, side):
-    """Both ends offer nixl and choose it; one end then fails to make its agent: it withdraws
-    nixl, the pair negotiates again without it and the transfer succeeds (shm, same host)."""
+    """Both ends offer nixl and the sender asks for it; one end then fails to make its agent:
+    it withdraws nixl, the pair negotiates again without it and the transfer succeeds over the
+    fallback, tcp, with warnings (the failed setup, then the request that cannot be met)."""
     _nixl_fails(monkeypatch, side)
     caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
     cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
-    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
+    with create_receiver("auto", spec("auto"), cache) as rx, \
+            create_sender("auto", spec("auto"), requested="nixl") as tx:
         assert choose(tx.offer, rx.offer()).backend == "nixl"
         round_trip(tx, rx, f"{side}-0")
         round_trip(tx, rx, f"{side}-1")
-        assert tx.choice(rx.endpoint).backend == "shm"
+        assert tx.choice(rx.endpoint).backend == "tcp"
         assert "nixl" not in (rx.offer() if side == "rx" else tx.offer).backends
     assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
     withdrawn = [r for r in caplog.records if "could not be set up" in r.getMessage()]
     assert len(withdrawn) == 1 and withdrawn[0].levelno == logging.WARNING
     assert "NIXL_ERR_BACKEND" in withdrawn[0].getMessage()
+    assert any(r.levelno == logging.WARNING and "nixl was requested but" in r.getMessage()
+               for r in caplog.records)
 
 
 PAIR_SCRIPT = """
@@ -255,7 +284,7 @@ logging.basicConfig(level=logging.INFO)
 from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
 spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
 with create_receiver("auto", spec, torch.zeros(3, 2, 8, 4, 2, 8)) as rx, \\
-        create_sender("auto", spec) as tx:
+        create_sender("auto", spec, requested="nixl") as tx:
     fut = rx.expect("r", 5, [0, 1], timeout=10)
     tx.send("r", rx.endpoint, [torch.ones(2, 5, 2, 8)] * 3, 7)
     print("pair:", fut.result(timeout=10).first_token, tx.choice(rx.endpoint).backend,
@@ -266,11 +295,12 @@ with create_receiver("auto", spec, torch.zeros(3, 2, 8, 4, 2, 8)) as rx, \\
 @pytest.mark.skipif(nixl_backend.probe(False) is not None, reason="needs NIXL installed")
 def test_nixl_whose_ucx_cannot_start_is_not_offered_and_the_pair_transfers():
     """Real NIXL, asked for a UCX transport that does not exist: UCX backend creation fails
-    (as on an H200 without UCX_TLS), the probe says so and the pair uses shm."""
+    (as on an H200 without UCX_TLS), the probe says so, neither end offers nixl, and a sender
+    that asks for nixl falls back to tcp (before the probe: the receiver failed the transfer)."""
     env = {**os.environ, "UCX_TLS": "no_such_transport", "UCX_NET_DEVICES": "lo"}
     out = subprocess.run([sys.executable, "-c", PAIR_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     pair = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("pair:")]
-    assert pair == [["7", "shm", "shm", "tcp"]], out.stdout[-2000:]  # UCX prints on stdout too
+    assert pair == [["7", "tcp", "shm", "tcp"]], out.stdout[-2000:]  # UCX prints on stdout too
     assert "nixl probe: not usable here" in out.stderr and "NIXL_ERR_BACKEND" in out.stderr
