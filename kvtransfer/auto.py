@@ -14,6 +14,11 @@ Receiver: one listening endpoint serves HELLOs of every backend it offers, each 
 backend's own layer source; what a backend needs once per receiver (the CUDA IPC share of the
 cache; the NIXL agent with the cache registered) is made when it is offered or, for nixl, when a
 peer first picks it.
+
+An end offers nixl only where its probe (``nixl.probe``, once per process) made an agent with
+UCX. A backend that still fails to set up on either end is withdrawn from that end's offer with
+a warning, and the pair chooses again without it within the same transfer: the receiver before
+it answers the OFFER, the sender when it makes the backend's sender (then it asks again).
 """
 
 from __future__ import annotations
@@ -58,18 +63,20 @@ def _renegotiate(err: TransferError) -> bool:
 
 def usable_backends(gpu: bool) -> list[str]:
     """The backends this process can run: tcp and shm always (Linux), cuda_ipc with a GPU,
-    nixl where its package imports."""
-    from .nixl import nixl_api
+    nixl where its probe made a UCX agent in this process (nixl.probe logs what it found)."""
+    from .nixl import probe
 
     usable = [FALLBACK, "shm"]
     if gpu:
         usable.append("cuda_ipc")
-    try:
-        nixl_api()
+    if probe(gpu) is None:
         usable.append("nixl")
-    except TransferError:
-        pass  # not installed: not offered (the reason is in the offer's absence)
     return usable
+
+
+def _warn_withdrawn(side: str, backend: str, err: Exception) -> None:
+    log.warning("kv %s: backend %s could not be set up here (%s); no longer offered, peers "
+                "negotiate without it", side, backend, err)
 
 
 def local_offer(requested: str, gpu: bool) -> Offer:
@@ -132,8 +139,9 @@ class AutoSender(KVSender):
             metrics.record_failure("send", AUTO, err.reason)
             metrics.record_peer_failure("send", endpoint, AUTO, err.reason)
             raise err.with_request(request_id) from err
+        choice, sender = self._sender_for(choice, endpoint, request_id)
         try:
-            result = self._sender(choice.backend).send(
+            result = sender.send(
                 request_id, endpoint, kv_layers, first_token, meta, num_tokens=num_tokens)
             metrics.record_peer_success("send", endpoint, choice.backend, result.bytes,
                                         result.seconds)
@@ -144,6 +152,25 @@ class AutoSender(KVSender):
                 with self._lock:
                     self._choices.pop(endpoint, None)
             raise
+
+    def _sender_for(self, choice: Choice, endpoint: str,
+                    request_id: str) -> tuple[Choice, KVSender]:
+        """The chosen backend's sender; a backend that fails to set up here is withdrawn from
+        this end's offer and the pair negotiates again without it (tcp always sets up)."""
+        while True:
+            try:
+                return choice, self._sender(choice.backend)
+            except TransferError as err:
+                if err.reason != FailureReason.BACKEND_UNAVAILABLE or choice.backend == FALLBACK:
+                    raise
+                self._withdraw(choice.backend, err)
+            choice = self.choice(endpoint, request_id)
+
+    def _withdraw(self, backend: str, err: TransferError) -> None:
+        _warn_withdrawn("send", backend, err)
+        with self._lock:
+            self._offer = self.offer.without(backend)
+            self._choices = {ep: c for ep, c in self._choices.items() if c.backend != backend}
 
     def choice(self, endpoint: str, request_id: str = "offer") -> Choice:
         """The backend for ``endpoint`` (negotiated on first use, on behalf of ``request_id``:
@@ -224,7 +251,10 @@ class AutoReceiver(SocketReceiver):
         if "cuda_ipc" in self._offer.backends:
             from .cuda_ipc import _Target
 
-            self.shared_cache = _Target(kv_cache, share=True)
+            try:
+                self.shared_cache = _Target(kv_cache, share=True)
+            except (TransferError, RuntimeError) as err:  # CUDA refused to share the cache
+                self._withdraw("cuda_ipc", err)
         self._nixl: Any = None  # nixl.CacheRegistration, once a peer picks nixl
         self._nixl_lock = threading.Lock()
         super().__init__(spec, kv_cache, *args, **kwargs)
@@ -241,9 +271,20 @@ class AutoReceiver(SocketReceiver):
                 f"({list(self._offer.backends)})", field="backend")
         dataclasses.replace(self.spec, backend=theirs.backend).check_compatible(theirs)
 
-    def prepare(self, backend: str) -> None:
+    def prepare(self, backend: str) -> bool:
+        """Set up what ``backend`` needs once (nixl: the cache registered with an agent); one
+        that fails is withdrawn from the offer (False) and the peer is answered without it."""
         if backend == "nixl":
-            self._registration()
+            try:
+                self._registration()
+            except TransferError as err:  # make_agent/CacheRegistration: BACKEND_UNAVAILABLE
+                self._withdraw("nixl", err)
+                return False
+        return True
+
+    def _withdraw(self, backend: str, err: Exception) -> None:
+        _warn_withdrawn("receive", backend, err)
+        self._offer = self._offer.without(backend)
 
     def open_source(self, hello: dict[str, Any], nbytes: int) -> LayerSource:
         backend = hello["spec"]["backend"]  # one this receiver offers (check_spec)

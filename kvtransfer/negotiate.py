@@ -55,6 +55,13 @@ class Offer:
         if not isinstance(self.host, str) or not isinstance(self.requested, str) or not self.requested:
             raise ValueError("Offer.host and Offer.requested must be strings")
 
+    def without(self, backend: str) -> Offer:
+        """This offer less ``backend`` (it failed to set up here); tcp is never withdrawn."""
+        if backend == FALLBACK:
+            return self
+        return dataclasses.replace(self, backends=tuple(b for b in self.backends if b != backend),
+                                   slow=tuple(b for b in self.slow if b != backend))
+
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.backends), "host": self.host, "gpu": self.gpu,
                 "requested": self.requested, "slow": list(self.slow)}

@@ -80,6 +80,8 @@ POOL_BUFFERS = 4  # registered staging buffers a sender keeps for later transfer
 RING_BYTES = 64 << 20  # a transfer's staging ring: up to this many bytes of layers in flight
 MIN_SLOTS = 2
 _API: ModuleType | None = None
+_PROBED: dict[bool, str | None] = {}  # probe(gpu)'s finding, per gpu
+_PROBE_LOCK = threading.Lock()
 
 
 def nixl_api() -> ModuleType:
@@ -123,10 +125,44 @@ def make_agent(role: str) -> Any:
         enable_prog_thread=False, backends=["UCX"],
         sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
     )
-    agent = api.nixl_agent(f"splitserve-{role}-{uuid.uuid4().hex[:12]}", config)
+    try:
+        agent = api.nixl_agent(f"splitserve-{role}-{uuid.uuid4().hex[:12]}", config)
+    except Exception as exc:  # noqa: BLE001 - NIXL raises its own (nixlBackendError) or RuntimeError
+        raise TransferError(FailureReason.BACKEND_UNAVAILABLE,
+                            f"NIXL could not create its UCX backend: {exc!r}") from exc
     if "UCX" not in agent.backends:
         raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "NIXL has no UCX plugin here")
     return agent
+
+
+def probe(gpu: bool) -> str | None:
+    """Why nixl cannot run in this process (None: it can): NIXL imports, an agent with the UCX
+    backend is created, and a small buffer (on the GPU too with ``gpu``) registers with it. An
+    end offers nixl only where this passes: importing the package proves nothing about UCX (its
+    transports, the devices it may open). Once per process, however many threads ask at once
+    (a prefill's first transfers do); the finding is logged at INFO."""
+    with _PROBE_LOCK:
+        if gpu not in _PROBED:
+            _PROBED[gpu] = _probe(gpu)
+        return _PROBED[gpu]
+
+
+def _probe(gpu: bool) -> str | None:
+    start = time.monotonic()
+    try:
+        agent = make_agent("probe")
+        for device in ("cpu", "cuda") if gpu else ("cpu",):
+            buffer = torch.zeros(4096, dtype=torch.uint8, device=device)
+            agent.deregister_memory(agent.register_memory(buffer))
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not offer nixl
+        why = exc.message if isinstance(exc, TransferError) else repr(exc)
+        log.info("nixl probe: not usable here, not offered (%s; UCX_TLS=%s)",
+                 why, os.environ.get("UCX_TLS", "unset"))
+        return why
+    log.info("nixl probe: UCX agent made and %s memory registered in %.2f s (UCX_TLS=%s): "
+             "offered", "host and GPU" if gpu else "host", time.monotonic() - start,
+             os.environ.get("UCX_TLS", "unset"))
+    return None
 
 
 def mem_type(tensor: torch.Tensor) -> tuple[str, int]:
@@ -312,7 +348,11 @@ class CacheRegistration:
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.agent = make_agent("rx")
-        self._registered = self.agent.register_memory(kv_cache)
+        try:
+            self._registered = self.agent.register_memory(kv_cache)
+        except Exception as exc:  # noqa: BLE001 - NIXL's own errors: the backend cannot serve
+            raise TransferError(FailureReason.BACKEND_UNAVAILABLE,
+                                f"NIXL could not register the KV cache: {exc!r}") from exc
         mem, device = mem_type(kv_cache)
         self.grant_fields = {
             "agent": self.agent.name, "mem": mem, "device": device, "base": kv_cache.data_ptr(),
@@ -595,11 +635,10 @@ class _BufferPool:
 
     def take(self, nbytes: int, device: torch.device) -> tuple[torch.Tensor, Any]:
         with self._lock:
-            fits = [b for b in self._free if b[0].numel() >= nbytes and b[0].device == device]
-            if fits:
-                best = min(fits, key=lambda b: b[0].numel())
-                self._free.remove(best)
-                return best
+            fits = [i for i, (t, _) in enumerate(self._free)
+                    if t.numel() >= nbytes and t.device == device]
+            if fits:  # by index: list.remove would compare tensors with ==, element by element
+                return self._free.pop(min(fits, key=lambda i: self._free[i][0].numel()))
         size = 1 << max(16, (nbytes - 1).bit_length())
         tensor = torch.empty(size, dtype=torch.uint8, device=device)
         return tensor, self._agent.register_memory(tensor)

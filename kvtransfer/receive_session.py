@@ -94,7 +94,9 @@ class ReceiveSession:
             raise TransferError(FailureReason.PROTOCOL_ERROR, str(exc)) from exc
         mine = self.rx.offer()
         choice = choose(mine, peer)
-        self.rx.prepare(choice.backend)
+        while not self.rx.prepare(choice.backend):  # withdrawn: the rest of the offer
+            mine = self.rx.offer()
+            choice = choose(mine, peer)
         send_frame(self.conn, FrameType.OFFER, {"offer": mine.to_dict()})
         report_choice("receive", _peer_host(self.conn), choice, peer)
 

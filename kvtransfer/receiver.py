@@ -136,9 +136,10 @@ class SocketReceiver(KVReceiver):
         """What this receiver can do, for a negotiating sender: its own backend only."""
         return Offer((self.backend,), host_identity(), bool(self.kv_cache.is_cuda), self.backend)
 
-    def prepare(self, backend: str) -> None:
-        """Called when a peer's offer picked ``backend``, before the answer goes out."""
-        return None
+    def prepare(self, backend: str) -> bool:
+        """Called when a peer's offer picked ``backend``, before the answer goes out; False:
+        it could not be set up and is no longer in :meth:`offer` (choose again)."""
+        return True
 
     # ----------------------------------------------------------------- public API
     @property

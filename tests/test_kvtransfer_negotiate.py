@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from prometheus_client import REGISTRY
 from splitserve.kvtransfer import KVSpec, TransferError, create_receiver, create_sender
+from splitserve.kvtransfer import nixl as nixl_backend
+from splitserve.kvtransfer.auto import usable_backends
+from splitserve.kvtransfer.base import FailureReason
 from splitserve.kvtransfer.metrics import peer_report
 from splitserve.kvtransfer.negotiate import PREFERENCE, Offer, choose, host_identity, offered
 
@@ -81,6 +89,14 @@ def test_offer_round_trips_and_a_malformed_one_is_refused():
                 {"backends": [], "host": 3, "gpu": False}, {"backends": [], "host": "h"}):
         with pytest.raises(ValueError):
             Offer.from_dict(bad)
+
+
+def test_a_withdrawn_backend_leaves_the_offer_but_tcp_never_does():
+    mine = offer(*ALL, gpu=True)
+    assert mine.without("nixl").backends == ("cuda_ipc", "shm", "tcp")
+    assert mine.without("tcp") == mine
+    assert choose(mine.without("cuda_ipc"), offer(*ALL, gpu=True)).backend == "shm"
+    assert offer(*ALL, slow=("nixl",)).without("nixl").slow == ()
 
 
 def test_this_process_has_one_host_identity():
@@ -201,3 +217,90 @@ def test_nixl_is_fast_only_with_a_transport_faster_than_tcp(tmp_path, tls, rdma,
         (tmp_path / "mlx5_0").mkdir()
     env = {"UCX_TLS": tls} if tls else {}
     assert nixl_has_fast_path(env, str(tmp_path)) is fast
+
+
+# --------------------------------------------------------------------------- nixl that cannot run
+def _nixl_fails(monkeypatch, *roles: str) -> None:
+    """nixl passes its probe, but making an agent for ``roles`` fails as UCX did on an H200
+    without UCX_TLS (createBackend: NIXL_ERR_BACKEND)."""
+    real = nixl_backend.make_agent
+
+    def make_agent(role: str):
+        if role in roles:
+            raise TransferError(FailureReason.BACKEND_UNAVAILABLE,
+                                "NIXL could not create its UCX backend: nixlBackendError('NIXL_ERR_BACKEND')")
+        return real(role)
+
+    monkeypatch.setattr(nixl_backend, "probe", lambda gpu: None)
+    monkeypatch.setattr(nixl_backend, "make_agent", make_agent)
+
+
+def test_nixl_is_offered_only_where_its_probe_makes_an_agent(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    monkeypatch.setattr(nixl_backend, "_PROBED", {})
+    monkeypatch.setattr(nixl_backend, "nixl_api", lambda: pytest.fail("the probe must make an agent"))
+
+    def broken(role: str):
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+        raise TransferError(FailureReason.BACKEND_UNAVAILABLE, "simulated: no UCX backend")
+
+    monkeypatch.setattr(nixl_backend, "make_agent", broken)
+    with ThreadPoolExecutor(4) as pool:  # a prefill's first transfers ask at once
+        offers = list(pool.map(lambda _: usable_backends(gpu=False), range(4)))
+    assert not any("nixl" in usable for usable in offers)
+    probes = [r for r in caplog.records if r.getMessage().startswith("nixl probe")]
+    assert len(probes) == 1 and probes[0].levelno == logging.INFO
+    assert "not offered" in probes[0].getMessage() and "simulated" in probes[0].getMessage()
+
+
+@pytest.mark.parametrize("side", ["rx", pytest.param("tx", marks=pytest.mark.skipif(
+    nixl_backend.probe(False) is not None, reason="the receiver's half needs a working NIXL"))])
+def test_an_end_that_cannot_set_up_nixl_falls_back_with_a_warning(monkeypatch, caplog, side):
+    """Both ends offer nixl and the sender asks for it; one end then fails to make its agent:
+    it withdraws nixl, the pair negotiates again without it and the transfer succeeds over the
+    fallback, tcp, with warnings (the failed setup, then the request that cannot be met)."""
+    _nixl_fails(monkeypatch, side)
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, \
+            create_sender("auto", spec("auto"), requested="nixl") as tx:
+        assert choose(tx.offer, rx.offer()).backend == "nixl"
+        round_trip(tx, rx, f"{side}-0")
+        round_trip(tx, rx, f"{side}-1")
+        assert tx.choice(rx.endpoint).backend == "tcp"
+        assert "nixl" not in (rx.offer() if side == "rx" else tx.offer).backends
+    assert cache[2, 0, 0, 0].eq(2.0).all()  # layer 2's K, first token, landed in block 0
+    withdrawn = [r for r in caplog.records if "could not be set up" in r.getMessage()]
+    assert len(withdrawn) == 1 and withdrawn[0].levelno == logging.WARNING
+    assert "NIXL_ERR_BACKEND" in withdrawn[0].getMessage()
+    assert any(r.levelno == logging.WARNING and "nixl was requested but" in r.getMessage()
+               for r in caplog.records)
+
+
+PAIR_SCRIPT = """
+import logging
+import torch
+logging.basicConfig(level=logging.INFO)
+from splitserve.kvtransfer import KVSpec, create_receiver, create_sender
+spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
+with create_receiver("auto", spec, torch.zeros(3, 2, 8, 4, 2, 8)) as rx, \\
+        create_sender("auto", spec, requested="nixl") as tx:
+    fut = rx.expect("r", 5, [0, 1], timeout=10)
+    tx.send("r", rx.endpoint, [torch.ones(2, 5, 2, 8)] * 3, 7)
+    print("pair:", fut.result(timeout=10).first_token, tx.choice(rx.endpoint).backend,
+          *rx.offer().backends)
+"""
+
+
+@pytest.mark.skipif(nixl_backend.probe(False) is not None, reason="needs NIXL installed")
+def test_nixl_whose_ucx_cannot_start_is_not_offered_and_the_pair_transfers():
+    """Real NIXL, asked for a UCX transport that does not exist: UCX backend creation fails
+    (as on an H200 without UCX_TLS), the probe says so, neither end offers nixl, and a sender
+    that asks for nixl falls back to tcp (before the probe: the receiver failed the transfer)."""
+    env = {**os.environ, "UCX_TLS": "no_such_transport", "UCX_NET_DEVICES": "lo"}
+    out = subprocess.run([sys.executable, "-c", PAIR_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pair = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("pair:")]
+    assert pair == [["7", "tcp", "shm", "tcp"]], out.stdout[-2000:]  # UCX prints on stdout too
+    assert "nixl probe: not usable here" in out.stderr and "NIXL_ERR_BACKEND" in out.stderr

@@ -53,6 +53,33 @@ def test_staging_ring_keeps_the_link_busy_within_its_bytes():
     assert nixl_backend.ring_slots(1 << 30, 32) == nixl_backend.MIN_SLOTS
 
 
+class _CountingAgent:
+    """Stands in for a NIXL agent: registration is all the staging pool asks of it."""
+
+    def __init__(self) -> None:
+        self.registered = 0
+
+    def register_memory(self, tensor: torch.Tensor) -> object:
+        self.registered += 1
+        return object()
+
+    def deregister_memory(self, reg: object) -> None:
+        pass
+
+
+def test_staging_pool_hands_back_the_smallest_buffer_that_fits_among_several_sizes():
+    agent = _CountingAgent()
+    pool = nixl_backend._BufferPool(agent)
+    sizes = (1 << 16, 1 << 17, 1 << 18)
+    buffers = [pool.take(n, torch.device("cpu")) for n in sizes]
+    for buffer in buffers:
+        pool.give(buffer)
+    for n in (1 << 17, 1 << 16, 1 << 18):  # not the first of the free list: found by size
+        tensor, _ = pool.take(n, torch.device("cpu"))
+        assert tensor.numel() == n
+    assert agent.registered == len(sizes)  # every take was served from the pool
+
+
 @needs_nixl
 @pytest.mark.parametrize("grant", [
     {},
