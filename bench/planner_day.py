@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def run_mode(d: Day, mode: str, progress: bool = False) -> dict[str, Any]:
         "start_replicas": list(start),
         "capacity": {"prefill_tokens_per_s": round(cap.prefill_tokens_per_s_at_ttft, 1),
                      "decode_seqs": cap.decode_seqs_at_tpot},
-        "gpu_hours": round(gpu_seconds(sim, end_s) * d.compress / 3600, 2),
+        "gpu_hours": round(gpu_seconds(sim, end_s, d.compress) / 3600, 2),
         "requests": len(records),
         "attainment": round(attainment(records, d.slo).both, 4),
         "ttft_attainment": round(attainment(records, d.slo).ttft, 4),
@@ -222,18 +222,22 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-model", default=str(DEFAULT_PROFILE), help="`splitserve profile` JSON")
+    p.add_argument("--compute-scale", type=float, default=4.0,
+                   help="prefill/decode costs x this (4: a 32B-class dense model on the 8B's GPU)")
+    p.add_argument("--transfer-scale", type=float, default=2.0,
+                   help="KV transfer costs x this (2: the 32B-class model's KV per token)")
     p.add_argument("--workload", default="conversation", help="bench workload for request lengths")
-    p.add_argument("--peak-rate", type=float, default=60.0, help="the diurnal peak, requests/s")
+    p.add_argument("--peak-rate", type=float, default=20.0, help="the diurnal peak, requests/s")
     p.add_argument("--trough", type=float, default=0.25, help="the night's rate over the peak")
     p.add_argument("--bursts", type=int, default=6, help="seeded bursts over the day")
     p.add_argument("--compress", type=float, default=48.0, help="the day plays in 86400/this s")
     p.add_argument("--start-delay", type=float, default=240.0, help="pod start time, real seconds")
     p.add_argument("--tick", type=float, default=15.0, help="planner interval, real seconds")
-    p.add_argument("--ttft-ms", type=float, default=None, help="default: the workload's")
-    p.add_argument("--tpot-ms", type=float, default=None, help="default: the workload's")
+    p.add_argument("--ttft-ms", type=float, default=1000.0, help="TTFT target (none: the workload's)")
+    p.add_argument("--tpot-ms", type=float, default=100.0, help="TPOT target (none: the workload's)")
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, default=16, help="each worker's batch cap")
-    p.add_argument("--num-kv-blocks", type=int, default=8192)
+    p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--max-replicas", type=int, default=16, help="per pool, for the planners")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
     p.add_argument("--seed", type=int, default=0)
@@ -241,11 +245,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/out/planner_day", help="day.json and day.png go here")
 
 
+def scaled_latency(lat: LatencyModel, compute: float, transfer: float) -> LatencyModel:
+    """``lat`` for a model ``compute`` times heavier per token (prefill and decode costs) whose
+    KV per token is ``transfer`` times larger (the transfer's costs)."""
+    out = {}
+    for f in fields(lat):
+        k = transfer if f.name.startswith("transfer") else compute
+        out[f.name] = getattr(lat, f.name) * k
+    return LatencyModel(**out)
+
+
 def day_from_args(args: argparse.Namespace) -> Day:
     w = get_workload(args.workload)
     ttft = args.ttft_ms if args.ttft_ms is not None else w.slo_ms[0]
     tpot = args.tpot_ms if args.tpot_ms is not None else w.slo_ms[1]
-    return Day(LatencyModel.load(args.latency_model),
+    lat = scaled_latency(LatencyModel.load(args.latency_model), args.compute_scale,
+                         args.transfer_scale)
+    return Day(lat,
                EngineShape(args.num_kv_blocks, max_num_seqs=args.max_num_seqs),
                SLO(ttft / 1000, tpot / 1000, args.attainment),
                DayShape.seeded(args.peak_rate, args.seed, args.bursts, args.trough),

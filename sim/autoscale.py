@@ -198,17 +198,21 @@ class Autoscaler:
 
     def gpus_at(self, t_ms: float) -> int:
         """GPUs held at ``t_ms``: pods starting, serving or draining."""
-        return sum(a <= t_ms and (b is None or b > t_ms) for a, b in self.sim.gpu_spans.values())
+        return sum(a <= t_ms and (b is None or b > t_ms) for a, _, b in self.sim.gpu_spans.values())
 
 
-def gpu_seconds(sim: Simulation, end_s: float) -> float:
-    """GPU time held over [0, end_s] in simulated seconds (from each pod's start to the end of
-    its drain)."""
+def gpu_seconds(sim: Simulation, end_s: float, compress: float = 1.0) -> float:
+    """Real GPU-seconds held over the simulated [0, end_s]: each pod from its creation to the
+    end of its drain. Its life until the drain began is control-loop time (``compress`` real
+    seconds per simulated one); the drain itself is request time (its requests finishing),
+    which the compression leaves at its real length, so it counts once."""
     end_ms = end_s * 1000
     total = 0.0
-    for a, b in sim.gpu_spans.values():
-        stop = end_ms if b is None else min(b, end_ms)
-        total += max(0.0, stop - a)
+    for start, drain, stop in sim.gpu_spans.values():
+        held_until = end_ms if drain is None else min(drain, end_ms)
+        total += max(0.0, held_until - start) * compress
+        if drain is not None:
+            total += max(0.0, min(end_ms if stop is None else stop, end_ms) - drain)
     return total / 1000
 
 

@@ -179,9 +179,9 @@ class Simulation:
         # prefill-only sequence id -> (its decode sequence, the decode worker holding its blocks)
         self._pending: dict[int, tuple[EngineSeq, _Worker]] = {}
         self.steps = 0
-        # worker name -> [ms its GPU was taken, ms it was given back or None]
+        # worker name -> [ms its GPU was taken, ms its drain began, ms it was given back]
         self.gpu_spans: dict[str, list[float | None]] = {
-            w.state.url: [0.0, None] for w in (*self.prefills, *self.decodes)}
+            w.state.url: [0.0, None, None] for w in (*self.prefills, *self.decodes)}
         self._names = itertools.count()
         self._added: dict[str, _Worker] = {}  # workers add_worker made, ready or not
 
@@ -213,7 +213,7 @@ class Simulation:
         name = f"sim://{role}-n{next(self._names)}"
         chunked = role == "decode" and self.config.layout.colocated
         w = _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked))
-        self.gpu_spans[name] = [now_ms, None]
+        self.gpu_spans[name] = [now_ms, None, None]
         pool = self.prefills if role == "prefill" else self.decodes
         self._at(ready_ms, lambda t: pool.append(w) if not w.draining else None)
         self._added[name] = w
@@ -225,14 +225,15 @@ class Simulation:
         w = self._added.pop(name, None) or next(
             x for x in (*self.prefills, *self.decodes) if x.state.url == name)
         w.draining = True
+        self.gpu_spans[name][1] = now_ms
         for pool in (self.prefills, self.decodes):
             if w in pool:
                 pool.remove(w)
         self._stop_if_drained(now_ms, w)
 
     def _stop_if_drained(self, t: float, w: _Worker) -> None:
-        if w.draining and w.drained and self.gpu_spans[w.state.url][1] is None:
-            self.gpu_spans[w.state.url][1] = t
+        if w.draining and w.drained and self.gpu_spans[w.state.url][2] is None:
+            self.gpu_spans[w.state.url][2] = t
 
     def run(self) -> list[RequestRecord]:
         for req in self.requests:
