@@ -146,11 +146,27 @@ def run_mode(d: Day, mode: str, progress: bool = False) -> dict[str, Any]:
         "ramp_misses": sum(not all(meets(r, d.slo)) for r in ramp),
         "ramp_attainment": round(attainment(ramp, d.slo).both, 4) if ramp else None,
         "misses": both.count(False),
+        "misses_by_hour": [sum(not ok for ok, h in zip(both, hours, strict=True) if int(h) == i)
+                           for i in range(24)],
         "scale_events": len(scaler.reasons),
+        "scale_causes": causes(scaler.reasons),
+        "decisions": [[round(t * d.compress / 3600, 3), why] for t, why in scaler.reasons],
         "max_gpus": max(row["gpus"] for row in scaler.timeline),
         "wall_s": round(time.perf_counter() - t0, 1),
         "timeline": scaler.timeline,
     }
+
+
+def causes(reasons: list[tuple[float, str]]) -> dict[str, int]:
+    """Scale events by pool and cause (the planner's reason: behind, forecast, load, down)."""
+    out: dict[str, int] = {}
+    for _, why in reasons:
+        pool, _, rest = why.partition(": ")
+        counts = rest.split(" ", 1)[0].split("->")
+        cause = rest.split("(", 1)[1].split(":", 1)[0] if int(counts[1]) > int(counts[0]) else "down"
+        key = f"{pool} {cause}"
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def _progress(scaler: Autoscaler, end_s: float, mode: str) -> Any:
@@ -230,6 +246,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-rate", type=float, default=20.0, help="the diurnal peak, requests/s")
     p.add_argument("--trough", type=float, default=0.25, help="the night's rate over the peak")
     p.add_argument("--bursts", type=int, default=6, help="seeded bursts over the day")
+    p.add_argument("--burst-max", type=float, default=2.0, help="a burst multiplies the rate by 1.4 to this")
     p.add_argument("--compress", type=float, default=48.0, help="the day plays in 86400/this s")
     p.add_argument("--start-delay", type=float, default=240.0, help="pod start time, real seconds")
     p.add_argument("--tick", type=float, default=15.0, help="planner interval, real seconds")
@@ -264,7 +281,7 @@ def day_from_args(args: argparse.Namespace) -> Day:
     return Day(lat,
                EngineShape(args.num_kv_blocks, max_num_seqs=args.max_num_seqs),
                SLO(ttft / 1000, tpot / 1000, args.attainment),
-               DayShape.seeded(args.peak_rate, args.seed, args.bursts, args.trough),
+               DayShape.seeded(args.peak_rate, args.seed, args.bursts, args.trough, args.burst_max),
                args.workload, args.compress, args.seed, args.start_delay, args.tick,
                args.max_replicas)
 

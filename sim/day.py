@@ -2,7 +2,7 @@
 
 The shape (an assumption: ``../shared/notes/workloads.md`` summarises one-hour Azure traces, not
 a day): a trough at 03:00 at ``trough`` x the peak, a smooth rise through the morning to a peak
-at 15:00, and ``bursts`` seeded bursts that multiply the rate by 1.4-2x for 5-30 minutes (the
+at 15:00, and ``bursts`` seeded bursts that multiply the rate by 1.4-2x (``burst_max``) for 5-30 minutes (the
 Azure code trace swings from 15 to 632 requests a minute). Arrivals are a renewal process of
 Gamma gaps with coefficient of variation ``cv`` (the conversation trace's is about 1.09) mapped
 through the rate's cumulative intensity, so the rate at each moment is the envelope's; prompt
@@ -49,10 +49,12 @@ class DayShape:
             raise ValueError("peak_rate must be > 0 and trough in (0, 1]")
 
     @classmethod
-    def seeded(cls, peak_rate: float, seed: int, bursts: int = 6, trough: float = 0.25) -> DayShape:
+    def seeded(cls, peak_rate: float, seed: int, bursts: int = 6, trough: float = 0.25,
+               burst_max: float = 2.0) -> DayShape:
+        """Bursts at seeded times, 5-30 minutes long, of 1.4x up to ``burst_max`` x the rate."""
         rng = np.random.default_rng([seed, _BURSTS])
         out = tuple(Burst(float(rng.uniform(0, 23.5)), float(rng.uniform(5, 30)) / 60,
-                          float(rng.uniform(1.4, 2.0))) for _ in range(bursts))
+                          float(rng.uniform(1.4, max(1.4, burst_max)))) for _ in range(bursts))
         return cls(peak_rate, trough, bursts=tuple(sorted(out, key=lambda b: b.start_h)))
 
     def base(self, hour: float) -> float:
