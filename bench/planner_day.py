@@ -216,7 +216,7 @@ def plot(results: list[dict[str, Any]], d: Day, path: Path) -> Path:
         ax.set_xlabel("hour of the day")
         axes[2][0].set_ylabel("attainment over the window, %")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
