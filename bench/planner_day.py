@@ -2,11 +2,14 @@
 of a fixed fleet sized for the peak, the reactive planner and the planner v2 (issue 18).
 
 The day (``sim/day.py``): a diurnal rate with seeded bursts, compressed ``--compress`` times
-(the default 48 plays 24 hours in 30 simulated minutes); request lengths from ``--workload``.
+(the default 24 plays 24 hours in one simulated hour, ~2 minutes per system on one core);
+request lengths from ``--workload``. The workers: the H200 profile with its compute costs x4
+and transfer costs x2 (``--compute-scale``, ``--transfer-scale``: a 32B-class model, assumed).
 The planner's clocks are the operator's defaults divided by the same factor: tick 15 s, metrics
 window 60 s, up-cooldown 60 s, down-cooldown and stabilisation 300 s, and the pods' start time
 ``--start-delay`` (default 240 s: llm-d #1071 reports 2-8 minutes; 4 minutes is a pod that pulls
-a cached image and loads an 8B model's weights). The three systems (``sim/autoscale.py``):
+a cached image and loads a 32B model's weights from local disk). The three systems
+(``sim/autoscale.py``):
 
 - fixed: the replicas the planner's own arithmetic gives at the day's highest rate (bursts
   included), never changed;
@@ -18,7 +21,8 @@ GPU-hours count each pod from its creation (starting pods hold their GPU) to the
 drain, scaled back to the real day. A request "in a ramp" arrived while the offered rate was at
 least 10% above its value half an hour (real) before: the morning rise and each burst's onset.
 
-    python -m splitserve.bench.planner_day --out bench/out/planner_day
+    python -m splitserve.bench.planner_day --jobs 3 --out bench/out/planner_day
+    python -m splitserve.bench.planner_day --jobs 3 --bursts 12 --burst-max 3 --out bench/out/bursty
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def life_s(d: Day, requests: list[SimRequest], cap: Capacity) -> float:
     return (d.latency.prefill_ms(prompt) + d.latency.transfer_ms(prompt) + out * step) / 1000
 
 
-def loop_config(d: Day, mode: str, start: tuple[int, int], cap: Capacity) -> LoopConfig:
+def loop_config(d: Day, mode: str, cap: Capacity) -> LoopConfig:
     if mode == "fixed":
         cfg = None
     else:
@@ -121,7 +125,7 @@ def run_mode(d: Day, mode: str, progress: bool = False) -> dict[str, Any]:
     end_s = DAY_S / d.compress
     spec = SimSpec(Layout(*start), d.shape)
     sim = Simulation(spec.config(d.slo), d.latency, requests, d.seed)
-    loop = loop_config(d, mode, start, cap)
+    loop = loop_config(d, mode, cap)
     scaler = Autoscaler(sim, requests, loop, d.slo, end_s)
     scaler.start()
     bar = _progress(scaler, end_s, mode) if progress else None
@@ -247,7 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trough", type=float, default=0.25, help="the night's rate over the peak")
     p.add_argument("--bursts", type=int, default=6, help="seeded bursts over the day")
     p.add_argument("--burst-max", type=float, default=2.0, help="a burst multiplies the rate by 1.4 to this")
-    p.add_argument("--compress", type=float, default=48.0, help="the day plays in 86400/this s")
+    p.add_argument("--compress", type=float, default=24.0, help="the day plays in 86400/this s")
     p.add_argument("--start-delay", type=float, default=240.0, help="pod start time, real seconds")
     p.add_argument("--tick", type=float, default=15.0, help="planner interval, real seconds")
     p.add_argument("--ttft-ms", type=float, default=1000.0, help="TTFT target (none: the workload's)")
