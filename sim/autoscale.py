@@ -181,8 +181,8 @@ class Autoscaler:
         w = next((w for w in (*self.sim.prefills, *self.sim.decodes) if w.state.url == name), None)
         if w is None:
             return 0
-        load = w.engine.load()
-        return load["waiting"] + load["running"] + load["total_blocks"] - load["free_blocks"]
+        sched, blocks = w.engine.scheduler, w.engine.blocks
+        return len(sched.waiting) + len(sched.running) + blocks.num_blocks - blocks.num_free_blocks
 
     def _row(self, now: float, obs: Observation) -> dict[str, Any]:
         fin = self._win.finished

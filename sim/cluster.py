@@ -184,6 +184,7 @@ class Simulation:
             w.state.url: [0.0, None, None] for w in (*self.prefills, *self.decodes)}
         self._names = itertools.count()
         self._added: dict[str, _Worker] = {}  # workers add_worker made, ready or not
+        self._seed = seed
 
     def _worker(self, name: str, role: str, chunked_prefill: bool, seed: int) -> _Worker:
         return _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked_prefill, f"{seed}/{name}"))
@@ -212,7 +213,7 @@ class Simulation:
             raise ValueError(f"role must be prefill or decode, not {role!r}")
         name = f"sim://{role}-n{next(self._names)}"
         chunked = role == "decode" and self.config.layout.colocated
-        w = _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked))
+        w = self._worker(name, role, chunked, self._seed)
         self.gpu_spans[name] = [now_ms, None, None]
         pool = self.prefills if role == "prefill" else self.decodes
         self._at(ready_ms, lambda t: pool.append(w) if not w.draining else None)
