@@ -34,7 +34,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,12 +268,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def scaled_latency(lat: LatencyModel, compute: float, transfer: float) -> LatencyModel:
     """``lat`` for a model ``compute`` times heavier per token (prefill and decode costs) whose
-    KV per token is ``transfer`` times larger (the transfer's costs)."""
+    KV per token is ``transfer`` times larger (the transfer's costs); the per-request overheads
+    and the step-time spread (ratios) are the model's, not the GPU's, and stay."""
     out = {}
     for f in fields(lat):
-        k = transfer if f.name.startswith("transfer") else compute
-        out[f.name] = getattr(lat, f.name) * k
-    return LatencyModel(**out)
+        if f.name.startswith(("prefill_", "decode_", "transfer_")):
+            k = transfer if f.name.startswith("transfer_") else compute
+            out[f.name] = getattr(lat, f.name) * k
+    return replace(lat, **out)
 
 
 def day_from_args(args: argparse.Namespace) -> Day:
