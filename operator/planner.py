@@ -12,7 +12,9 @@ module only decides, it never reads metrics or writes Deployments. What each poo
 - each divided by ``headroom`` (plan to run replicas below their SLO capacity) and multiplied by
   the pool's **margin**, the feedback term: a window whose attainment of the pool's own target
   (TTFT for prefill, TPOT for decode) is under ``target_attainment`` raises it one step, one
-  comfortably over lowers it half a step, within [margin_min, margin_max];
+  comfortably over lowers it half a step, within [margin_min, margin_max]; by default never
+  below 1, because a margin under 1 spends the headroom, which is what covers a ramp while the
+  new pods start (bench/RESULTS.md, "The planner over a simulated day");
 - a pool whose load is unknown (no prompt-token rate measured) holds its size: guessing would
   scale it to its minimum.
 
@@ -98,7 +100,7 @@ class PlannerConfig:
     ttft_target_s: float = 1.0  # queued prompt tokens must drain within this
     target_attainment: float = 0.9
     margin_step: float = 0.1
-    margin_min: float = 0.8
+    margin_min: float = 1.0  # comfort takes back what misses added, never the headroom itself
     margin_max: float = 2.0
     alpha: float = 0.5  # Holt's level smoothing
     beta: float = 0.3  # Holt's trend smoothing

@@ -135,6 +135,15 @@ class _Worker:
         self.state = WorkerState(url=name, role=role, healthy=True, kv_endpoint=f"{name}:kv")
         self.busy = False
         self.commands: deque[Callable[[float], None]] = deque()
+        self.draining = False
+
+    @property
+    def drained(self) -> bool:
+        """Nothing left on it: no request queued or running, no block held (a prefill worker
+        holds a prompt's blocks until its KV has landed)."""
+        blocks = self.engine.blocks
+        return not (self.busy or self.commands or self.engine.has_work()
+                    or blocks.num_free_blocks < blocks.num_blocks)
 
     def refresh(self) -> None:
         self.state.set_load(self.engine.load())
@@ -170,6 +179,12 @@ class Simulation:
         # prefill-only sequence id -> (its decode sequence, the decode worker holding its blocks)
         self._pending: dict[int, tuple[EngineSeq, _Worker]] = {}
         self.steps = 0
+        # worker name -> [ms its GPU was taken, ms its drain began, ms it was given back]
+        self.gpu_spans: dict[str, list[float | None]] = {
+            w.state.url: [0.0, None, None] for w in (*self.prefills, *self.decodes)}
+        self._names = itertools.count()
+        self._added: dict[str, _Worker] = {}  # workers add_worker made, ready or not
+        self._seed = seed
 
     def _worker(self, name: str, role: str, chunked_prefill: bool, seed: int) -> _Worker:
         return _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked_prefill, f"{seed}/{name}"))
@@ -180,6 +195,46 @@ class Simulation:
 
     def _at(self, t_ms: float, fn: Callable[..., None], *args: object) -> None:
         heapq.heappush(self._events, (t_ms, next(self._order), fn, args))
+
+    def at(self, t_ms: float, fn: Callable[[float], None]) -> None:
+        """Call ``fn(t_ms)`` at ``t_ms`` of simulated time (e.g. a planner's tick)."""
+        self._at(t_ms, fn)
+
+    def record(self, index: int) -> RequestRecord:
+        """Request ``index``'s record as it stands now (filled in as its tokens leave)."""
+        return self._flights[str(index)].record
+
+    # -- fleet changes: a pod that starts, a pod that drains (sim/autoscale.py drives them)
+
+    def add_worker(self, role: str, now_ms: float, ready_ms: float) -> str:
+        """A new ``role`` worker whose GPU counts from ``now_ms`` and that the router may pick
+        from ``ready_ms`` on (the pod's start time); returns its name."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, not {role!r}")
+        name = f"sim://{role}-n{next(self._names)}"
+        chunked = role == "decode" and self.config.layout.colocated
+        w = self._worker(name, role, chunked, self._seed)
+        self.gpu_spans[name] = [now_ms, None, None]
+        pool = self.prefills if role == "prefill" else self.decodes
+        self._at(ready_ms, lambda t: pool.append(w) if not w.draining else None)
+        self._added[name] = w
+        return name
+
+    def drain_worker(self, name: str, now_ms: float) -> None:
+        """The router picks ``name`` no more; it finishes what it holds, and its GPU stops
+        counting once it holds nothing (at once for a pod that was not ready yet)."""
+        w = self._added.pop(name, None) or next(
+            x for x in (*self.prefills, *self.decodes) if x.state.url == name)
+        w.draining = True
+        self.gpu_spans[name][1] = now_ms
+        for pool in (self.prefills, self.decodes):
+            if w in pool:
+                pool.remove(w)
+        self._stop_if_drained(now_ms, w)
+
+    def _stop_if_drained(self, t: float, w: _Worker) -> None:
+        if w.draining and w.drained and self.gpu_spans[w.state.url][2] is None:
+            self.gpu_spans[w.state.url][2] = t
 
     def run(self) -> list[RequestRecord]:
         for req in self.requests:
@@ -259,6 +314,7 @@ class Simulation:
         if w.engine.scheduler.launched == before:
             w.busy = False
             self._deliver(t, w, outputs)
+            self._stop_if_drained(t, w)
             return
         self.steps += 1
         w.busy = True
