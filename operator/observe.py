@@ -15,6 +15,11 @@ Read from the router (names are the contract with ``router/metrics.py``):
   and each target's own (the planner's feedback: TTFT misses are prefill's, TPOT misses decode's);
 - ``splitserve_router_prompt_tokens`` (counter): prompt tokens per second (from a router that
   lacks it, e.g. an older version, ``prompt_tokens_per_s`` is None and the planner holds prefill);
+- ``splitserve_router_queued_prompt_tokens`` / ``_oldest_wait_seconds`` (gauges): the prefill
+  backlog at the scrape (prompt tokens waiting for a prefill, in the router's queue and the
+  workers'; the age of the oldest request without a first token), the planner's queue inputs:
+  the largest over the router pods (each reports the same workers' queues, so a sum would
+  count them once per pod);
 - ``splitserve_router_kv_link_{transfers,failures,bytes_per_second}`` (gauges per prefill ->
   decode link, labelled with the negotiated backend): not a window but the links' state now,
   summarised by ``kv_summary`` into ``status.observed.kvTransfer``.
@@ -45,6 +50,8 @@ INFLIGHT = "splitserve_router_inflight_sequences"
 SLO = "splitserve_router_slo_requests"
 PROMPT_TOKENS = "splitserve_router_prompt_tokens"
 KV_LINK = "splitserve_router_kv_link"
+QUEUED_TOKENS = "splitserve_router_queued_prompt_tokens"
+OLDEST_WAIT = "splitserve_router_oldest_wait_seconds"
 
 
 class MetricsUnavailable(RuntimeError):
@@ -105,6 +112,8 @@ class Snapshot:
     ttft_met: float = 0.0  # finished sequences that met the TTFT target
     tpot_met: float = 0.0  # finished sequences that met the TPOT target
     kv_links: tuple[KvLink, ...] = ()
+    queued_prompt_tokens: float = 0.0
+    oldest_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,8 @@ class Window:
     concurrent_seqs: float
     ttft_attainment: float | None = None
     tpot_attainment: float | None = None
+    queued_prompt_tokens: float = 0.0  # at the window's end (gauges, not deltas)
+    oldest_wait_s: float = 0.0
 
     def to_status(self) -> dict[str, Any]:
         """The ``status.observed`` block (camelCase, rounded for people reading kubectl)."""
@@ -180,6 +191,8 @@ class Window:
             "attainment": r(self.attainment, 3),
             "promptTokensPerSecond": r(self.prompt_tokens_per_s),
             "concurrentSequences": r(self.concurrent_seqs, 2),
+            "queuedPromptTokens": r(self.queued_prompt_tokens, 0),
+            "oldestWaitSeconds": r(self.oldest_wait_s, 2),
         }
 
 
@@ -234,6 +247,8 @@ def parse(text: str, at: float) -> Snapshot:
         ttft_met=_value(families, f"{SLO}_total", ttft="met") or 0.0,
         tpot_met=_value(families, f"{SLO}_total", tpot="met") or 0.0,
         kv_links=_kv_links(families),
+        queued_prompt_tokens=_value(families, QUEUED_TOKENS) or 0.0,
+        oldest_wait_s=_value(families, OLDEST_WAIT) or 0.0,
     )
 
 
@@ -281,6 +296,8 @@ class Delta:
     inflight: float | None
     ttft_met: float = 0.0
     tpot_met: float = 0.0
+    queued_prompt_tokens: float = 0.0  # the later scrape's gauges
+    oldest_wait_s: float = 0.0
 
     @property
     def finished(self) -> float:
@@ -313,7 +330,8 @@ def delta(prev: Snapshot, cur: Snapshot) -> Delta | None:
     met = cur.ttft_met - prev.ttft_met, cur.tpot_met - prev.tpot_met
     if min(met) < 0:
         return None
-    return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight, *met)
+    return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight, *met,
+                 queued_prompt_tokens=cur.queued_prompt_tokens, oldest_wait_s=cur.oldest_wait_s)
 
 
 def _sum_histograms(hs: list[Histogram | None]) -> Histogram | None:
@@ -362,6 +380,8 @@ def merge(deltas: list[Delta]) -> Window:
         concurrent_seqs=sum(d.concurrent_seqs for d in deltas),
         ttft_attainment=(sum(d.ttft_met for d in deltas) / slo_total) if slo_total > 0 else None,
         tpot_attainment=(sum(d.tpot_met for d in deltas) / slo_total) if slo_total > 0 else None,
+        queued_prompt_tokens=max(d.queued_prompt_tokens for d in deltas),
+        oldest_wait_s=max(d.oldest_wait_s for d in deltas),
     )
 
 

@@ -106,6 +106,7 @@ def decide(
     states = {pool: scaling.pool_state(spec, status, pool) for pool in scaling.POOLS}
     cfg = scaling.planner_config(spec, cap.capacity)
     obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs,
+                      queued_prompt_tokens=win.queued_prompt_tokens, oldest_wait_s=win.oldest_wait_s,
                       ttft_attainment=win.ttft_attainment, tpot_attainment=win.tpot_attainment)
     d = plan(cfg, obs, states["prefill"], states["decode"], now)
     after = {"prefill": d.prefill, "decode": d.decode}

@@ -31,6 +31,7 @@ from splitserve.protocol import (
     TokenLine,
 )
 from splitserve.router.admission import AdmissionSignal
+from splitserve.router.backlog import AwaitingFirstToken
 from splitserve.router.config import SLO, RouterConfig
 from splitserve.router.errors import RouterError, ShedError, UpstreamError
 from splitserve.router.metrics import RouterMetrics
@@ -98,8 +99,20 @@ class Dispatcher:
         self.config, self.pool, self.client = config, pool, client
         self.policy, self.metrics = policy, metrics
         self.queued = 0
+        self.queued_prompt_tokens = 0  # of the requests in the admission queue
         self.admission = AdmissionSignal()  # woken by each poll round
+        self.awaiting = AwaitingFirstToken()
         pool.on_change.add(self.admission.notify)
+        pool.on_change.add(self.export_backlog)
+
+    def export_backlog(self) -> None:
+        """The planner's queue inputs, refreshed with each poll round: prompt tokens waiting for
+        a prefill (here and in the workers' queues: the prefill pool's, or the colocated
+        workers' when there is none) and the oldest wait for a first token (backlog.py)."""
+        computing = self.pool.role("prefill") or self.pool.role("decode")
+        workers = sum(w.load.queued_prompt_tokens for w in computing if w.load is not None)
+        self.metrics.queued_prompt_tokens.set(self.queued_prompt_tokens + workers)
+        self.metrics.oldest_wait.set(self.awaiting.oldest_wait(time.monotonic()))
 
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
         """A pair for ``req``, queueing while the policy says no pair can meet its targets."""
@@ -127,6 +140,7 @@ class Dispatcher:
                             self._shed("queue_full", f"admission queue is full ({self.queued} waiting); {exc}")
                         queued = True
                         self.queued += 1
+                        self.queued_prompt_tokens += len(req.prompt_token_ids)
                         self.metrics.queued.inc()
                     if time.monotonic() >= deadline:
                         self._shed(exc.reason, f"{exc} (waited {self.config.max_queue_ms:.0f} ms)")
@@ -140,6 +154,7 @@ class Dispatcher:
         finally:
             if queued:
                 self.queued -= 1
+                self.queued_prompt_tokens -= len(req.prompt_token_ids)
                 self.metrics.queued.dec()
 
     def _shed(self, reason: str, message: str) -> None:
@@ -156,6 +171,7 @@ class Dispatcher:
         tokens = 0
         self.metrics.inflight.inc()
         self.metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
+        waiting = self.awaiting.add(spec.arrival)
         try:
             for attempt in range(1, self.config.max_attempts + 1):
                 try:
@@ -170,7 +186,9 @@ class Dispatcher:
                     async for chunk in self._attempt(rid, spec, decision):
                         if chunk.token_ids:
                             last_at = time.monotonic()
-                            first_at = first_at or last_at
+                            if first_at is None:
+                                first_at = last_at
+                                self.awaiting.remove(waiting)
                             tokens += len(chunk.token_ids)
                         yield chunk
                     return
@@ -181,6 +199,7 @@ class Dispatcher:
                     exclude.update(exc.bad_urls)
             raise UpstreamError(502, f"request failed after {self.config.max_attempts} attempts: {last_error}")
         finally:
+            self.awaiting.remove(waiting)
             self.metrics.inflight.dec()
             now = time.monotonic()
             ttft = first_at - spec.arrival if first_at else None

@@ -122,6 +122,17 @@ class RouterMetrics:
             "splitserve_router_inflight_sequences", "Sequences being served", registry=r,
             multiprocess_mode="livesum",
         )
+        self.queued_prompt_tokens = Gauge(
+            "splitserve_router_queued_prompt_tokens",
+            "Prompt tokens waiting to be prefilled: this router's admission queue plus the"
+            " workers' queues as their last /load reported (the backlog the planner drains)",
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.oldest_wait = Gauge(
+            "splitserve_router_oldest_wait_seconds",
+            "Age of the oldest request still waiting for its first token (0: none waiting)",
+            registry=r, multiprocess_mode="livemax",
+        )
         self.worker_healthy = Gauge(
             "splitserve_router_worker_healthy",
             "1 if the router considers the worker healthy",

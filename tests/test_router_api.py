@@ -5,6 +5,7 @@ mid-stream or is killed) - the client always gets a clear error promptly, never 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -448,3 +449,28 @@ def test_missing_key_is_401_before_anything_else(demo_model, workers) -> None:
     with router(demo_model, workers, api_key="k") as r:
         _error(httpx.post(r.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 401)
         _error(httpx.post(r.url + "/v1/chat/completions", json={"model": "demo"}), 401)
+
+
+def test_metrics_report_the_prefill_backlog_and_the_oldest_wait(demo_model, workers) -> None:
+    """The planner's queue inputs on /metrics: the workers' queued prompt tokens (from their
+    /load) and the age of a request still waiting for its first token (a slow prefill)."""
+    from splitserve.operator import observe
+
+    for name in ("p0", "p1"):
+        b = workers[name][1]
+        b.load, b.prefill_delay_s = {"queued_prompt_tokens": 700}, 3.0
+    with router(demo_model, workers) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(c.post, "/v1/completions",
+                                  json={"model": "demo", "prompt": "hi", "max_tokens": 2})
+            deadline = time.monotonic() + 10
+            while True:  # the gauges follow the pool's poll rounds (0.2 s here)
+                snap = observe.parse(c.get("/metrics").text, at=0.0)
+                if snap.oldest_wait_s >= 1.0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert snap.queued_prompt_tokens == 1400  # both prefill workers' queues
+            assert 1.0 <= snap.oldest_wait_s < 10
+            assert pending.result().status_code == 200
+        time.sleep(0.5)  # a poll round after the first token
+        assert observe.parse(c.get("/metrics").text, at=0.0).oldest_wait_s == 0.0
