@@ -95,8 +95,8 @@ class PrefillWorker(EngineWorker):
 
 class LayerStream:
     """The per-layer KV of one prompt, from the engine thread (``put``) to the sending thread
-    (iteration), then the first token and its logprobs. ``fail`` ends the iteration with the error, so a failed
-    prefill never leaves the sender waiting."""
+    (iteration), then the first token and its logprobs. ``fail`` ends the iteration with the
+    error, so a failed prefill never leaves the sender waiting."""
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers

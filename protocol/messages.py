@@ -6,7 +6,9 @@ A request's messages, in order:
   :class:`TokenLine`, the last one with a ``finish_reason``);
 - router -> prefill ``POST /prefill``: :class:`PrefillRequest` (names the decode worker's KV
   endpoint), answered by :class:`PrefillResult`;
-- prefill -> decode, in the KV transfer's HELLO: :class:`TransferMeta`;
+- prefill -> decode, in the KV transfer's HELLO: :class:`TransferMeta`; in its END (a frame of
+  ``kvtransfer/wire.py``): the first token and its :class:`LogprobEntry`, which decode's first
+  :class:`TokenLine` carries;
 - router -> workers, between requests: ``GET /health`` (:class:`Health`, also the worker's entry
   in the registry), ``GET /load`` (:class:`LoadReport`), ``POST /drain`` (:class:`DrainReply`);
 - any refusal: :class:`ErrorReply` with its HTTP status.
