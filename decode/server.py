@@ -3,8 +3,9 @@
 A request's life here: reserved (blocks allocated for the prompt, so a full cache is refused up
 front with 503) -> receiving (the KV receiver fills those blocks; a transfer that fails, stalls or
 never starts ends the request within the transfer timeout) -> running (joins the decode batch
-with the prefill worker's first token) -> done. With ``recompute`` the worker prefills the prompt
-itself: the fallback when no prefill worker can serve. Tokens stream back as NDJSON lines.
+with the prefill worker's first token and its logprobs, both from the transfer's END) -> done.
+With ``recompute`` the worker prefills the prompt itself: the fallback when no prefill worker can
+serve. Tokens stream back as NDJSON lines.
 
 Each request's blocks are held by a :class:`~splitserve.worker.block_lease.BlockLease` from
 before the reserve until they are freed, once, however the request ends: finished, failed, or
@@ -86,7 +87,7 @@ class DecodeWorker(EngineWorker):
             else:
                 result = await self._receive(seq, lease)
                 lease.advance(Stage.RUNNING)
-                submit = lambda s: self.engine.activate(s, result.first_token)  # noqa: E731
+                submit = lambda s: self.engine.activate(s, result.first_token, result.first_logprobs)  # noqa: E731
             async for out in self.async_engine.stream(seq, submit):
                 yield _token_line(out)
             lease.finish()

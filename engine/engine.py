@@ -161,15 +161,16 @@ class LLMEngine:
         self.blocks.allocate(seq, use_prefix_cache=False)
         return list(seq.block_table)
 
-    def activate(self, seq: Sequence, first_token: int) -> StepOutput:
-        """The prompt KV has landed: append the prefill worker's first token and start decoding.
+    def activate(self, seq: Sequence, first_token: int, logprobs: dict | None = None) -> StepOutput:
+        """The prompt KV has landed: append the prefill worker's first token and start decoding
+        (``logprobs``: the first token's, as the prefill worker computed them, when asked).
         A first token outside the vocabulary raises ValueError (the caller then frees the blocks)."""
         self.check_tokens([first_token], "first")
         seq.num_computed_tokens = len(seq)
         self.blocks.commit(seq)  # the received KV is real now: later prompts may reuse it
         seq.token_ids.append(first_token)
         self.scheduler.add_running(seq)
-        return self._after_token(seq, first_token)
+        return self._after_token(seq, first_token, logprobs)
 
     def release(self, seq: Sequence) -> None:
         self.scheduler.release(seq)

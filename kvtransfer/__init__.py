@@ -18,7 +18,7 @@ Decode side::
 Prefill side::
 
     tx = create_sender("tcp", spec)           # streams=4 for big payloads on fast links
-    tx.send(request_id, endpoint, layer_iterable, first_token_or_callable, meta,
+    tx.send(request_id, endpoint, layer_iterable, first_token_or_callable, meta,  # SampledToken: with logprobs
             num_tokens=n)                     # handshake before layer 0 exists
 """
 
@@ -27,6 +27,7 @@ from .base import (
     KVReceiver,
     KVSender,
     KVSpec,
+    SampledToken,
     TransferError,
     TransferResult,
     TransferState,
@@ -38,6 +39,7 @@ __all__ = [
     "KVReceiver",
     "KVSender",
     "KVSpec",
+    "SampledToken",
     "TransferError",
     "TransferResult",
     "TransferState",

@@ -185,9 +185,20 @@ class TransferResult:
     seconds: float
     error: str | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    first_logprobs: dict[str, Any] | None = None  # the first token's, when the sender sent them
 
 
-FirstToken = int | Callable[[], int]
+@dataclasses.dataclass(frozen=True)
+class SampledToken:
+    """The first token as the prefill side sampled it, and its logprobs: a JSON object
+    (``{"token_id", "logprob", "top": [[id, logprob], ...]}``, the protocol's LogprobEntry) or
+    None when the request asked for none. Both travel in the transfer's END frame."""
+
+    token_id: int
+    logprobs: dict[str, Any] | None = None
+
+
+FirstToken = int | SampledToken | Callable[[], int | SampledToken]
 
 
 class KVSender(ABC):
@@ -213,11 +224,12 @@ class KVSender(ABC):
 
         ``kv_layers`` is consumed lazily, so a generator lets layer i go over the wire while
         layer i+1 is computed. ``first_token`` may be a callable, evaluated after the last layer
-        (the token is sampled after the forward pass). Pass ``num_tokens`` to handshake before the
-        first layer exists. Raises :class:`TransferError` (with ``reason``) on any failure; the
-        caller frees its own source blocks either way. Over one stream a layer's memory may be
-        reused once the next layer is asked for; with several streams (big transfers), only
-        after ``send`` returns: a lane may still be sending it.
+        (the token is sampled after the forward pass); a :class:`SampledToken` carries the
+        token's logprobs too, and the receiver's result has them (``first_logprobs``). Pass
+        ``num_tokens`` to handshake before the first layer exists. Raises :class:`TransferError`
+        (with ``reason``) on any failure; the caller frees its own source blocks either way. Over
+        one stream a layer's memory may be reused once the next layer is asked for; with several
+        streams (big transfers), only after ``send`` returns: a lane may still be sending it.
         """
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from .base import FailureReason, KVSpec, TransferError, TransferResult, Transfer
 from .metrics import report_choice
 from .negotiate import Offer, choose
 from .transfer_table import Transfer, TransferTable
-from .wire import FrameType, error_meta, expect_frame, send_frame, tune_socket
+from .wire import FrameType, error_meta, expect_frame, parse_end, send_frame, tune_socket
 
 if TYPE_CHECKING:
     from .receiver import LayerSource, SocketReceiver
@@ -134,7 +134,7 @@ class ReceiveSession:
             source.accepted(conn, entry.writer)
             self.table.attach_source(entry, source)  # raises a cancel (etc.) of the handshake
             self._receive_layers(entry, source, range(0, self.spec.num_layers, streams))
-            end = expect_frame(conn, FrameType.END).meta
+            first = parse_end(expect_frame(conn, FrameType.END).meta)
             self.table.wait_for_lanes(entry, self.rx.io_timeout)
         except BaseException as exc:
             source.stop(conn, entry.abort or transfer_error(exc))  # before the future fails
@@ -146,8 +146,8 @@ class ReceiveSession:
         seconds = time.monotonic() - start
         total = nbytes * self.spec.num_layers
         result = TransferResult(
-            TransferState.DONE, entry.request_id, end.get("first_token"), entry.num_tokens, total,
-            seconds, meta=dict(hello.get("meta") or {}),
+            TransferState.DONE, entry.request_id, first.token_id, entry.num_tokens, total,
+            seconds, meta=dict(hello.get("meta") or {}), first_logprobs=first.logprobs,
         )
         self.table.resolve(entry, result, seconds)
         send_frame(conn, FrameType.DONE, {"bytes": total})

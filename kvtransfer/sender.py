@@ -2,7 +2,7 @@
 
 One connection per transfer: connect -> HELLO -> wait for ACCEPT (the receiver may hold us until
 decode's expect() arrives) -> per layer, pull the next tensor from the caller's iterable and hand
-it to the backend's :class:`LayerSink` -> END {first_token} -> wait for DONE.
+it to the backend's :class:`LayerSink` -> END {first_token, logprobs} -> wait for DONE.
 
 Backpressure comes from the socket: ``sendall`` blocks while the receiver is behind, so at most
 one layer plus the kernel's socket buffers are in flight. Small layers are the exception: a sink
@@ -39,6 +39,7 @@ from .base import (
     FirstToken,
     KVSender,
     KVSpec,
+    SampledToken,
     TransferError,
     TransferResult,
     TransferState,
@@ -47,6 +48,7 @@ from .wire import (
     Frame,
     FrameType,
     encode_frame,
+    end_meta,
     error_from_meta,
     error_meta,
     expect_frame,
@@ -54,6 +56,7 @@ from .wire import (
     recv_frame,
     send_frame,
     tune_socket,
+    valid_logprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -300,15 +303,15 @@ class SocketSender(KVSender):
                     FailureReason.INVALID_INPUT,
                     f"kv_layers yielded {count} layers, num_layers is {self.spec.num_layers}",
                 )
-            token = _resolve_first_token(first_token)
-            send_frame(main.sock, FrameType.END, {"first_token": token})
+            first = _resolve_first_token(first_token)
+            send_frame(main.sock, FrameType.END, end_meta(first))
             while True:  # shm may still return credits before DONE
                 frame = expect_frame(main.sock, FrameType.DONE, FrameType.CREDIT)
                 if frame.type == FrameType.DONE:
                     break
             return TransferResult(
-                TransferState.DONE, request_id, token, num_tokens, nbytes * count,
-                time.monotonic() - start, meta=meta,
+                TransferState.DONE, request_id, first.token_id, num_tokens, nbytes * count,
+                time.monotonic() - start, meta=meta, first_logprobs=first.logprobs,
             )
         except TransferError as err:
             ours = err.reason in (FailureReason.INVALID_INPUT, FailureReason.ABORTED)
@@ -461,16 +464,19 @@ def _layers(layers: Iterator[Any]) -> Iterator[Any]:
         yield tensor
 
 
-def _resolve_first_token(first_token: FirstToken) -> int:
+def _resolve_first_token(first_token: FirstToken) -> SampledToken:
     try:
-        token = first_token() if callable(first_token) else first_token
+        first = first_token() if callable(first_token) else first_token
     except Exception as exc:  # the caller's sampling failed
         raise TransferError(FailureReason.ABORTED, f"first_token raised {exc!r}") from exc
-    if isinstance(token, torch.Tensor):
-        token = token.item()
+    if not isinstance(first, SampledToken):
+        first = SampledToken(first)
+    token = first.token_id.item() if isinstance(first.token_id, torch.Tensor) else first.token_id
     if isinstance(token, bool) or not isinstance(token, int):
         raise TransferError(FailureReason.INVALID_INPUT, f"first_token must be an int: {token!r}")
-    return token
+    if not valid_logprobs(first.logprobs):
+        raise TransferError(FailureReason.INVALID_INPUT, f"malformed first-token logprobs: {first.logprobs!r}")
+    return SampledToken(token, first.logprobs)
 
 
 def _tell_peer(sock: socket.socket, err: TransferError, linger: float = 1.0) -> None:

@@ -15,7 +15,7 @@ Conversation (sender -> receiver unless marked <-)::
     <- ACCEPT {}            or  <- ERROR {reason, message, field}
     LAYER [index i] + payload (T*2*H*D elements, token-major), i = 0 .. num_layers-1
     (shm: LAYER [i] {slot} without payload, <- CREDIT {slot} when the slot may be reused)
-    END {first_token}
+    END {first_token, logprobs}   (logprobs: {token_id, logprob, top: [[id, logprob], ...]} or null)
     <- DONE {bytes}
     Either side may send ERROR at any point and close.
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .base import FailureReason, TransferError
+from .base import FailureReason, SampledToken, TransferError
 
 MAGIC = b"SSKV"
 VERSION = 2  # 2: LAYER frames carry the layer in the header's index field, not in JSON
@@ -203,6 +203,39 @@ def error_from_meta(meta: dict[str, Any]) -> TransferError:
         reason, message = FailureReason.PROTOCOL_ERROR, f"{meta.get('reason')}: {message}"
     field = meta.get("field")
     return TransferError(reason, f"peer: {message}", field=field if isinstance(field, str) else None)
+
+
+def end_meta(first: SampledToken) -> dict[str, Any]:
+    """END's metadata: the first token and its logprobs (every backend's END is this one)."""
+    return {"first_token": first.token_id, "logprobs": first.logprobs}
+
+
+def parse_end(meta: dict[str, Any]) -> SampledToken:
+    """The first token and its logprobs from END's metadata; a protocol error if either is not
+    what :func:`end_meta` writes."""
+    token, logprobs = meta.get("first_token"), meta.get("logprobs")
+    if not _is_int(token):
+        raise TransferError(FailureReason.PROTOCOL_ERROR, f"END: first_token must be an int, got {token!r}")
+    if not valid_logprobs(logprobs):
+        raise TransferError(FailureReason.PROTOCOL_ERROR, f"END: malformed logprobs {str(logprobs)[:200]}")
+    return SampledToken(token, logprobs)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def valid_logprobs(entry: Any) -> bool:
+    """Whether ``entry`` is a first token's logprobs as END carries them (None: none asked)."""
+    if entry is None:
+        return True
+    top = entry.get("top") if isinstance(entry, dict) else None
+    return (isinstance(top, list) and _is_int(entry.get("token_id")) and _is_number(entry.get("logprob"))
+            and all(isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_number(p[1]) for p in top))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

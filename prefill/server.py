@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request  # (at module level: FastAPI resolves the annotation here)
 from splitserve.engine.sequence import Sequence
+from splitserve.kvtransfer import SampledToken
 from splitserve.protocol import InvalidMessage, PrefillRequest, PrefillResult, TransferMeta
 from splitserve.worker.block_lease import BlockLease, Stage
 from splitserve.worker.handshake import kv_sender
@@ -69,13 +70,11 @@ class PrefillWorker(EngineWorker):
                                      num_tokens=seq.num_prompt_tokens),
         )
         started = time.perf_counter()
-        first_logprobs = None
         lease = BlockLease(seq.request_id, release=lambda: self.async_engine.abort(seq))
         try:
             lease.advance(Stage.QUEUED)
             async for out in self.async_engine.stream(seq, self.engine.add):
-                stream.finish(out.token_id)
-                first_logprobs = out.logprobs
+                stream.finish(SampledToken(out.token_id, out.logprobs))  # END carries both
             lease.advance(Stage.SENDING)
             prefilled = time.perf_counter()
             await transfer
@@ -87,8 +86,7 @@ class PrefillWorker(EngineWorker):
             await asyncio.gather(transfer, return_exceptions=True)
             raise
         return PrefillResult(
-            req.request_id, stream.first_token(), seq.num_prompt_tokens,
-            first_logprobs=first_logprobs,  # the decode stream cannot carry them: it only gets the token
+            req.request_id, stream.first_token().token_id, seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             prefill_ms=(prefilled - started) * 1e3,
             transfer_ms=(time.perf_counter() - prefilled) * 1e3,
@@ -97,8 +95,8 @@ class PrefillWorker(EngineWorker):
 
 class LayerStream:
     """The per-layer KV of one prompt, from the engine thread (``put``) to the sending thread
-    (iteration), then the first token. ``fail`` ends the iteration with the error, so a failed
-    prefill never leaves the sender waiting."""
+    (iteration), then the first token and its logprobs. ``fail`` ends the iteration with the
+    error, so a failed prefill never leaves the sender waiting."""
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -114,15 +112,15 @@ class LayerStream:
         self._next = layer + 1
         self._layers.put(kv)
 
-    def finish(self, first_token: int) -> None:
-        self._first.set_result(first_token)
+    def finish(self, first: SampledToken) -> None:
+        self._first.set_result(first)
 
     def fail(self, exc: BaseException) -> None:
         self._layers.put(exc)
         if not self._first.done():
             self._first.set_exception(exc)
 
-    def first_token(self) -> int:
+    def first_token(self) -> SampledToken:
         return self._first.result()
 
     def __iter__(self):

@@ -6,7 +6,9 @@ A request's messages, in order:
   :class:`TokenLine`, the last one with a ``finish_reason``);
 - router -> prefill ``POST /prefill``: :class:`PrefillRequest` (names the decode worker's KV
   endpoint), answered by :class:`PrefillResult`;
-- prefill -> decode, in the KV transfer's HELLO: :class:`TransferMeta`;
+- prefill -> decode, in the KV transfer's HELLO: :class:`TransferMeta`; in its END (a frame of
+  ``kvtransfer/wire.py``): the first token and its :class:`LogprobEntry`, which decode's first
+  :class:`TokenLine` carries;
 - router -> workers, between requests: ``GET /health`` (:class:`Health`, also the worker's entry
   in the registry), ``GET /load`` (:class:`LoadReport`), ``POST /drain`` (:class:`DrainReply`);
 - any refusal: :class:`ErrorReply` with its HTTP status.
@@ -184,12 +186,12 @@ class TokenLine:
 @dataclass(frozen=True)
 class PrefillResult:
     """prefill -> router, the answer to ``/prefill`` once the KV has been sent. The first token
-    went to decode with the KV; its logprobs come only here (the transfer carries the token)."""
+    and its logprobs went to decode in the transfer's END: decode's first token line has them.
+    (A reply's ``first_logprobs``, from an older prefill worker, is ignored.)"""
 
     request_id: str
     first_token: int
     num_prompt_tokens: int
-    first_logprobs: LogprobEntry | None = None
     num_cached_tokens: int = 0
     prefill_ms: float | None = None  # None: the worker did not say
     transfer_ms: float | None = None  # the KV transfer, past the compute
@@ -198,7 +200,6 @@ class PrefillResult:
         return {
             "request_id": self.request_id,
             "first_token": self.first_token,
-            "first_logprobs": self.first_logprobs,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_cached_tokens": self.num_cached_tokens,
             "prefill_ms": self.prefill_ms,
@@ -211,7 +212,7 @@ class PrefillResult:
         try:
             return cls(
                 _request_id(data), int(data["first_token"]), int(data["num_prompt_tokens"]),
-                data.get("first_logprobs"), int(data.get("num_cached_tokens", 0)),
+                int(data.get("num_cached_tokens", 0)),
                 _milliseconds(data.get("prefill_ms")), _milliseconds(data.get("transfer_ms")),
             )
         except (KeyError, TypeError) as exc:

@@ -228,10 +228,6 @@ class Dispatcher:
                         wire.watch(prefill_task)
                     first = await anext(batches, None)
                     wire.disarm()
-                    if first and prefill_task is not None and spec.sampling.logprobs is not None:
-                        # The first token came through the KV transfer, which carries the token
-                        # only: its logprobs are in the prefill worker's response.
-                        first[0].logprobs = [(await prefill_task).first_logprobs]
                     async for chunk in self._chunks(first, batches, d):
                         yielded = True
                         yield chunk

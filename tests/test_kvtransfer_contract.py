@@ -23,6 +23,7 @@ import torch
 from prometheus_client import REGISTRY
 from splitserve.kvtransfer import (
     KVSpec,
+    SampledToken,
     TransferError,
     TransferState,
     available_backends,
@@ -158,6 +159,28 @@ def test_handshake_before_first_layer_with_num_tokens(backend, receiver_factory)
     with create_sender(backend, spec) as tx:
         tx.send("r", rx.endpoint, iter(layers(spec, 5)), 7, num_tokens=5)
     assert fut.result(timeout=5).first_token == 7
+
+
+@pytest.mark.parametrize("logprobs", [None, {"token_id": 7, "logprob": -0.25, "top": [[7, -0.25], [3, -1.5]]}])
+def test_the_first_tokens_logprobs_travel_in_end(backend, receiver_factory, logprobs):
+    spec = make_spec(backend)
+    rx = receiver_factory(spec)
+    fut = rx.expect("r", 5, [0, 1], timeout=10)
+    with create_sender(backend, spec) as tx:
+        sent = tx.send("r", rx.endpoint, iter(layers(spec, 5)), lambda: SampledToken(7, logprobs), num_tokens=5)
+    got = fut.result(timeout=5)
+    assert (got.first_token, got.first_logprobs) == (sent.first_token, sent.first_logprobs) == (7, logprobs)
+
+
+def test_malformed_first_token_logprobs_are_refused_on_both_sides(backend, receiver_factory):
+    spec = make_spec(backend)
+    rx = receiver_factory(spec)
+    fut = rx.expect("r", 5, [0, 1], timeout=10)
+    with create_sender(backend, spec) as tx:
+        err = failure(send_in_thread(tx, "r", rx.endpoint, iter(layers(spec, 5)),
+                                     SampledToken(7, {"token_id": 7, "logprob": "high", "top": []}), num_tokens=5))
+    assert err.reason == "invalid_input"
+    assert failure(fut).reason == "invalid_input"
 
 
 def test_concurrent_transfers_share_one_receiver(backend, receiver_factory):

@@ -14,7 +14,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from splitserve.kvtransfer import TransferError, create_receiver, create_sender
-from splitserve.kvtransfer.wire import HEADER, MAGIC, VERSION, FrameType, PeerClosed, recv_frame
+from splitserve.kvtransfer import sender as sender_module
+from splitserve.kvtransfer.wire import (
+    HEADER,
+    MAGIC,
+    VERSION,
+    FrameType,
+    PeerClosed,
+    parse_end,
+    recv_frame,
+)
 from test_kvtransfer_contract import layers, make_cache, make_spec
 
 FUZZ = settings(max_examples=150, deadline=None,
@@ -77,6 +86,33 @@ def test_deeply_nested_metadata_is_a_protocol_error() -> None:
     with pytest.raises(TransferError) as info:
         read_one(struct.pack("!4sBBHIQ", MAGIC, VERSION, int(FrameType.HELLO), 0, len(body), 0) + body)
     assert info.value.reason == "protocol_error"
+
+
+entries = st.fixed_dictionaries({"token_id": json_values, "logprob": json_values, "top": json_values})
+
+
+@FUZZ
+@given(meta=st.dictionaries(st.sampled_from(["first_token", "logprobs", "x"]), json_values | entries, max_size=3))
+def test_end_parser_refuses_malformed_first_tokens_and_logprobs_cleanly(meta: dict) -> None:
+    try:
+        first = parse_end(meta)
+    except TransferError as err:
+        assert err.reason == "protocol_error"
+        return
+    assert isinstance(first.token_id, int) and (first.logprobs is None or isinstance(first.logprobs, dict))
+
+
+@pytest.mark.parametrize("logprobs", [{"token_id": 1, "logprob": -1.0, "top": [[1, "x"]]}, [1, -1.0], "none"])
+def test_an_end_with_malformed_logprobs_fails_the_transfer_on_both_sides(rx, monkeypatch, logprobs) -> None:
+    spec, receiver = rx
+    monkeypatch.setattr(sender_module, "end_meta", lambda first: {"first_token": 5, "logprobs": logprobs})
+    fut = receiver.expect("bad-end", 8, [2, 3], timeout=20)
+    with create_sender("tcp", spec) as tx, pytest.raises(TransferError) as info:
+        tx.send("bad-end", receiver.endpoint, layers(spec, 8, seed=4), 5)
+    assert info.value.reason == "protocol_error"
+    with pytest.raises(TransferError) as info:
+        fut.result(timeout=5)
+    assert info.value.reason == "protocol_error" and "logprobs" in str(info.value)
 
 
 @pytest.fixture(scope="module")

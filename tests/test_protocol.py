@@ -75,8 +75,10 @@ def test_a_prefill_request_needs_the_decode_workers_kv_endpoint():
 
 
 def test_results_reports_and_health_read_back():
-    result = PrefillResult("r", 7, 3, {"token_id": 7, "logprob": -1.0, "top": []}, 1, 2.5, 0.5)
+    result = PrefillResult("r", 7, 3, 1, 2.5, 0.5)
     assert PrefillResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    older = result.to_json() | {"first_logprobs": {"token_id": 7, "logprob": -1.0, "top": []}}
+    assert PrefillResult.from_json(older) == result  # an older prefill's reply: END has them now
     with pytest.raises(ValueError, match="first_token"):
         PrefillResult.from_json({"request_id": "r", "num_prompt_tokens": 3})
     load = LoadReport(1, 2, 30, 40, 50, 16, 1024, True, "decode")
