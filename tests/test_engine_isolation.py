@@ -29,7 +29,7 @@ def requests(bad_at: int | None) -> list[Sequence]:
     for i, prompt in enumerate(PROMPTS):
         sampling = GREEDY if i % 2 == 0 else SamplingParams(max_tokens=10, temperature=0.8, seed=100 + i, ignore_eos=True)
         if i == bad_at:
-            sampling = SamplingParams(**{**sampling.to_dict(), "stop": (), "stop_token_ids": ()})
+            sampling = SamplingParams(**{**sampling.to_json(), "stop": (), "stop_token_ids": ()})
         seqs.append(Sequence(f"r{i}", list(prompt), sampling))
     return seqs
 
@@ -125,7 +125,7 @@ def test_a_first_token_outside_the_vocabulary_fails_only_its_request(demo_model)
 )
 def test_sampling_values_the_engine_cannot_run_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        SamplingParams.from_dict({field: value})
+        SamplingParams.from_json({field: value})
 
 
 @pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1, -(2**63)])

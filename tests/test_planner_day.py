@@ -1,5 +1,5 @@
 """The planner in the simulator's loop (sim/autoscale.py, sim/day.py): the machinery on a short
-trace, not the day's numbers (bench/planner_day.py measures those)."""
+trace, not the day's numbers (bench/lab/planner_day.py measures those)."""
 
 from __future__ import annotations
 

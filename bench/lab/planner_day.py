@@ -21,8 +21,8 @@ GPU-hours count each pod from its creation (starting pods hold their GPU) to the
 drain, scaled back to the real day. A request "in a ramp" arrived while the offered rate was at
 least 10% above its value half an hour (real) before: the morning rise and each burst's onset.
 
-    python -m splitserve.bench.planner_day --jobs 3 --out bench/out/planner_day
-    python -m splitserve.bench.planner_day --jobs 3 --bursts 12 --burst-max 3 --out bench/out/bursty
+    python -m splitserve.bench.lab.planner_day --jobs 3 --out bench/out/planner_day
+    python -m splitserve.bench.lab.planner_day --jobs 3 --bursts 12 --burst-max 3 --out bench/out/bursty
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m splitserve.bench.planner_day ...``"""
+    """``python -m splitserve.bench.lab.planner_day ...``"""
     from splitserve.bench.entry import standalone_main
 
     return standalone_main(sys.modules[__name__], run, argv)
