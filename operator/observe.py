@@ -20,6 +20,8 @@ Read from the router (names are the contract with ``router/metrics.py``):
   workers'; the age of the oldest request without a first token), the planner's queue inputs:
   the largest over the router pods (each reports the same workers' queues, so a sum would
   count them once per pod);
+- ``splitserve_router_busy_workers{role}`` (gauge): workers with work queued or running, the
+  planner's floor for a pool (the largest over the router pods);
 - ``splitserve_router_kv_link_{transfers,failures,bytes_per_second}`` (gauges per prefill ->
   decode link, labelled with the negotiated backend): not a window but the links' state now,
   summarised by ``kv_summary`` into ``status.observed.kvTransfer``.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import math
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,6 +54,7 @@ PROMPT_TOKENS = "splitserve_router_prompt_tokens"
 KV_LINK = "splitserve_router_kv_link"
 QUEUED_TOKENS = "splitserve_router_queued_prompt_tokens"
 OLDEST_WAIT = "splitserve_router_oldest_wait_seconds"
+BUSY = "splitserve_router_busy_workers"
 
 
 class MetricsUnavailable(RuntimeError):
@@ -114,6 +117,7 @@ class Snapshot:
     kv_links: tuple[KvLink, ...] = ()
     queued_prompt_tokens: float = 0.0
     oldest_wait_s: float = 0.0
+    busy_workers: dict[str, float] = field(default_factory=dict)  # role -> workers with work
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,7 @@ class Window:
     tpot_attainment: float | None = None
     queued_prompt_tokens: float = 0.0  # at the window's end (gauges, not deltas)
     oldest_wait_s: float = 0.0
+    busy_workers: dict[str, int] = field(default_factory=dict)
 
     def to_status(self) -> dict[str, Any]:
         """The ``status.observed`` block (camelCase, rounded for people reading kubectl)."""
@@ -249,6 +254,7 @@ def parse(text: str, at: float) -> Snapshot:
         kv_links=_kv_links(families),
         queued_prompt_tokens=_value(families, QUEUED_TOKENS) or 0.0,
         oldest_wait_s=_value(families, OLDEST_WAIT) or 0.0,
+        busy_workers={s.labels["role"]: s.value for s in _samples(families, BUSY) if "role" in s.labels},
     )
 
 
@@ -298,6 +304,7 @@ class Delta:
     tpot_met: float = 0.0
     queued_prompt_tokens: float = 0.0  # the later scrape's gauges
     oldest_wait_s: float = 0.0
+    busy_workers: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> float:
@@ -331,7 +338,8 @@ def delta(prev: Snapshot, cur: Snapshot) -> Delta | None:
     if min(met) < 0:
         return None
     return Delta(seconds, ttft, tpot, e2e, slo_met, slo_total, prompt, cur.inflight, *met,
-                 queued_prompt_tokens=cur.queued_prompt_tokens, oldest_wait_s=cur.oldest_wait_s)
+                 queued_prompt_tokens=cur.queued_prompt_tokens, oldest_wait_s=cur.oldest_wait_s,
+                 busy_workers=cur.busy_workers)
 
 
 def _sum_histograms(hs: list[Histogram | None]) -> Histogram | None:
@@ -382,6 +390,8 @@ def merge(deltas: list[Delta]) -> Window:
         tpot_attainment=(sum(d.tpot_met for d in deltas) / slo_total) if slo_total > 0 else None,
         queued_prompt_tokens=max(d.queued_prompt_tokens for d in deltas),
         oldest_wait_s=max(d.oldest_wait_s for d in deltas),
+        busy_workers={role: int(max(d.busy_workers.get(role, 0) for d in deltas))
+                      for role in {r for d in deltas for r in d.busy_workers}},
     )
 
 

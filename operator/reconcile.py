@@ -112,10 +112,8 @@ def _probe_messages(namespace: str) -> dict[str, str]:
         return {}
 
 
-def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
-                  now: float) -> list[pod_problems.PoolProblem]:
-    """The pod problems of each pool of ``name``: one list of its pods, and the kubelet's probe
-    Events only when some pod has been Running but not Ready for long."""
+def pods_by_pool(name: str, namespace: str, pools: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The pods of each pool of ``name``, from one list call."""
     labels = manifests.selector_labels(name, "")
     labels.pop(manifests.LABEL_COMPONENT)
     by_pool: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
@@ -123,6 +121,14 @@ def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
         component = (pod["metadata"].get("labels") or {}).get(manifests.LABEL_COMPONENT)
         if component in by_pool:
             by_pool[component].append(pod)
+    return by_pool
+
+
+def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
+                  now: float) -> list[pod_problems.PoolProblem]:
+    """The pod problems of each pool of ``name``: one list of its pods, and the kubelet's probe
+    Events only when some pod has been Running but not Ready for long."""
+    by_pool = pods_by_pool(name, namespace, pools)
     after = operator_settings.NOT_READY_SECONDS
     every = [p for pods in by_pool.values() for p in pods]
     probes: dict[str, str] = {}

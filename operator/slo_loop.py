@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -45,13 +46,14 @@ from splitserve.operator import (
     kube,
     metrics,
     observe,
+    pod_start,
     pod_windows,
     reconcile,
     router_pods,
     scaling,
     settings,
 )
-from splitserve.operator.planner import Decision, Observation, plan, replicas_for
+from splitserve.operator.planner import Decision, Observation, PlannerConfig, plan, replicas_for
 from splitserve.router.policy.latency import LatencyModel
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,19 @@ def decide(
     win: observe.Window,
     cap: capacity_mod.SourcedCapacity,
     now: float,
+    lead_time_s: float | None = None,
 ) -> tuple[Decision, dict[str, Any], str | None]:
     """One planner step for a defaulted spec: (decision, status patch, Event message or None
-    when neither pool changes size)."""
+    when neither pool changes size). ``lead_time_s``: the pods' measured start time (the
+    forecast's horizon; None keeps the planner's default)."""
     before = scaling.effective_replicas(spec, status)
     states = {pool: scaling.pool_state(spec, status, pool) for pool in scaling.POOLS}
     cfg = scaling.planner_config(spec, cap.capacity)
+    if lead_time_s is not None:
+        cfg = dataclasses.replace(cfg, lead_time_s=lead_time_s)
     obs = Observation(win.prompt_tokens_per_s, win.concurrent_seqs,
+                      prefill_busy_replicas=win.busy_workers.get("prefill", 0),
+                      decode_busy_replicas=win.busy_workers.get("decode", 0),
                       queued_prompt_tokens=win.queued_prompt_tokens, oldest_wait_s=win.oldest_wait_s,
                       ttft_attainment=win.ttft_attainment, tpot_attainment=win.tpot_attainment)
     d = plan(cfg, obs, states["prefill"], states["decode"], now)
@@ -231,7 +239,12 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
             return
         spec = crd.defaulted_spec(dict(obj["spec"]))
         cap = capacity_mod.for_spec(spec, latency_model(settings.LATENCY_MODEL))
-        decision, scale_patch, message = decide(spec, obj.get("status"), win, cap, now)
+        worker_pods = reconcile.pods_by_pool(name, namespace, scaling.POOLS)
+        lead, measured = pod_start.lead_time(
+            [p for pods in worker_pods.values() for p in pods], PlannerConfig.lead_time_s)
+        patch["observed"]["podStartSeconds"] = round(lead, 1) if measured else None
+        decision, scale_patch, message = decide(spec, obj.get("status"), win, cap, now,
+                                                lead if measured else None)
         kube.patch_status(namespace, name, patch | scale_patch)
         # every tick, not only on a change: heals a Deployment someone else resized
         reconcile.apply_worker_replicas(

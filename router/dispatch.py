@@ -113,6 +113,9 @@ class Dispatcher:
         workers = sum(w.load.queued_prompt_tokens for w in computing if w.load is not None)
         self.metrics.queued_prompt_tokens.set(self.queued_prompt_tokens + workers)
         self.metrics.oldest_wait.set(self.awaiting.oldest_wait(time.monotonic()))
+        for role in ("prefill", "decode"):
+            busy = sum(1 for w in self.pool.role(role) if w.load is not None and (w.load.running or w.load.waiting))
+            self.metrics.child(self.metrics.busy_workers, role).set(busy)
 
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
         """A pair for ``req``, queueing while the policy says no pair can meet its targets."""

@@ -128,6 +128,12 @@ class RouterMetrics:
             " workers' queues as their last /load reported (the backlog the planner drains)",
             registry=r, multiprocess_mode="livemax",
         )
+        self.busy_workers = Gauge(
+            "splitserve_router_busy_workers",
+            "Workers of a role whose last /load shows work queued or running (the planner never"
+            " sizes a pool below them)",
+            ["role"], registry=r, multiprocess_mode="livemax",
+        )
         self.oldest_wait = Gauge(
             "splitserve_router_oldest_wait_seconds",
             "Age of the oldest request still waiting for its first token (0: none waiting)",
