@@ -187,7 +187,16 @@ def spec_schema() -> Schema:
                 "description": "The OpenAI-compatible router (HTTP 8000).",
                 "properties": {
                     "replicas": _int(0, 1, "Router replicas."),
-                    "policy": _str("Routing policy.", enum=ROUTER_POLICIES, default="goodput"),
+                    "policy": _str("Routing policy: a preset (ignored when policyConfig is set).",
+                                   enum=ROUTER_POLICIES, default="goodput"),
+                    "policyConfig": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                        "description": "A routing policy of your own instead of a preset: its name,"
+                        " the filters, weighted scorers and picker per role (or pair scorers), as"
+                        " `splitserve router --policy-config` reads it (router/policy/spec.py);"
+                        " checked by the operator, an invalid one is refused naming the field.",
+                    },
                     "serviceType": _str(
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.operator import crd
+from splitserve.router.policy.presets import POLICIES
+from splitserve.router.policy.spec import PolicySpec
 
 Manifest = dict[str, Any]
 
@@ -120,7 +122,8 @@ def serving_config(name: str, namespace: str, spec: dict[str, Any]) -> dict[str,
         "model": {"name": spec["model"]["name"], "dir": model_dir(spec)},
         "kvTransfer": {k: v for k, v in spec["kvTransfer"].items() if k in ("backend", "ucxTransports")},
         "slo": spec["slo"],
-        "router": {"policy": spec["router"]["policy"]},
+        "router": {"policy": spec["router"]["policy"],
+                   **({"policyConfig": spec["router"]["policyConfig"]} if spec["router"].get("policyConfig") else {})},
         "redisUrl": redis_url(name, spec),
         "tensorParallel": {
             "prefill": spec["prefill"]["tensorParallel"],
@@ -362,7 +365,7 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
         "splitserve", "router", "--model", model_dir(spec),
         "--served-model-name", spec["model"]["name"],
         "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
-        "--redis-url", redis_url(name, spec), "--policy", router["policy"],
+        "--redis-url", redis_url(name, spec), *_policy_args(router),
         "--slo-ttft-ms", str(spec["slo"]["ttftMs"]), "--slo-tpot-ms", str(spec["slo"]["tpotMs"]),
         "--public-metrics",  # the operator's SLO loop scrapes it without the API key
     ]  # fmt: skip
@@ -433,8 +436,37 @@ def render_config(name: str, namespace: str, spec: dict[str, Any]) -> Manifest:
             "namespace": namespace,
             "labels": common_labels(name, "config"),
         },
-        "data": {"serving.json": json.dumps(config, indent=2, sort_keys=True) + "\n"},
+        "data": {"serving.json": json.dumps(config, indent=2, sort_keys=True) + "\n",
+                 **_policy_file(spec)},
     }
+
+
+POLICY_FILE = "policy.json"  # in the config ConfigMap, when spec.router.policyConfig is set
+
+
+def _policy_file(spec: dict[str, Any]) -> dict[str, str]:
+    given = spec["router"].get("policyConfig")
+    return {POLICY_FILE: json.dumps(given, indent=2, sort_keys=True) + "\n"} if given else {}
+
+
+def check_policy_config(spec: dict[str, Any]) -> None:
+    """An invalid spec.router.policyConfig is the user's to fix: SpecError naming the field and
+    the reason (the router would refuse it at start-up, in a crash loop, otherwise)."""
+    given = spec["router"].get("policyConfig")
+    if not given:
+        return
+    try:
+        policy = PolicySpec.from_dict(given)
+    except ValueError as exc:
+        raise SpecError(f"spec.router.policyConfig: {exc}") from exc
+    if policy.name in POLICIES:
+        raise SpecError(f"spec.router.policyConfig: name {policy.name!r} is a preset's; name your own")
+
+
+def _policy_args(router: dict[str, Any]) -> list[str]:
+    if router.get("policyConfig"):
+        return ["--policy-config", f"{CONFIG_MOUNT}/{POLICY_FILE}"]
+    return ["--policy", router["policy"]]
 
 
 def render_pdb(name: str, namespace: str, component: str) -> Manifest:
@@ -601,6 +633,7 @@ def render_all(
             raise SpecError(f"spec.{field} is required")
     if not full["model"].get("name"):
         raise SpecError("spec.model.name is required")
+    check_policy_config(full)
     out: list[Manifest] = [render_config(name, namespace, full)]
     if secret is not None:
         out.append(render_internal_secret(name, namespace, secret))

@@ -431,3 +431,41 @@ def test_grafana_dashboard_queries_only_metrics_we_export() -> None:
     titles = {p["title"] for p in dashboard["panels"]}
     assert {"TTFT", "TPOT (inter-token)", "SLO attainment", "KV cache use", "Queues",
             "KV transfer rate and failures", "Replicas per pool (planner)"} <= titles
+
+
+MY_POLICY = {"name": "mine", "prefill": {"filters": ["healthy"], "scorers": {"prefill_queue": 1.0},
+                                         "picker": "max_score"},
+             "decode": {"filters": ["healthy", "kv_endpoint", "has_room"], "picker": "round_robin"}}
+
+
+def _router_command(children: list[dict]) -> list[str]:
+    router = next(c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"].endswith("-router"))
+    return router["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_a_policy_of_your_own_travels_in_the_config_map_to_the_router() -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"policyConfig": MY_POLICY}}
+    children = manifests.render_all("demo", "ns", spec)
+    config = next(c for c in children if c["kind"] == "ConfigMap")
+    from splitserve.router.policy.spec import PolicySpec
+
+    assert PolicySpec.from_dict(json.loads(config["data"][manifests.POLICY_FILE])).name == "mine"
+    command = _router_command(children)
+    assert "--policy" not in command
+    at = command.index("--policy-config")
+    assert command[at + 1] == f"{manifests.CONFIG_MOUNT}/{manifests.POLICY_FILE}"
+    preset = manifests.render_all("demo", "ns", {**spec, "router": {"policy": "least_loaded"}})
+    assert manifests.POLICY_FILE not in next(c for c in preset if c["kind"] == "ConfigMap")["data"]
+    assert _router_command(preset)[_router_command(preset).index("--policy") + 1] == "least_loaded"
+
+
+@pytest.mark.parametrize("policy, words", [
+    ({**MY_POLICY, "decode": {"filters": ["healthy"], "picker": "fastest"}}, "unknown picker 'fastest'"),
+    ({**MY_POLICY, "name": "goodput"}, "is a preset's"),
+    ({**MY_POLICY, "prefill": {"filters": ["healthy"]}}, "prefill needs a picker"),
+])
+def test_an_invalid_policy_of_your_own_is_refused_naming_the_field(policy, words) -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"policyConfig": policy}}
+    with pytest.raises(manifests.SpecError, match="spec.router.policyConfig") as info:
+        manifests.render_all("demo", "ns", spec)
+    assert words in str(info.value)
