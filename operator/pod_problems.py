@@ -98,7 +98,7 @@ class PoolProblem:
         }
 
 
-def _seconds(stamp: str | None) -> float | None:
+def api_seconds(stamp: str | None) -> float | None:
     """Unix seconds of an RFC 3339 time as the API writes it, or None."""
     if not stamp:
         return None
@@ -169,8 +169,8 @@ def _not_ready_since(pod: Mapping[str, Any]) -> float | None:
         running = (c.get("state") or {}).get("running")
         if running is None or c.get("started") is False:
             return None
-        starts.append(_seconds(running.get("startedAt")))
-    known = [t for t in [_seconds(ready.get("lastTransitionTime")), *starts] if t is not None]
+        starts.append(api_seconds(running.get("startedAt")))
+    known = [t for t in [api_seconds(ready.get("lastTransitionTime")), *starts] if t is not None]
     return max(known) if known else None
 
 
@@ -247,9 +247,9 @@ def probe_messages(events: Iterable[Mapping[str, Any]]) -> dict[str, str]:
             continue
         meta = ev.get("metadata") or {}
         series = ev.get("series") or {}
-        when = max((t for t in (_seconds(ev.get("lastTimestamp")), _seconds(ev.get("eventTime")),
-                                _seconds(series.get("lastObservedTime")),
-                                _seconds(meta.get("creationTimestamp"))) if t is not None),
+        when = max((t for t in (api_seconds(ev.get("lastTimestamp")), api_seconds(ev.get("eventTime")),
+                                api_seconds(series.get("lastObservedTime")),
+                                api_seconds(meta.get("creationTimestamp"))) if t is not None),
                    default=0.0)  # fmt: skip
         uid = obj.get("uid", "")
         if uid not in newest or when >= newest[uid][0]:

@@ -10,29 +10,21 @@ lead time; with none measured yet, the configured default stands.
 
 from __future__ import annotations
 
-import datetime as dt
 import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from splitserve.operator.pod_problems import api_seconds
+
 NEWEST = 10  # pods whose start times are taken (the cluster's present, not its history)
-
-
-def _time(stamp: str | None) -> float | None:
-    if not stamp:
-        return None
-    try:
-        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def start_seconds(pod: dict[str, Any]) -> float | None:
     """Seconds from the pod's creation to it becoming Ready; None unless it is Ready now."""
-    created = _time(pod.get("metadata", {}).get("creationTimestamp"))
+    created = api_seconds(pod.get("metadata", {}).get("creationTimestamp"))
     ready = next((c for c in (pod.get("status") or {}).get("conditions") or []
                   if c.get("type") == "Ready" and c.get("status") == "True"), None)
-    became = _time(ready.get("lastTransitionTime")) if ready else None
+    became = api_seconds(ready.get("lastTransitionTime")) if ready else None
     if created is None or became is None or became < created:
         return None
     return became - created
