@@ -7,7 +7,10 @@ colocated N (N workers that each prefill in chunks and decode). Each worker is a
 
 A request's life, as the served system lives it (router/dispatch.py, prefill/ and decode/):
 arrives (the router picks a pair; when the policy says no pair can meet the targets it waits in
-the admission queue, re-asking every ``ROUTE_RETRY_MS``, and is shed after ``max_queue_ms``) ->
+the admission queue, re-asking every ``ROUTE_RETRY_MS``, and is shed after ``max_queue_ms``; the
+served router re-asks at each poll round of its workers' loads instead, every 0.5 s by default,
+so the simulator admits a queued request up to that much sooner: optimistic for the goodput
+policy's queue, the only one that queues) ->
 split: the decode worker reserves blocks for the prompt at once, the prefill worker queues it,
 prefills it in a whole-prompt batch and streams its KV while computing (``costs.transfer_done_ms``);
 when the KV lands, the decode worker activates it between two steps (its engine thread runs
@@ -48,7 +51,7 @@ from splitserve.router.workers import WorkerState
 from splitserve.sim.costs import transfer_done_ms
 from splitserve.sim.runner import VOCAB, EngineShape, sim_engine
 
-ROUTE_RETRY_MS = 10.0  # how often a queued request asks the policy again (as router/dispatch.py)
+ROUTE_RETRY_MS = 10.0  # how often a queued request asks the policy again (module doc)
 
 
 @dataclass(frozen=True)
