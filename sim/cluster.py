@@ -7,10 +7,9 @@ colocated N (N workers that each prefill in chunks and decode). Each worker is a
 
 A request's life, as the served system lives it (router/dispatch.py, prefill/ and decode/):
 arrives (the router picks a pair; when the policy says no pair can meet the targets it waits in
-the admission queue, re-asking every ``ROUTE_RETRY_MS``, and is shed after ``max_queue_ms``; the
-served router re-asks at each poll round of its workers' loads instead, every 0.5 s by default,
-so the simulator admits a queued request up to that much sooner: optimistic for the goodput
-policy's queue, the only one that queues) ->
+the admission queue, asking again at each of the router's poll rounds of its workers' loads,
+every ``POLL_ROUND_MS`` as router/admission.py does, once more at its deadline, and is shed
+after ``max_queue_ms``) ->
 split: the decode worker reserves blocks for the prompt at once, the prefill worker queues it,
 prefills it in a whole-prompt batch and streams its KV while computing (``costs.transfer_done_ms``);
 when the KV lands, the decode worker activates it between two steps (its engine thread runs
@@ -45,13 +44,15 @@ from splitserve.engine.engine import LLMEngine, PromptTooLong, StepOutput
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence as EngineSeq
 from splitserve.router.config import SLO as RouterSLO
+from splitserve.router.config import RouterConfig
 from splitserve.router.policy import NoCandidate, RouteRequest, SloUnattainable, build_policy
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.router.workers import WorkerState
 from splitserve.sim.costs import transfer_done_ms
 from splitserve.sim.runner import VOCAB, EngineShape, sim_engine
 
-ROUTE_RETRY_MS = 10.0  # how often a queued request asks the policy again (module doc)
+# a queued request asks the policy again at each poll round of the router (its default interval)
+POLL_ROUND_MS = RouterConfig.poll_interval_s * 1000
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,8 @@ class Simulation:
             decision = self.policy.pick(rreq, [w.state for w in self.prefills],
                                         [w.state for w in self.decodes])
         except SloUnattainable as exc:
-            if t + ROUTE_RETRY_MS <= deadline:
-                self._at(t + ROUTE_RETRY_MS, self._route, rid, deadline)
+            if t < deadline:  # the next round, or one last ask at the deadline
+                self._at(min((t // POLL_ROUND_MS + 1) * POLL_ROUND_MS, deadline), self._route, rid, deadline)
             else:
                 self._fail(flight, f"HTTP 429: {exc.reason} (shed after {self.config.max_queue_ms:g} ms)")
             return

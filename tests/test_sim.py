@@ -265,3 +265,28 @@ def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path
     assert doc["overhead"]["handoff_ms"][9] == pytest.approx(9.0, abs=0.5)
     assert doc["prefill"] == json.loads(profile.read_text())["prefill"]
     assert LatencyModel.from_dict(doc).overhead_request_ms[9] == doc["overhead"]["request_ms"][9]
+
+
+def test_a_queued_request_asks_again_at_the_routers_poll_rounds_and_once_at_its_deadline():
+    """As router/admission.py: a request the policy cannot place waits for the next round of
+    load polls (every 500 ms by default), and is asked once more at its deadline."""
+    from splitserve.router.policy import SloUnattainable
+    from splitserve.sim.cluster import POLL_ROUND_MS
+
+    sim = Simulation(SimConfig(Layout(1, 1), SHAPE), LAT, [SimRequest(0, 0.12, 160, 5)])
+    asked, real_pick = [], sim.policy.pick
+
+    def pick(*args):  # no pair for the first two asks
+        asked.append(1)
+        if len(asked) <= 2:
+            raise SloUnattainable("test", "not yet")
+        return real_pick(*args)
+
+    sim.policy.pick = pick
+    times = []
+    real_route = sim._route
+    sim._route = lambda t, *a: (times.append(t), real_route(t, *a))[1]
+    [record] = sim.run()
+    assert POLL_ROUND_MS == 500
+    assert times == pytest.approx([120.0, 500.0, 620.0])  # arrival, a round, the deadline
+    assert record.error is None and record.ttft_s * 1000 > 500
