@@ -110,20 +110,22 @@ class Dispatcher:
         a prefill (here and in the workers' queues: the prefill pool's, or the colocated
         workers' when there is none) and the oldest wait for a first token (backlog.py)."""
         computing = self.pool.role("prefill") or self.pool.role("decode")
-        workers = sum(w.load.queued_prompt_tokens for w in computing if w.load is not None)
+        # a worker marked unhealthy keeps its last load: its queue and work are not counted
+        workers = sum(w.load.queued_prompt_tokens for w in computing if w.healthy and w.load is not None)
         self.metrics.queued_prompt_tokens.set(self.queued_prompt_tokens + workers)
         self.metrics.oldest_wait.set(self.awaiting.oldest_wait(time.monotonic()))
         for role in ("prefill", "decode"):
-            busy = sum(1 for w in self.pool.role(role) if w.load is not None and (w.load.running or w.load.waiting))
+            busy = sum(1 for w in self.pool.role(role)
+                       if w.healthy and w.load is not None and (w.load.running or w.load.waiting))
             self.metrics.child(self.metrics.busy_workers, role).set(busy)
 
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
         """A pair for ``req``, queueing while the policy says no pair can meet its targets."""
-        all_prefills = self.pool.role("prefill")
         deadline = time.monotonic() + self.config.max_queue_ms / 1000
         queued = False
         try:
             while True:
+                all_prefills = self.pool.role("prefill")  # afresh each ask: a worker may have joined
                 prefills = [w for w in all_prefills if w.url not in exclude]
                 decodes = [w for w in self.pool.role("decode") if w.url not in exclude]
                 # No prefill worker left to serve: the decode worker computes the prompt itself

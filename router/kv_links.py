@@ -34,10 +34,12 @@ def _link(prefill: WorkerState, peer: dict[str, Any], decode_by_endpoint: dict[s
     endpoint, backend = peer.get("peer"), peer.get("backend")
     if peer.get("side") != "send" or not isinstance(endpoint, str) or not isinstance(backend, str):
         return None
+    if endpoint not in decode_by_endpoint:  # a decode worker gone (scaled away): not a link now
+        return None
     rate = peer.get("bytes_per_s")
     return KvLink(
         prefill=prefill.url,
-        decode=decode_by_endpoint.get(endpoint, endpoint),
+        decode=decode_by_endpoint[endpoint],
         backend=backend,
         fallback=bool(peer.get("fallback")),
         transfers=int(peer.get("transfers") or 0),
@@ -47,8 +49,8 @@ def _link(prefill: WorkerState, peer: dict[str, Any], decode_by_endpoint: dict[s
 
 
 def kv_links(prefill: Iterable[WorkerState], decode: Iterable[WorkerState]) -> list[KvLink]:
-    """Every link the prefill workers' last loads report; a decode worker is named by its URL
-    where its KV endpoint is known to this router, else by the endpoint itself."""
+    """Every link the prefill workers' last loads report to a decode worker this router knows
+    now, named by its URL (a worker's report keeps peers that have left)."""
     by_endpoint = {w.kv_endpoint: w.url for w in decode if w.kv_endpoint}
     links = []
     for w in prefill:

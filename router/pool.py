@@ -61,7 +61,10 @@ class WorkerPool:
                 self._by_role.clear()
         await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
         for callback in list(self.on_change):
-            callback()
+            try:  # one failing listener must not keep the others (admission's wake-up) from running
+                callback()
+            except Exception:  # noqa: BLE001 - logged with its traceback, the round goes on
+                log.exception("a worker-pool listener failed")
 
     async def _probe(self, w: WorkerState) -> None:
         try:
@@ -71,8 +74,8 @@ class WorkerPool:
                     raise WorkerRejected(200, f"registered as {w.role} but reports role {health.role}")
                 w.kv_endpoint, w.fingerprint = health.kv_endpoint, health.fingerprint
             w.set_load(await self.client.load(w.url))
-        except (WorkerUnreachable, WorkerRejected, ValueError) as exc:
-            self.mark_unhealthy(w, str(exc))
+        except (WorkerUnreachable, WorkerRejected, ValueError, TypeError, AttributeError) as exc:
+            self.mark_unhealthy(w, str(exc))  # TypeError/AttributeError: a /load body of the wrong shape
             return
         if not w.healthy:
             log.info("%s worker %s is healthy", w.role, w.url)
@@ -83,8 +86,8 @@ class WorkerPool:
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.refresh()
-            except (OSError, RuntimeError, ValueError) as exc:
-                log.warning("worker poll round failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one round
+                log.warning("worker poll round failed: %r", exc)
 
     async def start(self) -> None:
         await self.refresh()

@@ -26,16 +26,13 @@ def _worker(url: str, role: str, peers: tuple = (), kv_endpoint: str | None = No
     return w
 
 
-def test_links_name_decode_workers_by_url_and_skip_the_receive_side():
+def test_links_name_decode_workers_by_url_and_skip_departed_peers_and_the_receive_side():
     prefill = [_worker("http://p0", "prefill", (_peer("127.0.0.1:7001", "shm"),
                                                   _peer("127.0.0.1:7999", "tcp", fallback=True),
                                                   _peer("127.0.0.9:1", "tcp", side="receive")))]
     decode = [_worker("http://d0", "decode", kv_endpoint="127.0.0.1:7001")]
     links = kv_links(prefill, decode)
-    assert links == [
-        KvLink("http://p0", "http://d0", "shm", False, 3, 0, 1_000_000.0),
-        KvLink("http://p0", "127.0.0.1:7999", "tcp", True, 3, 0, 1_000_000.0),
-    ]
+    assert links == [KvLink("http://p0", "http://d0", "shm", False, 3, 0, 1_000_000.0)]  # 7999 left
 
 
 def test_malformed_peer_entries_are_ignored_not_fatal():
