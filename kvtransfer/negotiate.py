@@ -9,7 +9,7 @@ answer from the two offers without a further round trip:
 * nobody asked for a backend: the first usable one of :data:`PREFERENCE`, fastest first
   (cuda_ipc: same host, GPUs on both ends; shm: same host; nixl: installed on both ends, and
   neither end says it is *slow* there; tcp). An end calls nixl slow when UCX has nothing faster
-  than TCP to use (no RDMA device, ``UCX_TLS`` naming no RDMA or CUDA transport): UCX over TCP
+  than TCP to use (no RDMA device it can open, or ``UCX_TLS`` naming no RDMA transport): UCX over TCP
   moved KV at 0.25-0.4x our own tcp backend on the CPU and 0.1x on an H200 whose UCX could not
   reach GPU memory (bench/RESULTS.md), so there tcp is the faster choice;
 * one end asked for one (the other said "auto"): that one if usable, else tcp as a *fallback*;
@@ -138,17 +138,23 @@ def host_identity() -> str:
     return "/".join(parts)
 
 
-# UCX transports faster than TCP (RDMA verbs, CUDA IPC/copy, GPUDirect copy), by UCX_TLS name
-_FAST_UCX = ("rc", "ud", "dc", "ib", "mlx5", "cuda", "gdr", "efa", "rocm", "ze")
+# UCX transports faster than TCP between hosts (RDMA verbs, GPUDirect copy), by UCX_TLS name;
+# cuda_ipc/cuda_copy move GPU memory within a host only, where cuda_ipc and shm are ours already
+_FAST_UCX = ("rc", "ud", "dc", "ib", "mlx5", "gdr", "efa")
 
 
-def nixl_has_fast_path(env: Mapping[str, str] | None = None, rdma_dir: str = "/sys/class/infiniband") -> bool:
-    """Whether NIXL's UCX can use a transport faster than TCP here: ``UCX_TLS`` names one, or
-    (``UCX_TLS`` unset, ``all`` or an exclusion list) an RDMA device is present."""
+def nixl_has_fast_path(env: Mapping[str, str] | None = None, rdma_dev: str = "/dev/infiniband") -> bool:
+    """Whether NIXL's UCX can use a transport faster than TCP here: an RDMA device this process
+    can open (``uverbs*`` under /dev/infiniband: a pod without the RDMA device plugin sees the
+    host's /sys/class/infiniband but not these), and ``UCX_TLS`` unset, ``all``, an exclusion
+    list, or naming an RDMA transport."""
+    try:
+        devices = [d for d in Path(rdma_dev).glob("uverbs*") if os.access(d, os.R_OK | os.W_OK)]
+    except OSError:
+        devices = []
+    if not devices:
+        return False
     tls = (os.environ if env is None else env).get("UCX_TLS", "").strip()
     if tls and tls != "all" and not tls.startswith("^"):
         return any(part.strip().startswith(_FAST_UCX) for part in tls.split(","))
-    try:
-        return any(Path(rdma_dir).iterdir())
-    except OSError:
-        return False
+    return True

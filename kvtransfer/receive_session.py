@@ -190,10 +190,10 @@ class ReceiveSession:
             finally:
                 source.close()
             self.table.lane_done(entry)
-        except (TransferError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any lane failure fails its transfer now, not at a timeout
             err = exc if isinstance(exc, TransferError) else TransferError(
                 FailureReason.TIMEOUT if isinstance(exc, TimeoutError)
-                else FailureReason.CONNECTION_LOST, f"parallel stream failed: {exc}",
+                else FailureReason.CONNECTION_LOST, f"parallel stream failed: {exc!r}",
             )
             if entry is not None:
                 err = self.table.abort(entry, err.with_request(entry.request_id))
