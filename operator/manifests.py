@@ -61,6 +61,7 @@ MANAGED_BY = "splitserve-operator"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_GENERATION = "splitserve.io/serving-generation"
+LABEL_ROUTER_GENERATION = "splitserve.io/router-generation"  # + the routing policy
 DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     "prefill": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}},
     "decode": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "16Gi"}},
@@ -136,14 +137,22 @@ def serving_config(name: str, namespace: str, spec: dict[str, Any]) -> dict[str,
     }
 
 
+def _short_hash(key: Any) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def serving_generation(name: str, namespace: str, spec: dict[str, Any]) -> str:
-    """Short hash of what prefill and decode must match on (not replica counts)."""
-    key = {
-        "image": spec["image"],
-        "config": serving_config(name, namespace, spec),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return digest[:10]
+    """Short hash of what prefill and decode must match on (not replica counts, not the
+    router's policy: tuning a scorer weight must not reload every GPU worker's model)."""
+    config = {k: v for k, v in serving_config(name, namespace, spec).items() if k != "router"}
+    return _short_hash({"image": spec["image"], "config": config})
+
+
+def router_generation(name: str, namespace: str, spec: dict[str, Any]) -> str:
+    """The router pods' template hash: the workers' generation plus the routing policy, which
+    the router reads from the config ConfigMap only at start (a change restarts the routers)."""
+    return _short_hash({"serving": serving_generation(name, namespace, spec),
+                        "router": serving_config(name, namespace, spec)["router"]})
 
 
 def _security_context(user: int) -> dict[str, Any]:
@@ -361,6 +370,7 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
     """The router Deployment and the Service clients call (the status endpoint)."""
     router = spec["router"]
     generation = serving_generation(name, namespace, spec)
+    template_hash = router_generation(name, namespace, spec)
     command = [
         "splitserve", "router", "--model", model_dir(spec),
         "--served-model-name", spec["model"]["name"],
@@ -384,7 +394,8 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
     }
     pod = _pod_spec(name, spec, "router", container, router)
     deployment = _deployment(
-        name, namespace, "router", router["replicas"], pod, {LABEL_GENERATION: generation},
+        name, namespace, "router", router["replicas"], pod,
+        {LABEL_GENERATION: generation, LABEL_ROUTER_GENERATION: template_hash},
         {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT)},
     )  # fmt: skip
     service = _service(name, namespace, "router", ports, service_type=router["serviceType"])

@@ -17,15 +17,19 @@ from typing import Any
 from splitserve.operator.pod_problems import api_seconds
 
 NEWEST = 10  # pods whose start times are taken (the cluster's present, not its history)
+LONGEST_START_S = 1800.0  # a later Ready transition is a readiness blip of a running pod, not its start
 
 
 def start_seconds(pod: dict[str, Any]) -> float | None:
-    """Seconds from the pod's creation to it becoming Ready; None unless it is Ready now."""
+    """Seconds from the pod's creation to it becoming Ready; None unless it is Ready now and
+    that transition was its start: no container restarted, within ``LONGEST_START_S`` (a probe
+    that failed once moves the transition to now, which would read a day-old pod as a day)."""
     created = api_seconds(pod.get("metadata", {}).get("creationTimestamp"))
     ready = next((c for c in (pod.get("status") or {}).get("conditions") or []
                   if c.get("type") == "Ready" and c.get("status") == "True"), None)
     became = api_seconds(ready.get("lastTransitionTime")) if ready else None
-    if created is None or became is None or became < created:
+    restarted = any(c.get("restartCount") for c in (pod.get("status") or {}).get("containerStatuses") or [])
+    if created is None or became is None or restarted or not 0 <= became - created <= LONGEST_START_S:
         return None
     return became - created
 

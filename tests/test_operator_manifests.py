@@ -469,3 +469,16 @@ def test_an_invalid_policy_of_your_own_is_refused_naming_the_field(policy, words
     with pytest.raises(manifests.SpecError, match="spec.router.policyConfig") as info:
         manifests.render_all("demo", "ns", spec)
     assert words in str(info.value)
+
+
+def test_a_new_routing_policy_restarts_the_routers_not_the_workers() -> None:
+    def templates(router: dict) -> dict[str, dict]:
+        spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": router}
+        return {c["metadata"]["name"]: c["spec"]["template"]["metadata"]["labels"]
+                for c in manifests.render_all("demo", "ns", spec) if c["kind"] == "Deployment"}
+
+    before, after = templates({"policy": "goodput"}), templates({"policyConfig": MY_POLICY})
+    for pool in ("demo-prefill", "demo-decode"):
+        assert before[pool] == after[pool]  # no model reload for a scorer weight
+    assert before["demo-router"][manifests.LABEL_ROUTER_GENERATION] != \
+        after["demo-router"][manifests.LABEL_ROUTER_GENERATION]
