@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,6 +54,8 @@ from .wire import FrameType, expect_frame, parse_endpoint, send_frame, tune_sock
 log = logging.getLogger(__name__)
 
 RENEGOTIATE = (FailureReason.CONNECTION_LOST, FailureReason.BACKEND_UNAVAILABLE)
+STRIKES = 2  # transfers to one endpoint failing in a row on one backend before the pair avoids it
+AVOID_S = 600.0  # how long it is avoided for that endpoint (the peer may be fixed or replaced)
 
 
 def _renegotiate(err: TransferError) -> bool:
@@ -112,6 +115,8 @@ class AutoSender(KVSender):
         self._lock = threading.Lock()
         self._senders: dict[str, KVSender] = {}
         self._choices: dict[str, Choice] = {}
+        self._strikes: dict[tuple[str, str], int] = {}  # (endpoint, backend) -> failures in a row
+        self._avoid: dict[tuple[str, str], float] = {}  # (endpoint, backend) -> avoided until
         self._gpu = gpu
         self._offer: Offer | None = None
         self._closed = False
@@ -145,13 +150,41 @@ class AutoSender(KVSender):
                 request_id, endpoint, kv_layers, first_token, meta, num_tokens=num_tokens)
             metrics.record_peer_success("send", endpoint, choice.backend, result.bytes,
                                         result.seconds)
+            with self._lock:
+                self._strikes.pop((endpoint, choice.backend), None)
             return result
         except TransferError as err:
             metrics.record_peer_failure("send", endpoint, choice.backend, err.reason)
             if _renegotiate(err):
-                with self._lock:
-                    self._choices.pop(endpoint, None)
+                self._strike(endpoint, choice.backend, err)
             raise
+
+    def _strike(self, endpoint: str, backend: str, err: TransferError) -> None:
+        """A transfer on ``backend`` failed in a way a new negotiation may heal: forget the
+        choice; after ``STRIKES`` in a row (set up fine, yet it cannot move bytes to that peer,
+        e.g. UCX cannot connect the two hosts) offer that endpoint the rest for ``AVOID_S``."""
+        with self._lock:
+            self._choices.pop(endpoint, None)
+            if backend == FALLBACK:
+                return
+            strikes = self._strikes[(endpoint, backend)] = self._strikes.get((endpoint, backend), 0) + 1
+            if strikes < STRIKES:
+                return
+            self._strikes.pop((endpoint, backend), None)
+            self._avoid[(endpoint, backend)] = time.monotonic() + AVOID_S
+        log.warning("kv send: backend %s failed %d transfers in a row to %s (%s); that pair "
+                    "negotiates without it for %.0f s", backend, strikes, endpoint, err, AVOID_S)
+
+    def _offer_for(self, endpoint: str) -> Offer:
+        """This end's offer to ``endpoint``: less the backends avoided for it (``_strike``)."""
+        offer, now = self.offer, time.monotonic()
+        with self._lock:
+            for (ep, backend), until in list(self._avoid.items()):
+                if until <= now:
+                    del self._avoid[(ep, backend)]
+                elif ep == endpoint:
+                    offer = offer.without(backend)
+        return offer
 
     def _sender_for(self, choice: Choice, endpoint: str,
                     request_id: str) -> tuple[Choice, KVSender]:
@@ -179,8 +212,9 @@ class AutoSender(KVSender):
             known = self._choices.get(endpoint)
         if known is not None:
             return known
-        peer = self._ask(endpoint, request_id)
-        choice = choose(self.offer, peer)
+        mine = self._offer_for(endpoint)
+        peer = self._ask(endpoint, request_id, mine)
+        choice = choose(mine, peer)
         metrics.report_choice("send", endpoint, choice, peer)
         with self._lock:
             self._choices[endpoint] = choice
@@ -193,7 +227,7 @@ class AutoSender(KVSender):
         for sender in senders:
             sender.close()
 
-    def _ask(self, endpoint: str, request_id: str) -> Offer:
+    def _ask(self, endpoint: str, request_id: str, mine: Offer) -> Offer:
         """Exchange offers with the receiver at ``endpoint`` (TransferError on failure)."""
         try:
             sock = socket.create_connection(
@@ -206,7 +240,7 @@ class AutoSender(KVSender):
                 tune_socket(sock, self.connect_timeout)
                 nonce = auth.new_nonce() if self.secret is not None else ""
                 send_frame(sock, FrameType.OFFER, {"request_id": request_id,
-                                                   "offer": self.offer.to_dict(),
+                                                   "offer": mine.to_dict(),
                                                    **(auth.hello_fields(nonce) if nonce else {})})
                 if self.secret is not None:  # as for a HELLO: only to a receiver of ours
                     auth.authenticate_receiver(sock, self.secret, nonce, request_id, AUTO)

@@ -304,3 +304,31 @@ def test_nixl_whose_ucx_cannot_start_is_not_offered_and_the_pair_transfers():
     pair = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("pair:")]
     assert pair == [["7", "tcp", "shm", "tcp"]], out.stdout[-2000:]  # UCX prints on stdout too
     assert "nixl probe: not usable here" in out.stderr and "NIXL_ERR_BACKEND" in out.stderr
+
+
+def test_a_backend_that_keeps_failing_to_one_peer_is_avoided_for_it(monkeypatch, caplog):
+    """Set up fine, yet it cannot move bytes to that peer (say UCX cannot connect the two
+    hosts): after two transfers fail in a row, the pair negotiates without it, with a warning."""
+    from splitserve.kvtransfer.registry import backend_class
+
+    shm_sender = backend_class("shm", "sender")
+    calls = []
+
+    def broken(self, request_id, *args, **kwargs):
+        calls.append(request_id)
+        raise TransferError(FailureReason.CONNECTION_LOST, "cannot reach the peer over shm")
+
+    monkeypatch.setattr(shm_sender, "send", broken)
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, \
+            create_sender("auto", spec("auto"), requested="shm") as tx:
+        for attempt in ("a", "b"):
+            rx.expect(attempt, 5, [0, 1], timeout=10)
+            with pytest.raises(TransferError):
+                tx.send(attempt, rx.endpoint, [torch.zeros(spec("tcp").layer_shape(5))] * LAYERS, 7)
+            rx.cancel(attempt)
+        caplog.set_level(logging.WARNING, logger="splitserve.kvtransfer")
+        round_trip(tx, rx, "c")  # over tcp now
+    assert calls == ["a", "b"]
+    assert tx.choice(rx.endpoint).backend == "tcp"
+    assert any("failed 2 transfers in a row" in r.getMessage() for r in caplog.records)
