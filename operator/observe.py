@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from splitserve.router.kv_links import KvLink
 
 TTFT = "splitserve_router_ttft_seconds"
 TPOT = "splitserve_router_tpot_seconds"
@@ -120,19 +121,6 @@ class Snapshot:
     busy_workers: dict[str, float] = field(default_factory=dict)  # role -> workers with work
 
 
-@dataclass(frozen=True)
-class KvLink:
-    """One prefill -> decode link as a router pod exports it (``router/kv_links.py``)."""
-
-    prefill: str
-    decode: str
-    backend: str
-    fallback: bool
-    transfers: float
-    failures: float
-    bytes_per_s: float | None
-
-
 def kv_summary(snapshots: list[Snapshot]) -> dict[str, Any] | None:
     """``status.observed.kvTransfer`` from the latest scrape of each router pod: links by
     backend, fallbacks (a pair that wanted a faster backend and got tcp), transfers, failures
@@ -154,8 +142,8 @@ def kv_summary(snapshots: list[Snapshot]) -> dict[str, Any] | None:
         "links": len(links),
         "backends": dict(sorted(backends.items())),
         "fallbacks": sum(1 for k in links.values() if k.fallback),
-        "transfers": int(sum(k.transfers for k in links.values())),
-        "failures": int(sum(k.failures for k in links.values())),
+        "transfers": sum(k.transfers for k in links.values()),
+        "failures": sum(k.failures for k in links.values()),
         "bytesPerSecond": round(sum(rates) / len(rates)) if rates else None,
     }
 
@@ -269,7 +257,7 @@ def _kv_links(families: list[Any]) -> tuple[KvLink, ...]:
     rates = by_link(f"{KV_LINK}_bytes_per_second")
     return tuple(
         KvLink(prefill=key[0], decode=key[1], backend=key[2], fallback=key[3] == "true",
-               transfers=value, failures=failures.get(key, 0.0), bytes_per_s=rates.get(key))
+               transfers=int(value), failures=int(failures.get(key, 0)), bytes_per_s=rates.get(key))
         for key, value in by_link(f"{KV_LINK}_transfers").items()
     )
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from splitserve.router.workers import WorkerState
+if TYPE_CHECKING:  # the operator reads KvLink from metrics without the router's HTTP client
+    from splitserve.router.workers import WorkerState
 
 
 @dataclass(frozen=True)
 class KvLink:
-    """One prefill -> decode link: worker URLs, backend, fallback, and the sender's counts."""
+    """One prefill -> decode link: worker URLs, backend, fallback, and the sender's counts (the
+    router exports it as gauges, the operator reads it back from them)."""
 
     prefill: str
     decode: str
