@@ -79,19 +79,28 @@ def test_router_metrics_show_each_kv_link_and_its_negotiated_backend(client, dep
     from splitserve.operator import observe
 
     client.completions.create(model="demo", prompt="hello", max_tokens=2, temperature=0)
-    root = deployment.base_url.removesuffix("/v1")
-    deadline = time.monotonic() + 10
-    while True:  # the router learns a worker's peers from its next /load poll
-        text = httpx.get(f"{root}/metrics", headers=deployment.internal_headers()).text
-        links = observe.parse(text, at=0.0).kv_links
-        if links or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    snap = kv_links_on_router_metrics(deployment)
+    links = snap.kv_links
     assert links, "no splitserve_router_kv_link_* sample after a served request"
     assert {k.backend for k in links} == {"shm"} and not any(k.fallback for k in links)
     assert all(k.decode.startswith("http://") for k in links)  # named by the decode worker's URL
-    summary = observe.kv_summary([observe.parse(text, at=0.0)])
+    summary = observe.kv_summary([snap])
     assert summary["transfers"] >= 1 and summary["failures"] == 0
+
+
+def kv_links_on_router_metrics(deployment: Deployment, within_s: float = 10.0):  # noqa: ANN201
+    """The router's /metrics once it shows a KV link (the router learns a prefill worker's
+    peers from its next /load poll), or as it is after ``within_s``; an observe.Snapshot."""
+    from splitserve.operator import observe
+
+    root = deployment.base_url.removesuffix("/v1")
+    deadline = time.monotonic() + within_s
+    while True:
+        text = httpx.get(f"{root}/metrics", headers=deployment.internal_headers()).text
+        snap = observe.parse(text, at=0.0)
+        if snap.kv_links or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.2)
 
 
 def test_greedy_matches_transformers_on_qwen2_tied(tmp_path):

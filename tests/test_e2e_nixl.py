@@ -5,13 +5,9 @@ tokens through prefill -> nixl -> decode must equal Hugging Face transformers, a
 
 from __future__ import annotations
 
-import time
-
-import httpx
 import pytest
 from splitserve.launcher.up import Deployment, UpConfig, free_port
-from splitserve.operator import observe
-from test_e2e_disagg import MAX_TOKENS, PROMPTS, hf_reference
+from test_e2e_disagg import MAX_TOKENS, PROMPTS, hf_reference, kv_links_on_router_metrics
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +34,6 @@ def test_greedy_through_nixl_matches_transformers_and_the_link_says_nixl(nixl_de
                                        extra_body={"ignore_eos": True}).choices[0].text
              for p in PROMPTS[:3]]
     assert texts == hf_reference(demo_model, PROMPTS[:3], MAX_TOKENS)
-    root = nixl_deployment.base_url.removesuffix("/v1")
-    deadline = time.monotonic() + 10
-    while True:  # the router learns the prefill worker's peers from its next /load poll
-        links = observe.parse(httpx.get(f"{root}/metrics", headers=nixl_deployment.internal_headers()).text,
-                              at=0.0).kv_links
-        if links or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    links = kv_links_on_router_metrics(nixl_deployment).kv_links
     assert [(k.backend, k.fallback) for k in links] == [("nixl", False)]
     assert links[0].transfers >= 3 and links[0].failures == 0
