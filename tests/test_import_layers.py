@@ -108,3 +108,15 @@ def test_the_laboratory_is_not_installed():
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert "splitserve.bench" in packages and "splitserve.testing" in packages
     assert not [p for p in packages if _within(p, "splitserve.bench.lab")]
+
+
+def test_every_package_but_the_laboratory_is_installed():
+    """A built wheel (the images' `pip install .`) holds every package of the tree: pyproject
+    lists them one by one, so a new folder with an __init__.py must be added there too."""
+    import tomllib
+
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tops = [d for d in ROOT.iterdir() if (d / "__init__.py").is_file() and d.name != "tests"]
+    found = {"splitserve." + ".".join(init.parent.relative_to(ROOT).parts)
+             for top in tops for init in top.rglob("__init__.py")}
+    assert found - packages == {"splitserve.bench.lab"}
