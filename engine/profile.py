@@ -6,6 +6,11 @@ The router's goodput policy and the planner predict TTFT and TPOT from these poi
 format is ``splitserve.router.policy.latency``'s). Each point is the median of a few timed steps
 of the real engine, on random prompts that share no prefix, except where a point measures a hit.
 
+Mixed steps (the colocated engine's chunked prefill: a prompt chunk computed in the same pass
+as every running sequence's next token) are timed on their own, chunk size by decode batch by
+context: the simulator prices them from these points rather than from the prefill and decode
+curves, which the attention over the decode rows' contexts in the prefill path does not follow.
+
 The spread of step times (``spread.step_ratio``, which the simulator draws from) comes from one
 decode batch stepped many times and one prompt prefilled many times: each step's time over the
 median of its kind, pooled, as 19 quantiles (5% to 95%).
@@ -17,6 +22,8 @@ import platform
 import random
 import statistics
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from splitserve.engine.engine import EngineConfig, LLMEngine, StepStats
@@ -98,6 +105,51 @@ class Profiler:
                 yield [batch, batch * ctx, statistics.median(times)]
 
 
+    @contextmanager
+    def _chunked_prefill(self) -> Iterator[None]:
+        """The engine schedules as a colocated worker (``--chunked-prefill``) meanwhile."""
+        engine = self.engine
+        saved = engine.config
+        engine.config = replace(saved, scheduler=replace(saved.scheduler, chunked_prefill=True))
+        engine.scheduler.config = engine.config.scheduler
+        try:
+            yield
+        finally:
+            engine.flush()
+            engine.config = saved
+            engine.scheduler.config = saved.scheduler
+
+    def mixed_points(self, chunks: list[int], batches: list[int], contexts: list[int]) -> Iterator[list[float]]:
+        """[chunk tokens, decode rows, their context tokens, ms]: one step that computes a new
+        prompt of ``chunk`` tokens alongside ``batch`` running sequences of ``context`` tokens."""
+        params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+        budget = self.engine.config.scheduler.max_num_batched_tokens
+        with self._chunked_prefill():
+            for batch in batches:
+                for ctx in contexts:
+                    fits = [n for n in chunks if n + batch <= budget]
+                    needed = batch * (ctx // self.engine.blocks.block_size + 2 + REPEATS * len(fits))
+                    needed += max(fits, default=0) // self.engine.blocks.block_size + 2
+                    if not fits or needed > self.engine.blocks.num_free_blocks:
+                        continue
+                    seqs = [Sequence("profile", self._prompt(ctx), params) for _ in range(batch)]
+                    for seq in seqs:
+                        self.engine.add(seq)
+                    while any(s.num_output_tokens == 0 for s in seqs):
+                        self.engine.step()
+                    self.engine.flush()
+                    for n in fits:
+                        times = []
+                        for _ in range(REPEATS):
+                            prompt = Sequence("profile", self._prompt(n), SamplingParams(max_tokens=1, temperature=0))
+                            self.engine.add(prompt)
+                            self.engine.step()  # a mixed step stays in flight (overlap): wait for it
+                            self.engine.flush()
+                            times.append(self._last.seconds * 1e3)
+                            self._drain([prompt])
+                        yield [n, batch, batch * ctx, statistics.median(times)]
+                    self._drain(seqs)
+
     def spread_ratios(self, batch: int, context: int, prompt: int, repeats: int = 40) -> list[float]:
         """Each step's time over the median of its kind: ``repeats`` decode steps of ``batch``
         sequences of ``context`` tokens, and ``repeats // 2`` prefills of ``prompt`` tokens."""
@@ -163,6 +215,15 @@ def profile(config: EngineConfig, progress: Callable[[str], None] = lambda _: No
     for point in prof.decode_points(batches, contexts):
         doc["decode"]["points"].append(point)
         progress(f"decode batch {point[0]:>3}, context {point[1]:>7}: {point[2]:8.2f} ms")
+    mixed_batches = [b for b in (4, 16, 64) if b < config.scheduler.max_num_seqs]
+    mixed_contexts = [c for c in (64, 256, 1024) if c < engine.max_model_len // 2]
+    mixed_chunks = [n for n in (64, 256, 1024, 4096) if n <= top // 2]
+    points = list(prof.mixed_points(mixed_chunks, mixed_batches, mixed_contexts))
+    if len(points) >= 5:  # enough for the mixed fit's five coefficients
+        doc["mixed"] = {"points": points}
+        for point in points:
+            progress(f"mixed: {point[0]:>5}-token chunk + {point[1]:>3} decode rows "
+                     f"({point[2]:>6} context): {point[3]:8.2f} ms")
     batch, context = min(8, config.scheduler.max_num_seqs), min(256, top // 2)
     if batch * (context // engine.blocks.block_size + 2) <= engine.blocks.num_free_blocks:
         ratios = prof.spread_ratios(batch, context, min(256, top))

@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--decode", type=int, default=None, help="decode workers (with --prefill)")
     sim.add_argument("--colocated", type=int, default=None,
                      help="colocated workers (chunked prefill), instead of --prefill/--decode")
+    sim.add_argument("--layout", default=None,
+                     help="the layout as one label instead: 1P3D, colocated4, or 1P1D-on-1gpu "
+                          "(workers sharing fewer GPUs, as `splitserve up --devices cuda:0,cuda:0`: "
+                          "their steps time-slice the GPU)")
     sim.add_argument("--label", default=None, help="system name in tables (default: the layout, e.g. 1P3D)")
     sim.add_argument("--no-plots", dest="plots", action="store_false")
     sim.add_argument("--out", default="sim-out", help="results folder (run files and report)")
@@ -126,6 +130,13 @@ def load_from_args(args: argparse.Namespace):
 def _layout(args: argparse.Namespace):
     from splitserve.sim.cluster import Layout
 
+    if args.layout is not None:
+        if args.colocated is not None or args.prefill is not None or args.decode is not None:
+            raise SystemExit("give --layout, or --colocated N, or --prefill X --decode Y: one of them")
+        try:
+            return Layout.parse(args.layout)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
     if args.colocated is not None:
         if args.prefill is not None or args.decode is not None:
             raise SystemExit("give --colocated N, or --prefill X --decode Y, not both")

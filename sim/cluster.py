@@ -23,6 +23,11 @@ the routing of every request, and ``handoff_ms`` (the prefill hop, the KV connec
 worker taking the sequence) delays a split request's activation on its decode worker; a
 constant ``overhead_ms`` of the config adds to the former.
 
+Workers that share a GPU (a layout with fewer ``gpus`` than workers, as ``splitserve up`` runs
+a split on one GPU) take turns on it the way CUDA time-slices the contexts of two processes:
+modelled as processor sharing, each of the k workers with a step in flight progresses at 1/k of
+its own speed, so a decode step that overlaps a prefill stretches (``_SharedGpu``).
+
 What is not modelled: the router's load being up to one poll old (here it is exact), failures
 and retries (the simulated workers never fail), and the one-step delay of overlapped steps'
 outputs.
@@ -58,14 +63,20 @@ POLL_ROUND_MS = RouterConfig.poll_interval_s * 1000
 @dataclass(frozen=True)
 class Layout:
     """``num_prefill`` prefill + ``num_decode`` decode workers; no prefill workers means
-    ``num_decode`` colocated workers (chunked prefill), as ``splitserve up --prefill 0`` does."""
+    ``num_decode`` colocated workers (chunked prefill), as ``splitserve up --prefill 0`` does.
+    A GPU each, unless ``gpus`` says fewer: then worker i (prefill workers first) runs on GPU
+    ``i % gpus`` and shares it (``splitserve up --devices cuda:0,cuda:0``)."""
 
     num_prefill: int
     num_decode: int
+    gpus: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
             raise ValueError("a layout needs >= 0 prefill and >= 1 decode workers")
+        if self.gpus is not None and not 1 <= self.gpus <= self.num_prefill + self.num_decode:
+            raise ValueError(f"a layout of {self.num_prefill + self.num_decode} workers needs 1 to "
+                             f"{self.num_prefill + self.num_decode} GPUs, got {self.gpus}")
 
     @property
     def colocated(self) -> bool:
@@ -73,23 +84,36 @@ class Layout:
 
     @property
     def num_gpus(self) -> int:
-        return self.num_prefill + self.num_decode
+        return self.gpus or self.num_prefill + self.num_decode
+
+    @property
+    def shared(self) -> bool:
+        """Some GPU holds more than one worker."""
+        return self.num_gpus < self.num_prefill + self.num_decode
 
     @property
     def label(self) -> str:
-        return f"colocated{self.num_decode}" if self.colocated else f"{self.num_prefill}P{self.num_decode}D"
+        base = f"colocated{self.num_decode}" if self.colocated else f"{self.num_prefill}P{self.num_decode}D"
+        return f"{base}-on-{self.gpus}gpu" if self.shared else base
 
     @classmethod
     def parse(cls, text: str) -> Layout:
-        """``"2P6D"`` or ``"colocated8"`` (also ``"c8"``), as ``label`` writes them."""
+        """``"2P6D"`` or ``"colocated8"`` (also ``"c8"``), as ``label`` writes them; a suffix
+        ``"-on-1gpu"`` puts the workers on fewer GPUs (``"1P1D-on-1gpu"``)."""
         t = text.strip().lower()
+        t, _, on = t.partition("-on-")
+        gpus = None
+        if on:
+            if not (on.endswith("gpu") and on[:-3].isdigit()):
+                raise ValueError(f"layout's GPU suffix must look like -on-1gpu, got {text!r}")
+            gpus = int(on[:-3])
         for prefix in ("colocated", "c"):
             if t.startswith(prefix) and t[len(prefix):].isdigit():
-                return cls(0, int(t[len(prefix):]))
+                return cls(0, int(t[len(prefix):]), gpus)
         p, sep, d = t.partition("p")
         if sep and p.isdigit() and d.endswith("d") and d[:-1].isdigit():
-            return cls(int(p), int(d[:-1]))
-        raise ValueError(f"layout must look like 2P6D or colocated8, got {text!r}")
+            return cls(int(p), int(d[:-1]), gpus)
+        raise ValueError(f"layout must look like 2P6D, colocated8 or 1P1D-on-1gpu, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,9 @@ class _Worker:
         self.busy = False
         self.commands: deque[Callable[[float], None]] = deque()
         self.draining = False
+        self.gpu: _SharedGpu | None = None  # None: a GPU of its own
+        self.step_id = 0  # which of its steps a step-done event is for (a shared GPU reschedules)
+        self.pending: tuple[list[StepOutput], float] = ([], 0.0)  # on a shared GPU: the step in flight
 
     @property
     def drained(self) -> bool:
@@ -151,6 +178,37 @@ class _Worker:
 
     def refresh(self) -> None:
         self.state.set_load(self.engine.load())
+
+
+class _SharedGpu:
+    """A GPU that several workers' steps run on at once, each at 1/k of its speed while k of
+    them have a step in flight (processor sharing: how time-slicing between the contexts of
+    separate processes looks at the scale of a step). Tracks each in-flight step's remaining
+    work (ms at full speed) and says when each would end at the current sharing."""
+
+    def __init__(self) -> None:
+        self.remaining: dict[_Worker, float] = {}
+        self.since = 0.0  # when ``remaining`` was last brought up to date
+
+    def _advance(self, now: float) -> None:
+        if self.remaining:
+            done = (now - self.since) / len(self.remaining)
+            for w in self.remaining:
+                self.remaining[w] -= done
+        self.since = now
+
+    def start(self, now: float, w: _Worker, work_ms: float) -> None:
+        self._advance(now)
+        self.remaining[w] = work_ms
+
+    def finish(self, now: float, w: _Worker) -> None:
+        self._advance(now)
+        del self.remaining[w]
+
+    def ends(self, now: float) -> list[tuple[_Worker, float]]:
+        """Each in-flight step's end if the sharing stays as it is from ``now``."""
+        k = len(self.remaining)
+        return [(w, now + max(left, 0.0) * k) for w, left in self.remaining.items()]
 
 
 @dataclass
@@ -175,6 +233,10 @@ class Simulation:
                          for i in range(lay.num_prefill)]
         self.decodes = [self._worker(f"sim://decode-{i}", "decode", lay.colocated, seed)
                         for i in range(lay.num_decode)]
+        if lay.shared:
+            gpus = [_SharedGpu() for _ in range(lay.num_gpus)]
+            for i, w in enumerate((*self.prefills, *self.decodes)):
+                w.gpu = gpus[i % lay.num_gpus]
         self._overhead_rng = random.Random(f"{seed}/overhead")
         self.policy = build_policy(config.policy, latency)
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
@@ -322,10 +384,27 @@ class Simulation:
             return
         self.steps += 1
         w.busy = True
-        end = t + w.engine.runner.last_ms
-        self._at(end, self._step_done, w, outputs, t)
+        if w.gpu is None:
+            self._at(t + w.engine.runner.last_ms, self._step_done, w, outputs, t, w.step_id)
+            return
+        w.gpu.start(t, w, w.engine.runner.last_ms)
+        w.pending = (outputs, t)
+        self._reschedule(t, w.gpu)
 
-    def _step_done(self, t: float, w: _Worker, outputs: list[StepOutput], started: float) -> None:
+    def _reschedule(self, t: float, gpu: _SharedGpu) -> None:
+        """The sharing of ``gpu`` changed at ``t``: every step in flight on it ends at a new time
+        (the events already queued for them go stale)."""
+        for w, end in gpu.ends(t):
+            w.step_id += 1
+            outputs, started = w.pending
+            self._at(end, self._step_done, w, outputs, started, w.step_id)
+
+    def _step_done(self, t: float, w: _Worker, outputs: list[StepOutput], started: float, step_id: int) -> None:
+        if step_id != w.step_id:
+            return  # rescheduled: a shared GPU's sharing changed since this event was queued
+        if w.gpu is not None:
+            w.gpu.finish(t, w)
+            self._reschedule(t, w.gpu)
         self._deliver(t, w, outputs, started)
         self._step(t, w)
 

@@ -42,3 +42,31 @@ def test_prefix_hits_are_measured_and_fitted(demo_model):
 def test_latency_model_without_prefix_points_charges_cached_attention_like_its_own():
     model = LatencyModel.from_dict({"prefill": {"points": [[16, 2.0], [64, 5.0], [256, 30.0], [512, 90.0]]}})
     assert model.prefill_per_cached_pair_ms == 2 * model.prefill_per_token2_ms > 0
+
+
+def test_mixed_steps_are_timed_as_the_colocated_engine_runs_them(demo_model):
+    """A prompt chunk computed in the same step as running decodes: one point per chunk size,
+    decode batch and context; the engine schedules as before afterwards, every block free."""
+    from splitserve.engine.engine import LLMEngine
+    from splitserve.engine.profile import Profiler
+
+    engine = LLMEngine(EngineConfig(RunnerConfig(str(demo_model), block_size=16, num_kv_blocks=128),
+                                    SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)))
+    before = engine.config
+    points = list(Profiler(engine).mixed_points([16, 32, 64], [2, 4], [32]))
+    # the 64-token chunk does not fit the 64-token budget beside the decode rows
+    assert [p[:3] for p in points] == [[16, 2, 64], [32, 2, 64], [16, 4, 128], [32, 4, 128]]
+    assert all(p[3] > 0 for p in points)
+    assert engine.config is before and not engine.scheduler.config.chunked_prefill
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_work()
+
+
+def test_mixed_points_fit_the_mixed_step_model():
+    truth = {"base_ms": 3.0, "per_token_ms": 0.02, "per_token2_ms": 1e-5, "per_row_ms": 0.1,
+             "per_context_token_ms": 0.001}
+    rows = [[t, r, r * c] for t in (64, 256, 1024) for r in (4, 16) for c in (256, 1024)]
+    exact = LatencyModel.from_dict({"mixed": truth})
+    fitted = LatencyModel.from_dict({"mixed": {"points": [[*x, exact.mixed_ms(*x)] for x in rows]}})
+    for x in rows:
+        assert abs(fitted.mixed_ms(*x) - exact.mixed_ms(*x)) < 1e-6
+    assert LatencyModel().mixed_base_ms is None  # absent: the simulator composes mixed steps

@@ -258,7 +258,7 @@ def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path
     for label, layout in (("colocated", Layout(0, 1)), ("split", Layout(1, 1))):
         for rate in (0.5, 4.0):
             run_rate(SimSpec(layout, SHAPE), real, load, rate, slo, tmp_path / "real", label)
-    args = argparse.Namespace(num_kv_blocks=SHAPE.num_blocks, max_num_seqs=SHAPE.max_num_seqs,
+    args = argparse.Namespace(devices="cuda:0,cuda:1", num_kv_blocks=SHAPE.num_blocks, max_num_seqs=SHAPE.max_num_seqs,
                               max_num_batched_tokens=SHAPE.max_num_batched_tokens, policy="least_loaded")
     doc = json.loads(calibrate(args, tmp_path, profile).read_text())
     assert doc["overhead"]["request_ms"][9] == pytest.approx(6.0, abs=0.5)  # the median
@@ -290,3 +290,54 @@ def test_a_queued_request_asks_again_at_the_routers_poll_rounds_and_once_at_its_
     assert POLL_ROUND_MS == 500
     assert times == pytest.approx([120.0, 500.0, 620.0])  # arrival, a round, the deadline
     assert record.error is None and record.ttft_s * 1000 > 500
+
+
+def test_shared_gpu_layout_parses_and_labels():
+    lay = Layout.parse("1P1D-on-1gpu")
+    assert lay == Layout(1, 1, gpus=1) and lay.label == "1P1D-on-1gpu" and lay.shared
+    assert lay.num_gpus == 1 and Layout.parse(lay.label) == lay
+    assert Layout(1, 1, gpus=2).label == "1P1D" and not Layout(1, 1, gpus=2).shared
+    with pytest.raises(ValueError):
+        Layout(1, 1, gpus=3)
+
+
+def test_steps_on_a_shared_gpu_progress_at_one_over_k():
+    from splitserve.sim.cluster import _SharedGpu
+
+    gpu, a, b = _SharedGpu(), object(), object()
+    gpu.start(0.0, a, 10.0)
+    assert dict(gpu.ends(0.0))[a] == pytest.approx(10.0)
+    gpu.start(5.0, b, 10.0)  # a has 5 ms of work left, now at half speed
+    ends = dict(gpu.ends(5.0))
+    assert ends[a] == pytest.approx(15.0) and ends[b] == pytest.approx(25.0)
+    gpu.finish(15.0, a)  # b did 5 ms of work in those 10 ms; the rest at full speed
+    assert dict(gpu.ends(15.0))[b] == pytest.approx(20.0)
+
+
+def test_a_split_sharing_one_gpu_is_the_split_when_alone_and_slower_under_load():
+    alone = [SimRequest(0, 0.0, 160, 5)]
+    assert _run(Layout(1, 1, gpus=1), alone)[1][0].to_dict() == _run(Layout(1, 1), alone)[1][0].to_dict()
+    reqs = _workload(20.0, n=150)
+    _, own = _run(Layout(1, 1), reqs)
+    sim, shared = _run(Layout(1, 1, gpus=1), reqs)
+    assert all(r.ok for r in shared)
+    tpot = [percentile([r.tpot_s for r in recs if r.tpot_s is not None], 0.5) for recs in (own, shared)]
+    assert tpot[1] > tpot[0] * 1.05  # decode steps stretch while the prefill worker computes
+    for w in (*sim.prefills, *sim.decodes):
+        assert not w.engine.has_work() and w.engine.blocks.num_free_blocks == SHAPE.num_blocks
+
+
+def test_a_profiled_mixed_step_prices_decode_rows_beside_a_chunk():
+    from dataclasses import replace
+
+    lat = replace(LAT, mixed_base_ms=4.0, mixed_per_token_ms=0.03, mixed_per_token2_ms=0.0,
+                  mixed_per_row_ms=0.5, mixed_per_context_token_ms=0.002)
+    rows = [Sequence(f"d{i}", list(range(100)), SamplingParams(max_tokens=8)) for i in range(3)]
+    for s in rows:
+        s.token_ids.append(7)  # one answer token so far
+        s.num_computed_tokens, s.num_scheduled_tokens = 100, 1
+    chunk = Sequence("p", list(range(300)), SamplingParams(max_tokens=8))
+    chunk.num_computed_tokens, chunk.num_scheduled_tokens = 0, 200
+    assert step_ms(lat, [*rows, chunk], True) == pytest.approx(lat.mixed_ms(200, 3, 303))
+    # a prefill step with no decode row is priced by the prefill curve, as without the section
+    assert step_ms(lat, [chunk], True) == pytest.approx(step_ms(LAT, [chunk], True))

@@ -67,5 +67,6 @@ def _profile(args: argparse.Namespace) -> int:
         doc = profile(options.engine, progress=lambda line: (status.update(line), console.log(line)),
                       with_transfer=not args.no_transfer)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out} ({len(doc['prefill']['points'])} prefill, {len(doc['decode']['points'])} decode points)")
+    print(f"wrote {args.out} ({len(doc['prefill']['points'])} prefill, {len(doc['decode']['points'])} decode, "
+          f"{len(doc.get('mixed', {}).get('points', []))} mixed-step points)")
     return 0

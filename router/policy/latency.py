@@ -8,6 +8,8 @@ in milliseconds; each section gives either coefficients or measured points to fi
                    "per_cached_pair_ms": 0.0},
       "decode":   {"base_ms": 8, "per_seq_ms": 0.3, "per_context_token_ms": 0.0005},
       "transfer": {"base_ms": 1, "per_token_ms": 0.01},
+      "mixed":    {"base_ms": 6, "per_token_ms": 0.05, "per_token2_ms": 0.0,
+                   "per_row_ms": 0.02, "per_context_token_ms": 0.0006},
       "overhead": {"request_ms": [9.5, 12, 20], "handoff_ms": [15, 18]},
       "spread":   {"step_ratio": [0.97, 0.99, 1.0, 1.02, 1.1]},
       "meta": {...anything, e.g. hardware and model...}
@@ -15,7 +17,8 @@ in milliseconds; each section gives either coefficients or measured points to fi
 
     or "prefill": {"points": [[tokens, ms] or [tokens, cached_tokens, ms], ...]},
        "decode": {"points": [[batch, context_tokens, ms], ...]},
-       "transfer": {"points": [[tokens, ms], ...]}
+       "transfer": {"points": [[tokens, ms], ...]},
+       "mixed": {"points": [[chunk_tokens, decode_rows, decode_context_tokens, ms], ...]}
 
 prefill_ms(t, p) = base + per_token*t + per_token2*t^2 + per_cached_pair*p (t = tokens computed
 in the batch; p = pairs of (computed token, cached prefix token it attends to): a prompt of n new
@@ -23,7 +26,11 @@ tokens after a prefix-cache hit of c tokens adds n*c). Prefill points with a cac
 per_cached_pair; without any, it is taken as 2*per_token2 (attention over c cached tokens costs
 n*c, over its own n tokens causally about n^2/2);
 decode_step_ms(b, c) = base + per_seq*b + per_context_token*c (c = total context in the batch);
-transfer_ms(t) = base + per_token*t.
+transfer_ms(t) = base + per_token*t;
+mixed_ms(t, r, c) = base + per_token*t + per_token2*t^2 + per_row*r + per_context_token*c: a
+chunked-prefill step computing t prompt tokens (one chunk) alongside r decode rows holding c
+context tokens in all (optional: without it the simulator composes a mixed step from the
+prefill and decode curves).
 
 The optional ``overhead`` and ``spread`` sections (absent: none) are what the simulator adds to
 the step costs, each a list of equally likely values (a number is a list of one) from which it
@@ -44,6 +51,7 @@ _SECTIONS = {
     "prefill": ("base_ms", "per_token_ms", "per_token2_ms", "per_cached_pair_ms"),
     "decode": ("base_ms", "per_seq_ms", "per_context_token_ms"),
     "transfer": ("base_ms", "per_token_ms"),
+    "mixed": ("base_ms", "per_token_ms", "per_token2_ms", "per_row_ms", "per_context_token_ms"),
 }
 # sections of equally likely values: section -> {key: LatencyModel field}
 _DRAWN = {
@@ -84,6 +92,11 @@ def _fit(section: str, points: list[list[float]]) -> dict[str, float]:
             raise ValueError("latency model decode.points rows are [batch, context_tokens, ms]")
         y = pts[:, 2]
         design = np.stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]], 1)
+    elif section == "mixed":
+        if pts.shape[1] != 4:
+            raise ValueError("latency model mixed.points rows are [chunk_tokens, decode_rows, context_tokens, ms]")
+        t, y = pts[:, 0], pts[:, 3]
+        design = np.stack([np.ones(len(pts)), t, t * t, pts[:, 1], pts[:, 2]], 1)
     else:
         x, y = pts[:, 0], pts[:, 1]
         design = np.stack([np.ones_like(x), x], 1)
@@ -102,6 +115,12 @@ class LatencyModel:
     decode_per_context_token_ms: float = 0.0005
     transfer_base_ms: float = 1.0
     transfer_per_token_ms: float = 0.01
+    # a mixed chunked-prefill step; None: not profiled (the simulator composes one, sim/costs.py)
+    mixed_base_ms: float | None = None
+    mixed_per_token_ms: float = 0.0
+    mixed_per_token2_ms: float = 0.0
+    mixed_per_row_ms: float = 0.0
+    mixed_per_context_token_ms: float = 0.0
     overhead_request_ms: tuple[float, ...] = ()
     overhead_handoff_ms: tuple[float, ...] = ()
     step_ratio: tuple[float, ...] = ()
@@ -109,7 +128,7 @@ class LatencyModel:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if min(value, default=0) < 0 if isinstance(value, tuple) else value < 0:
+            if value is not None and (min(value, default=0) < 0 if isinstance(value, tuple) else value < 0):
                 raise ValueError(f"latency model {f.name} must be >= 0, got {value}")
         if 0 in self.step_ratio:
             raise ValueError("latency model spread.step_ratio values must be > 0")
@@ -129,6 +148,14 @@ class LatencyModel:
 
     def transfer_ms(self, tokens: float) -> float:
         return self.transfer_base_ms + self.transfer_per_token_ms * tokens
+
+    def mixed_ms(self, tokens: float, rows: float, context_tokens: float) -> float:
+        """A chunked-prefill step: ``tokens`` prompt tokens with ``rows`` decode rows of
+        ``context_tokens`` context in all (needs the ``mixed`` section)."""
+        if self.mixed_base_ms is None:
+            raise ValueError("this latency model has no mixed section (profile it with `splitserve profile`)")
+        return (self.mixed_base_ms + self.mixed_per_token_ms * tokens + self.mixed_per_token2_ms * tokens**2
+                + self.mixed_per_row_ms * rows + self.mixed_per_context_token_ms * context_tokens)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
