@@ -32,11 +32,12 @@ it answers the OFFER, the sender when it makes the backend's sender (then it ask
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -121,31 +122,29 @@ class _Renegotiated(Exception):
 
 
 class _Replayable:
-    """The caller's layers, handed out again from the start when the receiver refused the
-    handshake: a socket sender takes at most layer 0 before its HELLO is answered (to learn the
-    length), so only that one is kept, and only until layer 1 is asked for."""
+    """The caller's layers, which can start again from layer 0 as long as layer 1 was not asked
+    for: a socket sender takes at most layer 0 before its HELLO is answered (to learn the
+    length), so a transfer refused at its handshake can run again. Only layer 0 is kept, until
+    layer 1 is asked for; from there the layers flow through ``itertools.chain`` (no Python
+    call per layer)."""
 
     def __init__(self, layers: Iterable[Any]) -> None:
         self._source = iter(layers)
-        self._first: list[Any] = []  # layer 0, while it is the only one handed out
-        self._taken = 0  # handed out since the start (or the rewind)
-        self._again: list[Any] = []
+        self._first: list[Any] = []  # layer 0, once taken and while layer 1 is not
+        self.rewindable = True
 
-    def __iter__(self) -> _Replayable:
-        return self
+    def start(self) -> Iterator[Any]:
+        """The layers from layer 0 (again: only while ``rewindable``)."""
+        return itertools.chain(self._head(), self._past_head(), self._source)
 
-    def __next__(self) -> Any:
-        layer = self._again.pop() if self._again else next(self._source)
-        self._taken += 1
-        self._first = [layer] if self._taken == 1 else []
-        return layer
+    def _head(self) -> Iterator[Any]:
+        if not self._first:
+            self._first.extend(itertools.islice(self._source, 1))
+        yield from self._first
 
-    def rewind(self) -> bool:
-        """Start again from layer 0; False once a later layer was handed out (too late)."""
-        if self._taken > 1:
-            return False
-        self._again, self._taken = list(self._first), 0
-        return True
+    def _past_head(self) -> Iterator[Any]:
+        self.rewindable, self._first = False, []
+        yield from ()
 
 
 class AutoSender(KVSender):
@@ -214,12 +213,12 @@ class AutoSender(KVSender):
             raise err.with_request(request_id) from err
         choice, instance, sender = self._sender_for(choice, instance, endpoint, request_id)
         try:
-            result = sender.send(request_id, endpoint, layers, first_token, meta,
+            result = sender.send(request_id, endpoint, layers.start(), first_token, meta,
                                  num_tokens=num_tokens, negotiated_with=instance or None)
         except TransferError as err:
             if peer_restarted(err):
                 self._forget(endpoint, instance)
-                if not final and layers.rewind():
+                if not final and layers.rewindable:
                     log.info("kv send: the receiver at %s restarted since the pair negotiated "
                              "(%s); negotiating again and retrying request %s", endpoint,
                              err.message, request_id)

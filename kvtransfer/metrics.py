@@ -107,15 +107,18 @@ class _Peer:
     it, and every per-peer label set made for it (removed with the peer, see ``_peers``)."""
 
     record: PeerRecord | None = None
-    series: set[tuple[Any, tuple[str, ...]]] = dataclasses.field(default_factory=set)
+    series: dict[tuple[Any, tuple[str, ...]], Any] = dataclasses.field(default_factory=dict)
 
     def labels(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, remembered as this peer's."""
-        self.series.add((metric, values))
-        return metric.labels(*values)
+        """``metric.labels(*values)``, remembered as this peer's (and kept: asking the metric
+        again per transfer would cost more than the lookup)."""
+        child = self.series.get((metric, values))
+        if child is None:
+            child = self.series[(metric, values)] = metric.labels(*values)
+        return child
 
     def unlabel(self, metric: Any, *values: str) -> None:
-        self.series.discard((metric, values))
+        self.series.pop((metric, values), None)
         metric.remove(*values)
 
 

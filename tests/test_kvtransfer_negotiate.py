@@ -438,9 +438,13 @@ def test_replayable_layers_rewind_only_before_the_second_layer():
     from splitserve.kvtransfer.auto import _Replayable
 
     layers = _Replayable(iter(range(4)))
-    assert layers.rewind() and next(layers) == 0
-    assert layers.rewind() and list(itertools.islice(layers, 2)) == [0, 1]
-    assert not layers.rewind() and list(layers) == [2, 3]
+    assert next(layers.start()) == 0 and layers.rewindable  # e.g. layer 0 read before the HELLO
+    again = layers.start()
+    assert list(itertools.islice(again, 2)) == [0, 1] and not layers.rewindable
+    assert list(again) == [2, 3]
+    untouched = _Replayable([1, 2])  # num_tokens given: the HELLO goes before any layer
+    untouched.start()
+    assert untouched.rewindable and list(untouched.start()) == [1, 2]
 
 
 def test_a_sender_forgets_idle_peers_and_negotiates_again(monkeypatch):
