@@ -466,3 +466,50 @@ def test_a_sender_forgets_idle_peers_and_negotiates_again(monkeypatch):
         for i in range(6):  # bounded: other peers push the least recently used out
             tx._peers.setdefault(f"127.0.0.1:{i + 1}", dict)
         assert len(tx._peers) == 4 and tx._peers.get(rx.endpoint) is None
+
+
+RECEIVER_SCRIPT = """
+import sys
+import torch
+from splitserve.kvtransfer import KVSpec, create_receiver
+spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
+port, requested, ids = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+rx = create_receiver("auto", spec, torch.zeros(3, 2, 16, 4, 2, 8), port=port, requested=requested)
+futures = [rx.expect(r, 5, [2 * i, 2 * i + 1], timeout=30) for i, r in enumerate(ids)]
+print(rx.endpoint, flush=True)
+for r, fut in zip(ids, futures):
+    print(r, fut.result().first_token, flush=True)
+"""
+
+
+def _decode_process(port: int, requested: str, ids: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, str(port), requested, ids],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_decode_process_killed_and_restarted_with_another_offer_loses_no_later_transfer():
+    """A real decode process (shm chosen with it) is killed and a new one starts at the same
+    port asking for tcp: the prefill side's next transfers all land, over tcp."""
+    old, endpoint = _decode_process(0, "auto", "a")
+    try:
+        with create_sender("auto", spec("auto")) as tx:
+            kv = [torch.ones(spec("tcp").layer_shape(5))] * LAYERS
+            tx.send("a", endpoint, kv, 7)
+            assert old.stdout.readline().split() == ["a", "7"]
+            assert tx.choice(endpoint).backend == "shm"
+            old.kill()
+            old.wait(10)
+            new, again = _decode_process(int(endpoint.rsplit(":", 1)[1]), "tcp", "b,c")
+            try:
+                assert again == endpoint
+                for rid in ("b", "c"):
+                    tx.send(rid, endpoint, (layer for layer in kv), 8)
+                    assert new.stdout.readline().split() == [rid, "8"]
+                assert tx.choice(endpoint).backend == "tcp"
+            finally:
+                new.kill()
+                new.wait(10)
+    finally:
+        old.kill()
+        old.wait(10)
