@@ -470,6 +470,7 @@ def test_a_sender_forgets_idle_peers_and_negotiates_again(monkeypatch):
 
 RECEIVER_SCRIPT = """
 import sys
+import time
 import torch
 from splitserve.kvtransfer import KVSpec, create_receiver
 spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
@@ -479,6 +480,7 @@ futures = [rx.expect(r, 5, [2 * i, 2 * i + 1], timeout=30) for i, r in enumerate
 print(rx.endpoint, flush=True)
 for r, fut in zip(ids, futures):
     print(r, fut.result().first_token, flush=True)
+time.sleep(60)  # serving on (DONE may still be on its way) until the test kills it
 """
 
 
