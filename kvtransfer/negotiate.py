@@ -6,8 +6,8 @@ handles) and whether its KV lives on a GPU, plus what its operator asked for (``
 "auto" or a backend name) and which instance of the end made it (``instance``, new for every
 receiver: a sender that cached a choice names the instance in its HELLO, and a receiver that
 restarted at the same address refuses it with ``field="instance"``, so the sender negotiates
-again before a stale choice can fail a transfer; ``auto.py``). :func:`choose` is pure and symmetric, so both ends reach the same
-answer from the two offers without a further round trip:
+again before a stale choice can fail a transfer; ``auto.py``). :func:`choose` is pure and
+symmetric, so both ends reach the same answer from the two offers without a further round trip:
 
 * nobody asked for a backend: the first usable one of :data:`PREFERENCE`, fastest first
   (cuda_ipc: same host, GPUs on both ends; shm: same host; nixl: installed on both ends, and
