@@ -6,7 +6,8 @@ and the block-ownership rule), backends registered by name (``registry.py``: "tc
 ``auto.py`` runs it), one wire format (``wire.py``), one socket engine per side (``sender.py``,
 ``receiver.py``: a transfer table, connection threads and one session per connection) that every
 backend shares, the paged-cache <-> wire translation (``layout.py``)
-and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``).
+and the Prometheus metrics (``metrics.py``, prefix ``splitserve_kv_``). What an end keeps per peer
+(negotiated backend, failure counts, per-peer series) is bounded and ages out (``peers.py``).
 
 Decode side::
 

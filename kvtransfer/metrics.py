@@ -3,7 +3,9 @@
 Defined once here; backends only call :func:`record_success` / :func:`record_failure`.
 Labels: ``side`` ("send" on prefill, "receive" on decode) and ``backend`` (the one that carried
 the bytes, also under a negotiating sender or receiver). :func:`report_choice` logs and exports
-which backend a negotiation picked for a peer, and why.
+which backend a negotiation picked for a peer, and why; the per-peer series (label ``peer``) go
+with the peer's record, once it is idle for ``PEER_IDLE_S`` or evicted beyond ``MAX_PEERS``, so
+/metrics does not grow with every peer a long-lived worker ever met.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from .base import FailureReason
 from .negotiate import Choice, Offer
+from .peers import IDLE_S, MAX_PEERS, PeerTable
 
 log = logging.getLogger("splitserve.kvtransfer")
 
@@ -98,9 +101,39 @@ class PeerRecord:
         return out
 
 
-_peers: dict[tuple[str, str], PeerRecord] = {}  # (side, peer) -> its record
+@dataclasses.dataclass
+class _Peer:
+    """What this process exports about one peer: its report, once a backend was negotiated with
+    it, and every per-peer label set made for it (removed with the peer, see ``_peers``)."""
+
+    record: PeerRecord | None = None
+    series: dict[tuple[Any, tuple[str, ...]], Any] = dataclasses.field(default_factory=dict)
+
+    def labels(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered as this peer's (and kept: asking the metric
+        again per transfer would cost more than the lookup)."""
+        child = self.series.get((metric, values))
+        if child is None:
+            child = self.series[(metric, values)] = metric.labels(*values)
+        return child
+
+    def unlabel(self, metric: Any, *values: str) -> None:
+        self.series.pop((metric, values), None)
+        metric.remove(*values)
+
+
+def _forget_peer(key: tuple[str, str], peer: _Peer) -> None:
+    for metric, values in peer.series:
+        metric.remove(*values)
+
+
+# a peer unused this long is forgotten, its labels too: a little longer than a negotiating
+# sender keeps its choice (auto.py), so a report never ends under a choice still in use (a
+# sender that forgot a peer negotiates again, which reports it anew)
+PEER_IDLE_S = IDLE_S + 60.0
+# beyond MAX_PEERS the least recently used peer goes, with its labels
+_peers: PeerTable[tuple[str, str], _Peer] = PeerTable(MAX_PEERS, PEER_IDLE_S, on_drop=_forget_peer)
 _peers_lock = threading.Lock()
-MAX_PEERS = 1024  # a bound on labels and records: the oldest peer is forgotten beyond it
 
 
 def report_choice(side: str, peer: str, choice: Choice, offer: Offer) -> None:
@@ -109,40 +142,37 @@ def report_choice(side: str, peer: str, choice: Choice, offer: Offer) -> None:
     log.log(level, "kv backend %s chosen for %s: %s; peer offered %s (requested %s)",
             choice.backend, peer, choice.reason, list(offer.backends), offer.requested)
     with _peers_lock:
-        old = _peers.pop((side, peer), None)
+        known = _peers.setdefault((side, peer), _Peer)
+        old = known.record
         if old is not None:
-            BACKEND_INFO.remove(side, peer, old.backend, str(old.fallback).lower())
-        elif len(_peers) >= MAX_PEERS:
-            oldest = _peers.pop(next(iter(_peers)))
-            BACKEND_INFO.remove(oldest.side, oldest.peer, oldest.backend,
-                                str(oldest.fallback).lower())
+            known.unlabel(BACKEND_INFO, side, peer, old.backend, str(old.fallback).lower())
         record = PeerRecord(peer, side, choice.backend, choice.fallback, choice.reason)
         if old is not None and old.backend == choice.backend:  # the same pair again: keep counts
             record = dataclasses.replace(old, fallback=choice.fallback, reason=choice.reason)
-        _peers[(side, peer)] = record
-        BACKEND_INFO.labels(side, peer, choice.backend, str(choice.fallback).lower()).set(1)
+        known.record = record
+        known.labels(BACKEND_INFO, side, peer, choice.backend, str(choice.fallback).lower()).set(1)
 
 
 def record_peer_success(side: str, peer: str, backend: str, nbytes: int, seconds: float) -> None:
-    PEER_BYTES.labels(side, peer, backend).inc(nbytes)
-    PEER_SECONDS.labels(side, peer, backend).inc(seconds)
     with _peers_lock:
-        record = _peers.get((side, peer))
-        if record is not None:
-            record.transfers += 1
-            record.bytes += nbytes
-            record.seconds += seconds
+        known = _peers.setdefault((side, peer), _Peer)
+        known.labels(PEER_BYTES, side, peer, backend).inc(nbytes)
+        known.labels(PEER_SECONDS, side, peer, backend).inc(seconds)
+        if known.record is not None:
+            known.record.transfers += 1
+            known.record.bytes += nbytes
+            known.record.seconds += seconds
 
 
 def record_peer_failure(side: str, peer: str, backend: str, reason: FailureReason) -> None:
-    PEER_FAILURES.labels(side, peer, backend, reason.value).inc()
     with _peers_lock:
-        record = _peers.get((side, peer))
-        if record is not None:
-            record.failures += 1
+        known = _peers.setdefault((side, peer), _Peer)
+        known.labels(PEER_FAILURES, side, peer, backend, reason.value).inc()
+        if known.record is not None:
+            known.record.failures += 1
 
 
 def peer_report() -> list[dict[str, Any]]:
-    """Every negotiated peer of this process (for a worker's /load)."""
+    """Every negotiated peer of this process still known (for a worker's /load)."""
     with _peers_lock:
-        return [r.to_dict() for r in _peers.values()]
+        return [known.record.to_dict() for _, known in _peers.items() if known.record is not None]

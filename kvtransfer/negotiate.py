@@ -3,8 +3,11 @@
 Each end says what it can do in an :class:`Offer`: the backends usable in its process, where it
 runs (``host``: two ends with the same value can reach each other's shared memory and CUDA IPC
 handles) and whether its KV lives on a GPU, plus what its operator asked for (``requested``,
-"auto" or a backend name). :func:`choose` is pure and symmetric, so both ends reach the same
-answer from the two offers without a further round trip:
+"auto" or a backend name) and which instance of the end made it (``instance``, new for every
+receiver: a sender that cached a choice names the instance in its HELLO, and a receiver that
+restarted at the same address refuses it with ``field="instance"``, so the sender negotiates
+again before a stale choice can fail a transfer; ``auto.py``). :func:`choose` is pure and
+symmetric, so both ends reach the same answer from the two offers without a further round trip:
 
 * nobody asked for a backend: the first usable one of :data:`PREFERENCE`, fastest first
   (cuda_ipc: same host, GPUs on both ends; shm: same host; nixl: installed on both ends, and
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import secrets
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,12 +52,15 @@ class Offer:
     gpu: bool
     requested: str = AUTO
     slow: tuple[str, ...] = ()  # usable here, but not worth choosing over tcp unless asked for
+    instance: str = ""  # this end's instance (``new_instance``); "" from a peer that sends none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(str(b) for b in self.backends))
         object.__setattr__(self, "slow", tuple(str(b) for b in self.slow))
         if not isinstance(self.host, str) or not isinstance(self.requested, str) or not self.requested:
             raise ValueError("Offer.host and Offer.requested must be strings")
+        if not isinstance(self.instance, str):
+            raise ValueError("Offer.instance must be a string")
 
     def without(self, backend: str) -> Offer:
         """This offer less ``backend`` (it failed to set up here); tcp is never withdrawn."""
@@ -64,7 +71,7 @@ class Offer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"backends": list(self.backends), "host": self.host, "gpu": self.gpu,
-                "requested": self.requested, "slow": list(self.slow)}
+                "requested": self.requested, "slow": list(self.slow), "instance": self.instance}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Offer:
@@ -72,7 +79,8 @@ class Offer:
         backends, slow = data.get("backends"), data.get("slow", [])
         if not isinstance(backends, list) or not isinstance(slow, list) or not isinstance(data.get("gpu"), bool):
             raise ValueError(f"malformed KV offer: {dict(data)!r}")
-        return cls(tuple(backends), data.get("host"), data["gpu"], data.get("requested", AUTO), tuple(slow))
+        return cls(tuple(backends), data.get("host"), data["gpu"], data.get("requested", AUTO), tuple(slow),
+                   data.get("instance", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +130,12 @@ def offered(requested: str, usable: Iterable[str]) -> tuple[str, ...]:
     """The backends an end offers: those usable here, in preference order, tcp always."""
     have = set(usable) | {FALLBACK}
     return tuple(b for b in PREFERENCE if b in have)
+
+
+def new_instance() -> str:
+    """A fresh instance id for one end (``Offer.instance``): unique per receiver made, so one
+    restarted at the same address is told apart from the one before."""
+    return secrets.token_hex(8)
 
 
 @functools.cache

@@ -105,6 +105,7 @@ class ReceiveSession:
         num_tokens = hello.get("num_tokens")
         if not isinstance(request_id, str) or not isinstance(num_tokens, int):
             raise TransferError(FailureReason.PROTOCOL_ERROR, "HELLO needs request_id, num_tokens")
+        self._check_negotiated(hello.get("negotiated_with"))
         if hello.get("spec") != self.rx._spec_dict:  # the same spec needs no parsing (~15 us)
             try:
                 theirs = KVSpec.from_dict(hello.get("spec") or {})
@@ -118,6 +119,17 @@ class ReceiveSession:
                 self.rx.reject(request_id, err.reason, err.message)  # fail it now or when expected
                 raise
         return self.table.claim(request_id, num_tokens, self.conn)
+
+    def _check_negotiated(self, instance: Any) -> None:
+        """A HELLO whose backend was negotiated with another instance of this receiver (it
+        restarted at this address since; its offer may differ) is refused without failing the
+        transfer: the sender negotiates again and retries it at once (``auto.py``). A mismatch
+        found after a negotiation with this instance fails the transfer as any other."""
+        if instance is not None and instance != self.rx.instance:
+            raise TransferError(
+                FailureReason.HANDSHAKE_MISMATCH,
+                f"the sender negotiated with instance {instance!r} of this receiver, which has "
+                f"restarted since (now {self.rx.instance!r}): negotiate again", field="instance")
 
     def _receive(self, entry: Transfer, hello: dict[str, Any]) -> None:
         conn = self.conn

@@ -28,7 +28,7 @@ from splitserve.trust import InternalSecret
 from .base import FailureReason, KVReceiver, KVSpec, TransferError, TransferResult
 from .connection_threads import ConnectionThreads
 from .layout import PagedWriter, check_cache
-from .negotiate import Offer, host_identity
+from .negotiate import Offer, host_identity, new_instance
 from .receive_session import ReceiveSession
 from .transfer_table import TransferTable, shutdown
 from .wire import Frame, FrameType, send_frame
@@ -109,6 +109,7 @@ class SocketReceiver(KVReceiver):
             raise ValueError("registration_wait must be >= 0 and io_timeout > 0")
         self.spec = spec
         self._spec_dict = spec.to_dict()
+        self.instance = new_instance()  # in every offer; a HELLO negotiated with another is refused
         self.kv_cache = kv_cache
         self.registration_wait = registration_wait
         self.io_timeout = io_timeout
@@ -134,7 +135,8 @@ class SocketReceiver(KVReceiver):
 
     def offer(self) -> Offer:
         """What this receiver can do, for a negotiating sender: its own backend only."""
-        return Offer((self.backend,), host_identity(), bool(self.kv_cache.is_cuda), self.backend)
+        return Offer((self.backend,), host_identity(), bool(self.kv_cache.is_cuda), self.backend,
+                     instance=self.instance)
 
     def prepare(self, backend: str) -> bool:
         """Called when a peer's offer picked ``backend``, before the answer goes out; False:

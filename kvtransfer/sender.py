@@ -242,7 +242,12 @@ class SocketSender(KVSender):
         meta: Mapping[str, Any] | None = None,
         *,
         num_tokens: int | None = None,
+        negotiated_with: str | None = None,
     ) -> TransferResult:
+        """``KVSender.send``; ``negotiated_with``: the receiver instance whose offer chose this
+        backend (a negotiating sender's, ``auto.py``), named in the HELLO. A receiver that is
+        another instance by now refuses it (``handshake_mismatch`` on ``instance``) and that is
+        not counted as this backend's failure: the negotiating sender asks again and retries."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         host, port = parse_endpoint(endpoint)
@@ -254,9 +259,10 @@ class SocketSender(KVSender):
         start = time.monotonic()
         try:
             result = self._send(request_id, (host, port), iter(kv_layers), first_token, meta,
-                                num_tokens, start)
+                                num_tokens, start, negotiated_with)
         except TransferError as err:
-            metrics.record_failure("send", self.backend, err.reason)
+            if not peer_restarted(err):
+                metrics.record_failure("send", self.backend, err.reason)
             raise err.with_request(request_id) from err.__cause__
         metrics.record_success("send", self.backend, result.seconds)
         return result
@@ -277,6 +283,7 @@ class SocketSender(KVSender):
         meta: dict[str, Any],
         num_tokens: int | None,
         start: float,
+        negotiated_with: str | None = None,
     ) -> TransferResult:
         first = None
         if num_tokens is None:  # learn the length from layer 0 before the handshake
@@ -288,10 +295,11 @@ class SocketSender(KVSender):
         streams = self._streams_for(nbytes)
         lanes: list[_Lane] = []
         try:
-            main = self._open_lane(address, nbytes, FrameType.HELLO, {
-                "request_id": request_id, "spec": self._spec_dict, "num_tokens": num_tokens,
-                "meta": meta, "streams": streams,
-            }, self.accept_timeout)
+            hello = {"request_id": request_id, "spec": self._spec_dict, "num_tokens": num_tokens,
+                     "meta": meta, "streams": streams}
+            if negotiated_with:
+                hello["negotiated_with"] = negotiated_with
+            main = self._open_lane(address, nbytes, FrameType.HELLO, hello, self.accept_timeout)
             lanes.append(main)
             for stream in range(1, streams):
                 lanes.append(self._open_lane(address, nbytes, FrameType.JOIN, {
@@ -441,6 +449,12 @@ class SocketSender(KVSender):
         if self.layer_device is not None and tensor.device.type != self.layer_device:
             tensor = tensor.to(self.layer_device)
         return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def peer_restarted(err: TransferError) -> bool:
+    """Whether ``err`` is a receiver refusing a HELLO negotiated with an earlier instance of it
+    (``receive_session.py``): the transfer is intact there, to be retried after a new OFFER."""
+    return err.reason == FailureReason.HANDSHAKE_MISMATCH and err.field == "instance"
 
 
 def _next_layer(layers: Iterator[Any]) -> Any:

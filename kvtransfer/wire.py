@@ -22,7 +22,8 @@ Conversation (sender -> receiver unless marked <-)::
 Before its first transfer to a receiver, a negotiating sender (``auto.py``) asks on a connection
 of its own: OFFER {request_id, offer[, auth: {nonce}]} (for the transfer that needs the answer;
 with a secret, proven like a HELLO) -> <- OFFER {offer}; both ends then pick the backend from the two offers
-(``negotiate.choose``), and the HELLO's spec names it.
+(``negotiate.choose``), and the HELLO's spec names it; its ``negotiated_with`` names the instance
+of the receiver whose OFFER it used (one that restarted since refuses it: ``field="instance"``).
 
 With ``streams: N`` in HELLO the sender opens N-1 more connections after ACCEPT, each starting
 with JOIN {request_id, stream: k} (<- ACCEPT), and sends layer i on connection i % N; END and

@@ -332,3 +332,186 @@ def test_a_backend_that_keeps_failing_to_one_peer_is_avoided_for_it(monkeypatch,
     assert calls == ["a", "b"]
     assert tx.choice(rx.endpoint).backend == "tcp"
     assert any("failed 2 transfers in a row" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- a receiver restarts
+def _restart(rx, cache, monkeypatch, offers: tuple[str, ...] | None, backend: str = "auto"):
+    """Close ``rx`` and start another receiver at its address; ``offers``: what the new
+    process can use (say it lost its GPU, or nixl failed), None: the same as before."""
+    port = int(rx.endpoint.rsplit(":", 1)[1])
+    rx.close()
+    if offers is not None:
+        monkeypatch.setattr("splitserve.kvtransfer.auto.usable_backends", lambda gpu: list(offers))
+    return create_receiver(backend, spec(backend), cache, port=port)
+
+
+def _failures(side: str = "send") -> float:
+    return sum(REGISTRY.get_sample_value("splitserve_kv_failures_total", {
+        "side": side, "backend": b, "reason": r.value}) or 0.0
+        for b in (*ALL, "auto") for r in FailureReason)
+
+
+@pytest.mark.parametrize("new_backend,new_offer", [("auto", ("tcp",)), ("tcp", None)])
+def test_a_receiver_restarted_with_another_offer_costs_no_transfer(monkeypatch, caplog,
+                                                                    new_backend, new_offer):
+    """The decode worker restarts at the same address offering less (shm + tcp, then tcp only;
+    or an explicit tcp receiver): the sender's cached choice (shm) is stale. Its next transfers,
+    handed generators and no num_tokens (layer 0 is read before the handshake), still land: the
+    new receiver refuses the stale HELLO without failing the transfer, the sender negotiates
+    again and retries, and no failure is counted anywhere."""
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 16, 4, HEADS, DIM)
+    rx = create_receiver("auto", spec("auto"), cache)
+    with create_sender("auto", spec("auto")) as tx:
+        round_trip(tx, rx, "before")
+        assert tx.choice(rx.endpoint).backend == "shm"
+        endpoint, failures = rx.endpoint, _failures()
+        with _restart(rx, cache, monkeypatch, new_offer, new_backend) as rx:
+            assert rx.endpoint == endpoint
+
+            def transfer(i: int) -> int:
+                fut = rx.expect(f"after-{i}", 5, [2 * i, 2 * i + 1], timeout=10)
+                kv = (torch.full(spec("tcp").layer_shape(5), 10.0 * i + layer) for layer in range(LAYERS))
+                tx.send(f"after-{i}", endpoint, kv, 7)
+                return fut.result(timeout=5).first_token
+
+            with ThreadPoolExecutor(3) as pool:  # transfers in flight at once all meet the restart
+                assert list(pool.map(transfer, range(3))) == [7, 7, 7]
+            assert tx.choice(endpoint).backend == "tcp"
+    for i in range(3):
+        assert cache[2, 0, 2 * i, 0].eq(10.0 * i + 2).all()  # layer 2's K landed in its block
+    assert _failures() == failures
+    assert {(r["peer"], r["failures"]) for r in peer_report() if r["side"] == "send"} >= {(endpoint, 0)}
+    retried = [r for r in caplog.records if "negotiating again and retrying" in r.getMessage()]
+    assert retried and all(r.levelno == logging.INFO and "restarted" in r.getMessage() for r in retried)
+    assert any("kv backend tcp chosen for " + endpoint in r.getMessage() for r in caplog.records)
+
+
+def test_a_hello_negotiated_with_another_instance_is_refused_and_the_transfer_kept():
+    """The receiver's half: the refusal names ``instance`` and leaves the decode side's transfer
+    pending (its sender retries); the same request then lands."""
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    kv = [torch.ones(spec("tcp").layer_shape(5))] * LAYERS
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("tcp", spec("tcp")) as tx:
+        fut = rx.expect("x", 5, [0, 1], timeout=10)
+        with pytest.raises(TransferError) as err:
+            tx.send("x", rx.endpoint, kv, 1, negotiated_with="0123456789abcdef")
+        assert (err.value.reason, err.value.field) == ("handshake_mismatch", "instance")
+        assert not fut.done()
+        assert rx.offer().instance == rx.instance and len(rx.instance) == 16
+        tx.send("x", rx.endpoint, kv, 1, negotiated_with=rx.instance)
+        assert fut.result(timeout=5).first_token == 1
+
+
+def test_failures_held_against_a_receiver_are_forgotten_when_it_restarts(monkeypatch, caplog):
+    """Two transfers fail on shm (say both were in flight when the decode process died): the
+    pair avoids shm. The receiver at that address is then a new process: what was held against
+    the old one is dropped and the pair uses shm again."""
+    from splitserve.kvtransfer.registry import backend_class
+
+    shm_sender = backend_class("shm", "sender")
+    real, broken = shm_sender.send, [True]
+
+    def send(self, request_id, *args, **kwargs):
+        if broken[0]:
+            raise TransferError(FailureReason.CONNECTION_LOST, "the decode process died")
+        return real(self, request_id, *args, **kwargs)
+
+    monkeypatch.setattr(shm_sender, "send", send)
+    caplog.set_level(logging.INFO, logger="splitserve.kvtransfer")
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    rx = create_receiver("auto", spec("auto"), cache)
+    with create_sender("auto", spec("auto")) as tx:
+        for attempt in ("a", "b"):
+            with pytest.raises(TransferError):
+                tx.send(attempt, rx.endpoint, [torch.zeros(spec("tcp").layer_shape(5))] * LAYERS, 7)
+        assert tx.choice(rx.endpoint).backend == "tcp"  # avoided for this endpoint
+        broken[0] = False
+        with _restart(rx, cache, monkeypatch, None) as rx:
+            round_trip(tx, rx, "c")
+            assert tx.choice(rx.endpoint).backend == "shm"
+    assert any("is a new instance" in r.getMessage() and "['shm'] again" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_replayable_layers_rewind_only_before_the_second_layer():
+    from splitserve.kvtransfer.auto import _Replayable
+
+    layers = _Replayable(iter(range(4)))
+    assert next(layers.start()) == 0 and layers.rewindable  # e.g. layer 0 read before the HELLO
+    again = layers.start()
+    assert list(itertools.islice(again, 2)) == [0, 1] and not layers.rewindable
+    assert list(again) == [2, 3]
+    untouched = _Replayable([1, 2])  # num_tokens given: the HELLO goes before any layer
+    untouched.start()
+    assert untouched.rewindable and list(untouched.start()) == [1, 2]
+
+
+def test_a_sender_forgets_idle_peers_and_negotiates_again(monkeypatch):
+    from splitserve.kvtransfer.peers import PeerTable
+
+    now = [0.0]
+    cache = torch.zeros(LAYERS, 2, 8, 4, HEADS, DIM)
+    with create_receiver("auto", spec("auto"), cache) as rx, create_sender("auto", spec("auto")) as tx:
+        tx._peers = PeerTable(4, 60.0, clock=lambda: now[0])
+        asked = []
+        real = tx._ask
+        monkeypatch.setattr(tx, "_ask", lambda *a: asked.append(a[0]) or real(*a))
+        round_trip(tx, rx, "a")
+        now[0] += 59.0
+        round_trip(tx, rx, "b")  # used within the horizon: kept
+        now[0] += 61.0
+        round_trip(tx, rx, "c")  # idle past it: asked again
+        assert asked == [rx.endpoint, rx.endpoint]
+        for i in range(6):  # bounded: other peers push the least recently used out
+            tx._peers.setdefault(f"127.0.0.1:{i + 1}", dict)
+        assert len(tx._peers) == 4 and tx._peers.get(rx.endpoint) is None
+
+
+RECEIVER_SCRIPT = """
+import sys
+import time
+import torch
+from splitserve.kvtransfer import KVSpec, create_receiver
+spec = KVSpec("tiny@gen1", "float32", 3, 2, 8, 4, backend="auto")
+port, requested, ids = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+rx = create_receiver("auto", spec, torch.zeros(3, 2, 16, 4, 2, 8), port=port, requested=requested)
+futures = [rx.expect(r, 5, [2 * i, 2 * i + 1], timeout=30) for i, r in enumerate(ids)]
+print(rx.endpoint, flush=True)
+for r, fut in zip(ids, futures):
+    print(r, fut.result().first_token, flush=True)
+time.sleep(60)  # serving on (DONE may still be on its way) until the test kills it
+"""
+
+
+def _decode_process(port: int, requested: str, ids: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", RECEIVER_SCRIPT, str(port), requested, ids],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_decode_process_killed_and_restarted_with_another_offer_loses_no_later_transfer():
+    """A real decode process (shm chosen with it) is killed and a new one starts at the same
+    port asking for tcp: the prefill side's next transfers all land, over tcp."""
+    old, endpoint = _decode_process(0, "auto", "a")
+    try:
+        with create_sender("auto", spec("auto")) as tx:
+            kv = [torch.ones(spec("tcp").layer_shape(5))] * LAYERS
+            tx.send("a", endpoint, kv, 7)
+            assert old.stdout.readline().split() == ["a", "7"]
+            assert tx.choice(endpoint).backend == "shm"
+            old.kill()
+            old.wait(10)
+            new, again = _decode_process(int(endpoint.rsplit(":", 1)[1]), "tcp", "b,c")
+            try:
+                assert again == endpoint
+                for rid in ("b", "c"):
+                    tx.send(rid, endpoint, (layer for layer in kv), 8)
+                    assert new.stdout.readline().split() == [rid, "8"]
+                assert tx.choice(endpoint).backend == "tcp"
+            finally:
+                new.kill()
+                new.wait(10)
+    finally:
+        old.kill()
+        old.wait(10)
