@@ -66,7 +66,8 @@ def apply_children(
     try:
         children = manifests.render_all(name, namespace, spec, replicas,
                                         manifests.secret_values(existing),
-                                        operator_settings.metrics_peers())
+                                        operator_settings.metrics_peers(),
+                                        operator_settings.ROUTER_LIMITS)
     except manifests.SpecError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     results = []
