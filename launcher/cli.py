@@ -59,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from splitserve.modelfiles.read import model_name
 
     log = logging.getLogger("splitserve.up")
+    limits = router_limits(args)  # a bad one fails before a model is fetched or a process started
     model = args.model
     if model is None:
         from splitserve.engine.default_model import default_model
@@ -75,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         devices=tuple(d for d in args.devices.split(",") if d),
         worker_args=tuple(shlex.split(args.worker_args)),
         router_args=tuple(shlex.split(args.router_args)),
-        router_limits=router_limits(args),
+        router_limits=limits,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         redis_url=args.redis_url,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -106,11 +107,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def router_limits(args: argparse.Namespace) -> dict[str, int | float]:
-    """The router limits given on the command line (Limits field -> value)."""
-    from splitserve.router.config import LIMIT_OPTIONS
+    """The router limits given on the command line (Limits field -> value), checked."""
+    from splitserve.router.config import LIMIT_OPTIONS, limit_args
 
     given = {o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}
-    return {name: value for name, value in given.items() if value is not None}
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        limit_args(given)
+    except ValueError as exc:
+        raise SystemExit(f"splitserve up: {exc}") from exc
+    return given
 
 
 def _interrupt(*_: object) -> None:

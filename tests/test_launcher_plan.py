@@ -80,3 +80,5 @@ def test_up_command_line_passes_on_only_the_limits_given():
     cli.register(sub)
     args = sub.choices["up"].parse_args(["--max-sequences", "4", "--keep-alive-timeout", "1.5"])
     assert cli.router_limits(args) == {"max_sequences": 4, "keep_alive_timeout_s": 1.5}
+    with pytest.raises(SystemExit, match="splitserve up: body_timeout_s must be a number of seconds > 0"):
+        cli.router_limits(sub.choices["up"].parse_args(["--body-timeout", "nan"]))
