@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from splitserve.router.cli import add_limit_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--gpu-memory-utilization in --worker-args sets every worker's own instead")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
+    add_limit_arguments(p.add_argument_group(
+        "router limits", "what one client can make the router hold (`splitserve router`'s "
+        "limits, passed on when given)"), router_defaults=False)
     p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process within --restart-window before up gives up (default 5; "
@@ -54,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from splitserve.modelfiles.read import model_name
 
     log = logging.getLogger("splitserve.up")
+    limits = router_limits(args)  # a bad one fails before a model is fetched or a process started
     model = args.model
     if model is None:
         from splitserve.engine.default_model import default_model
@@ -70,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         devices=tuple(d for d in args.devices.split(",") if d),
         worker_args=tuple(shlex.split(args.worker_args)),
         router_args=tuple(shlex.split(args.router_args)),
+        router_limits=limits,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         redis_url=args.redis_url,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -97,6 +104,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     finally:
         deployment.stop()
+
+
+def router_limits(args: argparse.Namespace) -> dict[str, int | float]:
+    """The router limits given on the command line (Limits field -> value), checked."""
+    from splitserve.router.config import LIMIT_OPTIONS, limit_args
+
+    given = {o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        limit_args(given)
+    except ValueError as exc:
+        raise SystemExit(f"splitserve up: {exc}") from exc
+    return given
 
 
 def _interrupt(*_: object) -> None:

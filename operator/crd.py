@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import yaml
+from splitserve.router.config import LIMIT_OPTIONS, LimitOption
 from splitserve.router.policy.presets import POLICIES
 
 GROUP = "splitserve.io"
@@ -71,6 +72,26 @@ def _resources_schema(desc: str) -> Schema:
         "type": "object",
         "description": desc,
         "properties": {"requests": resource_map, "limits": resource_map},
+    }
+
+
+def _limit_schema(option: LimitOption) -> Schema:
+    desc = f"{option.help[0].upper()}{option.help[1:]}. Unset: the router's default, {option.default_text}."
+    if option.type is int:
+        return {"type": "integer", "format": "int64", "minimum": 1, "description": desc}
+    return {"type": "number", "minimum": 0, "exclusiveMinimum": True, "description": desc}
+
+
+def router_limits_schema() -> Schema:
+    """``spec.router.limits``: one field per router limit (router/config.py ``LIMIT_OPTIONS``,
+    which the router's flags and the chart's ``routerLimits`` follow too), each typed and bounded
+    so that the API server refuses a bad value naming its field."""
+    return {
+        "type": "object",
+        "description": "What one client can make a router pod hold (`splitserve router`'s limits);"
+        " a field left out takes the operator's default (the chart's routerLimits), else the"
+        " router's. A change restarts the routers only.",
+        "properties": {option.key: _limit_schema(option) for option in LIMIT_OPTIONS},
     }
 
 
@@ -197,6 +218,7 @@ def spec_schema() -> Schema:
                         " `splitserve router --policy-config` reads it (router/policy/spec.py);"
                         " checked by the operator, an invalid one is refused naming the field.",
                     },
+                    "limits": router_limits_schema(),
                     "serviceType": _str(
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),

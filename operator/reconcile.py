@@ -66,7 +66,8 @@ def apply_children(
     try:
         children = manifests.render_all(name, namespace, spec, replicas,
                                         manifests.secret_values(existing),
-                                        operator_settings.metrics_peers())
+                                        operator_settings.metrics_peers(),
+                                        operator_settings.ROUTER_LIMITS)
     except manifests.SpecError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     results = []
@@ -112,11 +113,15 @@ def _probe_messages(namespace: str) -> dict[str, str]:
         return {}
 
 
-def pods_by_pool(name: str, namespace: str, pools: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+COMPONENTS = ("prefill", "decode", "router", "redis")  # the pools whose pods the status reads
+PodsByPool = dict[str, list[dict[str, Any]]]
+
+
+def pods_by_pool(name: str, namespace: str, pools: tuple[str, ...] = COMPONENTS) -> PodsByPool:
     """The pods of each pool of ``name``, from one list call."""
     labels = manifests.selector_labels(name, "")
     labels.pop(manifests.LABEL_COMPONENT)
-    by_pool: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
+    by_pool: PodsByPool = {pool: [] for pool in pools}
     for pod in kube.list_pods(labels, namespace):
         component = (pod["metadata"].get("labels") or {}).get(manifests.LABEL_COMPONENT)
         if component in by_pool:
@@ -124,11 +129,9 @@ def pods_by_pool(name: str, namespace: str, pools: tuple[str, ...]) -> dict[str,
     return by_pool
 
 
-def pool_problems(name: str, namespace: str, pools: tuple[str, ...],
-                  now: float) -> list[pod_problems.PoolProblem]:
-    """The pod problems of each pool of ``name``: one list of its pods, and the kubelet's probe
-    Events only when some pod has been Running but not Ready for long."""
-    by_pool = pods_by_pool(name, namespace, pools)
+def pool_problems(by_pool: PodsByPool, namespace: str, now: float) -> list[pod_problems.PoolProblem]:
+    """The pod problems of each pool of ``by_pool`` (``pods_by_pool``), with the kubelet's
+    probe Events read only when some pod has been Running but not Ready for long."""
     after = operator_settings.NOT_READY_SECONDS
     every = [p for pods in by_pool.values() for p in pods]
     probes: dict[str, str] = {}
@@ -147,15 +150,17 @@ def current_status(
     previous_conditions: list[dict[str, Any]] | None,
     reconcile_error: str | None = None,
     current: dict[str, Any] | None = None,
+    pods: PodsByPool | None = None,
 ) -> dict[str, Any]:
     """Status from the live Deployments (read now), plus endpoint and generation fields;
-    ``current`` (the stored status) holds the autoscaler's replicas, if any."""
+    ``current`` (the stored status) holds the autoscaler's replicas, if any. ``pods``: the
+    service's pods by pool (``pods_by_pool``) when the caller has listed them, else listed here."""
     full = crd.defaulted_spec(spec)
-    components = ("prefill", "decode", "router", "redis")
     deployments = {
-        c: kube.get("Deployment", namespace, manifests.child_name(name, c)) for c in components
+        c: kube.get("Deployment", namespace, manifests.child_name(name, c)) for c in COMPONENTS
     }
-    problems = pool_problems(name, namespace, components, time.time())
+    problems = pool_problems(pods if pods is not None else pods_by_pool(name, namespace),
+                             namespace, time.time())
     out = status_mod.compute(
         full, deployments, generation, previous_conditions, reconcile_error,
         scaling.effective_replicas(full, current), problems,
@@ -179,14 +184,18 @@ def lock_for(namespace: str, name: str) -> threading.RLock:
         return _locks.setdefault((namespace, name), threading.RLock())
 
 
-def publish_status(namespace: str, name: str, generation: int | None = None) -> None:
+def publish_status(
+    namespace: str, name: str, generation: int | None = None, pods: PodsByPool | None = None
+) -> None:
     """Read the children and the object now, compute the status and write it if it differs.
 
     Read-compute-write runs under one lock per object, so a write is never older than the one
     before it; any change after it is a new Deployment event and a new call. ``generation`` is
     given by the reconcile that just handled it; Deployment events keep the stored one.
     A pool whose pod problem changed gets an Event (``pod_problems.transitions``): the stored
-    ``status.problems`` is the memory, so an operator restart posts nothing twice.
+    ``status.problems`` is the memory, so an operator restart posts nothing twice. ``pods``:
+    the service's pods by pool, when the caller has listed them (the SLO tick lists them once
+    for the status, the scrape and the planner).
     """
     key = (namespace, name)
     with lock_for(namespace, name):
@@ -196,7 +205,7 @@ def publish_status(namespace: str, name: str, generation: int | None = None) -> 
         st = obj.get("status") or {}
         gen = generation if generation is not None else int(st.get("observedGeneration") or 0)
         new = current_status(
-            name, namespace, obj["spec"], gen, st.get("conditions"), _errors.get(key), st
+            name, namespace, obj["spec"], gen, st.get("conditions"), _errors.get(key), st, pods
         )
         if not gen:  # not handled yet: the create handler will set observedGeneration
             new.pop("observedGeneration")

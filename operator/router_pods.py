@@ -13,7 +13,9 @@ EndpointSlices, so a cluster whose pod addresses lie in 127.0.0.0/8 (the test cl
 address must be loopback) would have none, while the pods are the truth on every cluster.
 
 ``SPLITSERVE_METRICS_URL`` (``settings.metrics_url``) keeps the old single-URL mode for local
-use: one target, no API call. ``ready_endpoints`` is pure; ``targets`` does the one API call.
+use: one target. Both are pure: the SLO tick lists the service's pods once
+(``reconcile.pods_by_pool``) for the status, the scrape and the planner, and hands the router's
+pods to ``targets``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from splitserve.operator import kube, manifests, settings
+from splitserve.operator import settings
 
 PORT_NAME = "http"  # the router Service's port name (manifests.render_router)
 
@@ -72,13 +74,12 @@ def url_host(address: str) -> str:
         return address
 
 
-def targets(name: str, namespace: str) -> list[Target]:
+def targets(name: str, namespace: str, pods: list[dict[str, Any]]) -> list[Target]:
     """What to scrape for one InferenceService this tick: the configured single URL, else each
-    ready router pod (``settings.pod_metrics_url``). May raise ApiException."""
+    ready pod of ``pods``, its router's pods (``settings.pod_metrics_url``)."""
     single = settings.metrics_url(name, namespace)
     if single is not None:
         return [Target(single, single, single)]
-    pods = kube.list_pods(manifests.selector_labels(name, "router"), namespace)
     return [
         Target(e.key, e.pod, settings.pod_metrics_url(name, namespace, e.pod, url_host(e.host),
                                                       e.port))

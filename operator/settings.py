@@ -21,6 +21,11 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
+Routers: ``SPLITSERVE_ROUTER_LIMITS``, a JSON object of router limits spelled as in
+``spec.router.limits`` (the chart's ``routerLimits``), the default of every InferenceService's
+router for each limit its spec leaves out; null or absent: the router's own default. A bad value
+stops the operator at start-up, naming it.
+
 NetworkPolicies (``manifests.MetricsPeers``): besides the router, who may reach the pods' HTTP
 ports for /metrics: ``SPLITSERVE_OPERATOR_NAMESPACE`` with ``SPLITSERVE_OPERATOR_POD_LABELS`` (the
 operator itself), and a Prometheus by ``SPLITSERVE_PROMETHEUS_NAMESPACE_LABELS`` and
@@ -38,6 +43,7 @@ import os
 
 import kopf
 from splitserve.operator.manifests import MANAGED_BY, MetricsPeers
+from splitserve.router.config import LIMITS_BY_KEY, limits_from_keys
 
 PREFIX = "splitserve.io"
 DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
@@ -59,6 +65,32 @@ def _positive_float(var: str, default: float) -> float:
 SLO_TICK_SECONDS = _positive_float("SPLITSERVE_SLO_TICK_SECONDS", 15.0)
 NOT_READY_SECONDS = _positive_float("SPLITSERVE_NOT_READY_SECONDS", 60.0)
 LATENCY_MODEL = os.environ.get("SPLITSERVE_LATENCY_MODEL") or None
+
+
+def _router_limits(var: str) -> dict[str, int | float]:
+    """The router limits in ``var`` (module docstring), checked. Helm's ``--set`` makes a
+    number with a decimal point a string ("2.5"): a string is read as the limit's type."""
+    raw = os.environ.get(var)
+    if not raw:
+        return {}
+    try:
+        given = json.loads(raw)
+    except ValueError:
+        given = None
+    if not isinstance(given, dict):
+        raise ValueError(f"{var} must be a JSON object of router limits, not {raw!r}")
+    given = {k: v for k, v in given.items() if v is not None}
+    for key, value in given.items():
+        if isinstance(value, str) and key in LIMITS_BY_KEY:
+            try:
+                given[key] = LIMITS_BY_KEY[key].type(value)
+            except ValueError:
+                pass  # refused below with the value as given
+    limits_from_keys(given, var)
+    return given
+
+
+ROUTER_LIMITS = _router_limits("SPLITSERVE_ROUTER_LIMITS")
 
 
 def _format(var: str, template: str, **fields: str | int) -> str:

@@ -180,10 +180,11 @@ def _scrape(
 
 
 def _window(
-    name: str, namespace: str, memory: Memory, window_s: float, logger: logging.Logger
+    name: str, namespace: str, router: list[dict[str, Any]], memory: Memory, window_s: float,
+    logger: logging.Logger,
 ) -> observe.Window | None:
-    """Scrape the router pods and return the window this tick closes, if one is complete."""
-    targets = router_pods.targets(name, namespace)
+    """Scrape the ``router`` pods and return the window this tick closes, if one is complete."""
+    targets = router_pods.targets(name, namespace, router)
     if not targets:
         if not memory.no_pods:
             logger.info("SLO loop: no ready router pod to scrape (pools keep their size)")
@@ -221,10 +222,12 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
     obj = kube.get_inference_service(namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
+    pods = reconcile.pods_by_pool(name, namespace)  # one listing for the status, scrape and planner
     # a pod Running but not Ready for long changes nothing on the pod: only time says it
-    reconcile.publish_status(namespace, name)
+    reconcile.publish_status(namespace, name, pods=pods)
     spec = crd.defaulted_spec(dict(obj["spec"]))
-    win = _window(name, namespace, memory, float(spec["autoscaling"]["windowSeconds"]), logger)
+    win = _window(name, namespace, pods["router"], memory,
+                  float(spec["autoscaling"]["windowSeconds"]), logger)
     if win is None:
         return
     now = time.time()
@@ -239,9 +242,8 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
             return
         spec = crd.defaulted_spec(dict(obj["spec"]))
         cap = capacity_mod.for_spec(spec, latency_model(settings.LATENCY_MODEL))
-        worker_pods = reconcile.pods_by_pool(name, namespace, scaling.POOLS)
         lead, measured = pod_start.lead_time(
-            [p for pods in worker_pods.values() for p in pods], PlannerConfig.lead_time_s)
+            [p for pool in scaling.POOLS for p in pods[pool]], PlannerConfig.lead_time_s)
         patch["observed"]["podStartSeconds"] = round(lead, 1) if measured else None
         decision, scale_patch, message = decide(spec, obj.get("status"), win, cap, now,
                                                 lead if measured else None)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from splitserve.router.config import POLICIES, Limits
+from splitserve.router.config import LIMIT_OPTIONS, POLICIES, Limits
 from splitserve.trust import add_secret_argument, read_secret
 
 log = logging.getLogger("splitserve.router")
@@ -155,26 +155,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="tries per sequence on different worker pairs before a worker failure is the client's error (default 2)",
     )
-    limits = p.add_argument_group(
+    add_limit_arguments(p.add_argument_group(
         "limits", "what one client can make the router hold; each refusal is counted in "
         "splitserve_router_refused_total{reason}. Connection limits are per router process",
-    )
-    d = Limits()
-    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                        help=f"request body size; 413 after this many bytes, the rest unread (default {d.max_body_bytes})")
-    limits.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                        help=f"request line and headers; 431 beyond (default {d.max_header_bytes})")
-    limits.add_argument("--max-sequences", type=int, default=d.max_sequences,
-                        help=f"prompts x n in one request; 400 beyond (default {d.max_sequences})")
-    limits.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help=f"open client connections; more are answered 503 and closed (default {d.max_connections})")
-    limits.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
-                        help=f"seconds from a request's first byte to the end of its headers; 408 (default {d.header_timeout_s:g})")
-    limits.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
-                        help=f"seconds from the end of the headers to the end of the body; 408 (default {d.body_timeout_s:g})")
-    limits.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s,
-                        help=f"seconds an idle connection is kept, before its first request or between two (default {d.keep_alive_timeout_s:g})")
+    ))
     p.set_defaults(func=_run)
+
+
+def add_limit_arguments(group: argparse._ActionsContainer, router_defaults: bool = True) -> None:
+    """One flag per router limit (``LIMIT_OPTIONS``), its value in ``args.<Limits field>``.
+    ``router_defaults=False`` (``splitserve up``): unset flags stay None, so only what the user
+    gave is passed on to the router."""
+    for option in LIMIT_OPTIONS:
+        metavar = "SECONDS" if option.type is float else option.field.rsplit("_", 1)[-1].upper()
+        group.add_argument(option.flag, dest=option.field, type=option.type, metavar=metavar,
+                           default=option.default if router_defaults else None,
+                           help=f"{option.help} ({'' if router_defaults else 'router '}default {option.default_text})")
 
 
 def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, imported lazily)
@@ -203,15 +199,7 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         max_queue_ms=args.max_queue_ms,
         poll_interval_s=args.poll_interval,
         max_attempts=args.max_attempts,
-        limits=Limits(
-            max_body_bytes=args.max_body_bytes,
-            max_header_bytes=args.max_header_bytes,
-            max_sequences=args.max_sequences,
-            max_connections=args.max_connections,
-            header_timeout_s=args.header_timeout,
-            body_timeout_s=args.body_timeout,
-            keep_alive_timeout_s=args.keep_alive_timeout,
-        ),
+        limits=Limits(**{o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}),
     )
 
 

@@ -7,6 +7,7 @@ object; a bad value fails at start-up with the field named, never later inside a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,24 +43,104 @@ def check_slo_ms(name: str, value: float) -> None:
 @dataclass(frozen=True)
 class Limits:
     """What one client can make a router process hold; each refusal is counted by reason
-    (``splitserve_router_refused_total``). Connection limits are per process."""
+    (``splitserve_router_refused_total``). Connection limits are per process. What each field
+    means, and how the CLI, ``splitserve up``, the CRD and the chart spell it: ``LIMIT_OPTIONS``."""
 
-    max_body_bytes: int = 4 * 1024 * 1024  # 413 after this many bytes, read no further
-    max_header_bytes: int = 64 * 1024  # request line + headers; 431 beyond
-    max_sequences: int = 64  # prompts x n in one request; 400 beyond
-    max_connections: int = 4096  # open client connections; more are answered 503 and closed
-    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers; 408
-    body_timeout_s: float = 60.0  # from the end of the headers to the end of the body; 408
-    keep_alive_timeout_s: float = 5.0  # idle connection (before a request or between two) closed
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_sequences: int = 64
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_header_bytes", "max_sequences", "max_connections"):
-            value = getattr(self, name)
+        for option in LIMIT_OPTIONS:
+            problem = option.problem(getattr(self, option.field))
+            if problem:
+                raise ValueError(f"{option.field} {problem}")
+
+
+@dataclass(frozen=True)
+class LimitOption:
+    """One field of :class:`Limits` and how each place that sets it spells it: the router's
+    flag (``--max-body-bytes``), the key under an InferenceService's ``spec.router.limits`` and
+    the chart's ``routerLimits`` (``maxBodyBytes``; seconds end in ``Seconds``). Type and
+    default are the field's own; an integer must be >= 1, a number of seconds > 0 and finite."""
+
+    field: str  # the Limits attribute; ``_s`` marks seconds
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.removesuffix("_s").replace("_", "-")
+
+    @property
+    def key(self) -> str:
+        words = self.field.split("_")
+        if words[-1] == "s":
+            words[-1] = "seconds"
+        return words[0] + "".join(w.capitalize() for w in words[1:])
+
+    @property
+    def default(self) -> int | float:
+        return getattr(Limits(), self.field)
+
+    @property
+    def default_text(self) -> str:
+        return f"{self.default:g}" if self.type is float else str(self.default)
+
+    @property
+    def type(self) -> type[int] | type[float]:
+        return float if self.field.endswith("_s") else int
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` cannot be this limit (a phrase to follow its name), or None."""
+        if self.type is int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+                return f"must be an integer >= 1, got {value!r}"
+        elif not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            return f"must be a number of seconds > 0 and finite, got {value!r}"  # False for NaN too
+        return None
+
+
+LIMIT_OPTIONS = (
+    LimitOption("max_body_bytes", "request body size; 413 after this many bytes, the rest unread"),
+    LimitOption("max_header_bytes", "request line and headers; 431 beyond"),
+    LimitOption("max_sequences", "prompts x n in one request; 400 beyond"),
+    LimitOption("max_connections", "open client connections per router process; more are answered 503 and closed"),
+    LimitOption("header_timeout_s", "seconds from a request's first byte to the end of its headers; 408"),
+    LimitOption("body_timeout_s", "seconds from the end of the headers to the end of the body; 408"),
+    LimitOption("keep_alive_timeout_s",
+                "seconds an idle connection is kept, before its first request or between two"),
+)
+LIMITS_BY_KEY = {option.key: option for option in LIMIT_OPTIONS}
+
+
+def limits_from_keys(given: Mapping[str, object], where: str) -> dict[str, int | float]:
+    """Limits as an InferenceService or the chart spells them (``maxBodyBytes: 1024``) ->
+    Limits field -> value; a ValueError names ``where.key`` for an unknown key or a bad value."""
+    out = {}
+    for key, value in given.items():
+        option = LIMITS_BY_KEY.get(key)
+        if option is None:
+            raise ValueError(f"{where}.{key}: unknown router limit (known: {', '.join(LIMITS_BY_KEY)})")
+        problem = option.problem(value)
+        if problem:
+            raise ValueError(f"{where}.{key} {problem}")
+        out[option.field] = value  # type: ignore[assignment]  (checked just above)
+    return out
+
+
+def limit_args(values: Mapping[str, int | float]) -> list[str]:
+    """The router's command-line flags for ``values`` (Limits field -> value), in the table's
+    order; raises ValueError naming the field for an unknown name or a bad value."""
+    unknown = set(values) - {option.field for option in LIMIT_OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown router limit {', '.join(sorted(unknown))}")
+    Limits(**values)
+    return [arg for option in LIMIT_OPTIONS if option.field in values
+            for arg in (option.flag, str(values[option.field]))]
 
 
 @dataclass(frozen=True)

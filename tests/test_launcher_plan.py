@@ -57,3 +57,28 @@ def test_cpu_workers_get_no_share():
 def test_a_bad_fraction_is_refused():
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         UpConfig(model="m", served_model_name="m", gpu_memory_utilization=1.5)
+
+
+def test_router_limits_given_to_up_reach_the_router_only():
+    cfg = UpConfig(model="m", served_model_name="m", worker_ports=(9000, 9001),
+                   router_limits={"max_connections": 16, "body_timeout_s": 2.5})
+    components = {c.name: c for c in plan(cfg)}
+    assert _flag(components["router"], "--max-connections") == "16"
+    assert _flag(components["router"], "--body-timeout") == "2.5"
+    assert _flag(components["router"], "--max-body-bytes") is None  # unset: the router's default
+    assert all("--max-connections" not in c.args for n, c in components.items() if n != "router")
+    with pytest.raises(ValueError, match="max_connections must be an integer >= 1"):
+        UpConfig(model="m", served_model_name="m", router_limits={"max_connections": 0})
+
+
+def test_up_command_line_passes_on_only_the_limits_given():
+    import argparse
+
+    from splitserve.launcher import cli
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli.register(sub)
+    args = sub.choices["up"].parse_args(["--max-sequences", "4", "--keep-alive-timeout", "1.5"])
+    assert cli.router_limits(args) == {"max_sequences": 4, "keep_alive_timeout_s": 1.5}
+    with pytest.raises(SystemExit, match="splitserve up: body_timeout_s must be a number of seconds > 0"):
+        cli.router_limits(sub.choices["up"].parse_args(["--body-timeout", "nan"]))

@@ -33,6 +33,7 @@ from k8s_env import (
     wait_until,
 )
 from splitserve.launcher.up import free_port
+from splitserve.operator import settings
 from splitserve.router.metrics import RouterMetrics
 from test_operator_observe import MetricsStub
 
@@ -240,6 +241,9 @@ def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
         ({"decode": {"replicaz": 2}}, "spec.decode.replicaz"),  # unknown fields are refused
         ({"decode": {"resources": {"requests": {"cpu": "lots"}}}},
          "spec.decode.resources.requests.cpu"),
+        ({"router": {"limits": {"maxBodyBytes": 0}}}, "spec.router.limits.maxBodyBytes"),
+        ({"router": {"limits": {"headerTimeoutSeconds": 0}}},
+         "spec.router.limits.headerTimeoutSeconds"),
     ],
 )  # fmt: skip
 def test_invalid_resources_refused_naming_the_field(
@@ -349,6 +353,27 @@ def test_edit_decode_replicas_changes_only_decode(
     changed = sorted(k for k in before if before[k] != after[k])
     assert changed == [("Deployment", "tiny-decode")]
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_router_limits_reach_the_router_args_only(
+    k8s: K8sEnv,
+    ns: str,
+    operator: OperatorProcess,
+) -> None:
+    before = snapshot(k8s, ns, "tiny")
+
+    def router_command() -> list[str]:
+        dep = k8s.get_json("deployment", "tiny-router", "-n", ns)
+        return dep["spec"]["template"]["spec"]["containers"][0]["command"]
+
+    k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
+                "-p", '{"spec": {"router": {"limits": {"maxSequences": 8}}}}')  # fmt: skip
+    wait_until("--max-sequences 8 on the router", lambda: "--max-sequences" in router_command(), 30)
+    command = router_command()
+    assert command[command.index("--max-sequences") + 1] == "8"
+    wait_ready(k8s, operator, ns, "tiny")
+    after = snapshot(k8s, ns, "tiny")
+    assert sorted(k for k in before if before[k] != after[k]) == [("Deployment", "tiny-router")]
 
 
 def test_reapply_and_operator_restart_change_nothing(
@@ -519,6 +544,7 @@ def test_slo_loop_scales_pools_from_router_metrics(k8s: K8sEnv, crd_installed: N
 def test_helm_lint_and_template_valid_against_api_server(
     k8s: K8sEnv,
     crd_installed: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     lint = k8s.helm("lint", str(CHART), "--strict")
     assert "0 chart(s) failed" in lint.stdout, lint.stdout
@@ -530,6 +556,14 @@ def test_helm_lint_and_template_valid_against_api_server(
         kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
         assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
         k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    # routerLimits reach the operator as its default limits for every router, read as it reads them
+    rendered = k8s.helm("template", "rel", str(CHART), "--set", "routerLimits.maxSequences=8",
+                        "--set", "routerLimits.headerTimeoutSeconds=2.5").stdout
+    op = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+    monkeypatch.setenv("SPLITSERVE_ROUTER_LIMITS", env["SPLITSERVE_ROUTER_LIMITS"])
+    assert settings._router_limits("SPLITSERVE_ROUTER_LIMITS") == {
+        "maxSequences": 8, "headerTimeoutSeconds": 2.5}
     # every example the chart ships is a valid InferenceService
     k8s.kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(CHART / "examples"))
     # the dashboard ConfigMap (on by default, applied above) and, when asked, a PodMonitor for

@@ -482,3 +482,62 @@ def test_a_new_routing_policy_restarts_the_routers_not_the_workers() -> None:
         assert before[pool] == after[pool]  # no model reload for a scorer weight
     assert before["demo-router"][manifests.LABEL_ROUTER_GENERATION] != \
         after["demo-router"][manifests.LABEL_ROUTER_GENERATION]
+
+
+def _templates(spec: dict, **render: object) -> dict[str, dict]:
+    return {c["metadata"]["name"]: c["spec"]["template"]
+            for c in manifests.render_all("demo", "ns", spec, **render) if c["kind"] == "Deployment"}
+
+
+def test_router_limits_reach_the_router_flags_and_nothing_else() -> None:
+    plain = {"model": {"name": "t", "path": "/m"}, "image": "x"}
+    limited = {**plain, "router": {"limits": {"maxSequences": 8, "headerTimeoutSeconds": 2.5}}}
+    before, after = _templates(plain), _templates(limited)
+    command = after["demo-router"]["spec"]["containers"][0]["command"]
+    at = command.index("--max-sequences")
+    assert command[at:at + 4] == ["--max-sequences", "8", "--header-timeout", "2.5"]
+    assert "--max-body-bytes" not in command  # unset: the router's own default
+    for pool in ("demo-prefill", "demo-decode"):
+        assert before[pool] == after[pool]  # no model reload for a router limit
+    config = [c for c in manifests.render_all("demo", "ns", limited) if c["kind"] == "ConfigMap"]
+    assert config == [c for c in manifests.render_all("demo", "ns", plain) if c["kind"] == "ConfigMap"]
+
+
+def test_operator_default_limits_yield_to_the_spec_field_by_field() -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"limits": {"maxSequences": 8}}}
+    defaults = {"maxSequences": 4, "bodyTimeoutSeconds": 30}
+    command = _templates(spec, router_limits=defaults)["demo-router"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--max-sequences") + 1] == "8"
+    assert command[command.index("--body-timeout") + 1] == "30"
+
+
+@pytest.mark.parametrize("limits, words", [
+    ({"maxBodyBytes": 0}, "spec.router.limits.maxBodyBytes must be an integer >= 1"),
+    ({"keepAliveTimeoutSeconds": -1}, "spec.router.limits.keepAliveTimeoutSeconds must be a number"),
+    ({"maxBodies": 5}, "spec.router.limits.maxBodies: unknown router limit"),
+])
+def test_a_bad_router_limit_is_refused_naming_the_field(limits: dict, words: str) -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"limits": limits}}
+    with pytest.raises(manifests.SpecError) as info:
+        manifests.render_all("demo", "ns", spec)
+    assert words in str(info.value)
+
+
+def test_operator_default_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's routerLimits, as its template writes them: nulls for unset, and helm's --set
+    turns 2.5 into the string "2.5"; a bad one stops the operator naming it."""
+    from splitserve.operator import settings
+
+    var = "SPLITSERVE_ROUTER_LIMITS"
+    monkeypatch.setenv(var, '{"maxBodyBytes": 1000, "headerTimeoutSeconds": "2.5", "maxSequences": null}')
+    assert settings._router_limits(var) == {"maxBodyBytes": 1000, "headerTimeoutSeconds": 2.5}
+    monkeypatch.setenv(var, "{}")
+    assert settings._router_limits(var) == {}
+    monkeypatch.delenv(var)
+    assert settings._router_limits(var) == {}
+    for bad, words in (('{"maxSequences": 0}', "SPLITSERVE_ROUTER_LIMITS.maxSequences must be"),
+                       ('{"maxSequences": "lots"}', "maxSequences must be an integer >= 1, got 'lots'"),
+                       ("[1]", "must be a JSON object")):
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(ValueError, match=words):
+            settings._router_limits(var)

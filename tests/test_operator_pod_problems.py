@@ -269,11 +269,11 @@ def test_pools_grouped_by_component_and_probe_events_optional(
 
     monkeypatch.setattr(kube, "list_pods", lambda labels, ns: [stale, router])
     monkeypatch.setattr(kube, "list_pod_events", events)
-    got = reconcile.pool_problems("tiny", "ns", ("prefill", "decode", "router", "redis"), NOW)
+    got = reconcile.pool_problems(reconcile.pods_by_pool("tiny", "ns"), "ns", NOW)
     assert [(p.pool, p.reason) for p in got] == [("decode", Reason.NOT_READY),
                                                  ("router", Reason.UNSCHEDULABLE)]
     assert got[0].example.detail == "containers with unready status: [decode]"
     assert asked == ["Unhealthy"]
     monkeypatch.setattr(kube, "list_pods", lambda labels, ns: [router])
-    reconcile.pool_problems("tiny", "ns", ("router",), NOW)
+    reconcile.pool_problems(reconcile.pods_by_pool("tiny", "ns", ("router",)), "ns", NOW)
     assert asked == ["Unhealthy"]  # nobody not Ready: no Event read

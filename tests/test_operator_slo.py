@@ -207,7 +207,7 @@ def test_metrics_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.pod_metrics_url("a", "b", "p", "h", 1) == "http://127.0.0.1:9/b/p"
     monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://127.0.0.1:9/{namespace}/{name}")
     assert settings.metrics_url("a", "b") == "http://127.0.0.1:9/b/a"  # single-URL mode
-    assert router_pods.targets("a", "b") == [router_pods.Target(*["http://127.0.0.1:9/b/a"] * 3)]
+    assert router_pods.targets("a", "b", []) == [router_pods.Target(*["http://127.0.0.1:9/b/a"] * 3)]
     monkeypatch.setenv("SPLITSERVE_METRICS_URL", "http://x/{pod}")
     with pytest.raises(ValueError, match="SPLITSERVE_METRICS_URL"):
         settings.metrics_url("a", "b")
@@ -318,3 +318,52 @@ def test_status_adds_up_every_router_pod(k8s: K8sEnv) -> None:
             # one pod left: its own numbers alone (which one stays is the ReplicaSet's choice)
             st = wait_until("status of the one router pod", lambda: observed((10, 20)), 30)
             assert st["attainment"] == (1.0 if st["observed"]["concurrentSequences"] == 10 else 0)
+
+
+def test_a_tick_lists_the_services_pods_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One listing serves the status (pod problems), the router pods to scrape and the
+    planner's pod start times: one list call per tick, autoscaling or not."""
+    from prometheus_client import generate_latest
+    from splitserve.operator import kube
+
+    def pod(component: str) -> dict[str, Any]:
+        return {"metadata": {"name": f"svc-{component}-0", "uid": f"uid-{component}",
+                             "labels": {manifests.LABEL_COMPONENT: component}},
+                "spec": {"containers": [{"name": component,
+                                         "ports": [{"name": "http", "containerPort": 8000}]}]},
+                "status": {"phase": "Running", "podIP": "127.0.0.9",
+                           "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+
+    obj = {"apiVersion": "splitserve.io/v1alpha1", "kind": "InferenceService",
+           "metadata": {"name": "svc", "namespace": "ns", "uid": "uid-svc"},
+           "spec": BASE | {"prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1},
+                           "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1},
+                           "autoscaling": {"enabled": True, "windowSeconds": 1}}}  # fmt: skip
+    listed: list[str] = []
+    patched: list[dict[str, Any]] = []
+    applied: list[str] = []
+    text = generate_latest(RouterMetrics().registry).decode()
+    clock = iter(range(100, 10_000, 100))
+
+    def list_pods(labels: dict[str, str], namespace: str) -> list[dict[str, Any]]:
+        listed.append(namespace)
+        return [pod(c) for c in ("prefill", "decode", "router", "redis")]
+
+    def apply(manifest: dict[str, Any]) -> Any:
+        applied.append(manifest["metadata"]["name"])
+        return kube.ApplyResult(manifest["kind"], manifest["metadata"]["name"], "unchanged")
+
+    monkeypatch.delenv("SPLITSERVE_METRICS_URL", raising=False)
+    monkeypatch.setattr(kube, "get_inference_service", lambda namespace, name: obj)
+    monkeypatch.setattr(kube, "get", lambda kind, namespace, name: None)
+    monkeypatch.setattr(kube, "list_pods", list_pods)
+    monkeypatch.setattr(kube, "patch_status", lambda namespace, name, patch: patched.append(patch))
+    monkeypatch.setattr(kube, "apply", apply)
+    monkeypatch.setattr(slo_loop, "_scrape_one", lambda target: observe.parse(text, next(clock)))
+    memory = slo_loop.Memory()
+    slo_loop.tick("svc", "ns", memory)  # the first scrape: a baseline, no window yet
+    assert listed == ["ns"] and list(memory.history.pods) == ["uid-router"]
+    slo_loop.tick("svc", "ns", memory)  # a window: the planner runs and applies both pools
+    assert listed == ["ns", "ns"]
+    assert applied == ["svc-prefill", "svc-decode"]
+    assert any("autoscaling" in p for p in patched)
