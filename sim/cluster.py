@@ -18,15 +18,18 @@ too -> colocated: the worker queues the prompt and computes it in chunks inside 
 every later token leaves at the end of the step that sampled it -> done.
 
 Costs outside the engine steps come from the latency model's measured ``overhead`` (drawn per
-request from its values): ``request_ms`` (HTTP in and out, tokenising, routing, admission) delays
-the routing of every request, and ``handoff_ms`` (the prefill hop, the KV connection, the decode
-worker taking the sequence) delays a split request's activation on its decode worker; a
-constant ``overhead_ms`` of the config adds to the former.
+request from its values) and delay the routing of every request: ``request_ms`` (HTTP in and
+out, tokenising, routing, admission) on a colocated layout, ``split_request_ms`` (the same plus
+the prefill hop, the KV connection, the decode worker taking the sequence) on a split one; an
+older model's ``handoff_ms`` delays a split request's activation on its decode worker instead.
+A constant ``overhead_ms`` of the config adds to them.
 
 Workers that share a GPU (a layout with fewer ``gpus`` than workers, as ``splitserve up`` runs
-a split on one GPU) take turns on it the way CUDA time-slices the contexts of two processes:
-modelled as processor sharing, each of the k workers with a step in flight progresses at 1/k of
-its own speed, so a decode step that overlaps a prefill stretches (``_SharedGpu``).
+a split on one GPU) slow each other down while their steps overlap, as CUDA time-slices the
+contexts of two processes: each of k workers with a step in flight progresses at
+``1 / (1 + s (k - 1))`` of its own speed, ``s`` the latency model's measured
+``sharing.slowdown`` (1: processor sharing), so a decode step that overlaps a prefill stretches
+(``_SharedGpu``).
 
 What is not modelled: the router's load being up to one poll old (here it is exact), failures
 and retries (the simulated workers never fail), and the one-step delay of overlapped steps'
@@ -181,18 +184,24 @@ class _Worker:
 
 
 class _SharedGpu:
-    """A GPU that several workers' steps run on at once, each at 1/k of its speed while k of
-    them have a step in flight (processor sharing: how time-slicing between the contexts of
-    separate processes looks at the scale of a step). Tracks each in-flight step's remaining
-    work (ms at full speed) and says when each would end at the current sharing."""
+    """A GPU that several workers' steps run on at once. While k of them have a step in flight,
+    each progresses at ``1 / (1 + slowdown * (k - 1))`` of its own speed: ``slowdown`` 1 is
+    processor sharing (pure time-slicing between the processes' contexts); less, steps that
+    leave the GPU partly idle (launch-bound eager steps, host work) and lose less to each other.
+    The latency model's ``sharing.slowdown`` sets it (``sim_validate`` measures it). Tracks each
+    in-flight step's remaining work (ms at full speed) and says when each would end."""
 
-    def __init__(self) -> None:
+    def __init__(self, slowdown: float = 1.0) -> None:
+        self.slowdown = slowdown
         self.remaining: dict[_Worker, float] = {}
         self.since = 0.0  # when ``remaining`` was last brought up to date
 
+    def _speed(self) -> float:
+        return 1.0 / (1.0 + self.slowdown * (len(self.remaining) - 1)) if self.remaining else 1.0
+
     def _advance(self, now: float) -> None:
         if self.remaining:
-            done = (now - self.since) / len(self.remaining)
+            done = (now - self.since) * self._speed()
             for w in self.remaining:
                 self.remaining[w] -= done
         self.since = now
@@ -207,8 +216,8 @@ class _SharedGpu:
 
     def ends(self, now: float) -> list[tuple[_Worker, float]]:
         """Each in-flight step's end if the sharing stays as it is from ``now``."""
-        k = len(self.remaining)
-        return [(w, now + max(left, 0.0) * k) for w, left in self.remaining.items()]
+        speed = self._speed()
+        return [(w, now + max(left, 0.0) / speed) for w, left in self.remaining.items()]
 
 
 @dataclass
@@ -234,10 +243,14 @@ class Simulation:
         self.decodes = [self._worker(f"sim://decode-{i}", "decode", lay.colocated, seed)
                         for i in range(lay.num_decode)]
         if lay.shared:
-            gpus = [_SharedGpu() for _ in range(lay.num_gpus)]
+            gpus = [_SharedGpu(latency.sharing_slowdown) for _ in range(lay.num_gpus)]
             for i, w in enumerate((*self.prefills, *self.decodes)):
                 w.gpu = gpus[i % lay.num_gpus]
         self._overhead_rng = random.Random(f"{seed}/overhead")
+        self._request_overhead = (latency.overhead_split_request_ms
+                                  if not lay.colocated and latency.overhead_split_request_ms
+                                  else latency.overhead_request_ms)
+        self._handoff_overhead = () if latency.overhead_split_request_ms else latency.overhead_handoff_ms
         self.policy = build_policy(config.policy, latency)
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._order = itertools.count()
@@ -307,7 +320,7 @@ class Simulation:
             record = RequestRecord(index=req.index, scheduled_s=req.arrival_s, sent_s=req.arrival_s,
                                    prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens)
             self._flights[str(req.index)] = _Flight(req, record)
-            t = req.arrival_s * 1000 + self.config.overhead_ms + self._draw(self.latency.overhead_request_ms)
+            t = req.arrival_s * 1000 + self.config.overhead_ms + self._draw(self._request_overhead)
             self._at(t, self._route, str(req.index), t + self.config.max_queue_ms)
         while self._events:
             t, _, fn, args = heapq.heappop(self._events)
@@ -430,7 +443,7 @@ class Simulation:
         def release(now: float) -> None:
             p.engine.release(pseq)
 
-        self._at(landed + self._draw(self.latency.overhead_handoff_ms), self._command, d, activate)
+        self._at(landed + self._draw(self._handoff_overhead), self._command, d, activate)
         self._at(landed, self._command, p, release)
 
     def _command(self, t: float, w: _Worker, fn: Callable[[float], None]) -> None:

@@ -222,6 +222,10 @@ def test_measured_overheads_delay_routing_and_the_split_handoff():
     assert colo.ttft_s * 1000 == pytest.approx(colo0.ttft_s * 1000 + 7)  # no handoff colocated
     assert split.ttft_s * 1000 == pytest.approx(split0.ttft_s * 1000 + 7 + 3)
     assert split.itl_s == pytest.approx(split0.itl_s) and colo.itl_s == pytest.approx(colo0.itl_s)
+    # a split path's own measured overhead replaces both on split layouts
+    lat = replace(lat, overhead_split_request_ms=(12.0,))
+    assert _run(Layout(1, 1), req, lat=lat)[1][0].ttft_s * 1000 == pytest.approx(split0.ttft_s * 1000 + 12)
+    assert _run(Layout(0, 1), req, lat=lat)[1][0].ttft_s * 1000 == pytest.approx(colo0.ttft_s * 1000 + 7)
 
 
 def test_step_time_spread_is_drawn_per_step_and_repeats_with_the_seed():
@@ -239,9 +243,11 @@ def test_step_time_spread_is_drawn_per_step_and_repeats_with_the_seed():
     assert sum(gaps) / len(gaps) == pytest.approx(sum(plain_gaps) / len(plain_gaps), rel=0.1)
 
 
-def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path):
-    """Runs 'measured' by a simulator that charges known overheads: calibration on the
-    lowest-rate run of each system recovers them, and the profile's other sections stay."""
+@pytest.mark.parametrize("devices", ["cuda:0,cuda:1", "cuda:0,cuda:0"])
+def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path, devices):
+    """Runs 'measured' by a simulator that charges known overheads (and, with the split's two
+    workers on one GPU, a known sharing slowdown): calibration recovers them, and the profile's
+    other sections stay."""
     import argparse
     from dataclasses import replace
 
@@ -253,16 +259,22 @@ def test_validation_calibrates_the_overhead_that_the_measured_runs_paid(tmp_path
                                    "decode": {"base_ms": 5, "per_seq_ms": 0.1, "per_context_token_ms": 0.0005},
                                    "transfer": {"base_ms": 1, "per_token_ms": 0.01},
                                    "meta": {"block_size": 16}}))
-    real = replace(LatencyModel.load(profile), overhead_request_ms=(6.0,), overhead_handoff_ms=(9.0,))
-    load, slo = Load("chat", num_requests=30, max_requests=30), SLO(1.0, 0.1)
-    for label, layout in (("colocated", Layout(0, 1)), ("split", Layout(1, 1))):
-        for rate in (0.5, 4.0):
+    shared = devices == "cuda:0,cuda:0"
+    real = replace(LatencyModel.load(profile), overhead_request_ms=(6.0,), overhead_split_request_ms=(15.0,),
+                   sharing_slowdown=0.5)
+    load, slo = Load("chat", num_requests=60, max_requests=60), SLO(1.0, 0.1)
+    for label, layout in (("colocated", Layout(0, 1)), ("split", Layout(1, 1, 1 if shared else None))):
+        for rate in (0.5, 12.0):
             run_rate(SimSpec(layout, SHAPE), real, load, rate, slo, tmp_path / "real", label)
-    args = argparse.Namespace(devices="cuda:0,cuda:1", num_kv_blocks=SHAPE.num_blocks, max_num_seqs=SHAPE.max_num_seqs,
+    args = argparse.Namespace(devices=devices, num_kv_blocks=SHAPE.num_blocks, max_num_seqs=SHAPE.max_num_seqs,
                               max_num_batched_tokens=SHAPE.max_num_batched_tokens, policy="least_loaded")
     doc = json.loads(calibrate(args, tmp_path, profile).read_text())
     assert doc["overhead"]["request_ms"][9] == pytest.approx(6.0, abs=0.5)  # the median
-    assert doc["overhead"]["handoff_ms"][9] == pytest.approx(9.0, abs=0.5)
+    assert doc["overhead"]["split_request_ms"][9] == pytest.approx(15.0, abs=0.5)
+    if shared:
+        assert doc["sharing"]["slowdown"] == pytest.approx(0.5, abs=0.1)
+    else:
+        assert "sharing" not in doc
     assert doc["prefill"] == json.loads(profile.read_text())["prefill"]
     assert LatencyModel.from_dict(doc).overhead_request_ms[9] == doc["overhead"]["request_ms"][9]
 

@@ -5,14 +5,18 @@
 2. Real runs (``splitserve bench sweep``, the real load generator): ``colocated`` = one worker
    with chunked prefill (``up --prefill 0 --decode 1``) and ``split`` = one prefill-only and one
    decode-only worker (``up --prefill 1 --decode 1``, KV over ``--kv-backend``), at every rate.
-3. The per-request overhead, calibrated (unless ``--no-calibrate``): the profile times engine
-   steps only, so what a request pays outside them (HTTP, tokenising, routing, admission; for
-   the split, the prefill hop, the KV connection and the decode worker's activation) is
-   measured on the lowest-rate run of each system, nearly idle, as each request's measured TTFT
-   minus its TTFT simulated alone. The colocated gaps are ``overhead.request_ms``; the split's
-   gaps beyond them (quantile by quantile) are ``overhead.handoff_ms``. Written with the profile
-   into OUT/latency-model-calibrated.json, which step 4 uses. The lowest rate is thus in-sample
-   for the overhead (a constant per path); every higher rate, and TPOT, is out of sample.
+3. Calibration (unless ``--no-calibrate``), written with the profile into
+   OUT/latency-model-calibrated.json, which step 4 uses:
+   - where the split's two workers share one GPU, how much their overlapping steps slow each
+     other (``sharing.slowdown``): the value whose simulated TPOT (p50, p90) of the split's
+     highest-rate run is nearest the measured one (that run's TPOT is in-sample);
+   - the per-request overhead: the profile times engine steps only, so what a request pays
+     outside them (HTTP, tokenising, routing, admission; for the split, the prefill hop, the
+     KV connection and the decode worker's activation) is measured on the lowest-rate run of
+     each system, nearly idle, as each request's measured TTFT minus its TTFT in a simulation
+     of that run without overhead: ``overhead.request_ms`` (colocated) and
+     ``overhead.split_request_ms``. The lowest rate's TTFT is in-sample for it (a constant per
+     path); every other rate and TPOT are out of sample.
 4. The simulator on each measured run's own request list (arrival times, prompt tokens as the
    server counted them, max_tokens) with the same layout, router policy and worker shape.
 5. A table measured vs simulated (TTFT and TPOT p50/p90, attainment of both targets), the pass
@@ -129,22 +133,56 @@ def _shape(args: argparse.Namespace, latency_path: Path):  # noqa: ANN202
                        args.max_num_batched_tokens, int(meta.get("max_model_len") or 1 << 20))
 
 
-def idle_gaps(run, latency, spec) -> list[float]:  # noqa: ANN001
-    """Each completed request's measured TTFT minus its TTFT simulated alone (ms): what the
-    request paid outside the engine steps, when the system had nothing else to do."""
+def requests_of(run) -> list:  # noqa: ANN001
+    """A measured run's own request list for the simulator (arrivals, prompt tokens as the
+    server counted them, max_tokens)."""
+    from splitserve.sim.cluster import SimRequest
+
+    return [SimRequest(r.index, r.scheduled_s, r.prompt_tokens, r.max_tokens) for r in run.records]
+
+
+def bare(latency):  # noqa: ANN001, ANN201
+    """The latency model without what calibration measures (overhead) or draws (spread)."""
     from dataclasses import replace
 
-    from splitserve.sim.cluster import SimRequest
+    return replace(latency, overhead_request_ms=(), overhead_handoff_ms=(), step_ratio=())
+
+
+def idle_gaps(run, latency, spec) -> list[float]:  # noqa: ANN001
+    """Each completed request's measured TTFT minus its TTFT in a simulation of the same run
+    without any overhead (ms): what the request paid outside the engine steps. The whole run
+    is simulated, not each request alone, so the gaps hold no queueing or GPU sharing that the
+    simulator models itself (a nearly idle run has little of either)."""
     from splitserve.sim.sweep import simulate
 
-    bare = replace(latency, overhead_request_ms=(), overhead_handoff_ms=(), step_ratio=())
+    records, _ = simulate(spec, bare(latency), requests_of(run), _slo(run.slo))
+    simulated = {r.index: r for r in records}
+    return [(r.ttft_s - simulated[r.index].ttft_s) * 1000 for r in run.records
+            if r.ok and simulated[r.index].ttft_s is not None]
+
+
+SLOWDOWNS = tuple(i / 20 for i in range(21))  # sharing.slowdown values tried, 0 to 1
+
+
+def sharing_slowdown(run, latency, spec) -> tuple[float, float]:  # noqa: ANN001
+    """The ``sharing.slowdown`` under which the simulated TPOT (p50 and p90) of ``run``, a
+    system whose workers share a GPU, is nearest the measured one; and that mean relative error.
+    TPOT is all decode steps, so it shows how much the prefill worker's steps slow them."""
+    from dataclasses import replace
+
+    from splitserve.bench.stats import summarize
+    from splitserve.sim.sweep import simulate
+
     slo = _slo(run.slo)
-    gaps = []
-    for r in run.records:
-        if r.ok:
-            [alone], _ = simulate(spec, bare, [SimRequest(0, 0.0, r.prompt_tokens, r.max_tokens)], slo)
-            gaps.append((r.ttft_s - alone.ttft_s) * 1000)
-    return gaps
+    measured = summarize(run.records, slo)["tpot_ms"]
+    best = (1.0, float("inf"))
+    for slowdown in SLOWDOWNS:
+        records, _ = simulate(spec, replace(bare(latency), sharing_slowdown=slowdown), requests_of(run), slo)
+        simulated = summarize(records, slo)["tpot_ms"]
+        err = sum(abs(simulated[q] / measured[q] - 1) for q in ("p50", "p90")) / 2
+        if err < best[1]:
+            best = (slowdown, err)
+    return best
 
 
 def quantiles(values: list[float], k: int = 19) -> list[float]:
@@ -156,34 +194,47 @@ def quantiles(values: list[float], k: int = 19) -> list[float]:
 
 
 def overhead_section(gaps: dict[str, list[float]]) -> dict:
-    """The latency model's ``overhead`` from each system's idle gaps (see the module docstring):
-    the colocated gaps, and the split's beyond them at the same probabilities."""
-    request = quantiles(gaps.get("colocated") or gaps.get("split") or [0.0])
-    section = {"request_ms": request}
-    if gaps.get("split") and gaps.get("colocated"):
-        split = quantiles(gaps["split"])
-        section["handoff_ms"] = [round(max(0.0, s - c), 3) for s, c in zip(split, request, strict=True)]
+    """The latency model's ``overhead`` from each system's idle gaps (see the module docstring)."""
+    section = {"request_ms": quantiles(gaps.get("colocated") or gaps.get("split") or [0.0])}
+    if gaps.get("split"):
+        section["split_request_ms"] = quantiles(gaps["split"])
     return section
 
 
 def calibrate(args: argparse.Namespace, out: Path, latency_path: Path) -> Path:
-    """The profile plus the overhead measured on each system's lowest-rate run."""
+    """The profile plus what the runs measure: the GPU sharing slowdown on the highest-rate run
+    of a system whose workers share a GPU (if any), then the overhead on each system's
+    lowest-rate run."""
+    from dataclasses import replace
+
     from splitserve.bench.results import find_runs
     from splitserve.router.policy.latency import LatencyModel
     from splitserve.sim.sweep import SimSpec
 
     latency, shape = LatencyModel.load(latency_path), _shape(args, latency_path)
+    doc = json.loads(latency_path.read_text())
+    meta = doc.setdefault("meta", {})
     lowest: dict = {}
+    highest: dict = {}
     for run in find_runs([out / "real"]):
         if run.label not in lowest or run.rate < lowest[run.label].rate:
             lowest[run.label] = run
-    gaps = {label: idle_gaps(run, latency, SimSpec(layout_of(label, args), shape, args.policy))
-            for label, run in lowest.items()}
-    doc = json.loads(latency_path.read_text())
+        if run.label not in highest or run.rate > highest[run.label].rate:
+            highest[run.label] = run
+    specs = {label: SimSpec(layout_of(label, args), shape, args.policy) for label in lowest}
+    shared = [label for label, spec in specs.items() if spec.layout.shared]
+    if shared:
+        run = highest[shared[0]]
+        slowdown, err = sharing_slowdown(run, latency, specs[shared[0]])
+        doc["sharing"] = {"slowdown": slowdown}
+        meta["sharing_from"] = (f"{run.label} ({specs[shared[0]].layout.label}) {run.workload} at "
+                                f"{run.rate:g} req/s: TPOT p50/p90 within {err * 100:.1f}% on average")
+        latency = replace(latency, sharing_slowdown=slowdown)
+        log.info("GPU sharing slowdown from %s", meta["sharing_from"])
+    gaps = {label: idle_gaps(run, latency, specs[label]) for label, run in lowest.items()}
     doc["overhead"] = overhead_section(gaps)
-    doc.setdefault("meta", {})["overhead_from"] = {label: f"{run.workload} at {run.rate:g} req/s, "
-                                                   f"{len(gaps[label])} requests"
-                                                   for label, run in lowest.items()}
+    meta["overhead_from"] = {label: f"{run.workload} at {run.rate:g} req/s, {len(gaps[label])} requests"
+                             for label, run in lowest.items()}
     path = out / "latency-model-calibrated.json"
     path.write_text(json.dumps(doc, indent=1))
     log.info("overhead from the lowest-rate runs: %s", doc["overhead"])
@@ -195,7 +246,6 @@ def simulate_runs(args: argparse.Namespace, out: Path, latency_path: Path) -> li
     from splitserve.bench.results import find_runs, run_path, write_run
     from splitserve.bench.stats import summarize
     from splitserve.router.policy.latency import LatencyModel
-    from splitserve.sim.cluster import SimRequest
     from splitserve.sim.sweep import SimSpec, records_span, simulate
 
     latency, shape = LatencyModel.load(latency_path), _shape(args, latency_path)
@@ -203,9 +253,8 @@ def simulate_runs(args: argparse.Namespace, out: Path, latency_path: Path) -> li
     for run in find_runs([out / "real"]):
         layout = layout_of(run.label, args)
         spec = SimSpec(layout, shape, args.policy, args.overhead_ms)
-        reqs = [SimRequest(r.index, r.scheduled_s, r.prompt_tokens, r.max_tokens) for r in run.records]
         slo = _slo(run.slo)
-        records, cost = simulate(spec, latency, reqs, slo, args.seed)
+        records, cost = simulate(spec, latency, requests_of(run), slo, args.seed)
         measured, simulated = summarize(run.records, slo, run.run_seconds), summarize(records, slo)
         write_run(run_path(out / "sim", run.label, run.workload, run.rate), {
             **{k: v for k, v in run.data.items() if k not in ("schema", "created_utc", "host")},

@@ -10,8 +10,9 @@ in milliseconds; each section gives either coefficients or measured points to fi
       "transfer": {"base_ms": 1, "per_token_ms": 0.01},
       "mixed":    {"base_ms": 6, "per_token_ms": 0.05, "per_token2_ms": 0.0,
                    "per_row_ms": 0.02, "per_context_token_ms": 0.0006},
-      "overhead": {"request_ms": [9.5, 12, 20], "handoff_ms": [15, 18]},
+      "overhead": {"request_ms": [9.5, 12, 20], "split_request_ms": [20, 24, 30]},
       "spread":   {"step_ratio": [0.97, 0.99, 1.0, 1.02, 1.1]},
+      "sharing":  {"slowdown": 0.4},
       "meta": {...anything, e.g. hardware and model...}
     }
 
@@ -35,9 +36,13 @@ prefill and decode curves).
 The optional ``overhead`` and ``spread`` sections (absent: none) are what the simulator adds to
 the step costs, each a list of equally likely values (a number is a list of one) from which it
 draws: ``request_ms``, a request's fixed cost outside the engine steps (HTTP in and out,
-tokenising, routing, the worker admitting it); ``handoff_ms``, what a split request pays on top
-(the prefill hop, the KV connection, the decode worker activating it); ``step_ratio``, a step's
-time over the model's prediction for it.
+tokenising, routing, the worker admitting it); ``split_request_ms``, the same for a request
+served by a prefill and a decode worker (the prefill hop, the KV connection, the decode worker
+activating it; absent: ``request_ms``, plus ``handoff_ms`` when the KV has landed, the older
+form, for models written before); ``step_ratio``, a step's
+time over the model's prediction for it. ``sharing.slowdown`` (default 1) is how much two
+workers on one GPU slow each other while both have a step in flight: each runs at
+1 / (1 + slowdown * (k - 1)) of its speed with k steps in flight (1: the GPU time-sliced evenly).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ _SECTIONS = {
 }
 # sections of equally likely values: section -> {key: LatencyModel field}
 _DRAWN = {
-    "overhead": {"request_ms": "overhead_request_ms", "handoff_ms": "overhead_handoff_ms"},
+    "overhead": {"request_ms": "overhead_request_ms", "split_request_ms": "overhead_split_request_ms",
+                 "handoff_ms": "overhead_handoff_ms"},
     "spread": {"step_ratio": "step_ratio"},
 }
 
@@ -123,7 +129,9 @@ class LatencyModel:
     mixed_per_context_token_ms: float = 0.0
     overhead_request_ms: tuple[float, ...] = ()
     overhead_handoff_ms: tuple[float, ...] = ()
+    overhead_split_request_ms: tuple[float, ...] = ()
     step_ratio: tuple[float, ...] = ()
+    sharing_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -159,7 +167,7 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
-        unknown = set(data) - set(_SECTIONS) - set(_DRAWN) - {"meta"}
+        unknown = set(data) - set(_SECTIONS) - set(_DRAWN) - {"meta", "sharing"}
         if unknown:
             raise ValueError(f"unknown latency model section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
@@ -169,6 +177,11 @@ class LatencyModel:
             if bad:
                 raise ValueError(f"unknown latency model field(s) in {section}: {', '.join(sorted(bad))}")
             values.update({names[k]: _values(section, k, v) for k, v in sec.items()})
+        sharing = data.get("sharing") or {}
+        if set(sharing) - {"slowdown"}:
+            raise ValueError(f"unknown latency model field(s) in sharing: {', '.join(sorted(set(sharing) - {'slowdown'}))}")
+        if "slowdown" in sharing:
+            values["sharing_slowdown"] = float(sharing["slowdown"])
         for section, keys in _SECTIONS.items():
             sec = data.get(section)
             if sec is None:
