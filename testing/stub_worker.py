@@ -52,6 +52,7 @@ class StubBehaviour:
     dead: bool = False  # every endpoint answers 500
     wait_for_kv_s: float = 5.0
     load: dict[str, int] = field(default_factory=dict)  # LoadReport fields to report instead
+    load_status: int = 200  # != 200: /load answers this error (the worker looks down to the router)
     stop_strings_from: Any = None  # a RouterTokenizer: apply stop strings like the engine does
     requests: list[dict[str, Any]] = field(default_factory=list)  # the bodies received, as sent
     aborted: list[str] = field(default_factory=list)
@@ -119,6 +120,9 @@ class StubApp:
 
     async def load(self, _body: dict, _receive: Any, send: Any) -> None:
         b = self.b
+        if b.load_status != 200:
+            await send_json(send, b.load_status, ErrorReply("stub /load fails").to_json())
+            return
         report = LoadReport(running=self.running, free_blocks=1000, total_blocks=1000, block_size=16,
                             max_model_len=b.max_model_len, role=b.role)
         await send_json(send, 200, replace(report, **b.load).to_json())

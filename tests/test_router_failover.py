@@ -151,7 +151,10 @@ def test_a_decode_worker_hung_mid_stream_is_resumed_on_another(demo_model, caplo
     (not the 60 s stream idle timeout)."""
     with stub_process("decode", "--token-delay", "0.1", "--continues") as hung, thread_stub("prefill") as (p1, _), \
             thread_stub("decode", token_delay_s=0.1, continues_prompt=True) as (d1, other):
-        with router(demo_model, [p1.url], [hung.url, d1.url], poll_interval_s=0.2, stream_stall_timeout_s=1.0) as url:
+        # Polls give up after 0.5 s: the worker is marked before its stream has been silent for
+        # the stall timeout, which the router then waits out (and no longer).
+        with router(demo_model, [p1.url], [hung.url, d1.url], poll_interval_s=0.2, poll_timeout_s=0.5,
+                    stream_stall_timeout_s=1.5) as url:
             reference = _stream(url)
             assert reference[1] == 8
             if not other.requests:  # round robin: the next stream starts on the worker to stop
@@ -159,7 +162,7 @@ def test_a_decode_worker_hung_mid_stream_is_resumed_on_another(demo_model, caplo
             before = len(other.requests)
             text, tokens, seconds = _stream(url, lambda: os.kill(hung.pid, signal.SIGSTOP))
             assert (text, tokens) == reference[:2]
-            assert seconds < 6, seconds  # a poll timeout (2 s) and the stall timeout, not 60 s
+            assert 1.2 < seconds < 4, seconds  # about the stall timeout, not the 60 s idle timeout
             assert _retries(url, "stalled", "resumed") == 1
             assert len(other.requests) == before + 1  # the stream started on the stopped worker
             resumed = other.requests[-1]
@@ -180,3 +183,20 @@ def test_a_slow_decode_worker_that_answers_its_polls_keeps_its_streams(demo_mode
             assert len(slow.requests) == 1 and not slow.aborted
             assert _retries(url, "stalled", "resumed") == 0 and _retries(url, "failed", "resumed") == 0
             assert all("-retry" not in q["request_id"] for q in fast.requests)
+
+
+def test_a_stream_that_flows_is_kept_though_its_worker_misses_polls(demo_model) -> None:
+    """The decode worker's /load fails after the first token (the router marks it unhealthy),
+    but its tokens keep coming, each sooner than the stall timeout: the stream stays on it."""
+    with thread_stub("prefill") as (p1, _), thread_stub("decode", token_delay_s=0.3) as (d0, b0), \
+            thread_stub("decode", token_delay_s=0.3) as (d1, b1):
+        with router(demo_model, [p1.url], [d0.url, d1.url], poll_interval_s=0.1, stream_stall_timeout_s=1.0) as url:
+
+            def polls_fail() -> None:
+                b0.load_status = b1.load_status = 500
+
+            text, tokens, seconds = _stream(url, polls_fail)
+            assert tokens == 8 and seconds > 1.5  # marked unhealthy for most of the stream
+            assert httpx.get(url + "/health").json()["workers"]["decode"]["healthy"] == 0
+            assert _retries(url, "stalled", "resumed") == 0
+            assert all("-retry" not in q["request_id"] for q in b0.requests + b1.requests)
