@@ -200,3 +200,24 @@ def test_a_stream_that_flows_is_kept_though_its_worker_misses_polls(demo_model) 
             assert httpx.get(url + "/health").json()["workers"]["decode"]["healthy"] == 0
             assert _retries(url, "stalled", "resumed") == 0
             assert all("-retry" not in q["request_id"] for q in b0.requests + b1.requests)
+
+
+def test_the_fault_timeouts_are_router_options() -> None:
+    import argparse
+
+    from splitserve.router.cli import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def parse(*argv: str) -> RouterConfig:
+        return config_from_args(parser.parse_args(["router", "--model", "m", "--decode", "http://d:1", *argv]))
+
+    default = parse()
+    assert (default.poll_timeout_s, default.stream_stall_timeout_s, default.stream_idle_timeout_s) == (2.0, 2.0, 60.0)
+    cfg = parse("--poll-timeout", "0.5", "--stream-stall-timeout", "5", "--stream-idle-timeout", "30")
+    assert (cfg.poll_timeout_s, cfg.stream_stall_timeout_s, cfg.stream_idle_timeout_s) == (0.5, 5.0, 30.0)
+    for flag in ("--poll-timeout", "--stream-stall-timeout", "--stream-idle-timeout"):
+        for bad in ("0", "nan", "inf"):
+            with pytest.raises(ValueError, match="must be > 0 and finite"):
+                parse(flag, bad)
