@@ -98,7 +98,7 @@ class RouterState:
     async def start(self, registry: Registry | None) -> None:
         c = self.config
         self.client = WorkerClient(c.connect_timeout_s, c.prefill_timeout_s, c.stream_idle_timeout_s,
-                                   auth_headers(self.secret))
+                                   auth_headers(self.secret), c.poll_timeout_s)
         self.pool = WorkerPool(registry or _registry(c, self), self.client, c.poll_interval_s)
         pool = self.pool
         pool.on_change.add(lambda: self.metrics.observe_kv_links(

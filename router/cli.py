@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
-from splitserve.router.config import LIMIT_OPTIONS, POLICIES, Limits
+from splitserve.router.config import LIMIT_OPTIONS, POLICIES, SLO, Limits, RouterConfig
 from splitserve.trust import add_secret_argument, read_secret
 
 log = logging.getLogger("splitserve.router")
@@ -153,7 +154,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-attempts",
         type=int,
         default=2,
-        help="tries per sequence on different worker pairs before a worker failure is the client's error (default 2)",
+        help="tries per sequence on different worker pairs before a worker failure is the client's error "
+        "(default 2); counts the tries in a row that sent no token: a sequence whose decode worker fails "
+        "after sending tokens is resumed on another pair from them",
+    )
+    faults = p.add_argument_group(
+        "worker faults", "how soon a worker that stops answering is given up; sequences it was serving go "
+        "on on another pair (resumed: splitserve_router_resumed_total{reason})",
+    )
+    default = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
+    faults.add_argument(
+        "--poll-timeout", type=float, default=default["poll_timeout_s"],
+        help="seconds a worker's /load (or /health) poll may take; no answer marks the worker unhealthy "
+        "(default %(default)g). A worker busy computing still answers its polls",
+    )
+    faults.add_argument(
+        "--stream-stall-timeout", type=float, default=default["stream_stall_timeout_s"],
+        help="seconds a decode stream may be silent on a worker marked unhealthy before it is resumed on "
+        "another pair (default %(default)g); a worker that answers its polls is never given up, however "
+        "slow its tokens",
+    )
+    faults.add_argument(
+        "--stream-idle-timeout", type=float, default=default["stream_idle_timeout_s"],
+        help="seconds a decode stream may be silent at all, the last resort when polls still answer "
+        "(default %(default)g)",
     )
     add_limit_arguments(p.add_argument_group(
         "limits", "what one client can make the router hold; each refusal is counted in "
@@ -173,10 +197,8 @@ def add_limit_arguments(group: argparse._ActionsContainer, router_defaults: bool
                            help=f"{option.help} ({'' if router_defaults else 'router '}default {option.default_text})")
 
 
-def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, imported lazily)
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """The RouterConfig that the command-line arguments describe (raises ValueError if invalid)."""
-    from splitserve.router.config import SLO, RouterConfig
-
     return RouterConfig(
         served_model_name=args.served_model_name or Path(args.model).resolve().name,
         model_dir=str(args.model),
@@ -198,6 +220,9 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 (RouterConfig, i
         slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
         max_queue_ms=args.max_queue_ms,
         poll_interval_s=args.poll_interval,
+        poll_timeout_s=args.poll_timeout,
+        stream_stall_timeout_s=args.stream_stall_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
         max_attempts=args.max_attempts,
         limits=Limits(**{o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}),
     )

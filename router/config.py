@@ -168,8 +168,12 @@ class RouterConfig:
     connect_timeout_s: float = 2.0
     prefill_timeout_s: float = 120.0
     stream_idle_timeout_s: float = 60.0
-    # Worker polling: /load (and /health) every poll_interval_s.
+    # A decode stream silent this long on a worker that misses its polls is resumed elsewhere (stall.py).
+    stream_stall_timeout_s: float = 2.0
+    # Worker polling: /load (and /health) every poll_interval_s; no answer within poll_timeout_s
+    # marks the worker unhealthy.
     poll_interval_s: float = 0.5
+    poll_timeout_s: float = 2.0
     # Goodput admission: wait at most this long for a pair that can meet the SLO, then shed (429).
     max_queue_ms: float = 500.0
     max_queued_requests: int = 256
@@ -187,9 +191,10 @@ class RouterConfig:
         self._check_policy()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("connect_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s", "poll_interval_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("connect_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s", "stream_stall_timeout_s",
+                     "poll_interval_s", "poll_timeout_s"):
+            if not 0 < getattr(self, name) < math.inf:  # False for NaN too
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         if self.max_queue_ms < 0 or self.max_queued_requests < 0:
             raise ValueError("max_queue_ms and max_queued_requests must be >= 0")
         if self.max_attempts < 1:

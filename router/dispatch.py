@@ -1,17 +1,26 @@
-"""Serving one sequence: choose a pair, stream decode's tokens, retry once if a worker fails
-before the first token.
+"""Serving one sequence: choose a pair, stream decode's tokens; when a worker fails, retry before
+the first token, resume after it.
 
 Life cycle of a sequence: admitted (policy picks a pair; if none can meet its targets it waits in
 admission for a bounded time, then is shed) -> decode ``/generate`` opened (decode allocates
 blocks) -> prefill ``/prefill`` sent with decode's KV endpoint -> tokens stream -> done.
 
 Failure (one rule for both hops, ``after_failure``): a worker that cannot be reached, breaks its
-stream or times out is marked unhealthy at once; before the first token the sequence is retried
-on another pair (closing the decode stream, so decode frees the blocks), at most
-``max_attempts`` tries; after it the client gets a 502; a worker's 400 is the client's 400.
-Until the first token an attempt also fails at once when a worker of its pair is marked
-unhealthy by anyone (``_Tripwire``): a request sent to a worker that hung just before a poll
-noticed waits for that poll, not for its own timeouts.
+stream or times out is marked unhealthy at once; the sequence goes on on another pair (closing
+the decode stream, so decode frees the blocks); a worker's 400 is the client's 400.
+
+- Before the first token it is retried from the start, at most ``max_attempts`` tries in a row
+  that send nothing; after them the client gets a 502. Until the first token an attempt also
+  fails at once when a worker of its pair is marked unhealthy by anyone (``_Tripwire``): a
+  request sent to a worker that hung just before a poll noticed waits for that poll, not for
+  its own timeouts.
+- After the first token it is resumed: a new sequence whose prompt is the prompt and the tokens
+  the client already has, asking for the tokens still due, so the client's stream goes on
+  without a seam (for greedy sampling, token for token the answer it would have had; a seeded
+  sample continues with a fresh draw). A decode worker that dies breaks its stream; one that
+  hangs with its connection open is noticed by ``StallWatch`` (stall.py) once it misses its
+  polls and its stream has been silent for ``stream_stall_timeout_s``, instead of after the
+  idle timeout (``stream_idle_timeout_s``).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from splitserve.protocol import (
     GenerateRequest,
@@ -32,11 +41,12 @@ from splitserve.protocol import (
 )
 from splitserve.router.admission import AdmissionSignal
 from splitserve.router.backlog import AwaitingFirstToken
-from splitserve.router.config import SLO, RouterConfig
+from splitserve.router.config import MAX_SLO_MS, SLO, RouterConfig
 from splitserve.router.errors import RouterError, ShedError, UpstreamError
 from splitserve.router.metrics import RouterMetrics
 from splitserve.router.policy import Decision, NoCandidate, Policy, RouteRequest, SloUnattainable
 from splitserve.router.pool import WorkerPool
+from splitserve.router.stall import StallWatch
 from splitserve.router.workers import WorkerClient, WorkerRejected, WorkerState, WorkerUnreachable
 
 log = logging.getLogger("splitserve.router.dispatch")
@@ -54,37 +64,56 @@ class SequenceSpec:
 Chunk = TokenLine  # what one sequence yields: decode's lines that arrived together, merged
 
 
-class _WorkerFailed(Exception):
-    """One worker failed this attempt. ``unreachable``: transport failure, timeout or marked
-    unhealthy (the worker is suspect); else it answered with an error (``status``)."""
+# A resumed sequence was admitted already: the policy must not queue or shed it for latency
+# targets it can no longer meet (room in the KV cache is still required).
+RESUMED_SLO = SLO(MAX_SLO_MS, MAX_SLO_MS)
 
-    def __init__(self, role: str, worker: WorkerState, message: str, unreachable: bool, status: int | None = None) -> None:
+
+class _WorkerFailed(Exception):
+    """One worker failed this attempt. ``unreachable``: transport failure, timeout, stalled or
+    marked unhealthy (the worker is suspect); else it answered with an error (``status``)."""
+
+    def __init__(self, role: str, worker: WorkerState, message: str, unreachable: bool, status: int | None = None,
+                 stalled: bool = False) -> None:
         super().__init__(message)
         self.role, self.worker, self.unreachable, self.status = role, worker, unreachable, status
+        self.stalled = stalled
 
 
 class _Retryable(Exception):
-    """A failure before the first token: try another pair (without ``bad_urls``)."""
+    """Go on on another pair (without ``bad_urls``): from the start, or, with ``resume`` (the
+    client has tokens of this attempt), from the tokens sent."""
 
-    def __init__(self, message: str, bad_urls: set[str], reason: str) -> None:
+    def __init__(self, message: str, bad_urls: set[str], reason: str, resume: bool = False) -> None:
         super().__init__(message)
-        self.bad_urls, self.reason = bad_urls, reason
+        self.bad_urls, self.reason, self.resume = bad_urls, reason, resume
 
 
 def after_failure(failure: _WorkerFailed, yielded: bool) -> Exception:
     """The retry rule, for both hops: what a worker's failure becomes.
 
     - the worker refused the request itself (400): the client's error, as a 400, no retry;
-    - after the first token went to the client: a 502 (the client has part of an answer);
+    - after the first token went to the client: resume on another pair from the tokens sent
+      (reason ``stalled`` for a worker that hung, else ``failed``);
     - otherwise: retry on another pair, without that worker (``Dispatcher.run`` bounds the
-      attempts by ``max_attempts``)."""
+      tries that send nothing by ``max_attempts``)."""
     if failure.status == 400:
         return RouterError(400, f"the {failure.role} worker refused the request: {failure}")
     if yielded:
-        return UpstreamError(502, f"{failure.role} worker {failure.worker.url} failed mid-request: {failure}",
-                             code=f"{failure.role}_failed")
+        return _Retryable(f"{failure.role} worker {failure.worker.url} failed mid-request: {failure}",
+                          {failure.worker.url}, "stalled" if failure.stalled else "failed", resume=True)
     return _Retryable(f"{failure.role} worker {failure.worker.url} failed: {failure}", {failure.worker.url},
                       failure.role)
+
+
+def resumed(spec: SequenceSpec, sent: list[int]) -> SequenceSpec:
+    """What is left of ``spec`` once the client has ``sent``: the prompt and those tokens as the
+    prompt (computed again by whichever pair serves it), the tokens still due as the limit. The
+    stop strings are the router's to find across the seam (choices.py); the context is no
+    longer than the original's (prompt + max_tokens)."""
+    left = spec.sampling.max_tokens - len(sent)
+    return replace(spec, prompt_token_ids=spec.prompt_token_ids + sent,
+                   sampling=replace(spec.sampling, max_tokens=left), slo=RESUMED_SLO)
 
 
 class Dispatcher:
@@ -169,45 +198,60 @@ class Dispatcher:
 
     async def run(self, spec: SequenceSpec) -> AsyncIterator[Chunk]:
         """The sequence's chunks; raises RouterError (with its HTTP status) on failure."""
-        req = RouteRequest(spec.prompt_token_ids, spec.sampling.max_tokens, spec.slo)
         exclude: set[str] = set()
         last_error = ""
         first_at = last_at = None
-        tokens = 0
+        sent: list[int] = []  # the tokens the client has, over all attempts
+        tries = failures = 0  # attempts made; attempts in a row that sent nothing
         self.metrics.inflight.inc()
         self.metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
         waiting = self.awaiting.add(spec.arrival)
         try:
-            for attempt in range(1, self.config.max_attempts + 1):
+            while True:
+                seq = resumed(spec, sent) if sent else spec
+                if seq.sampling.max_tokens < 1:  # (a worker that sent every token but no finish)
+                    yield Chunk([], "length")
+                    return
+                req = RouteRequest(seq.prompt_token_ids, seq.sampling.max_tokens, seq.slo)
                 try:
                     decision = await self.route(req, exclude)
                 except UpstreamError as exc:
-                    if attempt == 1:
+                    if not tries:
                         raise
                     raise UpstreamError(502, f"{last_error}; no other worker pair to retry on ({exc.message})") from exc
-                rid = spec.request_id if attempt == 1 else f"{spec.request_id}-retry{attempt - 1}"
+                rid = spec.request_id if not tries else f"{spec.request_id}-retry{tries}"
+                tries += 1
                 self.policy.on_routed(req, decision)
                 try:
-                    async for chunk in self._attempt(rid, spec, decision):
+                    async for chunk in self._attempt(rid, seq, decision):
                         if chunk.token_ids:
                             last_at = time.monotonic()
                             if first_at is None:
                                 first_at = last_at
                                 self.awaiting.remove(waiting)
-                            tokens += len(chunk.token_ids)
+                            sent += chunk.token_ids
                         yield chunk
                     return
                 except _Retryable as exc:
                     last_error = str(exc)
-                    self.metrics.child(self.metrics.retries, exc.reason).inc()
-                    log.warning("request %s attempt %d failed: %s", spec.request_id, attempt, exc)
                     exclude.update(exc.bad_urls)
-            raise UpstreamError(502, f"request failed after {self.config.max_attempts} attempts: {last_error}")
+                    if exc.resume:
+                        failures = 0
+                        self.metrics.child(self.metrics.resumed, exc.reason).inc()
+                        log.warning("request %s: %s; resuming after %d tokens on another pair",
+                                    spec.request_id, exc, len(sent))
+                        continue
+                    failures += 1
+                    self.metrics.child(self.metrics.retries, exc.reason).inc()
+                    log.warning("request %s attempt %d failed: %s", spec.request_id, tries, exc)
+                    if failures >= self.config.max_attempts:
+                        raise UpstreamError(502, f"request failed after {failures} attempts: {last_error}") from None
         finally:
             self.awaiting.remove(waiting)
             self.metrics.inflight.dec()
             now = time.monotonic()
             ttft = first_at - spec.arrival if first_at else None
+            tokens = len(sent)
             tpot = (last_at - first_at) / (tokens - 1) if first_at and last_at and tokens > 1 else None
             self.metrics.observe_sequence(ttft, tpot, now - spec.arrival, tokens, spec.slo.ttft_ms / 1000, spec.slo.tpot_ms / 1000)
 
@@ -224,6 +268,7 @@ class Dispatcher:
         # the prefill may take, so a slow prefill is the prefill's failure, not decode's.
         first_timeout = self.config.prefill_timeout_s + self.config.stream_idle_timeout_s if p else None
         wire = _Tripwire([("decode", d), ("prefill", p)])
+        stall: StallWatch | None = None
         try:
             try:
                 async with self.client.generate(d.url, request) as stream:
@@ -233,6 +278,7 @@ class Dispatcher:
                         wire.watch(prefill_task)
                     first = await anext(batches, None)
                     wire.disarm()
+                    stall = StallWatch(d, stream, self.config.stream_stall_timeout_s)
                     async for chunk in self._chunks(first, batches, d):
                         yielded = True
                         yield chunk
@@ -240,6 +286,8 @@ class Dispatcher:
                 if prefill_task is not None:
                     await self._settle(prefill_task)
             except WorkerUnreachable as exc:
+                if stall is not None and stall.stalled:
+                    raise _WorkerFailed("decode", d, stall.stalled, unreachable=True, stalled=True) from exc
                 raise _WorkerFailed("decode", d, str(exc), unreachable=True) from exc
             except WorkerRejected as exc:
                 raise _WorkerFailed("decode", d, f"HTTP {exc.status} {exc.message}", False, exc.status) from exc
@@ -251,12 +299,16 @@ class Dispatcher:
                     raise
                 raise failure from None
         except _WorkerFailed as failure:
-            wire.disarm()  # (marking the worker must not trip this attempt's own wire)
+            wire.disarm()  # (marking the worker must not trip this attempt's own wire or watch)
+            if stall is not None:
+                stall.close()
             if failure.unreachable:
                 self.pool.mark_unhealthy(failure.worker, str(failure))
             raise after_failure(failure, yielded) from failure
         finally:
             wire.disarm()
+            if stall is not None:
+                stall.close()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
             for w in (d, p):

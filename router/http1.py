@@ -41,6 +41,7 @@ class Response:
         self.complete = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        self.received_at = time.monotonic()  # when the request went out or body data last came
 
     # -- called by the connection
     def _wake(self) -> None:
@@ -53,6 +54,14 @@ class Response:
             self._wake()
 
     # -- used by the caller
+    def silent_s(self) -> float:
+        """Seconds since data last came; 0 while some waits to be read or the body is complete."""
+        return 0.0 if self._data or self.complete else time.monotonic() - self.received_at
+
+    def fail(self, exc: BaseException) -> None:
+        """End the wait for more data with ``exc`` (data already here is still read first)."""
+        self._fail(exc)
+
     async def _wait(self, timeout: float | None) -> None:
         if self._error is not None:
             raise self._error
@@ -147,6 +156,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
             self.response._data.append(body)
+            self.response.received_at = time.monotonic()
             self.response._wake()
 
     def on_message_complete(self) -> None:

@@ -104,6 +104,13 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.resumed = Counter(
+            "splitserve_router_resumed",
+            "Sequences resumed on another pair after their decode worker failed mid-stream, from "
+            "the tokens sent, by reason (stalled: hung with its connection open; failed: the rest)",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "splitserve_router_prompt_tokens",
             "Prompt tokens of the sequences routed (the planner's prefill load)",

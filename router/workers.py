@@ -106,15 +106,17 @@ class WorkerClient:
 
     def __init__(
         self, connect_timeout_s: float, prefill_timeout_s: float, idle_timeout_s: float,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, probe_timeout_s: float | None = None,
     ) -> None:
-        """``headers`` go on every call to a worker (the internal authentication header)."""
+        """``headers`` go on every call to a worker (the internal authentication header);
+        ``probe_timeout_s`` bounds a /health or /load poll (default: the connect timeout, at least 1 s)."""
         self.headers = dict(headers or {})
         self.prefill_timeout = aiohttp.ClientTimeout(total=prefill_timeout_s, connect=connect_timeout_s)
         self.stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_read=idle_timeout_s
         )
-        self.probe_timeout = aiohttp.ClientTimeout(total=max(1.0, connect_timeout_s), connect=connect_timeout_s)
+        probe_s = probe_timeout_s or max(1.0, connect_timeout_s)
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_s, connect=min(connect_timeout_s, probe_s))
         self._session: aiohttp.ClientSession | None = None
         self.pool = http1.Pool(connect_timeout_s, self.headers)
         self._addresses: dict[str, tuple[str, int, str]] = {}
@@ -218,6 +220,16 @@ class GenerateStream:
     async def __aexit__(self, *exc: object) -> None:
         if self._resp is not None:
             self._resp.close()  # complete: the connection is kept; unfinished: it is closed
+
+    def silent_s(self) -> float:
+        """Seconds since the worker last sent anything on this stream (0 while data waits to be read)."""
+        return 0.0 if self._resp is None else self._resp.silent_s()
+
+    def stall(self, why: str) -> None:
+        """Give up on the stream: its reader gets WorkerUnreachable(``why``) once it has read
+        what already arrived; leaving the context then closes the connection."""
+        if self._resp is not None:
+            self._resp.fail(TimeoutError(why))
 
     async def finish(self) -> None:
         """After the last line: read the (empty) end of the body so the connection is reused."""

@@ -46,9 +46,13 @@ class StubBehaviour:
     prefill_status: int = 200  # != 200: prefill refuses with this status
     prefill_delay_s: float = 0.0  # prefill answers (and sends the KV) after this long
     die_after_tokens: int | None = None  # decode: break the connection after this many tokens
+    # decode: behave like a greedy model, whose answer to a prompt that ends with the first k
+    # output tokens is the rest of the output (what a sequence resumed by the router asks)
+    continues_prompt: bool = False
     dead: bool = False  # every endpoint answers 500
     wait_for_kv_s: float = 5.0
     load: dict[str, int] = field(default_factory=dict)  # LoadReport fields to report instead
+    load_status: int = 200  # != 200: /load answers this error (the worker looks down to the router)
     stop_strings_from: Any = None  # a RouterTokenizer: apply stop strings like the engine does
     requests: list[dict[str, Any]] = field(default_factory=list)  # the bodies received, as sent
     aborted: list[str] = field(default_factory=list)
@@ -116,6 +120,9 @@ class StubApp:
 
     async def load(self, _body: dict, _receive: Any, send: Any) -> None:
         b = self.b
+        if b.load_status != 200:
+            await send_json(send, b.load_status, ErrorReply("stub /load fails").to_json())
+            return
         report = LoadReport(running=self.running, free_blocks=1000, total_blocks=1000, block_size=16,
                             max_model_len=b.max_model_len, role=b.role)
         await send_json(send, 200, replace(report, **b.load).to_json())
@@ -219,7 +226,7 @@ class StubApp:
                 return
             out: list[int] = []
             pending: list[int] = []
-            i = 0
+            i = _continued(req.token_ids, b.output_token_ids) if b.continues_prompt else 0
             while True:
                 tok = b.output_token_ids[i % len(b.output_token_ids)]
                 i += 1
@@ -254,6 +261,14 @@ async def _message(cls: Any, body: dict, send: Any) -> Any:
         return None
 
 
+def _continued(prompt: list[int], output: list[int]) -> int:
+    """How many tokens of the (cycled) ``output`` the prompt already ends with."""
+    for k in range(len(prompt), 0, -1):
+        if prompt[-k:] == [output[j % len(output)] for j in range(k)]:
+            return k
+    return 0
+
+
 def _finish(
     b: StubBehaviour, out: list[int], tok: int, max_tokens: int, stops: list[str]
 ) -> tuple[str | None, str | None]:
@@ -283,8 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
     ap.add_argument("--kv-wait", type=float, default=5.0,
                     help="decode: seconds to wait for the prefill stub's KV before failing (default 5)")
+    ap.add_argument("--continues", action="store_true",
+                    help="decode: continue a prompt that ends with the first output tokens, as a resumed sequence asks")
     args = ap.parse_args(argv)
-    b = StubBehaviour(role=args.role, token_delay_s=args.token_delay, wait_for_kv_s=args.kv_wait)
+    b = StubBehaviour(role=args.role, token_delay_s=args.token_delay, wait_for_kv_s=args.kv_wait,
+                      continues_prompt=args.continues)
     if args.tokens:
         b.output_token_ids = args.tokens
     if args.role == "decode":

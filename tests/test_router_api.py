@@ -1,7 +1,8 @@
 """The router's HTTP API through a real uvicorn server, with the real ``openai`` client, in front
 of stub workers that speak the Worker HTTP API (testing/stub_worker.py): results, streaming,
 ``n``, stop strings, usage, every 4xx path, API keys, and failures (prefill refuses, decode dies
-mid-stream or is killed) - the client always gets a clear error promptly, never a hang."""
+mid-stream or is killed) - the client gets its answer from another worker, or a clear error
+promptly, never a hang."""
 
 from __future__ import annotations
 
@@ -292,27 +293,30 @@ def test_prefill_failure_without_alternative_falls_back_to_recompute(demo_model,
         assert 'outcome="recompute_fallback"' in metrics
 
 
-def test_decode_dying_mid_request_fails_fast_and_others_keep_serving(demo_model, workers) -> None:
+def test_decode_dying_mid_request_is_resumed_on_another_worker(demo_model, workers, tok) -> None:
+    """d0 breaks its stream after 3 tokens: the router resumes the sequence on d1 from the tokens
+    sent (prompt + those 3, asking for the 5 still due); the client gets the whole answer."""
     for name in ("d0", "d1"):
         workers[name][1].token_delay_s = 0.01
+        workers[name][1].continues_prompt = True
     workers["d0"][1].die_after_tokens = 3
+    expected = tok.decode(tok.encode(OUTPUT_TEXT, add_special_tokens=False)[:8])
     with router(demo_model, workers) as r:
-        outcomes = []
-        for _ in range(2):  # round robin: one of these lands on d0
-            resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 8}, timeout=10)
-            outcomes.append(resp.status_code)
-            if resp.status_code != 200:
-                err = _error(resp, 502)
-                assert workers["d0"][0].url in err["message"] and "decode" in err["message"]
-        assert sorted(outcomes) == [200, 502]
-        for _ in range(4):
-            assert client(r).completions.create(model="demo", prompt="x", max_tokens=4).choices[0].text
+        texts = [client(r).completions.create(model="demo", prompt="x", max_tokens=8).choices[0].text
+                 for _ in range(2)]  # round robin: one of these lands on d0
+        assert texts == [expected, expected]
+        resumed = [q for q in workers["d1"][1].requests if "-retry" in q["request_id"]]
+        assert len(resumed) == 1 and resumed[0]["sampling"]["max_tokens"] == 5
+        assert 'splitserve_router_resumed_total{reason="failed"} 1.0' in httpx.get(r.url + "/metrics").text
+        stream = client(r).completions.create(model="demo", prompt="x", max_tokens=8, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected
         health = httpx.get(r.url + "/health").json()
         assert health["workers"]["decode"] == {"healthy": 1, "total": 2}
 
 
 def test_decode_process_killed_mid_stream(demo_model, workers, tok) -> None:
-    """A real decode process is SIGKILLed while streaming: the stream ends with an error event."""
+    """A real decode process, the only one, is SIGKILLed while streaming: with no other worker to
+    resume on, the stream ends with an error event."""
     sock_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitserve.testing.stub_worker", "--role", "decode", "--port", str(sock_port),

@@ -1,12 +1,14 @@
 """End to end with real worker processes: the ``openai`` client -> router -> prefill worker ->
 KV transfer (TCP) -> decode worker, on the CPU with the demo model. Completion, chat, streaming,
 ``n``, stop, usage; greedy output through prefill->decode equals the decode worker computing the
-prompt itself; a decode worker killed mid-stream fails only that request, promptly."""
+prompt itself; a decode worker killed or hung mid-stream costs the client nothing: the router
+resumes the sequence on the other decode worker, and the greedy answer is the same."""
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,21 +107,68 @@ def test_logprobs_through_prefill_and_decode(cluster, demo_model) -> None:
     assert split.token_logprobs[0] == pytest.approx(first, abs=1e-4)
 
 
-def test_decode_killed_mid_stream_fails_only_that_request(cluster, demo_model) -> None:
+GREEDY = dict(model="demo", prompt="hello", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+
+
+def _running(cluster) -> str:
+    """The decode worker that holds a sequence now."""
+    def busy(name: str) -> int:
+        load = httpx.get(cluster[name] + "/load").json()
+        return load["running"] + load["waiting"]
+    return next(n for n in ("d0", "d1") if busy(n))
+
+
+def _resumed(c: openai.OpenAI, reason: str) -> str:
+    metrics = httpx.get(str(c.base_url).removesuffix("/v1/") + "/metrics").text
+    return next((line.split()[-1] for line in metrics.splitlines()
+                 if line.startswith(f'splitserve_router_resumed_total{{reason="{reason}"}}')), "0")
+
+
+def _rest_of(stream: Iterator, fault: Callable[[], None]) -> tuple[str, float]:
+    """The text of the stream after its first chunk, the fault injected after that chunk, and
+    how long the rest took."""
+    text = next(stream).choices[0].text
+    fault()
+    t0 = time.monotonic()
+    text += "".join(ch.choices[0].text for ch in stream if ch.choices)
+    return text, time.monotonic() - t0
+
+
+def test_decode_hung_mid_stream_is_resumed_with_the_same_greedy_answer(cluster, demo_model) -> None:
+    """The decode worker serving a stream is SIGSTOPped after its first token (its connection
+    stays open): the router notices it in seconds and resumes the sequence on the other decode
+    worker from the tokens sent; the client gets, token for token, the answer without the fault."""
     with router(demo_model, [cluster["p0"]], [cluster["d0"], cluster["d1"]]) as c:
-        stream = c.completions.create(model="demo", prompt="hello", max_tokens=1000, stream=True, temperature=1.0,
-                                      extra_body={"ignore_eos": True})
-        it = iter(stream)
-        next(it)
-        victim = next(n for n in ("d0", "d1")
-                      if httpx.get(cluster[n] + "/load").json()["running"] + httpx.get(cluster[n] + "/load").json()["waiting"])
-        survivor = "d1" if victim == "d0" else "d0"
-        cluster["_pids"][victim].kill()
-        t0 = time.monotonic()
-        with pytest.raises(openai.APIError):
-            for _ in it:
-                pass
-        assert time.monotonic() - t0 < 5
+        reference = c.completions.create(**GREEDY).choices[0].text
+        stopped = []
+
+        def stop() -> None:
+            stopped.append(cluster["_pids"][_running(cluster)])
+            stopped[0].send_signal(signal.SIGSTOP)
+
+        try:
+            text, seconds = _rest_of(iter(c.completions.create(**GREEDY, stream=True)), stop)
+        finally:
+            for proc in stopped:
+                proc.send_signal(signal.SIGCONT)
+        assert text == reference
+        assert seconds < 10, seconds  # not the 60 s stream idle timeout
+        assert _resumed(c, "stalled") == "1.0"
+
+
+def test_decode_killed_mid_stream_is_resumed_with_the_same_greedy_answer(cluster, demo_model) -> None:
+    with router(demo_model, [cluster["p0"]], [cluster["d0"], cluster["d1"]]) as c:
+        reference = c.completions.create(**GREEDY).choices[0].text
+        victim: list[str] = []
+
+        def kill() -> None:
+            victim.append(_running(cluster))
+            cluster["_pids"][victim[0]].kill()
+
+        text, seconds = _rest_of(iter(c.completions.create(**GREEDY, stream=True)), kill)
+        assert text == reference and seconds < 5
+        assert _resumed(c, "failed") == "1.0"
         for _ in range(3):
             assert c.completions.create(model="demo", prompt="again", max_tokens=4).usage.completion_tokens >= 1
+        survivor = "d1" if victim[0] == "d0" else "d0"
         assert httpx.get(cluster[survivor] + "/health").status_code == 200

@@ -1,6 +1,6 @@
 """Chaos: ordinary faults under load, and what every client got.
 
-A fault (a worker killed or stopped, clients that leave at every stage, Redis restarted empty) is
+A fault (a worker killed, stopped for a while or for good, clients that leave at every stage, Redis restarted empty) is
 injected into a real local deployment (``splitserve up``'s processes) while client threads send
 requests. Afterwards each request is exactly one of:
 
@@ -184,6 +184,19 @@ def pause(component: str, seconds: float) -> Fault:
     return fault
 
 
+def stop_for_good(component: str, busy_within_s: float = 10.0) -> Fault:
+    """SIGSTOP, once the worker is running sequences (so streams are cut mid-answer), and never
+    SIGCONT: a worker wedged with its connections open. The router must give up its streams
+    long before its 60 s idle timeout; the deployment's stop kills the worker."""
+    def fault(dep: Deployment) -> None:
+        url, headers = worker_urls(dep)[component], dep.internal_headers()
+        deadline = time.monotonic() + busy_within_s
+        while time.monotonic() < deadline and not (worker_load(url, headers) or {}).get("running"):
+            time.sleep(0.02)
+        os.kill(dep.component(component).process.pid, signal.SIGSTOP)
+    return fault
+
+
 def standard_faults(num_prefill: int) -> list[tuple[str, Fault | None, Load]]:
     """The faults the suite runs, each with its load."""
     faults: list[tuple[str, Fault | None, Load]] = [
@@ -192,6 +205,8 @@ def standard_faults(num_prefill: int) -> list[tuple[str, Fault | None, Load]]:
          Load(clients=8, max_tokens=64, leave_after_s=(0.0, 0.25))),
         ("decode-0 SIGSTOP 3 s", pause("decode-0", 3.0), Load()),
         ("decode-0 kill -9", kill("decode-0"), Load()),
+        # a request that waited out the stream idle timeout (60 s) would count as hung
+        ("decode-0 SIGSTOP for good", stop_for_good("decode-0"), Load(max_tokens=64, deadline_s=20.0)),
     ]
     if num_prefill:
         faults += [("prefill-0 SIGSTOP 3 s", pause("prefill-0", 3.0), Load()),
