@@ -18,7 +18,7 @@ def test_profile_writes_a_loadable_latency_model(demo_model):
     assert {p[0] for p in doc["decode"]["points"]} == {1, 2}
     assert [p[0] for p in doc["transfer"]["points"]] == [16, 32, 64]
     assert all(p[-1] > 0 for section in ("prefill", "decode", "transfer") for p in doc[section]["points"])
-    assert len(lines) == 1 + sum(len(doc[s]["points"]) for s in ("prefill", "decode", "transfer"))
+    assert len(lines) == 2 + sum(len(doc[s]["points"]) for s in ("prefill", "decode", "transfer"))  # + warm-up, spread
     ratios = doc["spread"]["step_ratio"]  # step time over its median, 5% to 95%
     assert len(ratios) == 19 and ratios == sorted(ratios) and ratios[0] <= 1.0 <= ratios[-1]
     model = LatencyModel.from_dict(doc)
