@@ -251,6 +251,9 @@ class Simulation:
                                   if not lay.colocated and latency.overhead_split_request_ms
                                   else latency.overhead_request_ms)
         self._handoff_overhead = () if latency.overhead_split_request_ms else latency.overhead_handoff_ms
+        self._per_inflight = (latency.overhead_split_request_per_inflight_ms if not lay.colocated
+                              else latency.overhead_request_per_inflight_ms)
+        self.in_flight = 0  # requests arrived and not yet finished (counted when _per_inflight is set)
         self.policy = build_policy(config.policy, latency)
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._order = itertools.count()
@@ -320,6 +323,9 @@ class Simulation:
             record = RequestRecord(index=req.index, scheduled_s=req.arrival_s, sent_s=req.arrival_s,
                                    prompt_tokens=req.prompt_tokens, max_tokens=req.max_tokens)
             self._flights[str(req.index)] = _Flight(req, record)
+            if self._per_inflight:
+                self._at(req.arrival_s * 1000, self._arrive, str(req.index))
+                continue
             t = req.arrival_s * 1000 + self.config.overhead_ms + self._draw(self._request_overhead)
             self._at(t, self._route, str(req.index), t + self.config.max_queue_ms)
         while self._events:
@@ -330,6 +336,14 @@ class Simulation:
             if r.e2e_s is None and r.error is None:
                 r.error = "simulation ended with the request unfinished"
         return sorted(records, key=lambda r: r.index)
+
+    def _arrive(self, t: float, rid: str) -> None:
+        """A request arrives where the overhead grows with the requests in flight, per decode
+        (or colocated) worker: each worker's process, and the router's share, carry its streams."""
+        load = self.in_flight / max(1, len(self.decodes))
+        t += self.config.overhead_ms + self._draw(self._request_overhead) + self._per_inflight * load
+        self.in_flight += 1
+        self._at(t, self._route, rid, t + self.config.max_queue_ms)
 
     # -- the router
 
@@ -377,6 +391,8 @@ class Simulation:
 
     def _fail(self, flight: _Flight, error: str) -> None:
         flight.record.error = error
+        if self._per_inflight:
+            self.in_flight -= 1
 
     # -- workers
 
@@ -462,3 +478,5 @@ class Simulation:
         rec.output_tokens += 1
         if out.finished:
             rec.e2e_s, rec.finish_reason = t / 1000 - rec.sent_s, out.seq.finish_reason
+            if self._per_inflight:
+                self.in_flight -= 1

@@ -228,6 +228,28 @@ def test_measured_overheads_delay_routing_and_the_split_handoff():
     assert _run(Layout(0, 1), req, lat=lat)[1][0].ttft_s * 1000 == pytest.approx(colo0.ttft_s * 1000 + 7)
 
 
+def test_the_overhead_grows_with_the_requests_in_flight_per_worker():
+    from dataclasses import replace
+
+    def routed_at(layout: Layout, lat: LatencyModel) -> list[float]:
+        reqs = [SimRequest(i, i * 0.01, 160, 200) for i in range(3)]  # all three in flight together
+        sim, at = Simulation(SimConfig(layout, SHAPE), lat, reqs), {}
+        route = sim._route
+
+        def spy(t: float, rid: str, deadline: float) -> None:
+            at.setdefault(rid, t)
+            route(t, rid, deadline)
+
+        sim._route = spy
+        sim.run()
+        return [at[str(i)] - i * 10 for i in range(3)]
+
+    lat = replace(LAT, overhead_request_ms=(7.0,), overhead_request_per_inflight_ms=4.0)
+    assert routed_at(Layout(0, 1), lat) == pytest.approx([7.0, 11.0, 15.0])
+    assert routed_at(Layout(0, 2), lat) == pytest.approx([7.0, 9.0, 11.0])  # half the streams per worker
+    assert routed_at(Layout(1, 1), lat) == pytest.approx([7.0] * 3)  # the split path's own: none given
+
+
 def test_step_time_spread_is_drawn_per_step_and_repeats_with_the_seed():
     from dataclasses import replace
 

@@ -12,11 +12,13 @@
      highest-rate run is nearest the measured one (that run's TPOT is in-sample);
    - the per-request overhead: the profile times engine steps only, so what a request pays
      outside them (HTTP, tokenising, routing, admission; for the split, the prefill hop, the
-     KV connection and the decode worker's activation) is measured on the lowest-rate run of
-     each system, nearly idle, as each request's measured TTFT minus its TTFT in a simulation
-     of that run without overhead: ``overhead.request_ms`` (colocated) and
-     ``overhead.split_request_ms``. The lowest rate's TTFT is in-sample for it (a constant per
-     path); every other rate and TPOT are out of sample.
+     KV connection and the decode worker's activation) is each request's measured TTFT minus
+     its TTFT in a simulation of that run without overhead: ``overhead.request_ms`` (colocated)
+     and ``overhead.split_request_ms`` from each system's lowest-rate run, and how much it grows
+     with each request in flight (``*_per_inflight_ms``: the Python router and workers carry
+     every open stream) from the growth of the median gap to the highest-rate run. So the
+     lowest and highest rates' TTFT p50 are in-sample; the rates between them, the TTFT
+     p90s and TPOT are out of sample.
 4. The simulator on each measured run's own request list (arrival times, prompt tokens as the
    server counted them, max_tokens) with the same layout, router policy and worker shape.
 5. A table measured vs simulated (TTFT and TPOT p50/p90, attainment of both targets), the pass
@@ -148,17 +150,41 @@ def bare(latency):  # noqa: ANN001, ANN201
     return replace(latency, overhead_request_ms=(), overhead_handoff_ms=(), step_ratio=())
 
 
-def idle_gaps(run, latency, spec) -> list[float]:  # noqa: ANN001
+def idle_gaps(run, latency, spec) -> dict[int, float]:  # noqa: ANN001
     """Each completed request's measured TTFT minus its TTFT in a simulation of the same run
-    without any overhead (ms): what the request paid outside the engine steps. The whole run
-    is simulated, not each request alone, so the gaps hold no queueing or GPU sharing that the
-    simulator models itself (a nearly idle run has little of either)."""
+    without any overhead (ms), by request index: what the request paid outside the engine
+    steps. The whole run is simulated, not each request alone, so the gaps hold no queueing or
+    GPU sharing that the simulator models itself."""
     from splitserve.sim.sweep import simulate
 
     records, _ = simulate(spec, bare(latency), requests_of(run), _slo(run.slo))
     simulated = {r.index: r for r in records}
-    return [(r.ttft_s - simulated[r.index].ttft_s) * 1000 for r in run.records
-            if r.ok and simulated[r.index].ttft_s is not None]
+    return {r.index: (r.ttft_s - simulated[r.index].ttft_s) * 1000 for r in run.records
+            if r.ok and simulated[r.index].ttft_s is not None}
+
+
+def in_flight_at_arrival(run) -> dict[int, int]:  # noqa: ANN001
+    """For each request of a measured run, how many requests were in flight (sent, not yet
+    done) when it was sent."""
+    spans = [(r.sent_s, r.sent_s + r.e2e_s) for r in run.records if r.sent_s is not None and r.e2e_s is not None]
+    return {r.index: sum(1 for start, end in spans if start < r.sent_s < end)
+            for r in run.records if r.sent_s is not None}
+
+
+def path_overhead(low, high, latency, spec) -> tuple[list[float], float]:  # noqa: ANN001
+    """One path's overhead: what each request in flight adds (the growth of the median gap
+    from the lowest-rate run ``low`` to the highest ``high`` over the growth of the mean number
+    in flight, at least 0), and the lowest-rate gaps less that share, as equally likely values."""
+    import statistics
+
+    gaps_low, in_low = idle_gaps(low, latency, spec), in_flight_at_arrival(low)
+    slope = 0.0
+    if high is not None and high is not low:
+        gaps_high, in_high = idle_gaps(high, latency, spec), in_flight_at_arrival(high)
+        more = statistics.mean(in_high.values()) - statistics.mean(in_low.values())
+        if more > 0:
+            slope = max(0.0, (statistics.median(gaps_high.values()) - statistics.median(gaps_low.values())) / more)
+    return quantiles([g - slope * in_low[i] for i, g in gaps_low.items()]), round(slope, 4)
 
 
 SLOWDOWNS = tuple(i / 20 for i in range(21))  # sharing.slowdown values tried, 0 to 1
@@ -193,11 +219,12 @@ def quantiles(values: list[float], k: int = 19) -> list[float]:
     return [round(max(0.0, float(q)), 3) for q in np.quantile(values, np.linspace(0.05, 0.95, k))]
 
 
-def overhead_section(gaps: dict[str, list[float]]) -> dict:
-    """The latency model's ``overhead`` from each system's idle gaps (see the module docstring)."""
-    section = {"request_ms": quantiles(gaps.get("colocated") or gaps.get("split") or [0.0])}
-    if gaps.get("split"):
-        section["split_request_ms"] = quantiles(gaps["split"])
+def overhead_section(paths: dict[str, tuple[list[float], float]]) -> dict:
+    """The latency model's ``overhead`` from each system's ``path_overhead``."""
+    colocated = paths.get("colocated") or paths.get("split") or ([0.0], 0.0)
+    section = {"request_ms": colocated[0], "request_per_inflight_ms": colocated[1]}
+    if "split" in paths:
+        section["split_request_ms"], section["split_request_per_inflight_ms"] = paths["split"]
     return section
 
 
@@ -231,10 +258,10 @@ def calibrate(args: argparse.Namespace, out: Path, latency_path: Path) -> Path:
                                 f"{run.rate:g} req/s: TPOT p50/p90 within {err * 100:.1f}% on average")
         latency = replace(latency, sharing_slowdown=slowdown)
         log.info("GPU sharing slowdown from %s", meta["sharing_from"])
-    gaps = {label: idle_gaps(run, latency, specs[label]) for label, run in lowest.items()}
-    doc["overhead"] = overhead_section(gaps)
-    meta["overhead_from"] = {label: f"{run.workload} at {run.rate:g} req/s, {len(gaps[label])} requests"
-                             for label, run in lowest.items()}
+    paths = {label: path_overhead(run, highest[label], latency, specs[label]) for label, run in lowest.items()}
+    doc["overhead"] = overhead_section(paths)
+    meta["overhead_from"] = {label: f"{run.workload}: gaps at {run.rate:g} req/s, their growth to "
+                                    f"{highest[label].rate:g} req/s" for label, run in lowest.items()}
     path = out / "latency-model-calibrated.json"
     path.write_text(json.dumps(doc, indent=1))
     log.info("overhead from the lowest-rate runs: %s", doc["overhead"])

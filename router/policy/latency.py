@@ -39,7 +39,9 @@ draws: ``request_ms``, a request's fixed cost outside the engine steps (HTTP in 
 tokenising, routing, the worker admitting it); ``split_request_ms``, the same for a request
 served by a prefill and a decode worker (the prefill hop, the KV connection, the decode worker
 activating it; absent: ``request_ms``, plus ``handoff_ms`` when the KV has landed, the older
-form, for models written before); ``step_ratio``, a step's
+form, for models written before); ``request_per_inflight_ms`` and ``split_request_per_inflight_ms``
+(numbers), what each request already in flight (per decode or colocated worker) adds to a new
+request's overhead on that path; ``step_ratio``, a step's
 time over the model's prediction for it. ``sharing.slowdown`` (default 1) is how much two
 workers on one GPU slow each other while both have a step in flight: each runs at
 1 / (1 + slowdown * (k - 1)) of its speed with k steps in flight (1: the GPU time-sliced evenly).
@@ -63,6 +65,12 @@ _DRAWN = {
     "overhead": {"request_ms": "overhead_request_ms", "split_request_ms": "overhead_split_request_ms",
                  "handoff_ms": "overhead_handoff_ms"},
     "spread": {"step_ratio": "step_ratio"},
+}
+# single numbers in those sections (or one of their own): section -> {key: LatencyModel field}
+_SCALARS = {
+    "overhead": {"request_per_inflight_ms": "overhead_request_per_inflight_ms",
+                 "split_request_per_inflight_ms": "overhead_split_request_per_inflight_ms"},
+    "sharing": {"slowdown": "sharing_slowdown"},
 }
 
 
@@ -130,6 +138,10 @@ class LatencyModel:
     overhead_request_ms: tuple[float, ...] = ()
     overhead_handoff_ms: tuple[float, ...] = ()
     overhead_split_request_ms: tuple[float, ...] = ()
+    # what each request already in flight adds to a new one's overhead (the router's and the
+    # workers' Python processes carry every open stream)
+    overhead_request_per_inflight_ms: float = 0.0
+    overhead_split_request_per_inflight_ms: float = 0.0
     step_ratio: tuple[float, ...] = ()
     sharing_slowdown: float = 1.0
 
@@ -167,21 +179,18 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
-        unknown = set(data) - set(_SECTIONS) - set(_DRAWN) - {"meta", "sharing"}
+        unknown = set(data) - set(_SECTIONS) - set(_DRAWN) - set(_SCALARS) - {"meta"}
         if unknown:
             raise ValueError(f"unknown latency model section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
-        for section, names in _DRAWN.items():
+        for section in set(_DRAWN) | set(_SCALARS):
             sec = data.get(section) or {}
-            bad = set(sec) - set(names)
+            drawn, scalars = _DRAWN.get(section, {}), _SCALARS.get(section, {})
+            bad = set(sec) - set(drawn) - set(scalars)
             if bad:
                 raise ValueError(f"unknown latency model field(s) in {section}: {', '.join(sorted(bad))}")
-            values.update({names[k]: _values(section, k, v) for k, v in sec.items()})
-        sharing = data.get("sharing") or {}
-        if set(sharing) - {"slowdown"}:
-            raise ValueError(f"unknown latency model field(s) in sharing: {', '.join(sorted(set(sharing) - {'slowdown'}))}")
-        if "slowdown" in sharing:
-            values["sharing_slowdown"] = float(sharing["slowdown"])
+            values.update({drawn[k]: _values(section, k, v) for k, v in sec.items() if k in drawn})
+            values.update({scalars[k]: float(v) for k, v in sec.items() if k in scalars})
         for section, keys in _SECTIONS.items():
             sec = data.get(section)
             if sec is None:
