@@ -186,14 +186,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     def progress(row) -> None:  # noqa: ANN001
         console.log(f"{row.layout.label}: goodput {goodput_text(row.goodput)} req/s "
-                    f"({len(row.points)} simulations, {row.wall_s:.1f} s)")
+                    f"({len(row.points)} simulations, {row.wall_s:.1f} s simulating)")
 
     jobs = args.jobs or min(os.cpu_count() or 1, args.gpus)
     rows = plan(spec, latency, load, slo, args.gpus, args.refine, jobs, progress)
     table = Table(title=f"{args.workload} on {args.gpus} GPUs, SLO TTFT {slo.ttft_s * 1000:g} ms / "
                         f"TPOT {slo.tpot_s * 1000:g} ms @ {slo.attainment * 100:g}%, "
                         f"{args.duration:g} s of arrivals per rate")
-    for col in ("layout", "goodput req/s", "per GPU", "rates simulated", "search s"):
+    for col in ("layout", "goodput req/s", "per GPU", "rates simulated", "simulation s"):
         table.add_column(col, justify="left" if col == "layout" else "right")
     for r in rows:
         table.add_row(r.layout.label, goodput_text(r.goodput), goodput_text(r.goodput, r.layout.num_gpus),
@@ -215,6 +215,7 @@ def _plan(args: argparse.Namespace) -> int:
                "layouts": [{"layout": r.layout.label, "num_gpus": r.layout.num_gpus,
                             "goodput": r.goodput.rate, "status": r.goodput.status,
                             "per_gpu": r.per_gpu if not math.isnan(r.per_gpu) else None,
-                            "points": r.points, "search_s": r.wall_s} for r in rows]}
+                            "points": r.points, "bounded": r.bounded, "simulation_s": r.wall_s}
+                           for r in rows]}
         (out / "plan.json").write_text(json.dumps(clean_json(doc), indent=1))
     return 0

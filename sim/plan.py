@@ -7,13 +7,23 @@ the rate until the attainment crosses the target, then bisect ``refine`` times; 
 interpolated from every simulated point, as ``bench report`` does over a measured sweep. The same
 seeded request list is time-scaled to each rate (``bench/workloads.arrival_times``), so attainment
 against rate is a deterministic curve and the search does not chase noise.
+
+Most rates only need pass or fail, so a simulated run stops as soon as so many of its requests
+have surely missed that its attainment cannot reach the target (``sweep.MissCount``); its point
+is then that upper bound, below the target, and the decisions of the search are the ones a full
+run gives (a run that meets the target never stops). The one failing point the interpolation
+reads (the first one above the lowest passing rates) is simulated in full when its run stopped,
+so the goodput is the one full runs give.
+
+The searches of several layouts (and of several plans, ``plan_many``) share one process pool:
+each search is a generator of the rates it needs, advanced as their results come back, so every
+core works while any search has a rate to simulate.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 from splitserve.bench.stats import SLO, Goodput, attainment, goodput
@@ -22,6 +32,8 @@ from splitserve.sim.cluster import Layout
 from splitserve.sim.sweep import Load, SimSpec, sim_requests, simulate, with_layout
 
 MAX_STEPS = 12  # doublings or halvings before giving up on finding a crossing
+
+Outcome = tuple[float, bool, float]  # a probe's attainment (or its bound), whether it stopped, wall s
 
 
 def candidates(num_gpus: int) -> list[Layout]:
@@ -45,66 +57,185 @@ def rate_guess(latency: LatencyModel, load: Load, spec: SimSpec) -> float:
 
 @dataclass(frozen=True)
 class PlanRow:
-    """One layout's search: its goodput and the (rate, attainment) points it simulated."""
+    """One layout's search: its goodput and the (rate, attainment) points it simulated;
+    ``bounded`` holds the rates whose run stopped early (their attainment is an upper bound,
+    below the target); ``wall_s`` is the seconds its simulations took, summed."""
 
     layout: Layout
     goodput: Goodput
     points: tuple[tuple[float, float], ...]
     wall_s: float
+    bounded: tuple[float, ...] = ()
 
     @property
     def per_gpu(self) -> float:
         return self.goodput.rate / self.layout.num_gpus
 
 
+@dataclass(frozen=True)
+class PlanJob:
+    """One plan to make: every candidate layout of ``num_gpus`` GPUs (``spec``'s layout is
+    replaced by each) under ``load`` and ``slo``."""
+
+    spec: SimSpec
+    latency: LatencyModel
+    load: Load
+    slo: SLO
+    num_gpus: int
+    refine: int = 4
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A simulation that a search asks for: ``rate``, stopped early once it surely misses the
+    target unless ``exact``."""
+
+    rate: float
+    exact: bool = False
+
+
+def simulate_probe(spec: SimSpec, latency: LatencyModel, load: Load, slo: SLO,
+                   probe: Probe) -> Outcome:
+    """One probe's simulation, in whichever process runs it."""
+    requests = sim_requests(load.request_set(probe.rate))
+    records, cost = simulate(spec, latency, requests, slo, load.seed, stop_early=not probe.exact)
+    if cost.get("stopped"):
+        return cost["attainment_bound"], True, cost["wall_s"]
+    return attainment(records, slo).both, False, cost["wall_s"]
+
+
+class _Search:
+    """One layout's rate search as a generator of ``Probe`` s (see the module docstring)."""
+
+    def __init__(self, spec: SimSpec, target: float, start: float, refine: int) -> None:
+        self.spec, self.target, self.start, self.refine = spec, target, start, refine
+        self.points: dict[float, float] = {}
+        self.bounded: set[float] = set()
+        self.wall_s = 0.0
+
+    def _measure(self, probe: Probe) -> Generator[Probe, Outcome, None]:
+        att, stopped, wall = yield probe
+        self.points[probe.rate], self.wall_s = att, self.wall_s + wall
+        (self.bounded.add if stopped else self.bounded.discard)(probe.rate)
+
+    def _meets(self, rate: float) -> Generator[Probe, Outcome, bool]:
+        if rate not in self.points:
+            yield from self._measure(Probe(rate))
+        return self.points[rate] >= self.target
+
+    def steps(self) -> Generator[Probe, Outcome, PlanRow]:
+        rate, lo, hi = self.start, None, None
+        for _ in range(MAX_STEPS):
+            if (yield from self._meets(rate)):
+                lo = rate
+                if hi is not None:
+                    break
+                rate *= 2
+            else:
+                hi = rate
+                if lo is not None:
+                    break
+                rate /= 2
+        if lo is not None and hi is not None:
+            for _ in range(self.refine):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if (yield from self._meets(mid)) else (lo, mid)
+        pts = sorted(self.points.items())
+        # goodput reads the first failing point above the lowest passing ones: make it exact
+        first_fail = next((r for r, a in pts if a < self.target), None)
+        if pts[0][1] >= self.target and first_fail in self.bounded:
+            yield from self._measure(Probe(first_fail, exact=True))
+            pts = sorted(self.points.items())
+        return PlanRow(self.spec.layout, goodput(pts, self.target), tuple(pts), self.wall_s,
+                       tuple(sorted(self.bounded)))
+
+
+class _Inline:
+    """An executor that runs each call at once, in this process (``jobs`` <= 1)."""
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def search(spec: SimSpec, latency: LatencyModel, load: Load, slo: SLO, refine: int = 4,
            start: float | None = None) -> PlanRow:
-    """The goodput of ``spec``'s layout (see the module docstring)."""
-    t0 = time.perf_counter()
-    points: dict[float, float] = {}
+    """The goodput of ``spec``'s layout (see the module docstring), in this process."""
+    s = _Search(spec, slo.attainment, start or rate_guess(latency, load, spec) / 2, refine)
+    steps = s.steps()
+    try:
+        probe = next(steps)
+        while True:
+            probe = steps.send(simulate_probe(spec, latency, load, slo, probe))
+    except StopIteration as done:
+        return done.value
 
-    def meets(rate: float) -> bool:
-        if rate not in points:
-            records, _ = simulate(spec, latency, sim_requests(load.request_set(rate)), slo, load.seed)
-            points[rate] = attainment(records, slo).both
-        return points[rate] >= slo.attainment
 
-    rate = start or rate_guess(latency, load, spec) / 2
-    lo, hi = None, None
-    for _ in range(MAX_STEPS):
-        if meets(rate):
-            lo = rate
-            if hi is not None:
-                break
-            rate *= 2
-        else:
-            hi = rate
-            if lo is not None:
-                break
-            rate /= 2
-    if lo is not None and hi is not None:
-        for _ in range(refine):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    pts = tuple(sorted(points.items()))
-    return PlanRow(spec.layout, goodput(list(pts), slo.attainment), pts, time.perf_counter() - t0)
+def plan_many(jobs_: Sequence[PlanJob], jobs: int = 1,
+              progress: Callable[[int, PlanRow], None] | None = None) -> Iterator[tuple[int, list[PlanRow]]]:
+    """Make every plan of ``jobs_`` with ``jobs`` processes shared by all their searches; yields
+    (index in ``jobs_``, its rows as ``plan`` returns them) as each plan completes, and calls
+    ``progress(index, row)`` as each layout's search completes."""
+    searches: list[tuple[int, PlanJob, _Search]] = []
+    for i, job in enumerate(jobs_):
+        for lay in candidates(job.num_gpus):
+            spec = with_layout(job.spec, lay)
+            start = rate_guess(job.latency, job.load, spec) / 2
+            searches.append((i, job, _Search(spec, job.slo.attainment, start, job.refine)))
+    rows: dict[int, list[PlanRow]] = {i: [] for i in range(len(jobs_))}
+    left = {i: len(candidates(job.num_gpus)) for i, job in enumerate(jobs_)}
+    running: dict[Future, tuple[int, Generator]] = {}
+    finished: list[int] = []
+    with (ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Inline()) as pool:
+
+        def advance(k: int, steps: Generator, outcome: Outcome | None) -> None:
+            i, job, s = searches[k]
+            try:
+                probe = steps.send(outcome)
+            except StopIteration as done:
+                rows[i].append(done.value)
+                if progress:
+                    progress(i, done.value)
+                left[i] -= 1
+                if not left[i]:
+                    finished.append(i)
+                return
+            running[pool.submit(simulate_probe, s.spec, job.latency, job.load, job.slo, probe)] = (k, steps)
+
+        for k, (_, _, s) in enumerate(searches):
+            advance(k, s.steps(), None)
+            while jobs <= 1 and running:  # one search at a time in this process
+                f, (kk, steps) = running.popitem()
+                advance(kk, steps, f.result())
+            yield from ((i, _ranked(rows[i])) for i in _drain(finished))
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                advance(*running.pop(f), f.result())
+            yield from ((i, _ranked(rows[i])) for i in _drain(finished))
+
+
+def _drain(items: list[int]) -> list[int]:
+    out = items[:]
+    items.clear()
+    return out
+
+
+def _ranked(rows: list[PlanRow]) -> list[PlanRow]:
+    """Best goodput first (colocated first among equals)."""
+    return sorted(rows, key=lambda r: (-r.goodput.rate, not r.layout.colocated, r.layout.num_prefill))
 
 
 def plan(spec: SimSpec, latency: LatencyModel, load: Load, slo: SLO, num_gpus: int,
          refine: int = 4, jobs: int = 1, progress: Callable[[PlanRow], None] | None = None) -> list[PlanRow]:
     """Every candidate layout's row, best goodput first (colocated first among equals)."""
-    specs = [with_layout(spec, lay) for lay in candidates(num_gpus)]
-    rows: list[PlanRow] = []
-    if jobs <= 1:
-        for s in specs:
-            rows.append(search(s, latency, load, slo, refine))
-            if progress:
-                progress(rows[-1])
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(search, s, latency, load, slo, refine) for s in specs]
-            for f in futures:
-                rows.append(f.result())
-                if progress:
-                    progress(rows[-1])
-    return sorted(rows, key=lambda r: (-r.goodput.rate, not r.layout.colocated, r.layout.num_prefill))
+    job = PlanJob(spec, latency, load, slo, num_gpus, refine)
+    [(_, rows)] = plan_many([job], jobs, progress and (lambda _, row: progress(row)))
+    return rows

@@ -152,6 +152,49 @@ def test_goodput_search_brackets_the_crossing():
     assert attainment(records, slo).both >= slo.attainment and cost["steps"] > 0
 
 
+def test_a_run_that_surely_misses_stops_early_and_one_that_meets_runs_as_before():
+    spec, slo = SimSpec(Layout(1, 1), SHAPE), SLO(0.25, 0.05)
+    load = Load("chat", duration_s=5.0, max_requests=2000)
+    stopped = []
+    for rate in (4.0, 40.0, 80.0):
+        reqs = sim_requests(load.request_set(rate))
+        full, _ = simulate(spec, LAT, reqs, slo)
+        early, cost = simulate(spec, LAT, reqs, slo, stop_early=True)
+        stopped.append(cost["stopped"])
+        if cost["stopped"]:  # an upper bound, below the target: the same pass/fail
+            assert attainment(full, slo).both <= cost["attainment_bound"] < slo.attainment
+            assert any(r.error == "simulation stopped early" for r in early)
+        else:
+            assert [r.to_dict() for r in early] == [r.to_dict() for r in full]
+    assert stopped == [False, True, True]
+
+
+def test_the_search_gives_the_goodput_of_full_runs_when_failing_runs_stop_early():
+    """A search driven by a known attainment curve: stopped runs report a bound just below the
+    target, and the failing point that the interpolation reads is asked for again in full."""
+    from splitserve.bench.stats import goodput
+    from splitserve.sim.plan import _Search
+
+    def curve(rate: float) -> float:
+        return max(0.0, 1.0 - rate / 100)
+
+    s = _Search(SimSpec(Layout(1, 1), SHAPE), 0.9, start=3.0, refine=3)
+    steps, asked = s.steps(), []
+    try:
+        probe = next(steps)
+        while True:
+            asked.append(probe)
+            a = curve(probe.rate)
+            probe = steps.send((a, False, 0.1) if probe.exact or a >= 0.9 else (0.899, True, 0.1))
+    except StopIteration as done:
+        row = done.value
+    rates = [p.rate for p in asked if not p.exact]
+    assert [p.exact for p in asked].count(True) == 1 and asked[-1].rate in rates
+    full = goodput([(r, curve(r)) for r in rates], 0.9)
+    assert row.goodput == full and row.goodput.status == "interpolated"
+    assert set(row.bounded) == {r for r in rates if curve(r) < 0.9} - {asked[-1].rate}
+
+
 def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
     from splitserve.cli import main
 
