@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -67,17 +66,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_common_arguments(p: argparse.ArgumentParser, duration: float | None = None,
-                         max_requests: int = 1000) -> None:
-    """Options of both the run and the plan: latency model, workers, load, SLO."""
+                         max_requests: int = 1000, one_workload: bool = True,
+                         latency_model: str | None = None) -> None:
+    """Options of both the run and the plan: latency model, workers, load, SLO (``one_workload``
+    False leaves out --workload, for a caller that takes several)."""
     from splitserve.bench.goodput import add_length_and_slo_arguments, add_request_count_arguments
     from splitserve.bench.workloads import WORKLOADS
 
-    p.add_argument("--latency-model", default=None, help="`splitserve profile` JSON (required)")
-    p.add_argument("--workload", default="chat", choices=sorted(WORKLOADS))
+    p.add_argument("--latency-model", default=latency_model,
+                   help="`splitserve profile` JSON" + (f" (default {latency_model})" if latency_model else " (required)"))
+    if one_workload:
+        p.add_argument("--workload", default="chat", choices=sorted(WORKLOADS))
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=2.0, help="gamma arrivals' coefficient of variation")
-    add_request_count_arguments(p, num_requests=200 if duration is None else 40, duration=duration)
-    p.set_defaults(max_requests=max_requests)
+    add_request_count_arguments(p, num_requests=200 if duration is None else 40, duration=duration,
+                                max_requests=max_requests)
     add_length_and_slo_arguments(p)
     p.add_argument("--attainment", type=float, default=0.9)
     eng = p.add_argument_group("workers (as `splitserve up --worker-args`; defaults: the workers')")
@@ -95,7 +98,7 @@ def add_common_arguments(p: argparse.ArgumentParser, duration: float | None = No
                         "model's measured overhead.request_ms")
 
 
-def _latency(args: argparse.Namespace):
+def latency_from_args(args: argparse.Namespace):  # noqa: ANN201 (LatencyModel, its meta)
     from splitserve.router.policy.latency import LatencyModel
 
     if not args.latency_model:
@@ -156,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.rate is None and args.rates is None:
         raise SystemExit("give --rate or --rates")
-    latency, meta = _latency(args)
+    latency, meta = latency_from_args(args)
     spec = spec_from_args(args, meta, _layout(args))
     load, slo = load_from_args(args), workload_slo(args.workload, args)
     files = []
@@ -179,7 +182,7 @@ def _plan(args: argparse.Namespace) -> int:
     from splitserve.sim.cluster import Layout
     from splitserve.sim.plan import plan
 
-    latency, meta = _latency(args)
+    latency, meta = latency_from_args(args)
     spec = spec_from_args(args, meta, Layout(0, args.gpus))
     load, slo = load_from_args(args), workload_slo(args.workload, args)
     console = Console()
@@ -212,10 +215,6 @@ def _plan(args: argparse.Namespace) -> int:
                        "attainment": slo.attainment},
                "latency_model": args.latency_model, "duration_s": args.duration,
                "best": best.layout.label,
-               "layouts": [{"layout": r.layout.label, "num_gpus": r.layout.num_gpus,
-                            "goodput": r.goodput.rate, "status": r.goodput.status,
-                            "per_gpu": r.per_gpu if not math.isnan(r.per_gpu) else None,
-                            "points": r.points, "bounded": r.bounded, "simulation_s": r.wall_s}
-                           for r in rows]}
+               "layouts": [r.to_dict() for r in rows]}
         (out / "plan.json").write_text(json.dumps(clean_json(doc), indent=1))
     return 0

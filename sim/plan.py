@@ -71,6 +71,13 @@ class PlanRow:
     def per_gpu(self) -> float:
         return self.goodput.rate / self.layout.num_gpus
 
+    def to_dict(self) -> dict:
+        """The row as plan.json and the prediction grid store it."""
+        return {"layout": self.layout.label, "num_gpus": self.layout.num_gpus,
+                "goodput": self.goodput.rate, "status": self.goodput.status,
+                "per_gpu": self.per_gpu, "points": self.points, "bounded": self.bounded,
+                "simulation_s": self.wall_s}
+
 
 @dataclass(frozen=True)
 class PlanJob:
@@ -182,21 +189,18 @@ def plan_many(jobs_: Sequence[PlanJob], jobs: int = 1,
               progress: Callable[[int, PlanRow], None] | None = None) -> Iterator[tuple[int, list[PlanRow]]]:
     """Make every plan of ``jobs_`` with ``jobs`` processes shared by all their searches; yields
     (index in ``jobs_``, its rows as ``plan`` returns them) as each plan completes, and calls
-    ``progress(index, row)`` as each layout's search completes."""
-    searches: list[tuple[int, PlanJob, _Search]] = []
-    for i, job in enumerate(jobs_):
-        for lay in candidates(job.num_gpus):
-            spec = with_layout(job.spec, lay)
-            start = rate_guess(job.latency, job.load, spec) / 2
-            searches.append((i, job, _Search(spec, job.slo.attainment, start, job.refine)))
+    ``progress(index, row)`` as each layout's search completes. Searches start in order, at
+    most ``jobs`` at a time (each keeps one process busy), so plans complete in order too."""
+    searches = [(i, job, with_layout(job.spec, lay)) for i, job in enumerate(jobs_)
+                for lay in candidates(job.num_gpus)]
     rows: dict[int, list[PlanRow]] = {i: [] for i in range(len(jobs_))}
     left = {i: len(candidates(job.num_gpus)) for i, job in enumerate(jobs_)}
     running: dict[Future, tuple[int, Generator]] = {}
-    finished: list[int] = []
-    with (ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Inline()) as pool:
+    unstarted, finished = iter(range(len(searches))), []
+    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Inline() as pool:
 
         def advance(k: int, steps: Generator, outcome: Outcome | None) -> None:
-            i, job, s = searches[k]
+            i, job, spec = searches[k]
             try:
                 probe = steps.send(outcome)
             except StopIteration as done:
@@ -207,25 +211,23 @@ def plan_many(jobs_: Sequence[PlanJob], jobs: int = 1,
                 if not left[i]:
                     finished.append(i)
                 return
-            running[pool.submit(simulate_probe, s.spec, job.latency, job.load, job.slo, probe)] = (k, steps)
+            running[pool.submit(simulate_probe, spec, job.latency, job.load, job.slo, probe)] = (k, steps)
 
-        for k, (_, _, s) in enumerate(searches):
-            advance(k, s.steps(), None)
-            while jobs <= 1 and running:  # one search at a time in this process
-                f, (kk, steps) = running.popitem()
-                advance(kk, steps, f.result())
-            yield from ((i, _ranked(rows[i])) for i in _drain(finished))
+        def start_more() -> None:
+            while len(running) < max(jobs, 1) and (k := next(unstarted, None)) is not None:
+                _, job, spec = searches[k]
+                start = rate_guess(job.latency, job.load, spec) / 2
+                advance(k, _Search(spec, job.slo.attainment, start, job.refine).steps(), None)
+
+        start_more()
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
                 advance(*running.pop(f), f.result())
-            yield from ((i, _ranked(rows[i])) for i in _drain(finished))
-
-
-def _drain(items: list[int]) -> list[int]:
-    out = items[:]
-    items.clear()
-    return out
+            start_more()
+            while finished:
+                i = finished.pop(0)
+                yield i, _ranked(rows[i])
 
 
 def _ranked(rows: list[PlanRow]) -> list[PlanRow]:
