@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--gpus", type=int, required=True)
     plan.add_argument("--refine", type=int, default=4, help="bisection steps after the crossing (default 4)")
     plan.add_argument("--jobs", type=int, default=None,
-                      help="layouts searched in parallel processes (default: one per core, at most one per layout)")
+                      help="processes simulating rates (default: one per core); beyond one per "
+                           "layout, a spare process simulates a rate that a search may ask for next")
     plan.add_argument("--out", default=None, help="write plan.json here")
     plan.set_defaults(func=_plan)
 
@@ -191,7 +192,7 @@ def _plan(args: argparse.Namespace) -> int:
         console.log(f"{row.layout.label}: goodput {goodput_text(row.goodput)} req/s "
                     f"({len(row.points)} simulations, {row.wall_s:.1f} s simulating)")
 
-    jobs = args.jobs or min(os.cpu_count() or 1, args.gpus)
+    jobs = args.jobs or os.cpu_count() or 1
     rows = plan(spec, latency, load, slo, args.gpus, args.refine, jobs, progress)
     table = Table(title=f"{args.workload} on {args.gpus} GPUs, SLO TTFT {slo.ttft_s * 1000:g} ms / "
                         f"TPOT {slo.tpot_s * 1000:g} ms @ {slo.attainment * 100:g}%, "

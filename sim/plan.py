@@ -13,7 +13,8 @@ have surely missed that its attainment cannot reach the target (``sweep.MissCoun
 is then that upper bound, below the target, and the decisions of the search are the ones a full
 run gives (a run that meets the target never stops). The one failing point the interpolation
 reads (the first one above the lowest passing rates) is simulated in full when its run stopped,
-so the goodput is the one full runs give.
+so the goodput is the one full runs give; the last bisection step runs in full from the start
+(if it fails, it is that point; if it passes, it ran in full anyway).
 
 The searches of several layouts (and of several plans, ``plan_many``) share one process pool:
 each search is a generator of the rates it needs, advanced as their results come back, so every
@@ -125,10 +126,21 @@ class _Search:
         self.points[probe.rate], self.wall_s = att, self.wall_s + wall
         (self.bounded.add if stopped else self.bounded.discard)(probe.rate)
 
-    def _meets(self, rate: float) -> Generator[Probe, Outcome, bool]:
+    def _meets(self, rate: float, exact: bool = False) -> Generator[Probe, Outcome, bool]:
         if rate not in self.points:
-            yield from self._measure(Probe(rate))
+            yield from self._measure(Probe(rate, exact))
         return self.points[rate] >= self.target
+
+    def after(self, probe: Probe, meets: bool) -> Probe | None:
+        """The probe this search will ask for next if ``probe``, the one it waits for, meets
+        the target (or not): its rule replayed over its points (for speculation)."""
+        twin = _Search(self.spec, self.target, self.start, self.refine)
+        twin.points = {**self.points, probe.rate: self.target if meets else -1.0}
+        twin.bounded = self.bounded | ({probe.rate} if not (meets or probe.exact) else set())
+        try:
+            return next(twin.steps())
+        except StopIteration:
+            return None
 
     def steps(self) -> Generator[Probe, Outcome, PlanRow]:
         rate, lo, hi = self.start, None, None
@@ -144,9 +156,11 @@ class _Search:
                     break
                 rate /= 2
         if lo is not None and hi is not None:
-            for _ in range(self.refine):
+            for step in range(self.refine):
                 mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if (yield from self._meets(mid)) else (lo, mid)
+                # the last mid, when it fails, is the point the interpolation reads: run it in
+                # full (when it passes, it runs in full anyway)
+                lo, hi = (mid, hi) if (yield from self._meets(mid, step == self.refine - 1)) else (lo, mid)
         pts = sorted(self.points.items())
         # goodput reads the first failing point above the lowest passing ones: make it exact
         first_fail = next((r for r, a in pts if a < self.target), None)
@@ -165,11 +179,8 @@ class _Inline:
         future.set_result(fn(*args))
         return future
 
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Nothing runs after a call returns."""
 
 
 def search(spec: SimSpec, latency: LatencyModel, load: Load, slo: SLO, refine: int = 4,
@@ -185,49 +196,96 @@ def search(spec: SimSpec, latency: LatencyModel, load: Load, slo: SLO, refine: i
         return done.value
 
 
+@dataclass
+class _Live:
+    """A search under way: its generator and the probe it waits for."""
+
+    k: int
+    search: _Search
+    steps: Generator[Probe, Outcome, PlanRow]
+    probe: Probe | None = None
+
+
 def plan_many(jobs_: Sequence[PlanJob], jobs: int = 1,
               progress: Callable[[int, PlanRow], None] | None = None) -> Iterator[tuple[int, list[PlanRow]]]:
     """Make every plan of ``jobs_`` with ``jobs`` processes shared by all their searches; yields
     (index in ``jobs_``, its rows as ``plan`` returns them) as each plan completes, and calls
     ``progress(index, row)`` as each layout's search completes. Searches start in order, at
-    most ``jobs`` at a time (each keeps one process busy), so plans complete in order too."""
+    most ``jobs`` at a time (each keeps one process busy), so plans complete in order too.
+
+    A process left idle (fewer searches under way than processes: a small plan, or the last
+    searches) simulates what a search under way will ask for next if its pending rate passes,
+    and if it fails (``_Search.after``); the search takes that result when it asks, and the
+    other one is dropped. The answers are the same: a probe's result does not depend on when
+    or where it runs."""
     searches = [(i, job, with_layout(job.spec, lay)) for i, job in enumerate(jobs_)
                 for lay in candidates(job.num_gpus)]
     rows: dict[int, list[PlanRow]] = {i: [] for i in range(len(jobs_))}
     left = {i: len(candidates(job.num_gpus)) for i, job in enumerate(jobs_)}
-    running: dict[Future, tuple[int, Generator]] = {}
+    running: dict[Future, _Live] = {}  # the probe each search under way waits for
+    spare: dict[tuple[int, Probe], Future] = {}  # speculative probes
+    dropped: set[Future] = set()  # speculative probes no search will ask for, still running
     unstarted, finished = iter(range(len(searches))), []
-    with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Inline() as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _Inline()
 
-        def advance(k: int, steps: Generator, outcome: Outcome | None) -> None:
-            i, job, spec = searches[k]
-            try:
-                probe = steps.send(outcome)
-            except StopIteration as done:
-                rows[i].append(done.value)
-                if progress:
-                    progress(i, done.value)
-                left[i] -= 1
-                if not left[i]:
-                    finished.append(i)
-                return
-            running[pool.submit(simulate_probe, spec, job.latency, job.load, job.slo, probe)] = (k, steps)
+    def submit(k: int, probe: Probe) -> Future:
+        _, job, spec = searches[k]
+        return pool.submit(simulate_probe, spec, job.latency, job.load, job.slo, probe)
 
-        def start_more() -> None:
-            while len(running) < max(jobs, 1) and (k := next(unstarted, None)) is not None:
-                _, job, spec = searches[k]
-                start = rate_guess(job.latency, job.load, spec) / 2
-                advance(k, _Search(spec, job.slo.attainment, start, job.refine).steps(), None)
+    def advance(live: _Live, outcome: Outcome | None) -> None:
+        try:
+            live.probe = live.steps.send(outcome)
+        except StopIteration as done:
+            live.probe = None
+            i = searches[live.k][0]
+            rows[i].append(done.value)
+            if progress:
+                progress(i, done.value)
+            left[i] -= 1
+            if not left[i]:
+                finished.append(i)
+        else:
+            running[spare.pop((live.k, live.probe), None) or submit(live.k, live.probe)] = live
+        for key in [key for key in spare if key[0] == live.k]:  # the branch not taken
+            f = spare.pop(key)
+            if not f.cancel():
+                dropped.add(f)
 
+    def start_more() -> None:
+        while len(running) < max(jobs, 1) and (k := next(unstarted, None)) is not None:
+            _, job, spec = searches[k]
+            start = rate_guess(job.latency, job.load, spec) / 2
+            search = _Search(spec, job.slo.attainment, start, job.refine)
+            advance(_Live(k, search, search.steps()), None)
+
+    def busy() -> list[Future]:
+        dropped.difference_update([f for f in dropped if f.done()])
+        return [f for f in (*running, *spare.values(), *dropped) if not f.done()]
+
+    def speculate() -> None:
+        idle = jobs - len(busy()) if jobs > 1 else 0
+        for live in list(running.values()):
+            for meets in (True, False):
+                if idle <= 0:
+                    return
+                probe = live.search.after(live.probe, meets)
+                if probe is not None and (live.k, probe) not in spare:
+                    spare[(live.k, probe)] = submit(live.k, probe)
+                    idle -= 1
+
+    try:
         start_more()
         while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                advance(*running.pop(f), f.result())
+            speculate()
+            wait([*running, *busy()], return_when=FIRST_COMPLETED)
+            for f in [f for f in running if f.done()]:
+                advance(running.pop(f), f.result())
             start_more()
             while finished:
                 i = finished.pop(0)
                 yield i, _ranked(rows[i])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ranked(rows: list[PlanRow]) -> list[PlanRow]:

@@ -14,7 +14,7 @@ from splitserve.engine.sequence import Sequence
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.sim.cluster import Layout, SimConfig, SimRequest, Simulation, prompt_ids
 from splitserve.sim.costs import step_ms, transfer_done_ms
-from splitserve.sim.plan import candidates, search
+from splitserve.sim.plan import candidates, plan, search
 from splitserve.sim.runner import EngineShape
 from splitserve.sim.sweep import Load, SimSpec, sim_requests, simulate
 
@@ -188,11 +188,23 @@ def test_the_search_gives_the_goodput_of_full_runs_when_failing_runs_stop_early(
             probe = steps.send((a, False, 0.1) if probe.exact or a >= 0.9 else (0.899, True, 0.1))
     except StopIteration as done:
         row = done.value
-    rates = [p.rate for p in asked if not p.exact]
-    assert [p.exact for p in asked].count(True) == 1 and asked[-1].rate in rates
-    full = goodput([(r, curve(r)) for r in rates], 0.9)
-    assert row.goodput == full and row.goodput.status == "interpolated"
-    assert set(row.bounded) == {r for r in rates if curve(r) < 0.9} - {asked[-1].rate}
+    rates = sorted({p.rate for p in asked})
+    assert row.goodput == goodput([(r, curve(r)) for r in rates], 0.9)
+    assert row.goodput.status == "interpolated"
+    assert set(row.bounded) == {r for r, a in row.points if a == 0.899}
+    assert all(curve(r) < 0.9 for r in row.bounded)
+    again = [p for p in asked if p.exact and [q.rate for q in asked].count(p.rate) == 2]
+    assert len(again) == 1  # the interpolated failing point (10.5 here), asked again in full
+
+
+def test_a_plan_on_more_processes_than_searches_answers_as_one_process_does():
+    """Idle processes simulate the rates a search may ask for next; the answers stay."""
+    spec, slo = SimSpec(Layout(0, 2), SHAPE), SLO(0.25, 0.05)
+    load = Load("chat", num_requests=40, duration_s=5.0, max_requests=2000)
+    one = plan(spec, LAT, load, slo, 2, refine=2, jobs=1)
+    many = plan(spec, LAT, load, slo, 2, refine=2, jobs=5)
+    assert [(r.layout, r.goodput, r.points, r.bounded) for r in many] == \
+        [(r.layout, r.goodput, r.points, r.bounded) for r in one]
 
 
 def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
