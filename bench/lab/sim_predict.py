@@ -9,7 +9,8 @@ long-prompt one, 15 s / 150 ms; or --ttft-ms/--tpot-ms) times the scale, both ta
 attainment target unchanged. Every cell's layouts share one pool of ``--jobs`` processes.
 
 Written to ``--out``: ``predictions.json`` (every cell with all its layouts' goodput, per GPU,
-the points simulated; saved after each cell, and cells already there are skipped, so a run cut
+the (rate, attainment) points simulated, where a rate listed in ``bounded`` ran only until it
+surely missed, its attainment an upper bound below the target; saved after each cell, and cells already there are skipped, so a run cut
 short continues where it stopped when started again with the same options; other options with
 the same folder are refused), ``predictions.md`` (a table: per cell, the best layout and its
 goodput per GPU, the best split's and colocated's, and their ratio) and ``<workload>.png``
