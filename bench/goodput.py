@@ -229,7 +229,7 @@ def add_length_and_slo_arguments(p: argparse.ArgumentParser, length_scale: float
 
 
 def add_request_count_arguments(p: argparse.ArgumentParser, *, num_requests: int,
-                                duration: float | None) -> None:
+                                duration: float | None, max_requests: int = 1000) -> None:
     """How many requests each rate sends (``runner.requests_at``): --num-requests, or with
     --duration the arrivals of that many seconds, at least --num-requests, at most
     --max-requests."""
@@ -239,8 +239,8 @@ def add_request_count_arguments(p: argparse.ArgumentParser, *, num_requests: int
                    help="seconds of arrivals per rate: rate x duration requests, at least "
                         "--num-requests, at most --max-requests (default: "
                         + ("--num-requests at every rate)" if duration is None else f"{duration:g})"))
-    p.add_argument("--max-requests", type=int, default=1000,
-                   help="most requests per rate with --duration (default 1000)")
+    p.add_argument("--max-requests", type=int, default=max_requests,
+                   help=f"most requests per rate with --duration (default {max_requests})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

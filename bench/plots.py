@@ -2,7 +2,8 @@
 
 Two figures, the ones the goodput argument rests on: SLO attainment against offered rate
 (one line per system; the goodput is where a line crosses the target), and latency CDFs of
-TTFT and TPOT at one rate (one line per system; the SLO as a vertical line).
+TTFT and TPOT at one rate (one line per system; the SLO as a vertical line). A third sums up
+many of those: goodput per GPU against the SLO scale, disaggregated against colocated.
 """
 
 from __future__ import annotations
@@ -82,6 +83,38 @@ def plot_cdfs(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    return _save(fig, plt, path)
+
+
+def plot_goodput_vs_scale(
+    lines: Mapping[int, Mapping[str, Sequence[tuple[float, float]]]],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Goodput per GPU against the SLO scale (both targets times the scale; log axis, tight to
+    loose): one colour per GPU count, one line style per system (the first solid, the next
+    dashed, ...).
+
+    ``lines``: GPU count -> (system, e.g. "best split" or "colocated" -> [(scale, req/s per GPU)]).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = ("-", "--", ":", "-.")
+    for n, (gpus, systems) in enumerate(sorted(lines.items())):
+        color = f"C{n}"
+        for style, (system, points) in zip(styles, systems.items(), strict=False):
+            pts = sorted(points)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", color=color,
+                    label=f"{system}, {gpus} GPUs")
+    ax.set_xscale("log", base=2)
+    scales = sorted({x for systems in lines.values() for pts in systems.values() for x, _ in pts})
+    ax.set_xticks(scales, [f"{x:g}" for x in scales])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("SLO scale (x the workload's TTFT and TPOT targets; tight to loose)")
+    ax.set_ylabel("goodput per GPU (requests/s)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, plt, path)
 
 

@@ -80,6 +80,15 @@ def meets(record: RequestRecord, slo: SLO) -> tuple[bool, bool]:
     return ttft_ok, tpot_ok
 
 
+def surely_misses(record: RequestRecord, slo: SLO) -> bool:
+    """Whether a request still in flight already misses ``slo`` whatever happens next: it
+    failed, its first token came after the TTFT target, or it finished and ``meets`` says so
+    (a record only gains tokens and an end, and a failure never clears)."""
+    if record.error is not None or (record.ttft_s is not None and record.ttft_s > slo.ttft_s):
+        return True
+    return record.e2e_s is not None and not all(meets(record, slo))
+
+
 @dataclass(frozen=True)
 class Attainment:
     """Fractions of all requests meeting TTFT, TPOT, and both."""

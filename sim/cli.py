@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -61,23 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--gpus", type=int, required=True)
     plan.add_argument("--refine", type=int, default=4, help="bisection steps after the crossing (default 4)")
     plan.add_argument("--jobs", type=int, default=None,
-                      help="layouts searched in parallel processes (default: one per core, at most one per layout)")
+                      help="processes simulating rates (default: one per core); beyond one per "
+                           "layout, a spare process simulates a rate that a search may ask for next")
     plan.add_argument("--out", default=None, help="write plan.json here")
     plan.set_defaults(func=_plan)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, duration: float | None = None,
-                         max_requests: int = 1000) -> None:
-    """Options of both the run and the plan: latency model, workers, load, SLO."""
+                         max_requests: int = 1000, one_workload: bool = True,
+                         latency_model: str | None = None) -> None:
+    """Options of both the run and the plan: latency model, workers, load, SLO (``one_workload``
+    False leaves out --workload, for a caller that takes several)."""
     from splitserve.bench.goodput import add_length_and_slo_arguments, add_request_count_arguments
     from splitserve.bench.workloads import WORKLOADS
 
-    p.add_argument("--latency-model", default=None, help="`splitserve profile` JSON (required)")
-    p.add_argument("--workload", default="chat", choices=sorted(WORKLOADS))
+    p.add_argument("--latency-model", default=latency_model,
+                   help="`splitserve profile` JSON" + (f" (default {latency_model})" if latency_model else " (required)"))
+    if one_workload:
+        p.add_argument("--workload", default="chat", choices=sorted(WORKLOADS))
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
     p.add_argument("--cv", type=float, default=2.0, help="gamma arrivals' coefficient of variation")
-    add_request_count_arguments(p, num_requests=200 if duration is None else 40, duration=duration)
-    p.set_defaults(max_requests=max_requests)
+    add_request_count_arguments(p, num_requests=200 if duration is None else 40, duration=duration,
+                                max_requests=max_requests)
     add_length_and_slo_arguments(p)
     p.add_argument("--attainment", type=float, default=0.9)
     eng = p.add_argument_group("workers (as `splitserve up --worker-args`; defaults: the workers')")
@@ -95,7 +99,7 @@ def add_common_arguments(p: argparse.ArgumentParser, duration: float | None = No
                         "model's measured overhead.request_ms")
 
 
-def _latency(args: argparse.Namespace):
+def latency_from_args(args: argparse.Namespace):  # noqa: ANN201 (LatencyModel, its meta)
     from splitserve.router.policy.latency import LatencyModel
 
     if not args.latency_model:
@@ -156,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.rate is None and args.rates is None:
         raise SystemExit("give --rate or --rates")
-    latency, meta = _latency(args)
+    latency, meta = latency_from_args(args)
     spec = spec_from_args(args, meta, _layout(args))
     load, slo = load_from_args(args), workload_slo(args.workload, args)
     files = []
@@ -179,21 +183,21 @@ def _plan(args: argparse.Namespace) -> int:
     from splitserve.sim.cluster import Layout
     from splitserve.sim.plan import plan
 
-    latency, meta = _latency(args)
+    latency, meta = latency_from_args(args)
     spec = spec_from_args(args, meta, Layout(0, args.gpus))
     load, slo = load_from_args(args), workload_slo(args.workload, args)
     console = Console()
 
     def progress(row) -> None:  # noqa: ANN001
         console.log(f"{row.layout.label}: goodput {goodput_text(row.goodput)} req/s "
-                    f"({len(row.points)} simulations, {row.wall_s:.1f} s)")
+                    f"({len(row.points)} simulations, {row.wall_s:.1f} s simulating)")
 
-    jobs = args.jobs or min(os.cpu_count() or 1, args.gpus)
+    jobs = args.jobs or os.cpu_count() or 1
     rows = plan(spec, latency, load, slo, args.gpus, args.refine, jobs, progress)
     table = Table(title=f"{args.workload} on {args.gpus} GPUs, SLO TTFT {slo.ttft_s * 1000:g} ms / "
                         f"TPOT {slo.tpot_s * 1000:g} ms @ {slo.attainment * 100:g}%, "
                         f"{args.duration:g} s of arrivals per rate")
-    for col in ("layout", "goodput req/s", "per GPU", "rates simulated", "search s"):
+    for col in ("layout", "goodput req/s", "per GPU", "rates simulated", "simulation s"):
         table.add_column(col, justify="left" if col == "layout" else "right")
     for r in rows:
         table.add_row(r.layout.label, goodput_text(r.goodput), goodput_text(r.goodput, r.layout.num_gpus),
@@ -212,9 +216,6 @@ def _plan(args: argparse.Namespace) -> int:
                        "attainment": slo.attainment},
                "latency_model": args.latency_model, "duration_s": args.duration,
                "best": best.layout.label,
-               "layouts": [{"layout": r.layout.label, "num_gpus": r.layout.num_gpus,
-                            "goodput": r.goodput.rate, "status": r.goodput.status,
-                            "per_gpu": r.per_gpu if not math.isnan(r.per_gpu) else None,
-                            "points": r.points, "search_s": r.wall_s} for r in rows]}
+               "layouts": [r.to_dict() for r in rows]}
         (out / "plan.json").write_text(json.dumps(clean_json(doc), indent=1))
     return 0

@@ -231,10 +231,15 @@ class _Flight:
 
 class Simulation:
     """Runs ``requests`` through the deployment ``config``; ``run`` returns one record per
-    request, in the bench's format (seconds, relative to the run's start)."""
+    request, in the bench's format (seconds, relative to the run's start).
+
+    ``watch``, when given, is called with a request's record when its first token leaves, when
+    it finishes and when it fails; once it returns True the run stops there (``stopped``), and
+    the requests still unfinished are recorded as failed (a search that only needs to know a
+    run misses its target stops it once enough requests have missed)."""
 
     def __init__(self, config: SimConfig, latency: LatencyModel, requests: Sequence[SimRequest],
-                 seed: int = 0) -> None:
+                 seed: int = 0, watch: Callable[[RequestRecord], bool] | None = None) -> None:
         self.config, self.latency, self.requests = config, latency, list(requests)
         self._ids = prompt_ids(self.requests, seed)
         lay = config.layout
@@ -267,6 +272,8 @@ class Simulation:
         self._names = itertools.count()
         self._added: dict[str, _Worker] = {}  # workers add_worker made, ready or not
         self._seed = seed
+        self._watch = watch
+        self.stopped = False
 
     def _worker(self, name: str, role: str, chunked_prefill: bool, seed: int) -> _Worker:
         return _Worker(name, role, sim_engine(self.config.shape, self.latency, chunked_prefill, f"{seed}/{name}"))
@@ -328,13 +335,13 @@ class Simulation:
                 continue
             t = req.arrival_s * 1000 + self.config.overhead_ms + self._draw(self._request_overhead)
             self._at(t, self._route, str(req.index), t + self.config.max_queue_ms)
-        while self._events:
+        while self._events and not self.stopped:
             t, _, fn, args = heapq.heappop(self._events)
             fn(t, *args)
         records = [f.record for f in self._flights.values()]
         for r in records:
             if r.e2e_s is None and r.error is None:
-                r.error = "simulation ended with the request unfinished"
+                r.error = "simulation stopped early" if self.stopped else "simulation ended with the request unfinished"
         return sorted(records, key=lambda r: r.index)
 
     def _arrive(self, t: float, rid: str) -> None:
@@ -393,6 +400,8 @@ class Simulation:
         flight.record.error = error
         if self._per_inflight:
             self.in_flight -= 1
+        if self._watch is not None and self._watch(flight.record):
+            self.stopped = True
 
     # -- workers
 
@@ -480,3 +489,5 @@ class Simulation:
             rec.e2e_s, rec.finish_reason = t / 1000 - rec.sent_s, out.seq.finish_reason
             if self._per_inflight:
                 self.in_flight -= 1
+        if self._watch is not None and (out.finished or rec.output_tokens == 1) and self._watch(rec):
+            self.stopped = True

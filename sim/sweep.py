@@ -15,7 +15,7 @@ from pathlib import Path
 from splitserve.bench.records import RequestRecord
 from splitserve.bench.results import run_path, write_run
 from splitserve.bench.runner import requests_at
-from splitserve.bench.stats import SLO, summarize
+from splitserve.bench.stats import SLO, summarize, surely_misses
 from splitserve.bench.workloads import LengthCaps, RequestSet, build_requests
 from splitserve.router.config import SLO as RouterSLO
 from splitserve.router.policy.latency import LatencyModel
@@ -68,13 +68,42 @@ class SimSpec:
                          self.max_queue_ms, self.overhead_ms)
 
 
+class MissCount:
+    """A ``Simulation`` watch that stops the run once so many requests surely miss ``slo``
+    (``bench/stats.surely_misses``) that its attainment can no longer reach ``slo.attainment``;
+    ``bound`` is then an upper bound of that attainment, below the target."""
+
+    def __init__(self, slo: SLO, num_requests: int) -> None:
+        self.slo, self.num_requests = slo, num_requests
+        self.missed: set[int] = set()
+
+    @property
+    def bound(self) -> float:
+        """The attainment if every request not yet missed met the SLO (stats.attainment's sum)."""
+        return (self.num_requests - len(self.missed)) / self.num_requests
+
+    def __call__(self, record: RequestRecord) -> bool:
+        if record.index not in self.missed and surely_misses(record, self.slo):
+            self.missed.add(record.index)
+            return self.bound < self.slo.attainment
+        return False
+
+
 def simulate(spec: SimSpec, latency: LatencyModel, requests: Sequence[SimRequest], slo: SLO,
-             seed: int = 0) -> tuple[list[RequestRecord], dict]:
-    """Records of one simulated run and what it cost to simulate."""
+             seed: int = 0, stop_early: bool = False) -> tuple[list[RequestRecord], dict]:
+    """Records of one simulated run and what it cost to simulate. With ``stop_early`` the run
+    stops once its attainment surely misses ``slo.attainment`` (``MissCount``); the cost then
+    says ``stopped`` and, when it stopped, ``attainment_bound``."""
     t0 = time.perf_counter()
-    sim = Simulation(spec.config(slo), latency, requests, seed)
+    watch = MissCount(slo, len(requests)) if stop_early and requests else None
+    sim = Simulation(spec.config(slo), latency, requests, seed, watch)
     records = sim.run()
-    return records, {"wall_s": time.perf_counter() - t0, "steps": sim.steps}
+    cost = {"wall_s": time.perf_counter() - t0, "steps": sim.steps}
+    if watch is not None:
+        cost["stopped"] = sim.stopped
+        if sim.stopped:
+            cost["attainment_bound"] = watch.bound
+    return records, cost
 
 
 def run_rate(spec: SimSpec, latency: LatencyModel, load: Load, rate: float, slo: SLO,

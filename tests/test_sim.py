@@ -14,7 +14,7 @@ from splitserve.engine.sequence import Sequence
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.sim.cluster import Layout, SimConfig, SimRequest, Simulation, prompt_ids
 from splitserve.sim.costs import step_ms, transfer_done_ms
-from splitserve.sim.plan import candidates, search
+from splitserve.sim.plan import candidates, plan, search
 from splitserve.sim.runner import EngineShape
 from splitserve.sim.sweep import Load, SimSpec, sim_requests, simulate
 
@@ -150,6 +150,61 @@ def test_goodput_search_brackets_the_crossing():
     assert max(ok) <= row.goodput.rate <= min(bad)
     records, cost = simulate(spec, LAT, sim_requests(load.request_set(max(ok))), slo)
     assert attainment(records, slo).both >= slo.attainment and cost["steps"] > 0
+
+
+def test_a_run_that_surely_misses_stops_early_and_one_that_meets_runs_as_before():
+    spec, slo = SimSpec(Layout(1, 1), SHAPE), SLO(0.25, 0.05)
+    load = Load("chat", duration_s=5.0, max_requests=2000)
+    stopped = []
+    for rate in (4.0, 40.0, 80.0):
+        reqs = sim_requests(load.request_set(rate))
+        full, _ = simulate(spec, LAT, reqs, slo)
+        early, cost = simulate(spec, LAT, reqs, slo, stop_early=True)
+        stopped.append(cost["stopped"])
+        if cost["stopped"]:  # an upper bound, below the target: the same pass/fail
+            assert attainment(full, slo).both <= cost["attainment_bound"] < slo.attainment
+            assert any(r.error == "simulation stopped early" for r in early)
+        else:
+            assert [r.to_dict() for r in early] == [r.to_dict() for r in full]
+    assert stopped == [False, True, True]
+
+
+def test_the_search_gives_the_goodput_of_full_runs_when_failing_runs_stop_early():
+    """A search driven by a known attainment curve: stopped runs report a bound just below the
+    target, and the failing point that the interpolation reads is asked for again in full."""
+    from splitserve.bench.stats import goodput
+    from splitserve.sim.plan import _Search
+
+    def curve(rate: float) -> float:
+        return max(0.0, 1.0 - rate / 100)
+
+    s = _Search(SimSpec(Layout(1, 1), SHAPE), 0.9, start=3.0, refine=3)
+    steps, asked = s.steps(), []
+    try:
+        probe = next(steps)
+        while True:
+            asked.append(probe)
+            a = curve(probe.rate)
+            probe = steps.send((a, False, 0.1) if probe.exact or a >= 0.9 else (0.899, True, 0.1))
+    except StopIteration as done:
+        row = done.value
+    rates = sorted({p.rate for p in asked})
+    assert row.goodput == goodput([(r, curve(r)) for r in rates], 0.9)
+    assert row.goodput.status == "interpolated"
+    assert set(row.bounded) == {r for r, a in row.points if a == 0.899}
+    assert all(curve(r) < 0.9 for r in row.bounded)
+    again = [p for p in asked if p.exact and [q.rate for q in asked].count(p.rate) == 2]
+    assert len(again) == 1  # the interpolated failing point (10.5 here), asked again in full
+
+
+def test_a_plan_on_more_processes_than_searches_answers_as_one_process_does():
+    """Idle processes simulate the rates a search may ask for next; the answers stay."""
+    spec, slo = SimSpec(Layout(0, 2), SHAPE), SLO(0.25, 0.05)
+    load = Load("chat", num_requests=40, duration_s=5.0, max_requests=2000)
+    one = plan(spec, LAT, load, slo, 2, refine=2, jobs=1)
+    many = plan(spec, LAT, load, slo, 2, refine=2, jobs=5)
+    assert [(r.layout, r.goodput, r.points, r.bounded) for r in many] == \
+        [(r.layout, r.goodput, r.points, r.bounded) for r in one]
 
 
 def test_cli_writes_run_files_that_bench_report_reads(tmp_path):
