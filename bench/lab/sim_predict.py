@@ -38,7 +38,7 @@ from typing import Any
 from splitserve.bench.stats import Goodput
 
 SCHEMA = "splitserve.bench.sim_predict/1"
-DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "h200-llama3-8b-shape-calibrated.json"
+DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "h200-llama3-8b-shape-calibrated2.json"
 GRID_ARGS = ("gpus", "workloads", "scales", "jobs", "out", "latency_model")  # not part of a cell's setup
 
 
