@@ -233,13 +233,14 @@ class Simulation:
     """Runs ``requests`` through the deployment ``config``; ``run`` returns one record per
     request, in the bench's format (seconds, relative to the run's start).
 
-    ``watch``, when given, is called with a request's record when its first token leaves, when
-    it finishes and when it fails; once it returns True the run stops there (``stopped``), and
-    the requests still unfinished are recorded as failed (a search that only needs to know a
-    run misses its target stops it once enough requests have missed)."""
+    ``watch``, when given, is called with a request's record and the time (ms; None for a
+    failure) when its first token leaves, when it finishes and when it fails; once it returns
+    True the run stops there (``stopped``), and the requests still unfinished are recorded as
+    failed (a search that only needs to know a run misses its target stops it once enough
+    requests have missed)."""
 
     def __init__(self, config: SimConfig, latency: LatencyModel, requests: Sequence[SimRequest],
-                 seed: int = 0, watch: Callable[[RequestRecord], bool] | None = None) -> None:
+                 seed: int = 0, watch: Callable[[RequestRecord, float | None], bool] | None = None) -> None:
         self.config, self.latency, self.requests = config, latency, list(requests)
         self._ids = prompt_ids(self.requests, seed)
         lay = config.layout
@@ -400,7 +401,7 @@ class Simulation:
         flight.record.error = error
         if self._per_inflight:
             self.in_flight -= 1
-        if self._watch is not None and self._watch(flight.record):
+        if self._watch is not None and self._watch(flight.record, None):
             self.stopped = True
 
     # -- workers
@@ -489,5 +490,5 @@ class Simulation:
             rec.e2e_s, rec.finish_reason = t / 1000 - rec.sent_s, out.seq.finish_reason
             if self._per_inflight:
                 self.in_flight -= 1
-        if self._watch is not None and (out.finished or rec.output_tokens == 1) and self._watch(rec):
+        if self._watch is not None and (out.finished or rec.output_tokens == 1) and self._watch(rec, t):
             self.stopped = True

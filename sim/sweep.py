@@ -7,6 +7,8 @@ measured one can be put in one report.
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -69,24 +71,66 @@ class SimSpec:
 
 
 class MissCount:
-    """A ``Simulation`` watch that stops the run once so many requests surely miss ``slo``
-    (``bench/stats.surely_misses``) that its attainment can no longer reach ``slo.attainment``;
-    ``bound`` is then an upper bound of that attainment, below the target."""
+    """A ``Simulation`` watch that stops the run once so many requests surely miss ``slo`` that
+    its attainment can no longer reach ``slo.attainment``; ``bound`` is then an upper bound of
+    that attainment, below the target.
 
-    def __init__(self, slo: SLO, num_requests: int) -> None:
-        self.slo, self.num_requests = slo, num_requests
+    A request surely misses once it failed, or its first token came after the TTFT target, or
+    it finished and ``bench/stats.meets`` says so (``stats.surely_misses``); and, at each call
+    (time ``now_ms``), once the TTFT target has passed without a first token, or its first token
+    plus ``max_tokens - 1`` TPOT targets have passed unfinished (it cannot finish with more
+    tokens, so its TPOT can only come out larger). Each deadline is the value that the record
+    would hold, computed as the simulation and ``bench/stats`` compute it, so floating point
+    cannot make a request that meets its targets count as a miss."""
+
+    def __init__(self, slo: SLO, requests: Sequence[SimRequest]) -> None:
+        self.slo, self.num_requests = slo, len(requests)
         self.missed: set[int] = set()
+        self._by_arrival = sorted((r.arrival_s, r.index) for r in requests)
+        self._next = 0  # requests before it in _by_arrival are past their TTFT target
+        self._started: set[int] = set()  # first token left
+        self._ended: set[int] = set()
+        self._tpot_due: list[tuple[float, int]] = []  # heap: (ms from which unfinished misses, index)
 
     @property
     def bound(self) -> float:
         """The attainment if every request not yet missed met the SLO (stats.attainment's sum)."""
         return (self.num_requests - len(self.missed)) / self.num_requests
 
-    def __call__(self, record: RequestRecord) -> bool:
-        if record.index not in self.missed and surely_misses(record, self.slo):
-            self.missed.add(record.index)
-            return self.bound < self.slo.attainment
-        return False
+    def __call__(self, record: RequestRecord, now_ms: float | None) -> bool:
+        i = record.index
+        if record.ttft_s is not None:
+            self._started.add(i)
+        if record.e2e_s is not None:
+            self._ended.add(i)
+        if i not in self.missed:
+            if surely_misses(record, self.slo):
+                self.missed.add(i)
+            elif record.output_tokens == 1 and record.e2e_s is None and record.max_tokens >= 2:
+                heapq.heappush(self._tpot_due, (self._tpot_due_ms(record), i))
+        if now_ms is not None:
+            self._sweep(now_ms)
+        return self.bound < self.slo.attainment
+
+    def _sweep(self, now_ms: float) -> None:
+        arrivals, ttft = self._by_arrival, self.slo.ttft_s
+        while self._next < len(arrivals) and now_ms / 1000 - arrivals[self._next][0] > ttft:
+            if arrivals[self._next][1] not in self._started:
+                self.missed.add(arrivals[self._next][1])
+            self._next += 1
+        due = self._tpot_due
+        while due and due[0][0] <= now_ms:
+            _, i = heapq.heappop(due)
+            if i not in self._ended:
+                self.missed.add(i)
+
+    def _tpot_due_ms(self, r: RequestRecord) -> float:
+        """The first time (ms) at which the TPOT of ``r`` finishing then is over the target."""
+        sent, ttft, gaps, tpot = r.sent_s, r.ttft_s, r.max_tokens - 1, self.slo.tpot_s
+        t = (sent + ttft + tpot * gaps) * 1000
+        while not max(0.0, (t / 1000 - sent) - ttft) / gaps > tpot:
+            t = math.nextafter(t, math.inf)
+        return t
 
 
 def simulate(spec: SimSpec, latency: LatencyModel, requests: Sequence[SimRequest], slo: SLO,
@@ -95,7 +139,7 @@ def simulate(spec: SimSpec, latency: LatencyModel, requests: Sequence[SimRequest
     stops once its attainment surely misses ``slo.attainment`` (``MissCount``); the cost then
     says ``stopped`` and, when it stopped, ``attainment_bound``."""
     t0 = time.perf_counter()
-    watch = MissCount(slo, len(requests)) if stop_early and requests else None
+    watch = MissCount(slo, requests) if stop_early and requests else None
     sim = Simulation(spec.config(slo), latency, requests, seed, watch)
     records = sim.run()
     cost = {"wall_s": time.perf_counter() - t0, "steps": sim.steps}

@@ -169,6 +169,23 @@ def test_a_run_that_surely_misses_stops_early_and_one_that_meets_runs_as_before(
     assert stopped == [False, True, True]
 
 
+def test_a_request_counts_as_a_miss_once_its_ttft_or_tpot_deadline_passes_and_not_before():
+    from splitserve.bench.records import RequestRecord
+    from splitserve.sim.sweep import MissCount
+
+    slo = SLO(ttft_s=0.1, tpot_s=0.01, attainment=0.5)
+    watch = MissCount(slo, [SimRequest(0, 0.0, 10, 21), SimRequest(1, 0.05, 10, 11)])
+    first = RequestRecord(0, 0.0, 10, 21, sent_s=0.0, ttft_s=0.05, output_tokens=1)
+    assert not watch(first, 50.0) and not watch.missed
+    # at 150 ms request 1 (sent at 50 ms, no token yet) would have a TTFT of 0.1 s: not over
+    assert not watch(first, 150.0) and not watch.missed
+    assert not watch(first, 150.5) and watch.missed == {1}
+    # request 0 (first token at 50 ms, 20 gaps to go) finishing at 249 ms would make 10 ms
+    assert not watch(first, 249.0) and watch.missed == {1}
+    assert watch(first, 251.0) and watch.missed == {0, 1}  # it cannot any more
+    assert watch.bound == 0.0
+
+
 def test_the_search_gives_the_goodput_of_full_runs_when_failing_runs_stop_early():
     """A search driven by a known attainment curve: stopped runs report a bound just below the
     target, and the failing point that the interpolation reads is asked for again in full."""
