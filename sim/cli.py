@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Simulate every xPyD with x + y = N and colocated N under the workload; for each, "
             "search the rate (double until the attainment crosses the target, then bisect) and "
-            "report its goodput; the best layout first. --duration seconds of arrivals per rate."
+            "report its goodput; the best layout first. --duration seconds of arrivals per rate. "
+            "A rate's run stops as soon as too many of its requests have missed for it to meet "
+            "the target (the goodput is the one full runs give)."
         ),
     )
     add_common_arguments(plan, duration=60.0, max_requests=200_000)
