@@ -257,8 +257,11 @@ class Simulation:
                                   if not lay.colocated and latency.overhead_split_request_ms
                                   else latency.overhead_request_ms)
         self._handoff_overhead = () if latency.overhead_split_request_ms else latency.overhead_handoff_ms
-        self._per_inflight = (latency.overhead_split_request_per_inflight_ms if not lay.colocated
+        self._per_inflight = (latency.overhead_split_request_per_inflight_ms
+                              if not lay.colocated and latency.overhead_split_request_ms
                               else latency.overhead_request_per_inflight_ms)
+        if not any(self._per_inflight):
+            self._per_inflight = ()
         self.in_flight = 0  # requests arrived and not yet finished (counted when _per_inflight is set)
         self.policy = build_policy(config.policy, latency)
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
@@ -349,7 +352,10 @@ class Simulation:
         """A request arrives where the overhead grows with the requests in flight, per decode
         (or colocated) worker: each worker's process, and the router's share, carry its streams."""
         load = self.in_flight / max(1, len(self.decodes))
-        t += self.config.overhead_ms + self._draw(self._request_overhead) + self._per_inflight * load
+        values, growth = self._request_overhead, self._per_inflight
+        k = self._overhead_rng.randrange(len(values)) if values else 0
+        t += (self.config.overhead_ms + (values[k] if values else 0.0)
+              + growth[k if len(growth) > 1 else 0] * load)
         self.in_flight += 1
         self._at(t, self._route, rid, t + self.config.max_queue_ms)
 

@@ -316,10 +316,15 @@ def test_the_overhead_grows_with_the_requests_in_flight_per_worker():
         sim.run()
         return [at[str(i)] - i * 10 for i in range(3)]
 
-    lat = replace(LAT, overhead_request_ms=(7.0,), overhead_request_per_inflight_ms=4.0)
+    lat = replace(LAT, overhead_request_ms=(7.0,), overhead_request_per_inflight_ms=(4.0,))
     assert routed_at(Layout(0, 1), lat) == pytest.approx([7.0, 11.0, 15.0])
     assert routed_at(Layout(0, 2), lat) == pytest.approx([7.0, 9.0, 11.0])  # half the streams per worker
-    assert routed_at(Layout(1, 1), lat) == pytest.approx([7.0] * 3)  # the split path's own: none given
+    assert routed_at(Layout(1, 1), lat) == pytest.approx([7.0, 11.0, 15.0])  # no split path's own: the same
+    own = replace(lat, overhead_split_request_ms=(5.0, 5.0), overhead_split_request_per_inflight_ms=(1.0, 1.0))
+    assert routed_at(Layout(1, 1), own) == pytest.approx([5.0, 6.0, 7.0])
+    # one growth per value: a drawn value grows at its own rate (here the tail grows faster)
+    tail = replace(LAT, overhead_request_ms=(7.0, 7.0), overhead_request_per_inflight_ms=(0.0, 0.0))
+    assert routed_at(Layout(0, 1), tail) == pytest.approx([7.0] * 3)
 
 
 def test_step_time_spread_is_drawn_per_step_and_repeats_with_the_seed():

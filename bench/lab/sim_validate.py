@@ -14,11 +14,10 @@
      outside them (HTTP, tokenising, routing, admission; for the split, the prefill hop, the
      KV connection and the decode worker's activation) is each request's measured TTFT minus
      its TTFT in a simulation of that run without overhead: ``overhead.request_ms`` (colocated)
-     and ``overhead.split_request_ms`` from each system's lowest-rate run, and how much it grows
-     with each request in flight (``*_per_inflight_ms``: the Python router and workers carry
-     every open stream) from the growth of the median gap to the highest-rate run. So the
-     lowest and highest rates' TTFT p50 are in-sample; the rates between them, the TTFT
-     p90s and TPOT are out of sample.
+     and ``overhead.split_request_ms``, quantile by quantile a straight line in the number of
+     requests in flight (``*_per_inflight_ms``: the Python router and workers carry every open
+     stream) through the gaps of each system's lowest- and highest-rate runs. So those two
+     rates' TTFT is in-sample; the rates between them and TPOT are out of sample.
 4. The simulator on each measured run's own request list (arrival times, prompt tokens as the
    server counted them, max_tokens) with the same layout, router policy and worker shape.
 5. A table measured vs simulated (TTFT and TPOT p50/p90, attainment of both targets), the pass
@@ -171,20 +170,23 @@ def in_flight_at_arrival(run) -> dict[int, int]:  # noqa: ANN001
             for r in run.records if r.sent_s is not None}
 
 
-def path_overhead(low, high, latency, spec) -> tuple[list[float], float]:  # noqa: ANN001
-    """One path's overhead: what each request in flight adds (the growth of the median gap
-    from the lowest-rate run ``low`` to the highest ``high`` over the growth of the mean number
-    in flight, at least 0), and the lowest-rate gaps less that share, as equally likely values."""
+def path_overhead(low, high, latency, spec) -> tuple[list[float], list[float]]:  # noqa: ANN001
+    """One path's overhead as equally likely values and what each request in flight adds to
+    each: the gaps of the lowest-rate run ``low`` and of the highest ``high``, quantile by
+    quantile, as a straight line in the mean number of requests in flight (its growth at least
+    0; the value at no load at least 0). Without a second run, the lowest run's gaps, no growth."""
     import statistics
 
-    gaps_low, in_low = idle_gaps(low, latency, spec), in_flight_at_arrival(low)
-    slope = 0.0
+    gaps_low = idle_gaps(low, latency, spec)
+    q_low, load_low = quantiles(list(gaps_low.values())), statistics.mean(in_flight_at_arrival(low).values())
+    growth = [0.0] * len(q_low)
     if high is not None and high is not low:
-        gaps_high, in_high = idle_gaps(high, latency, spec), in_flight_at_arrival(high)
-        more = statistics.mean(in_high.values()) - statistics.mean(in_low.values())
+        q_high = quantiles(list(idle_gaps(high, latency, spec).values()))
+        more = statistics.mean(in_flight_at_arrival(high).values()) - load_low
         if more > 0:
-            slope = max(0.0, (statistics.median(gaps_high.values()) - statistics.median(gaps_low.values())) / more)
-    return quantiles([g - slope * in_low[i] for i, g in gaps_low.items()]), round(slope, 4)
+            growth = [max(0.0, (h - lo) / more) for lo, h in zip(q_low, q_high, strict=True)]
+    base = [max(0.0, lo - g * load_low) for lo, g in zip(q_low, growth, strict=True)]
+    return [round(v, 3) for v in base], [round(g, 4) for g in growth]
 
 
 SLOWDOWNS = tuple(i / 20 for i in range(21))  # sharing.slowdown values tried, 0 to 1

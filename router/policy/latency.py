@@ -40,8 +40,9 @@ tokenising, routing, the worker admitting it); ``split_request_ms``, the same fo
 served by a prefill and a decode worker (the prefill hop, the KV connection, the decode worker
 activating it; absent: ``request_ms``, plus ``handoff_ms`` when the KV has landed, the older
 form, for models written before); ``request_per_inflight_ms`` and ``split_request_per_inflight_ms``
-(numbers), what each request already in flight (per decode or colocated worker) adds to a new
-request's overhead on that path; ``step_ratio``, a step's
+(a number, or one per value of the overhead they go with, quantile by quantile), what each
+request already in flight (per decode or colocated worker) adds to a new request's overhead on
+that path; ``step_ratio``, a step's
 time over the model's prediction for it. ``sharing.slowdown`` (default 1) is how much two
 workers on one GPU slow each other while both have a step in flight: each runs at
 1 / (1 + slowdown * (k - 1)) of its speed with k steps in flight (1: the GPU time-sliced evenly).
@@ -63,13 +64,13 @@ _SECTIONS = {
 # sections of equally likely values: section -> {key: LatencyModel field}
 _DRAWN = {
     "overhead": {"request_ms": "overhead_request_ms", "split_request_ms": "overhead_split_request_ms",
-                 "handoff_ms": "overhead_handoff_ms"},
+                 "handoff_ms": "overhead_handoff_ms",
+                 "request_per_inflight_ms": "overhead_request_per_inflight_ms",
+                 "split_request_per_inflight_ms": "overhead_split_request_per_inflight_ms"},
     "spread": {"step_ratio": "step_ratio"},
 }
 # single numbers in those sections (or one of their own): section -> {key: LatencyModel field}
 _SCALARS = {
-    "overhead": {"request_per_inflight_ms": "overhead_request_per_inflight_ms",
-                 "split_request_per_inflight_ms": "overhead_split_request_per_inflight_ms"},
     "sharing": {"slowdown": "sharing_slowdown"},
 }
 
@@ -140,8 +141,8 @@ class LatencyModel:
     overhead_split_request_ms: tuple[float, ...] = ()
     # what each request already in flight adds to a new one's overhead (the router's and the
     # workers' Python processes carry every open stream)
-    overhead_request_per_inflight_ms: float = 0.0
-    overhead_split_request_per_inflight_ms: float = 0.0
+    overhead_request_per_inflight_ms: tuple[float, ...] = ()
+    overhead_split_request_per_inflight_ms: tuple[float, ...] = ()
     step_ratio: tuple[float, ...] = ()
     sharing_slowdown: float = 1.0
 
@@ -150,6 +151,11 @@ class LatencyModel:
             value = getattr(self, f.name)
             if value is not None and (min(value, default=0) < 0 if isinstance(value, tuple) else value < 0):
                 raise ValueError(f"latency model {f.name} must be >= 0, got {value}")
+        for base, growth in ((self.overhead_request_ms, self.overhead_request_per_inflight_ms),
+                             (self.overhead_split_request_ms, self.overhead_split_request_per_inflight_ms)):
+            if len(growth) > 1 and len(growth) != len(base):
+                raise ValueError("latency model overhead *_per_inflight_ms needs one value, or one per "
+                                 "value of the overhead it goes with")
         if 0 in self.step_ratio:
             raise ValueError("latency model spread.step_ratio values must be > 0")
 
