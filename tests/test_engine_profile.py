@@ -70,3 +70,12 @@ def test_mixed_points_fit_the_mixed_step_model():
     for x in rows:
         assert abs(fitted.mixed_ms(*x) - exact.mixed_ms(*x)) < 1e-6
     assert LatencyModel().mixed_base_ms is None  # absent: the simulator composes mixed steps
+
+
+def test_the_transfer_is_profiled_over_the_backend_the_workers_negotiate():
+    import torch
+    from splitserve.engine.profile import transfer_backend
+
+    assert transfer_backend("auto", torch.device("cpu")) == "tcp"
+    assert transfer_backend("auto", torch.device("cuda", 0)) == "cuda_ipc"
+    assert transfer_backend("shm", torch.device("cuda", 0)) == "shm"

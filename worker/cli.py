@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure prefill/decode/transfer latency on this hardware (for the goodput policy)",
         description=(
             "Time the real engine: prefill vs batched prompt tokens, decode step vs batch size and "
-            "context, KV transfer vs tokens (loopback). Writes the latency-model JSON that "
-            "`splitserve router --latency-model` and the planner read."
+            "context, mixed chunked-prefill steps, KV transfer vs tokens (loopback, over --kv-backend; "
+            "auto: cuda_ipc on a GPU, as a split on one host uses, else tcp). Writes the latency-model "
+            "JSON that `splitserve router --latency-model`, `splitserve sim` and the planner read."
         ),
     )
     add_worker_args(prof, default_port=0)
@@ -65,7 +66,7 @@ def _profile(args: argparse.Namespace) -> int:
     options = options_from_args(args, "profile")
     with console.status("profiling...") as status:
         doc = profile(options.engine, progress=lambda line: (status.update(line), console.log(line)),
-                      with_transfer=not args.no_transfer)
+                      with_transfer=not args.no_transfer, kv_backend=options.kv_backend)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out} ({len(doc['prefill']['points'])} prefill, {len(doc['decode']['points'])} decode, "
           f"{len(doc.get('mixed', {}).get('points', []))} mixed-step points)")
