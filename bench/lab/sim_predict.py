@@ -21,7 +21,8 @@ The grid of the issue, on a 16-core machine (the simulation needs no GPU)::
     python -m splitserve.bench.lab.sim_predict --jobs 16 --out bench/out/sim_predict
 
 (defaults: the calibrated H200 profile of the Llama-3-8B shape, 2, 4 and 8 GPUs, chat, code
-and summarisation, scales 0.5, 1, 2 and 4, 30 s of arrivals per simulated rate).
+and summarisation, scales 0.5, 1, 2 and 4; each simulated rate sends arrivals for 30 s or 4x the TTFT
+target, whichever is longer).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated SLO scales, tight to loose: both targets of each workload "
                         "(or of --ttft-ms/--tpot-ms) times each (default 0.5,1,2,4)")
     p.add_argument("--refine", type=int, default=4, help="bisection steps after each crossing (default 4)")
+    p.add_argument("--ttft-windows", type=float, default=4.0,
+                   help="each simulated rate sends arrivals for at least this many times the cell's TTFT "
+                        "target (default 4): a rate the layout cannot sustain builds a queue that only "
+                        "fails a loose TTFT target (summarisation's 15 s and more) in a long enough run")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="processes simulating rates, shared by every layout of every cell "
                         "(default: one per core)")
@@ -112,10 +117,12 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def cell_doc(workload: str, gpus: int, scale: float, slo, rows) -> dict[str, Any]:  # noqa: ANN001
-    """One cell as the JSON stores it: every layout's row (``PlanRow.to_dict``), best first."""
+def cell_doc(workload: str, gpus: int, scale: float, slo, rows,  # noqa: ANN001
+             duration_s: float | None = None) -> dict[str, Any]:
+    """One cell as the JSON stores it: every layout's row (``PlanRow.to_dict``), best first,
+    and the seconds of arrivals each rate sent."""
     splits = [r for r in rows if not r.layout.colocated]
-    return {"workload": workload, "gpus": gpus, "scale": scale,
+    return {"workload": workload, "gpus": gpus, "scale": scale, "duration_s": duration_s,
             "slo": {"ttft_ms": slo.ttft_s * 1000, "tpot_ms": slo.tpot_s * 1000, "attainment": slo.attainment},
             "best": rows[0].layout.label, "best_split": splits[0].layout.label if splits else None,
             "layouts": [r.to_dict() for r in rows]}
@@ -194,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
     todo = [c for c in grid if cell_key(*c) not in doc["cells"]]
     jobs = []
     for w, g, s in todo:
-        load = load_from_args(argparse.Namespace(**{**vars(args), "workload": w}))
-        jobs.append(PlanJob(spec_from_args(args, meta, Layout(0, g)), latency, load,
-                            workload_slo(w, args).scaled(s), g, args.refine))
+        slo = workload_slo(w, args).scaled(s)
+        duration = max(args.duration, args.ttft_windows * slo.ttft_s)
+        load = load_from_args(argparse.Namespace(**{**vars(args), "workload": w, "duration": duration}))
+        jobs.append(PlanJob(spec_from_args(args, meta, Layout(0, g)), latency, load, slo, g, args.refine))
     print(f"{len(grid) - len(todo)} of {len(grid)} cells already in {path}; {len(todo)} to simulate",
           file=sys.stderr)
     with tqdm(total=sum(j.num_gpus for j in jobs), unit="layout", desc="layouts searched") as bar:
@@ -208,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
         for i, rows in plan_many(jobs, args.jobs, progress):
             w, g, s = todo[i]
-            doc["cells"][cell_key(w, g, s)] = cell_doc(w, g, s, jobs[i].slo, rows)
+            doc["cells"][cell_key(w, g, s)] = cell_doc(w, g, s, jobs[i].slo, rows, jobs[i].load.duration_s)
             write_json(path, doc)
             (out / "predictions.md").write_text(markdown(doc))
     table = markdown(doc)
