@@ -175,7 +175,7 @@ class Dispatcher:
                     decision = self.policy.pick(req, prefills, decodes)
                 except Unservable as exc:
                     self.metrics.child(self.metrics.decisions, self.policy.name, "unservable").inc()
-                    raise RouterError(400, exc.reason, code=exc.code) from exc
+                    raise RouterError(400, exc.message, code=exc.code) from exc
                 except NoCandidate as exc:
                     self.metrics.child(self.metrics.decisions, self.policy.name, "no_candidate").inc()
                     raise UpstreamError(503, str(exc), code="no_worker_available") from exc

@@ -74,7 +74,7 @@ class Unservable(NoCandidate):
 
     def __init__(self, role: str, code: str, message: str) -> None:
         super().__init__(role, message)
-        self.code = code
+        self.code, self.message = code, message
 
 
 class SloUnattainable(Exception):
