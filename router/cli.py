@@ -133,7 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-queue-ms",
         type=float,
         default=500.0,
-        help="goodput: longest wait for a pair that meets the SLO before 429 (default 500)",
+        help=("longest wait in admission, for a pair that meets the SLO (goodput) or for a decode "
+              "worker with KV room for the prompt, before 429 (default 500)"),
     )
     p.add_argument(
         "--workers",

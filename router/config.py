@@ -174,7 +174,7 @@ class RouterConfig:
     # marks the worker unhealthy.
     poll_interval_s: float = 0.5
     poll_timeout_s: float = 2.0
-    # Goodput admission: wait at most this long for a pair that can meet the SLO, then shed (429).
+    # Admission: wait at most this long for a pair that can meet the SLO or has KV room, then shed (429).
     max_queue_ms: float = 500.0
     max_queued_requests: int = 256
     max_attempts: int = 2  # first try + one retry on another pair

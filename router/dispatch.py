@@ -44,7 +44,14 @@ from splitserve.router.backlog import AwaitingFirstToken
 from splitserve.router.config import MAX_SLO_MS, SLO, RouterConfig
 from splitserve.router.errors import RouterError, ShedError, UpstreamError
 from splitserve.router.metrics import RouterMetrics
-from splitserve.router.policy import Decision, NoCandidate, Policy, RouteRequest, SloUnattainable
+from splitserve.router.policy import (
+    Decision,
+    NoCandidate,
+    Policy,
+    RouteRequest,
+    SloUnattainable,
+    Unservable,
+)
 from splitserve.router.pool import WorkerPool
 from splitserve.router.stall import StallWatch
 from splitserve.router.workers import WorkerClient, WorkerRejected, WorkerState, WorkerUnreachable
@@ -149,7 +156,8 @@ class Dispatcher:
             self.metrics.child(self.metrics.busy_workers, role).set(busy)
 
     async def route(self, req: RouteRequest, exclude: set[str]) -> Decision:
-        """A pair for ``req``, queueing while the policy says no pair can meet its targets."""
+        """A pair for ``req``, queueing while the policy says no pair can take it now (it cannot
+        meet the targets, or no decode worker has the KV blocks for the prompt)."""
         deadline = time.monotonic() + self.config.max_queue_ms / 1000
         queued = False
         try:
@@ -165,6 +173,9 @@ class Dispatcher:
                 t0 = time.perf_counter()
                 try:
                     decision = self.policy.pick(req, prefills, decodes)
+                except Unservable as exc:
+                    self.metrics.child(self.metrics.decisions, self.policy.name, "unservable").inc()
+                    raise RouterError(400, exc.message, code=exc.code) from exc
                 except NoCandidate as exc:
                     self.metrics.child(self.metrics.decisions, self.policy.name, "no_candidate").inc()
                     raise UpstreamError(503, str(exc), code="no_worker_available") from exc
@@ -176,6 +187,7 @@ class Dispatcher:
                         self.queued += 1
                         self.queued_prompt_tokens += len(req.prompt_token_ids)
                         self.metrics.queued.inc()
+                        self.metrics.child(self.metrics.waited, exc.reason).inc()
                     if time.monotonic() >= deadline:
                         self._shed(exc.reason, f"{exc} (waited {self.config.max_queue_ms:.0f} ms)")
                     await self.admission.wait(deadline - time.monotonic())

@@ -81,6 +81,12 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.waited = Counter(
+            "splitserve_router_queued",
+            "Requests that waited in admission, by the reason they began to (a shed one counts here too)",
+            ["reason"],
+            registry=r,
+        )
         self.slo = Counter(
             "splitserve_router_slo_requests",
             "Finished sequences by whether they met TTFT and TPOT targets",

@@ -449,6 +449,51 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back_at_once(demo_mod
         text = httpx.get(r.url + "/metrics").text
         assert 'splitserve_router_requests_total{endpoint="/v1/completions",outcome="client_closed"} 2.0' in text
 
+def test_a_kv_shortage_waits_in_admission_until_a_decode_worker_frees_blocks(demo_model, workers) -> None:
+    """Both decode workers are out of KV blocks (a burst filled them); one frees its blocks
+    0.5 s later: the request waits for the poll that shows it (not a 503 at once) and is served."""
+    import threading
+
+    workers["d0"][1].load, workers["d1"][1].load = {"free_blocks": 0}, {"free_blocks": 0}
+    with router(demo_model, workers, max_queue_ms=3000) as r:
+        threading.Timer(0.5, lambda: workers["d1"][1].load.update(free_blocks=1000)).start()
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert workers["d1"][1].requests and not workers["d0"][1].requests
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'splitserve_router_queued_total{reason="no_kv_room"} 1.0' in metrics
+        assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="round_robin"} 1.0' in metrics
+
+
+def test_a_kv_shortage_that_lasts_is_shed_after_the_queue_bound_with_its_reason(demo_model, workers) -> None:
+    workers["d0"][1].load, workers["d1"][1].load = {"free_blocks": 0}, {"free_blocks": 0}
+    with router(demo_model, workers, policy="least_loaded", max_queue_ms=400) as r:
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2})
+        err = _error(resp, 429)
+        assert 0.35 < time.monotonic() - t0 < 2
+        assert err["code"] == "no_kv_room" and resp.headers["retry-after"]
+        assert err["message"] == "every decode worker is out of KV blocks for this prompt (waited 400 ms)"
+        assert not workers["d0"][1].requests and not workers["d1"][1].requests
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'splitserve_router_queued_total{reason="no_kv_room"} 1.0' in metrics
+        assert 'splitserve_router_shed_total{reason="no_kv_room"} 1.0' in metrics
+
+
+def test_a_prompt_larger_than_every_decode_cache_is_a_400_at_once(demo_model, workers) -> None:
+    """Two blocks of 16 hold 31 prompt tokens and the first token; waiting frees none more."""
+    workers["d0"][1].load = workers["d1"][1].load = {"free_blocks": 2, "total_blocks": 2}
+    with router(demo_model, workers, max_queue_ms=3000) as r:
+        t0 = time.monotonic()
+        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "hello " * 40, "max_tokens": 2})
+        err = _error(resp, 400)
+        assert time.monotonic() - t0 < 1
+        assert err["code"] == "prompt_exceeds_kv_cache" and "whole KV cache" in err["message"]
+        assert not workers["d0"][1].requests and not workers["d1"][1].requests
+
+
 def test_missing_key_is_401_before_anything_else(demo_model, workers) -> None:
     with router(demo_model, workers, api_key="k") as r:
         _error(httpx.post(r.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 401)

@@ -14,7 +14,7 @@ from splitserve.router.policy import (
     SloUnattainable,
     build_policy,
 )
-from splitserve.router.policy.filters import HasKVEndpoint, HasRoom, Healthy
+from splitserve.router.policy.filters import HasKVEndpoint, HasRoom, Healthy, KVCapacity
 from splitserve.router.policy.prefix import PrefixIndex
 from splitserve.router.policy.scorers import DecodeLoadScorer, PrefillQueueScorer, PrefixHitScorer
 from splitserve.router.workers import WorkerLoad, WorkerState
@@ -169,6 +169,10 @@ def test_filters_and_scorers() -> None:
     assert HasRoom().apply(req, ws) == ws[:1]  # 101 tokens need 7 blocks of 16
     ws[0].note_assigned(16)  # one more block promised since the poll
     assert HasRoom().apply(req, ws) == []
+    assert HasRoom.waits and not KVCapacity.waits  # room frees up; a cache never grows
+    never_polled = WorkerState(url="http://new", role="decode", healthy=True)
+    assert KVCapacity().apply(request(15_999), [*ws, never_polled]) == [*ws, never_polled]  # 1000 blocks
+    assert KVCapacity().apply(request(16_000), [*ws, never_polled]) == [never_polled]
     for scorer in (DecodeLoadScorer(), PrefillQueueScorer(), PrefixHitScorer(PrefixIndex())):
         for w in (worker("http://x", "decode", running=500, free=0, queued=10**6), worker("http://y", "decode")):
             assert 0.0 <= scorer.score(req, w) <= 1.0

@@ -14,7 +14,9 @@ from splitserve.router.policy import (
     POLICIES,
     NoCandidate,
     RouteRequest,
+    Shortage,
     SloUnattainable,
+    Unservable,
     build_policy,
     plugins,
 )
@@ -22,6 +24,7 @@ from splitserve.router.policy.base import PolicyContext
 from splitserve.router.policy.goodput import PairTransfer, SloSlackPicker, TpotSlack, TtftSlack
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.router.policy.pickers import MaxScorePicker, RoundRobinPicker
+from splitserve.router.policy.presets import PRESETS
 from splitserve.router.policy.spec import PolicySpec
 from splitserve.router.policy.transfer import TransferEstimator
 from splitserve.router.workers import WorkerLoad, WorkerState
@@ -53,7 +56,7 @@ def varied_workers(role: str) -> list[WorkerState]:
 
 
 def test_every_builtin_plugin_is_named_by_kind_and_a_duplicate_name_is_refused() -> None:
-    assert plugins.names("filter") == ["has_room", "healthy", "kv_endpoint"]
+    assert plugins.names("filter") == ["has_room", "healthy", "kv_capacity", "kv_endpoint"]
     assert plugins.names("scorer") == ["decode_load", "prefill_queue", "prefix_hit"]
     assert plugins.names("picker") == ["max_score", "round_robin"]
     assert plugins.names("pair_scorer") == ["pair_transfer", "tpot_slack", "ttft_slack"]
@@ -192,7 +195,7 @@ def test_presets_are_configurations_and_build_distinct_policies() -> None:
         assert build_policy(spec).name == name
     goodput = PolicySpec.preset("goodput")
     assert [(s.name, s.weight) for s in goodput.pair.scorers] == [("ttft_slack", 1.0), ("tpot_slack", 1.0)]
-    assert goodput.queue and not PolicySpec.preset("least_loaded").queue
+    assert all(PolicySpec.preset(name).queue for name in POLICIES)  # each waits out a KV shortage
     a, b = build_policy("round_robin"), build_policy("round_robin")
     assert a.decode_stage.picker is not b.decode_stage.picker  # no state shared between routers
 
@@ -281,13 +284,42 @@ def test_router_config_and_command_line_take_a_policy_configuration(tmp_path) ->
         RouterConfig(**base, policy="mine")
 
 
-def test_a_preset_policy_refuses_when_room_runs_out_goodput_waits() -> None:
-    full = [worker("http://d", "decode", free=0)]
-    with pytest.raises(NoCandidate, match="has_room"):
-        build_policy("least_loaded").pick(request(), [worker("http://p", "prefill")], full)
-    with pytest.raises(SloUnattainable) as exc:
-        build_policy("goodput", MODEL).pick(request(), [worker("http://p", "prefill")], full)
-    assert exc.value.reason == "no_kv_room"
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_preset_waits_while_no_decode_worker_has_kv_room(name: str) -> None:
+    """Blocks free as running requests end: a shortage is queued (a SloUnattainable), not a 503."""
+    full = [worker("http://d0", "decode", free=0), worker("http://d1", "decode", free=6)]  # 101 tokens: 7 blocks
+    with pytest.raises(Shortage) as exc:
+        build_policy(name, MODEL).pick(request(), [worker("http://p", "prefill")], full)
+    assert isinstance(exc.value, SloUnattainable) and exc.value.reason == "no_kv_room"
+    assert str(exc.value) == "every decode worker is out of KV blocks for this prompt"
+    assert build_policy(name, MODEL).pick(request(90), [worker("http://p", "prefill")], full).decode.url == "http://d1"
+
+
+def test_a_policy_that_does_not_queue_refuses_a_kv_shortage_at_once() -> None:
+    spec = PolicySpec.from_dict({**PRESETS["least_loaded"], "name": "eager", "queue": False})
+    with pytest.raises(NoCandidate, match="out of KV blocks.*filtered out by 'has_room'") as exc:
+        build_policy(spec).pick(request(), [worker("http://p", "prefill")], [worker("http://d", "decode", free=0)])
+    assert not isinstance(exc.value, Unservable)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_prompt_larger_than_every_decode_workers_whole_cache_fails_at_once(name: str) -> None:
+    """1000 blocks of 16 hold 15999 prompt tokens and the first token: 16000 never fit, however
+    empty the workers are, so nothing waits for them; a worker that could hold it but is down
+    now leaves it an ordinary NoCandidate (it may come back)."""
+    policy, prefills = build_policy(name, MODEL), [worker("http://p", "prefill")]
+    decodes = [worker("http://d0", "decode"), worker("http://d1", "decode", free=0)]
+    with pytest.raises(Unservable) as exc:
+        policy.pick(request(16_000), prefills, decodes)
+    assert exc.value.code == "prompt_exceeds_kv_cache"
+    assert "larger than every decode worker's whole KV cache (16000 prompt tokens)" in str(exc.value)
+    assert policy.pick(request(15_999, ttft_ms=10**6), prefills, decodes).decode.url == "http://d0"
+    big = worker("http://big", "decode")
+    big.set_load(WorkerLoad(free_blocks=2000, total_blocks=2000, block_size=16))
+    big.healthy = False
+    with pytest.raises(NoCandidate, match="'healthy'") as exc:
+        policy.pick(request(16_000), prefills, [*decodes, big])
+    assert not isinstance(exc.value, Unservable)
 
 
 # -- admission and metrics

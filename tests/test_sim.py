@@ -89,18 +89,25 @@ def test_a_cache_too_small_for_every_answer_preempts_and_still_finishes_every_re
     small = EngineShape(num_blocks=120, block_size=16, max_num_seqs=64, max_num_batched_tokens=2048)
     reqs = _workload(20.0, n=60, max_input=32, max_output=300)
     sim, records = _run(Layout(0, 1), reqs, small)
-    assert preempted  # a full cache at admission is refused (503), never a lost request:
-    assert all(r.ok or "has_room" in r.error for r in records)
+    assert preempted  # a full cache at admission waits, then is shed (429), never a lost request:
+    assert all(r.ok or "HTTP 429: no_kv_room" in r.error for r in records)
     assert sum(r.ok for r in records) > len(records) // 2
     assert sim.decodes[0].engine.blocks.num_free_blocks == small.num_blocks
 
 
-def test_a_prompt_with_no_room_is_refused_as_the_router_refuses_it():
+def test_a_prompt_with_no_room_waits_for_room_as_the_router_waits():
+    """40 blocks of 16: two 500-token prompts never fit together, so the second waits in the
+    router's admission for the first to end (within max_queue_ms, else 429 no_kv_room); a prompt
+    larger than the whole cache is refused at once."""
     small = EngineShape(num_blocks=40, block_size=16, max_num_seqs=64, max_num_batched_tokens=2048)
-    reqs = [SimRequest(0, 0.0, 500, 50), SimRequest(1, 0.001, 500, 50)]
+    reqs = [SimRequest(0, 0.0, 500, 5), SimRequest(1, 0.001, 500, 5), SimRequest(2, 0.002, 640, 5)]
     sim, records = _run(Layout(0, 1), reqs, small)
-    assert records[0].ok and "has_room" in records[1].error  # HTTP 503, as router/dispatch.py
+    assert records[0].ok and records[1].ok
+    assert records[1].ttft_s > records[0].e2e_s - 0.001  # admitted once the first freed its blocks
+    assert "whole KV cache" in records[2].error
     assert sim.decodes[0].engine.blocks.num_free_blocks == small.num_blocks
+    _, records = _run(Layout(0, 1), [SimRequest(0, 0.0, 500, 120), SimRequest(1, 0.001, 500, 5)], small)
+    assert records[0].ok and records[1].error == "HTTP 429: no_kv_room (shed after 500 ms)"
 
 
 def test_higher_rate_means_later_first_tokens():
@@ -274,7 +281,7 @@ def test_a_fixed_seed_gives_the_records_it_gave_before_the_fast_paths():
 
     lat = LatencyModel.load(Path(__file__).parents[1] / "bench/profiles/h200-llama3-8b-shape.json")
     for layout, rate, n, blocks, want in (("1P2D", 20, 300, 2000, "fa1bdf494a44f772"),
-                                          ("colocated1", 30, 200, 300, "3f0f803077548f11")):
+                                          ("colocated1", 30, 200, 300, "b36d8587a5b0e840")):
         reqs = sim_requests(build_requests("chat", n, rate, 0, with_text=False))
         shape = EngineShape(blocks, 16, 64, 2048)
         records = Simulation(SimConfig(Layout.parse(layout), shape), lat, reqs).run()

@@ -59,19 +59,37 @@ class Decision:
 
 
 class NoCandidate(Exception):
-    """No worker of a role passed the filters (503)."""
+    """No worker of a role is there to take the request: none registered, none healthy, none a
+    filter that does not wait let through (503)."""
 
     def __init__(self, role: str, reason: str) -> None:
         super().__init__(f"no {role} worker available: {reason}")
         self.role, self.reason = role, reason
 
 
+class Unservable(NoCandidate):
+    """No worker there is could ever take the request, however long it waited (its prompt is
+    larger than every decode worker's whole KV cache): refused at once (400), never queued.
+    ``code`` names why (the error's code); ``message`` says it to the client."""
+
+    def __init__(self, role: str, code: str, message: str) -> None:
+        super().__init__(role, message)
+        self.code, self.message = code, message
+
+
 class SloUnattainable(Exception):
-    """Workers exist, but none can meet the request's targets now (queue or shed, 429)."""
+    """Workers exist, but none can take the request now: none can meet its targets, or
+    (``Shortage``) none has room (queue, asked again at each poll round, then shed: 429)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class Shortage(SloUnattainable):
+    """Healthy workers exist, but a filter that waits (``Filter.waits``) let none through: what
+    it needs frees up as running requests end (KV blocks), so the request waits like one whose
+    targets cannot be met now, rather than failing while the shortage lasts."""
 
 
 class PolicyContext:
@@ -107,9 +125,14 @@ class Plugin:
 
 
 class Filter(Plugin, ABC):
+    """Filters pass workers through; the first to let none through says what the request gets:
+    ``waits``: a shortage that ends by itself (``Shortage``: queue, then shed with ``shortage``'s
+    reason); ``shortage`` without ``waits``: what no waiting mends (``Unservable``: 400);
+    neither: no worker to serve (``NoCandidate``: 503)."""
+
     kind = "filter"
-    # Set when running out is temporary (e.g. KV room): a queueing policy waits instead of 503.
-    shortage: tuple[str, str] | None = None  # (shed reason, message)
+    shortage: tuple[str, str] | None = None  # (reason: the shed or error code, message)
+    waits = False
 
     @abstractmethod
     def apply(self, req: RouteRequest, workers: list[WorkerState]) -> list[WorkerState]:
@@ -178,8 +201,8 @@ class Stage:
 
     def filter(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float],
                queue: bool = False) -> list[WorkerState]:
-        """The workers that pass every filter; NoCandidate when none does (SloUnattainable when
-        ``queue`` and the filter that emptied the list reports a temporary shortage)."""
+        """The workers that pass every filter; when none does, the refusal of the filter that
+        let none through (``Filter``): a shortage waits only when ``queue``, else NoCandidate."""
         if not workers:
             raise NoCandidate(self.role, "none registered")
         candidates = workers
@@ -188,13 +211,23 @@ class Stage:
             candidates = f.apply(req, candidates)
             timings[f"{self.role}.{f.name}"] = (time.perf_counter() - t0) * 1e6
             if not candidates:
-                if queue and f.shortage is not None:
-                    raise SloUnattainable(*f.shortage)
-                raise NoCandidate(self.role, f"all {len(workers)} filtered out by '{f.name}'")
+                raise self._refusal(f, req, len(workers), queue)
         return candidates
 
-    def select(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float]) -> WorkerState:
-        candidates = self.filter(req, workers, timings)
+    def _refusal(self, f: Filter, req: RouteRequest, n: int, queue: bool) -> Exception:
+        filtered = f"all {n} filtered out by '{f.name}'"
+        if f.shortage is None:
+            return NoCandidate(self.role, filtered)
+        reason, message = f.shortage
+        if not f.waits:
+            return Unservable(self.role, reason, f"{message} ({req.num_prompt_tokens} prompt tokens)")
+        if queue:
+            return Shortage(reason, message)
+        return NoCandidate(self.role, f"{message} ({filtered})")
+
+    def select(self, req: RouteRequest, workers: list[WorkerState], timings: dict[str, float],
+               queue: bool = False) -> WorkerState:
+        candidates = self.filter(req, workers, timings, queue)
         t0 = time.perf_counter()
         scored = [(w, sum(wt * s.score(req, w) for s, wt in self.scorers)) for w in candidates]
         timings[f"{self.role}.score"] = (time.perf_counter() - t0) * 1e6
@@ -247,11 +280,12 @@ class StagedPolicy(Policy):
     """A policy as configuration: each role's stage (filters, weighted scorers, picker), or, with
     a pair stage, each role's filters and then one choice of the pair.
 
-    ``queue``: when no pair can meet the targets now (or a temporary shortage such as KV room),
-    say so (SloUnattainable: the dispatcher queues, then sheds) rather than refuse (503)."""
+    ``queue``: a filter's shortage that ends by itself (no decode worker has the KV blocks for
+    the prompt now) waits (``Shortage``: the dispatcher queues, then sheds) rather than being
+    refused at once (503). A pair picker's SloUnattainable always queues."""
 
     def __init__(self, name: str, prefill: Stage, decode: Stage, pair: PairStage | None = None,
-                 ctx: PolicyContext | None = None, queue: bool = False) -> None:
+                 ctx: PolicyContext | None = None, queue: bool = True) -> None:
         self.name, self.prefill_stage, self.decode_stage = name, prefill, decode
         self.pair_stage, self.ctx, self.queue = pair, ctx or PolicyContext(), queue
 
@@ -262,8 +296,8 @@ class StagedPolicy(Policy):
     def pick(self, req: RouteRequest, prefills: list[WorkerState], decodes: list[WorkerState]) -> Decision:
         timings: dict[str, float] = {}
         if self.pair_stage is None:
-            d = self.decode_stage.select(req, decodes, timings)
-            p = self.prefill_stage.select(req, prefills, timings) if req.with_prefill else None
+            d = self.decode_stage.select(req, decodes, timings, self.queue)
+            p = self.prefill_stage.select(req, prefills, timings, self.queue) if req.with_prefill else None
             return Decision(p, d, self.name, timings_us=timings)
         ds = self.decode_stage.filter(req, decodes, timings, self.queue)
         ps: list[WorkerState | None] = [None]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_DECODE_FILTERS = ["healthy", "kv_endpoint", "has_room"]
+# kv_capacity first: a prompt no decode worker could ever hold is refused, whatever their health.
+_DECODE_FILTERS = ["kv_capacity", "healthy", "kv_endpoint", "has_room"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "round_robin": {
@@ -32,7 +33,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prefill": {"filters": ["healthy"]},
         "decode": {"filters": _DECODE_FILTERS},
         "pair": {"scorers": {"ttft_slack": 1.0, "tpot_slack": 1.0}, "picker": "slo_slack"},
-        "queue": True,
     },
 }
 

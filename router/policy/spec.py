@@ -8,13 +8,14 @@ The format (JSON or YAML; ``--policy-config FILE``, or a preset by name)::
       scorers: {prefix_hit: 1.0, prefill_queue: 0.3}
       picker: max_score
     decode:
-      filters: [healthy, kv_endpoint, has_room]
+      filters: [kv_capacity, healthy, kv_endpoint, has_room]
       scorers: [{name: decode_load, weight: 1.0}]
       picker: max_score
     pair:                      # optional: choose the pair together, after each role's filters
       scorers: {ttft_slack: 1.0, tpot_slack: 1.0, pair_transfer: {weight: 0.1, scale_ms: 20}}
       picker: slo_slack
-    queue: false               # true: wait (bounded, then shed 429) instead of refusing (503)
+    queue: true                # default; false: no decode worker with KV room now is a 503 at
+                               # once, not a wait (bounded, then shed 429) for room to free up
 
 A plugin is a name, ``{name: weight}``, ``{name: {weight: w, ...arguments}}`` or ``{name: ...,
 weight: ..., ...arguments}``; the names are those of ``plugins.py``. With a pair stage the roles
@@ -61,7 +62,7 @@ class PolicySpec:
     prefill: StageSpec = field(default_factory=StageSpec)
     decode: StageSpec = field(default_factory=StageSpec)
     pair: StageSpec | None = None
-    queue: bool = False
+    queue: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -87,7 +88,7 @@ class PolicySpec:
     @classmethod
     def from_dict(cls, data: Any) -> PolicySpec:
         data = _mapping(data, "policy", {"name", "prefill", "decode", "pair", "queue"})
-        queue = data.get("queue", False)
+        queue = data.get("queue", True)
         if not isinstance(queue, bool):
             raise ValueError(f"policy queue must be true or false, got {queue!r}")
         pair = data.get("pair")
