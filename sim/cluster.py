@@ -6,8 +6,9 @@ colocated N (N workers that each prefill in chunks and decode). Each worker is a
 (``router.policy.build_policy``) fed each worker's exact ``/load`` at the moment it decides.
 
 A request's life, as the served system lives it (router/dispatch.py, prefill/ and decode/):
-arrives (the router picks a pair; when the policy says no pair can meet the targets it waits in
-the admission queue, asking again at each of the router's poll rounds of its workers' loads,
+arrives (the router picks a pair; when the policy says no pair can meet the targets, or no decode
+worker has KV room for it now, it waits in the admission queue, asking again at each of the
+router's poll rounds of its workers' loads,
 every ``POLL_ROUND_MS`` as router/admission.py does, once more at its deadline, and is shed
 after ``max_queue_ms``) ->
 split: the decode worker reserves blocks for the prompt at once, the prefill worker queues it,
@@ -53,7 +54,13 @@ from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import Sequence as EngineSeq
 from splitserve.router.config import SLO as RouterSLO
 from splitserve.router.config import RouterConfig
-from splitserve.router.policy import NoCandidate, RouteRequest, SloUnattainable, build_policy
+from splitserve.router.policy import (
+    NoCandidate,
+    RouteRequest,
+    SloUnattainable,
+    Unservable,
+    build_policy,
+)
 from splitserve.router.policy.latency import LatencyModel
 from splitserve.router.workers import WorkerState
 from splitserve.sim.costs import transfer_done_ms
@@ -377,8 +384,8 @@ class Simulation:
             else:
                 self._fail(flight, f"HTTP 429: {exc.reason} (shed after {self.config.max_queue_ms:g} ms)")
             return
-        except NoCandidate as exc:
-            self._fail(flight, f"HTTP 503: {exc}")
+        except NoCandidate as exc:  # Unservable: no cache could ever hold the prompt (the router's 400)
+            self._fail(flight, f"HTTP {400 if isinstance(exc, Unservable) else 503}: {exc}")
             return
         self.policy.on_routed(rreq, decision)
         d = self._by_url(self.decodes, decision.decode.url)
@@ -390,7 +397,7 @@ class Simulation:
                 self._kick(d, t)
                 return
             d.engine.reserve(seq)
-        except (PromptTooLong, ValueError, NoFreeBlocks) as exc:  # NoFreeBlocks: the real 503
+        except (PromptTooLong, ValueError, NoFreeBlocks) as exc:  # as the decode worker refuses it
             self._fail(flight, f"{type(exc).__name__}: {exc}")
             return
         p = self._by_url(self.prefills, decision.prefill.url)

@@ -104,7 +104,7 @@ def test_a_prompt_with_no_room_waits_for_room_as_the_router_waits():
     sim, records = _run(Layout(0, 1), reqs, small)
     assert records[0].ok and records[1].ok
     assert records[1].ttft_s > records[0].e2e_s - 0.001  # admitted once the first freed its blocks
-    assert "whole KV cache" in records[2].error
+    assert records[2].error.startswith("HTTP 400") and "whole KV cache" in records[2].error
     assert sim.decodes[0].engine.blocks.num_free_blocks == small.num_blocks
     _, records = _run(Layout(0, 1), [SimRequest(0, 0.0, 500, 120), SimRequest(1, 0.001, 500, 5)], small)
     assert records[0].ok and records[1].error == "HTTP 429: no_kv_room (shed after 500 ms)"
