@@ -175,6 +175,7 @@ def current_status(
 _locks: dict[tuple[str, str], threading.RLock] = {}
 _locks_guard = threading.Lock()
 _errors: dict[tuple[str, str], str] = {}  # last reconcile failure per object, this process
+_listed: dict[tuple[str, str], float] = {}  # when the pods of each object's last status were listed
 
 
 def lock_for(namespace: str, name: str) -> threading.RLock:
@@ -185,7 +186,8 @@ def lock_for(namespace: str, name: str) -> threading.RLock:
 
 
 def publish_status(
-    namespace: str, name: str, generation: int | None = None, pods: PodsByPool | None = None
+    namespace: str, name: str, generation: int | None = None, pods: PodsByPool | None = None,
+    listed_at: float | None = None,
 ) -> None:
     """Read the children and the object now, compute the status and write it if it differs.
 
@@ -195,10 +197,16 @@ def publish_status(
     A pool whose pod problem changed gets an Event (``pod_problems.transitions``): the stored
     ``status.problems`` is the memory, so an operator restart posts nothing twice. ``pods``:
     the service's pods by pool, when the caller has listed them (the SLO tick lists them once
-    for the status, the scrape and the planner).
+    for the status, the scrape and the planner) at ``listed_at`` (``time.monotonic()``); a
+    listing older than the one the last status was computed from is listed again here, so a
+    pod event's newer status is never overwritten by a tick's older view (which would post a
+    problem's Warning twice, with a recovery between).
     """
     key = (namespace, name)
     with lock_for(namespace, name):
+        if pods is None or listed_at is None or listed_at < _listed.get(key, 0.0):
+            pods, listed_at = None, time.monotonic()  # current_status lists them now
+        _listed[key] = listed_at
         obj = kube.get_inference_service(namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return

@@ -222,9 +222,10 @@ def tick(name: str, namespace: str, memory: Memory, logger: logging.Logger = log
     obj = kube.get_inference_service(namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
+    listed_at = time.monotonic()
     pods = reconcile.pods_by_pool(name, namespace)  # one listing for the status, scrape and planner
     # a pod Running but not Ready for long changes nothing on the pod: only time says it
-    reconcile.publish_status(namespace, name, pods=pods)
+    reconcile.publish_status(namespace, name, pods=pods, listed_at=listed_at)
     spec = crd.defaulted_spec(dict(obj["spec"]))
     win = _window(name, namespace, pods["router"], memory,
                   float(spec["autoscaling"]["windowSeconds"]), logger)

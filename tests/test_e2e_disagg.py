@@ -88,9 +88,11 @@ def test_router_metrics_show_each_kv_link_and_its_negotiated_backend(client, dep
     assert summary["transfers"] >= 1 and summary["failures"] == 0
 
 
-def kv_links_on_router_metrics(deployment: Deployment, within_s: float = 10.0):  # noqa: ANN201
-    """The router's /metrics once it shows a KV link (the router learns a prefill worker's
-    peers from its next /load poll), or as it is after ``within_s``; an observe.Snapshot."""
+def kv_links_on_router_metrics(deployment: Deployment, within_s: float = 10.0, transfers: int = 1):  # noqa: ANN201
+    """The router's /metrics once it shows KV links that carried ``transfers`` transfers in all
+    (the router learns a prefill worker's peers and counts from its next /load poll, so the last
+    request's transfer may show one poll late), or as it is after ``within_s``; an
+    observe.Snapshot."""
     from splitserve.operator import observe
 
     root = deployment.base_url.removesuffix("/v1")
@@ -98,7 +100,7 @@ def kv_links_on_router_metrics(deployment: Deployment, within_s: float = 10.0): 
     while True:
         text = httpx.get(f"{root}/metrics", headers=deployment.internal_headers()).text
         snap = observe.parse(text, at=0.0)
-        if snap.kv_links or time.monotonic() > deadline:
+        if sum(k.transfers for k in snap.kv_links) >= transfers or time.monotonic() > deadline:
             return snap
         time.sleep(0.2)
 

@@ -34,6 +34,6 @@ def test_greedy_through_nixl_matches_transformers_and_the_link_says_nixl(nixl_de
                                        extra_body={"ignore_eos": True}).choices[0].text
              for p in PROMPTS[:3]]
     assert texts == hf_reference(demo_model, PROMPTS[:3], MAX_TOKENS)
-    links = kv_links_on_router_metrics(nixl_deployment).kv_links
+    links = kv_links_on_router_metrics(nixl_deployment, transfers=3).kv_links
     assert [(k.backend, k.fallback) for k in links] == [("nixl", False)]
     assert links[0].transfers >= 3 and links[0].failures == 0
