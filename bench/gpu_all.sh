@@ -76,12 +76,12 @@ for step in "${steps[@]}"; do
         --concurrency 1000 --rate 2000 --duration 15 --decisions 0 --out "$out/router_paced.json" ;;
     engine_vs_hf) run engine_vs_hf 600 python3 -m splitserve.bench.engine_vs_hf --model /tmp/l8 \
         --make-8b-shape --device cuda:0 --out "$out/engine_vs_hf" --no-progress ;;
-    sim)  # simulator vs measured (a split on one GPU shares it: its rows are marked), then sim speed
+    sim)  # simulator vs measured (a split on one GPU shares it, and is simulated sharing it), then sim speed
       devs=cuda:0,cuda:0
       [ "$gpus" -ge 2 ] && devs=cuda:0,cuda:1
-      run sim_validate 560 python3 -m splitserve.bench.lab.sim_validate --model /tmp/l8 --make-8b-shape \
+      run sim_validate 600 python3 -m splitserve.bench.lab.sim_validate --model /tmp/l8 --make-8b-shape \
         --devices "$devs" --dtype bfloat16 --kv-backend cuda_ipc --num-kv-blocks 8192 \
-        --rates 2,4,8,12 --duration 15 --workload chat --out "$out/sim_validate" --no-progress
+        --rates 2,4,8,12 --duration 30 --workload chat --out "$out/sim_validate" --no-progress
       run sim_speed 300 taskset -c 2 python3 -m splitserve.bench.lab.sim_speed --rates 40,150 \
         --out "$out/sim_speed.json" ;;
     split)
