@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from splitserve.router.cli import add_limit_arguments
+from splitserve.router.cli import add_option_arguments
+from splitserve.router.config import FAILOVER_OPTIONS, LIMIT_OPTIONS, option_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--gpu-memory-utilization in --worker-args sets every worker's own instead")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker, e.g. \"--dtype bfloat16\"")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
-    add_limit_arguments(p.add_argument_group(
+    add_option_arguments(p.add_argument_group(
         "router limits", "what one client can make the router hold (`splitserve router`'s "
-        "limits, passed on when given)"), router_defaults=False)
+        "limits, passed on when given)"), LIMIT_OPTIONS, router_defaults=False)
+    add_option_arguments(p.add_argument_group(
+        "router worker faults", "how soon the router gives up a worker that stops answering "
+        "(`splitserve router`'s worker-fault options, passed on when given)"), FAILOVER_OPTIONS,
+        router_defaults=False)
     p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process within --restart-window before up gives up (default 5; "
@@ -59,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     from splitserve.modelfiles.read import model_name
 
     log = logging.getLogger("splitserve.up")
-    limits = router_limits(args)  # a bad one fails before a model is fetched or a process started
+    options = router_options(args)  # a bad one fails before a model is fetched or a process started
     model = args.model
     if model is None:
         from splitserve.engine.default_model import default_model
@@ -76,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         devices=tuple(d for d in args.devices.split(",") if d),
         worker_args=tuple(shlex.split(args.worker_args)),
         router_args=tuple(shlex.split(args.router_args)),
-        router_limits=limits,
+        router_options=options,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         redis_url=args.redis_url,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -106,14 +111,13 @@ def _run(args: argparse.Namespace) -> int:
         deployment.stop()
 
 
-def router_limits(args: argparse.Namespace) -> dict[str, int | float]:
-    """The router limits given on the command line (Limits field -> value), checked."""
-    from splitserve.router.config import LIMIT_OPTIONS, limit_args
-
-    given = {o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}
+def router_options(args: argparse.Namespace) -> dict[str, int | float]:
+    """The router options (limits, worker faults) given on the command line (field -> value),
+    checked."""
+    given = {o.field: getattr(args, o.field) for o in (*LIMIT_OPTIONS, *FAILOVER_OPTIONS)}
     given = {name: value for name, value in given.items() if value is not None}
     try:
-        limit_args(given)
+        option_args(given)
     except ValueError as exc:
         raise SystemExit(f"splitserve up: {exc}") from exc
     return given

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitserve.launcher.processes import Component, ProcessGroup
-from splitserve.router.config import limit_args
+from splitserve.router.config import option_args
 from splitserve.trust import ENV_FILE, generate_secret, load_internal_secret, write_secret_file
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class UpConfig:
     devices: tuple[str, ...] = ()  # assigned round robin: prefill workers first, then decode
     worker_args: tuple[str, ...] = ()  # passed to every worker (e.g. --dtype, --num-kv-blocks)
     router_args: tuple[str, ...] = ()
-    router_limits: Mapping[str, int | float] = field(default_factory=dict)  # Limits field -> value
+    router_options: Mapping[str, int | float] = field(default_factory=dict)  # limits, worker faults: field -> value
     log_dir: Path | None = None
     redis_url: str | None = None  # workers announce themselves there; the router discovers them
     worker_ports: tuple[int, ...] = field(default=())  # default: free ports
@@ -53,7 +53,7 @@ class UpConfig:
                              "decode workers prefill prompts themselves)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        limit_args(self.router_limits)  # a bad limit fails here, before any process starts
+        option_args(self.router_options)  # a bad one fails here, before any process starts
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -109,7 +109,7 @@ def plan(cfg: UpConfig) -> list[Component]:
         urls[role].append(url)
     router = ["router", "--model", cfg.model, "--served-model-name", cfg.served_model_name,
               "--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
-    router += limit_args(cfg.router_limits)
+    router += option_args(cfg.router_options)
     if cfg.redis_url:
         router += ["--redis-url", cfg.redis_url]
     else:

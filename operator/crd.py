@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 import yaml
-from splitserve.router.config import LIMIT_OPTIONS, LimitOption
+from splitserve.router.config import ROUTER_OPTIONS, RouterOption
 from splitserve.router.policy.presets import POLICIES
 
 GROUP = "splitserve.io"
@@ -75,23 +75,31 @@ def _resources_schema(desc: str) -> Schema:
     }
 
 
-def _limit_schema(option: LimitOption) -> Schema:
+def _option_schema(option: RouterOption) -> Schema:
     desc = f"{option.help[0].upper()}{option.help[1:]}. Unset: the router's default, {option.default_text}."
     if option.type is int:
         return {"type": "integer", "format": "int64", "minimum": 1, "description": desc}
     return {"type": "number", "minimum": 0, "exclusiveMinimum": True, "description": desc}
 
 
-def router_limits_schema() -> Schema:
-    """``spec.router.limits``: one field per router limit (router/config.py ``LIMIT_OPTIONS``,
-    which the router's flags and the chart's ``routerLimits`` follow too), each typed and bounded
-    so that the API server refuses a bad value naming its field."""
+_SECTION_DOCS = {
+    "limits": "What one client can make a router pod hold (`splitserve router`'s limits).",
+    "failover": "How soon a router gives up a worker that stops answering, and how often a sequence"
+    " is tried on another pair (`splitserve router`'s worker-fault options).",
+}
+
+
+def router_options_schema(section: str) -> Schema:
+    """``spec.router.<section>`` (``limits``, ``failover``): one field per router option of
+    that section (router/config.py ``ROUTER_OPTIONS``, which the router's flags and the chart's
+    ``router<Section>`` follow too), each typed and bounded so that the API server refuses a
+    bad value naming its field."""
     return {
         "type": "object",
-        "description": "What one client can make a router pod hold (`splitserve router`'s limits);"
-        " a field left out takes the operator's default (the chart's routerLimits), else the"
-        " router's. A change restarts the routers only.",
-        "properties": {option.key: _limit_schema(option) for option in LIMIT_OPTIONS},
+        "description": f"{_SECTION_DOCS[section]} A field left out takes the operator's default"
+        f" (the chart's router{section.capitalize()}), else the router's. A change restarts the"
+        " routers only.",
+        "properties": {option.key: _option_schema(option) for option in ROUTER_OPTIONS[section]},
     }
 
 
@@ -218,7 +226,7 @@ def spec_schema() -> Schema:
                         " `splitserve router --policy-config` reads it (router/policy/spec.py);"
                         " checked by the operator, an invalid one is refused naming the field.",
                     },
-                    "limits": router_limits_schema(),
+                    **{section: router_options_schema(section) for section in ROUTER_OPTIONS},
                     "serviceType": _str(
                         "", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"
                     ),

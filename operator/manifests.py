@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitserve.operator import crd
-from splitserve.router.config import limit_args, limits_from_keys
+from splitserve.router.config import ROUTER_OPTIONS, option_args, options_from_keys
 from splitserve.router.policy.presets import POLICIES
 from splitserve.router.policy.spec import PolicySpec
 
@@ -152,7 +152,8 @@ def serving_generation(name: str, namespace: str, spec: dict[str, Any]) -> str:
 def router_generation(name: str, namespace: str, spec: dict[str, Any]) -> str:
     """The router pods' template hash: the workers' generation plus the routing policy, which
     the router reads from the config ConfigMap only at start (a change restarts the routers).
-    The router's limits need no place here: they are flags, in the pod template itself."""
+    The router's limits and failover options need no place here: they are flags, in the pod
+    template itself."""
     return _short_hash({"serving": serving_generation(name, namespace, spec),
                         "router": serving_config(name, namespace, spec)["router"]})
 
@@ -377,7 +378,7 @@ def render_router(name: str, namespace: str, spec: dict[str, Any]) -> list[Manif
         "splitserve", "router", "--model", model_dir(spec),
         "--served-model-name", spec["model"]["name"],
         "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
-        "--redis-url", redis_url(name, spec), *_policy_args(router), *router_limit_args(spec),
+        "--redis-url", redis_url(name, spec), *_policy_args(router), *router_option_args(spec),
         "--slo-ttft-ms", str(spec["slo"]["ttftMs"]), "--slo-tpot-ms", str(spec["slo"]["tpotMs"]),
         "--public-metrics",  # the operator's SLO loop scrapes it without the API key
     ]  # fmt: skip
@@ -476,22 +477,28 @@ def check_policy_config(spec: dict[str, Any]) -> None:
         raise SpecError(f"spec.router.policyConfig: name {policy.name!r} is a preset's; name your own")
 
 
-def router_limit_args(spec: dict[str, Any]) -> list[str]:
-    """The router's flags for ``spec.router.limits``; SpecError naming the field of a bad one
-    (the schema refuses it first; this covers specs that never went through the API server)."""
+def router_option_args(spec: dict[str, Any]) -> list[str]:
+    """The router's flags for ``spec.router.limits`` and ``spec.router.failover``; SpecError
+    naming the field of a bad one (the schema refuses it first; this covers specs that never
+    went through the API server)."""
+    values: dict[str, int | float] = {}
     try:
-        return limit_args(limits_from_keys(spec["router"].get("limits") or {}, "spec.router.limits"))
+        for section in ROUTER_OPTIONS:
+            values |= options_from_keys(section, spec["router"].get(section) or {}, f"spec.router.{section}")
+        return option_args(values)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
 
 
-def with_router_limits(spec: dict[str, Any], defaults: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``spec`` whose ``router.limits`` falls back, field by field, on ``defaults`` (the
-    operator's, from the chart's ``routerLimits``: ``settings.ROUTER_LIMITS``)."""
-    if not defaults:
-        return spec
-    router = spec["router"]
-    return {**spec, "router": {**router, "limits": {**defaults, **(router.get("limits") or {})}}}
+def with_router_defaults(spec: dict[str, Any], defaults: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """``spec`` whose ``router.limits`` and ``router.failover`` fall back, field by field, on
+    ``defaults`` (section -> key -> value: the operator's, from the chart's ``routerLimits``
+    and ``routerFailover``, ``settings.ROUTER_DEFAULTS``)."""
+    router = dict(spec["router"])
+    for section, given in (defaults or {}).items():
+        if given:
+            router[section] = {**given, **(router.get(section) or {})}
+    return {**spec, "router": router}
 
 
 def _policy_args(router: dict[str, Any]) -> list[str]:
@@ -645,7 +652,7 @@ def render_all(
     replicas: dict[str, int] | None = None,
     secret: Mapping[str, str] | None = None,
     peers: MetricsPeers | None = None,
-    router_limits: Mapping[str, Any] | None = None,
+    router_defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Manifest]:
     """Every child of one InferenceService, in apply order (config and registry first).
 
@@ -654,20 +661,20 @@ def render_all(
     worker replicas: the autoscaler's choice (``scaling.effective_replicas``). ``secret``: the
     internal Secret's values (:func:`secret_values`; the operator reads or makes them), without
     which the Secret is left out, so that rendering stays a pure function. ``peers``: who may
-    scrape /metrics besides the router. ``router_limits``: the operator's defaults for
-    ``spec.router.limits`` (:func:`with_router_limits`).
+    scrape /metrics besides the router. ``router_defaults``: the operator's defaults for
+    ``spec.router.limits`` and ``.failover`` (:func:`with_router_defaults`).
     """
     replicas = replicas or {}
     if not name:
         raise SpecError("metadata.name is required")
-    full = with_router_limits(crd.defaulted_spec(spec), router_limits)
+    full = with_router_defaults(crd.defaulted_spec(spec), router_defaults)
     for field in ("model", "image"):
         if not full.get(field):
             raise SpecError(f"spec.{field} is required")
     if not full["model"].get("name"):
         raise SpecError("spec.model.name is required")
     check_policy_config(full)
-    router_limit_args(full)
+    router_option_args(full)
     out: list[Manifest] = [render_config(name, namespace, full)]
     if secret is not None:
         out.append(render_internal_secret(name, namespace, secret))

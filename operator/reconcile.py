@@ -67,7 +67,7 @@ def apply_children(
         children = manifests.render_all(name, namespace, spec, replicas,
                                         manifests.secret_values(existing),
                                         operator_settings.metrics_peers(),
-                                        operator_settings.ROUTER_LIMITS)
+                                        operator_settings.ROUTER_DEFAULTS)
     except manifests.SpecError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     results = []

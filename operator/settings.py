@@ -21,10 +21,11 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
-Routers: ``SPLITSERVE_ROUTER_LIMITS``, a JSON object of router limits spelled as in
-``spec.router.limits`` (the chart's ``routerLimits``), the default of every InferenceService's
-router for each limit its spec leaves out; null or absent: the router's own default. A bad value
-stops the operator at start-up, naming it.
+Routers: ``SPLITSERVE_ROUTER_LIMITS`` and ``SPLITSERVE_ROUTER_FAILOVER``, JSON objects of router
+options spelled as in ``spec.router.limits`` and ``spec.router.failover`` (the chart's
+``routerLimits`` and ``routerFailover``), the default of every InferenceService's router for each
+option its spec leaves out; null or absent: the router's own default. A bad value stops the
+operator at start-up, naming it.
 
 NetworkPolicies (``manifests.MetricsPeers``): besides the router, who may reach the pods' HTTP
 ports for /metrics: ``SPLITSERVE_OPERATOR_NAMESPACE`` with ``SPLITSERVE_OPERATOR_POD_LABELS`` (the
@@ -43,7 +44,7 @@ import os
 
 import kopf
 from splitserve.operator.manifests import MANAGED_BY, MetricsPeers
-from splitserve.router.config import LIMITS_BY_KEY, limits_from_keys
+from splitserve.router.config import ROUTER_OPTIONS, options_from_keys
 
 PREFIX = "splitserve.io"
 DEFAULT_POD_METRICS_URL = "http://{host}:{port}/metrics"
@@ -67,9 +68,9 @@ NOT_READY_SECONDS = _positive_float("SPLITSERVE_NOT_READY_SECONDS", 60.0)
 LATENCY_MODEL = os.environ.get("SPLITSERVE_LATENCY_MODEL") or None
 
 
-def _router_limits(var: str) -> dict[str, int | float]:
-    """The router limits in ``var`` (module docstring), checked. Helm's ``--set`` makes a
-    number with a decimal point a string ("2.5"): a string is read as the limit's type."""
+def _router_options(section: str, var: str) -> dict[str, int | float]:
+    """The router options of ``section`` in ``var`` (module docstring), checked. Helm's ``--set``
+    makes a number with a decimal point a string ("2.5"): a string is read as the option's type."""
     raw = os.environ.get(var)
     if not raw:
         return {}
@@ -78,19 +79,22 @@ def _router_limits(var: str) -> dict[str, int | float]:
     except ValueError:
         given = None
     if not isinstance(given, dict):
-        raise ValueError(f"{var} must be a JSON object of router limits, not {raw!r}")
+        raise ValueError(f"{var} must be a JSON object of router {section} options, not {raw!r}")
     given = {k: v for k, v in given.items() if v is not None}
+    types = {option.key: option.type for option in ROUTER_OPTIONS[section]}
     for key, value in given.items():
-        if isinstance(value, str) and key in LIMITS_BY_KEY:
+        if isinstance(value, str) and key in types:
             try:
-                given[key] = LIMITS_BY_KEY[key].type(value)
+                given[key] = types[key](value)
             except ValueError:
                 pass  # refused below with the value as given
-    limits_from_keys(given, var)
+    options_from_keys(section, given, var)
     return given
 
 
-ROUTER_LIMITS = _router_limits("SPLITSERVE_ROUTER_LIMITS")
+# section -> key -> value, the operator's default for every router (spec.router.<section> wins)
+ROUTER_DEFAULTS = {section: _router_options(section, f"SPLITSERVE_ROUTER_{section.upper()}")
+                   for section in ROUTER_OPTIONS}
 
 
 def _format(var: str, template: str, **fields: str | int) -> str:

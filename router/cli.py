@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
-from splitserve.router.config import LIMIT_OPTIONS, POLICIES, SLO, Limits, RouterConfig
+from splitserve.router.config import (
+    FAILOVER_OPTIONS,
+    LIMIT_OPTIONS,
+    POLICIES,
+    SLO,
+    Limits,
+    RouterConfig,
+    RouterOption,
+)
 from splitserve.trust import add_secret_argument, read_secret
 
 log = logging.getLogger("splitserve.router")
@@ -145,53 +152,23 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the router may use. Each has its own worker polling, policy state and /metrics"
         ),
     )
-    p.add_argument(
-        "--poll-interval",
-        type=float,
-        default=0.5,
-        help="seconds between worker /load polls (default 0.5)",
-    )
-    p.add_argument(
-        "--max-attempts",
-        type=int,
-        default=2,
-        help="tries per sequence on different worker pairs before a worker failure is the client's error "
-        "(default 2); counts the tries in a row that sent no token: a sequence whose decode worker fails "
-        "after sending tokens is resumed on another pair from them",
-    )
-    faults = p.add_argument_group(
+    add_option_arguments(p.add_argument_group(
         "worker faults", "how soon a worker that stops answering is given up; sequences it was serving go "
         "on on another pair (resumed: splitserve_router_resumed_total{reason})",
-    )
-    default = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
-    faults.add_argument(
-        "--poll-timeout", type=float, default=default["poll_timeout_s"],
-        help="seconds a worker's /load (or /health) poll may take; no answer marks the worker unhealthy "
-        "(default %(default)g). A worker busy computing still answers its polls",
-    )
-    faults.add_argument(
-        "--stream-stall-timeout", type=float, default=default["stream_stall_timeout_s"],
-        help="seconds a decode stream may be silent on a worker marked unhealthy before it is resumed on "
-        "another pair (default %(default)g); a worker that answers its polls is never given up, however "
-        "slow its tokens",
-    )
-    faults.add_argument(
-        "--stream-idle-timeout", type=float, default=default["stream_idle_timeout_s"],
-        help="seconds a decode stream may be silent at all, the last resort when polls still answer "
-        "(default %(default)g)",
-    )
-    add_limit_arguments(p.add_argument_group(
+    ), FAILOVER_OPTIONS)
+    add_option_arguments(p.add_argument_group(
         "limits", "what one client can make the router hold; each refusal is counted in "
         "splitserve_router_refused_total{reason}. Connection limits are per router process",
-    ))
+    ), LIMIT_OPTIONS)
     p.set_defaults(func=_run)
 
 
-def add_limit_arguments(group: argparse._ActionsContainer, router_defaults: bool = True) -> None:
-    """One flag per router limit (``LIMIT_OPTIONS``), its value in ``args.<Limits field>``.
-    ``router_defaults=False`` (``splitserve up``): unset flags stay None, so only what the user
-    gave is passed on to the router."""
-    for option in LIMIT_OPTIONS:
+def add_option_arguments(group: argparse._ActionsContainer, options: tuple[RouterOption, ...],
+                         router_defaults: bool = True) -> None:
+    """One flag per router option (``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``), its value in
+    ``args.<field>``. ``router_defaults=False`` (``splitserve up``): unset flags stay None, so
+    only what the user gave is passed on to the router."""
+    for option in options:
         metavar = "SECONDS" if option.type is float else option.field.rsplit("_", 1)[-1].upper()
         group.add_argument(option.flag, dest=option.field, type=option.type, metavar=metavar,
                            default=option.default if router_defaults else None,
@@ -220,11 +197,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         latency_model_path=args.latency_model,
         slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
         max_queue_ms=args.max_queue_ms,
-        poll_interval_s=args.poll_interval,
-        poll_timeout_s=args.poll_timeout,
-        stream_stall_timeout_s=args.stream_stall_timeout,
-        stream_idle_timeout_s=args.stream_idle_timeout,
-        max_attempts=args.max_attempts,
+        **{o.field: getattr(args, o.field) for o in FAILOVER_OPTIONS},
         limits=Limits(**{o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}),
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,20 +55,18 @@ class Limits:
     keep_alive_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for option in LIMIT_OPTIONS:
-            problem = option.problem(getattr(self, option.field))
-            if problem:
-                raise ValueError(f"{option.field} {problem}")
+        _check({option.field: getattr(self, option.field) for option in LIMIT_OPTIONS})
 
 
 @dataclass(frozen=True)
-class LimitOption:
-    """One field of :class:`Limits` and how each place that sets it spells it: the router's
-    flag (``--max-body-bytes``), the key under an InferenceService's ``spec.router.limits`` and
-    the chart's ``routerLimits`` (``maxBodyBytes``; seconds end in ``Seconds``). Type and
-    default are the field's own; an integer must be >= 1, a number of seconds > 0 and finite."""
+class RouterOption:
+    """One router setting that users outside the router process may set, and how each place
+    spells it: the router's flag (``--max-body-bytes``), the key under an InferenceService's
+    ``spec.router.<section>`` and the chart's ``router<Section>`` (``maxBodyBytes``; seconds
+    end in ``Seconds``). Type and default are the field's own (of :class:`Limits` or
+    :class:`RouterConfig`); an integer must be >= 1, a number of seconds > 0 and finite."""
 
-    field: str  # the Limits attribute; ``_s`` marks seconds
+    field: str  # the Limits or RouterConfig attribute; ``_s`` marks seconds
     help: str
 
     @property
@@ -84,7 +82,7 @@ class LimitOption:
 
     @property
     def default(self) -> int | float:
-        return getattr(Limits(), self.field)
+        return next(f.default for holder in (Limits, RouterConfig) for f in fields(holder) if f.name == self.field)
 
     @property
     def default_text(self) -> str:
@@ -95,7 +93,7 @@ class LimitOption:
         return float if self.field.endswith("_s") else int
 
     def problem(self, value: object) -> str | None:
-        """Why ``value`` cannot be this limit (a phrase to follow its name), or None."""
+        """Why ``value`` cannot be this option (a phrase to follow its name), or None."""
         if self.type is int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 return f"must be an integer >= 1, got {value!r}"
@@ -104,27 +102,43 @@ class LimitOption:
         return None
 
 
-LIMIT_OPTIONS = (
-    LimitOption("max_body_bytes", "request body size; 413 after this many bytes, the rest unread"),
-    LimitOption("max_header_bytes", "request line and headers; 431 beyond"),
-    LimitOption("max_sequences", "prompts x n in one request; 400 beyond"),
-    LimitOption("max_connections", "open client connections per router process; more are answered 503 and closed"),
-    LimitOption("header_timeout_s", "seconds from a request's first byte to the end of its headers; 408"),
-    LimitOption("body_timeout_s", "seconds from the end of the headers to the end of the body; 408"),
-    LimitOption("keep_alive_timeout_s",
-                "seconds an idle connection is kept, before its first request or between two"),
+LIMIT_OPTIONS = (  # every field of Limits
+    RouterOption("max_body_bytes", "request body size; 413 after this many bytes, the rest unread"),
+    RouterOption("max_header_bytes", "request line and headers; 431 beyond"),
+    RouterOption("max_sequences", "prompts x n in one request; 400 beyond"),
+    RouterOption("max_connections", "open client connections per router process; more are answered 503 and closed"),
+    RouterOption("header_timeout_s", "seconds from a request's first byte to the end of its headers; 408"),
+    RouterOption("body_timeout_s", "seconds from the end of the headers to the end of the body; 408"),
+    RouterOption("keep_alive_timeout_s",
+                 "seconds an idle connection is kept, before its first request or between two"),
 )
-LIMITS_BY_KEY = {option.key: option for option in LIMIT_OPTIONS}
+FAILOVER_OPTIONS = (  # RouterConfig fields: how soon a failing worker is given up, how often retried
+    RouterOption("poll_interval_s", "seconds between two /load polls of each worker"),
+    RouterOption("poll_timeout_s", "seconds a worker's /load (or /health) poll may take; no answer "
+                 "marks the worker unhealthy; a worker busy computing still answers its polls"),
+    RouterOption("stream_stall_timeout_s", "seconds a decode stream may be silent on a worker marked "
+                 "unhealthy before it is resumed on another pair; a worker that answers its polls is "
+                 "never given up, however slow its tokens"),
+    RouterOption("stream_idle_timeout_s", "seconds a decode stream may be silent at all, the last resort "
+                 "when polls still answer"),
+    RouterOption("max_attempts", "tries per sequence on different worker pairs before a worker failure "
+                 "is the client's error; only tries in a row that sent no token count: a sequence whose "
+                 "decode worker fails after sending tokens is resumed on another pair from them"),
+)
+# section -> its options: ``spec.router.<section>``, the chart's ``router<Section>``
+ROUTER_OPTIONS = {"limits": LIMIT_OPTIONS, "failover": FAILOVER_OPTIONS}
+_BY_FIELD = {option.field: option for options in ROUTER_OPTIONS.values() for option in options}
 
 
-def limits_from_keys(given: Mapping[str, object], where: str) -> dict[str, int | float]:
-    """Limits as an InferenceService or the chart spells them (``maxBodyBytes: 1024``) ->
-    Limits field -> value; a ValueError names ``where.key`` for an unknown key or a bad value."""
+def options_from_keys(section: str, given: Mapping[str, object], where: str) -> dict[str, int | float]:
+    """A section's options as an InferenceService or the chart spells them (``maxBodyBytes:
+    1024``) -> field -> value; a ValueError names ``where.key`` for an unknown key or a bad value."""
+    by_key = {option.key: option for option in ROUTER_OPTIONS[section]}
     out = {}
     for key, value in given.items():
-        option = LIMITS_BY_KEY.get(key)
+        option = by_key.get(key)
         if option is None:
-            raise ValueError(f"{where}.{key}: unknown router limit (known: {', '.join(LIMITS_BY_KEY)})")
+            raise ValueError(f"{where}.{key}: unknown router {section} field (known: {', '.join(by_key)})")
         problem = option.problem(value)
         if problem:
             raise ValueError(f"{where}.{key} {problem}")
@@ -132,15 +146,24 @@ def limits_from_keys(given: Mapping[str, object], where: str) -> dict[str, int |
     return out
 
 
-def limit_args(values: Mapping[str, int | float]) -> list[str]:
-    """The router's command-line flags for ``values`` (Limits field -> value), in the table's
-    order; raises ValueError naming the field for an unknown name or a bad value."""
-    unknown = set(values) - {option.field for option in LIMIT_OPTIONS}
-    if unknown:
-        raise ValueError(f"unknown router limit {', '.join(sorted(unknown))}")
-    Limits(**values)
-    return [arg for option in LIMIT_OPTIONS if option.field in values
+def option_args(values: Mapping[str, int | float]) -> list[str]:
+    """The router's command-line flags for ``values`` (field -> value, any section), in the
+    tables' order; raises ValueError naming the field for an unknown name or a bad value."""
+    _check(values)
+    return [arg for option in _BY_FIELD.values() if option.field in values
             for arg in (option.flag, str(values[option.field]))]
+
+
+def _check(values: Mapping[str, object]) -> None:
+    """ValueError naming the first field of ``values`` (field -> value) that is no router
+    option or whose value its option refuses."""
+    unknown = set(values) - set(_BY_FIELD)
+    if unknown:
+        raise ValueError(f"unknown router option {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        problem = _BY_FIELD[name].problem(value)
+        if problem:
+            raise ValueError(f"{name} {problem}")
 
 
 @dataclass(frozen=True)
@@ -191,14 +214,12 @@ class RouterConfig:
         self._check_policy()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("connect_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s", "stream_stall_timeout_s",
-                     "poll_interval_s", "poll_timeout_s"):
+        for name in ("connect_timeout_s", "prefill_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:  # False for NaN too
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
+        _check({option.field: getattr(self, option.field) for option in FAILOVER_OPTIONS})
         if self.max_queue_ms < 0 or self.max_queued_requests < 0:
             raise ValueError("max_queue_ms and max_queued_requests must be >= 0")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not self.decode_urls and not self.redis_url:
             raise ValueError("need at least one decode worker URL or a redis_url to discover them")
         object.__setattr__(self, "prefill_urls", tuple(u.rstrip("/") for u in self.prefill_urls))

@@ -59,26 +59,33 @@ def test_a_bad_fraction_is_refused():
         UpConfig(model="m", served_model_name="m", gpu_memory_utilization=1.5)
 
 
-def test_router_limits_given_to_up_reach_the_router_only():
+def test_router_options_given_to_up_reach_the_router_only():
     cfg = UpConfig(model="m", served_model_name="m", worker_ports=(9000, 9001),
-                   router_limits={"max_connections": 16, "body_timeout_s": 2.5})
+                   router_options={"max_connections": 16, "body_timeout_s": 2.5, "stream_stall_timeout_s": 0.5})
     components = {c.name: c for c in plan(cfg)}
     assert _flag(components["router"], "--max-connections") == "16"
     assert _flag(components["router"], "--body-timeout") == "2.5"
+    assert _flag(components["router"], "--stream-stall-timeout") == "0.5"
     assert _flag(components["router"], "--max-body-bytes") is None  # unset: the router's default
     assert all("--max-connections" not in c.args for n, c in components.items() if n != "router")
     with pytest.raises(ValueError, match="max_connections must be an integer >= 1"):
-        UpConfig(model="m", served_model_name="m", router_limits={"max_connections": 0})
+        UpConfig(model="m", served_model_name="m", router_options={"max_connections": 0})
+    with pytest.raises(ValueError, match="poll_timeout_s must be a number of seconds > 0"):
+        UpConfig(model="m", served_model_name="m", router_options={"poll_timeout_s": 0})
 
 
-def test_up_command_line_passes_on_only_the_limits_given():
+def test_up_command_line_passes_on_only_the_options_given():
     import argparse
 
     from splitserve.launcher import cli
 
     sub = argparse.ArgumentParser().add_subparsers()
     cli.register(sub)
-    args = sub.choices["up"].parse_args(["--max-sequences", "4", "--keep-alive-timeout", "1.5"])
-    assert cli.router_limits(args) == {"max_sequences": 4, "keep_alive_timeout_s": 1.5}
+    args = sub.choices["up"].parse_args(["--max-sequences", "4", "--keep-alive-timeout", "1.5",
+                                         "--stream-stall-timeout", "0.5", "--max-attempts", "3"])
+    assert cli.router_options(args) == {"max_sequences": 4, "keep_alive_timeout_s": 1.5,
+                                        "stream_stall_timeout_s": 0.5, "max_attempts": 3}
     with pytest.raises(SystemExit, match="splitserve up: body_timeout_s must be a number of seconds > 0"):
-        cli.router_limits(sub.choices["up"].parse_args(["--body-timeout", "nan"]))
+        cli.router_options(sub.choices["up"].parse_args(["--body-timeout", "nan"]))
+    with pytest.raises(SystemExit, match="splitserve up: poll_interval_s must be a number of seconds > 0"):
+        cli.router_options(sub.choices["up"].parse_args(["--poll-interval", "0"]))

@@ -244,6 +244,9 @@ def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
         ({"router": {"limits": {"maxBodyBytes": 0}}}, "spec.router.limits.maxBodyBytes"),
         ({"router": {"limits": {"headerTimeoutSeconds": 0}}},
          "spec.router.limits.headerTimeoutSeconds"),
+        ({"router": {"failover": {"streamStallTimeoutSeconds": 0}}},
+         "spec.router.failover.streamStallTimeoutSeconds"),
+        ({"router": {"failover": {"maxAttempts": 0}}}, "spec.router.failover.maxAttempts"),
     ],
 )  # fmt: skip
 def test_invalid_resources_refused_naming_the_field(
@@ -355,7 +358,7 @@ def test_edit_decode_replicas_changes_only_decode(
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 
 
-def test_router_limits_reach_the_router_args_only(
+def test_router_options_reach_the_router_args_only(
     k8s: K8sEnv,
     ns: str,
     operator: OperatorProcess,
@@ -367,10 +370,12 @@ def test_router_limits_reach_the_router_args_only(
         return dep["spec"]["template"]["spec"]["containers"][0]["command"]
 
     k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
-                "-p", '{"spec": {"router": {"limits": {"maxSequences": 8}}}}')  # fmt: skip
+                "-p", '{"spec": {"router": {"limits": {"maxSequences": 8},'
+                ' "failover": {"streamStallTimeoutSeconds": 0.5}}}}')  # fmt: skip
     wait_until("--max-sequences 8 on the router", lambda: "--max-sequences" in router_command(), 30)
     command = router_command()
     assert command[command.index("--max-sequences") + 1] == "8"
+    assert command[command.index("--stream-stall-timeout") + 1] == "0.5"
     wait_ready(k8s, operator, ns, "tiny")
     after = snapshot(k8s, ns, "tiny")
     assert sorted(k for k in before if before[k] != after[k]) == [("Deployment", "tiny-router")]
@@ -556,14 +561,19 @@ def test_helm_lint_and_template_valid_against_api_server(
         kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
         assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
         k8s.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
-    # routerLimits reach the operator as its default limits for every router, read as it reads them
+    # routerLimits and routerFailover reach the operator as its defaults for every router, read
+    # as it reads them
     rendered = k8s.helm("template", "rel", str(CHART), "--set", "routerLimits.maxSequences=8",
-                        "--set", "routerLimits.headerTimeoutSeconds=2.5").stdout
+                        "--set", "routerLimits.headerTimeoutSeconds=2.5",
+                        "--set", "routerFailover.streamStallTimeoutSeconds=0.5").stdout
     op = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
-    monkeypatch.setenv("SPLITSERVE_ROUTER_LIMITS", env["SPLITSERVE_ROUTER_LIMITS"])
-    assert settings._router_limits("SPLITSERVE_ROUTER_LIMITS") == {
+    for var in ("SPLITSERVE_ROUTER_LIMITS", "SPLITSERVE_ROUTER_FAILOVER"):
+        monkeypatch.setenv(var, env[var])
+    assert settings._router_options("limits", "SPLITSERVE_ROUTER_LIMITS") == {
         "maxSequences": 8, "headerTimeoutSeconds": 2.5}
+    assert settings._router_options("failover", "SPLITSERVE_ROUTER_FAILOVER") == {
+        "streamStallTimeoutSeconds": 0.5}
     # every example the chart ships is a valid InferenceService
     k8s.kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(CHART / "examples"))
     # the dashboard ConfigMap (on by default, applied above) and, when asked, a PodMonitor for

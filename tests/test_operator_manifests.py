@@ -503,41 +503,70 @@ def test_router_limits_reach_the_router_flags_and_nothing_else() -> None:
     assert config == [c for c in manifests.render_all("demo", "ns", plain) if c["kind"] == "ConfigMap"]
 
 
-def test_operator_default_limits_yield_to_the_spec_field_by_field() -> None:
-    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"limits": {"maxSequences": 8}}}
-    defaults = {"maxSequences": 4, "bodyTimeoutSeconds": 30}
-    command = _templates(spec, router_limits=defaults)["demo-router"]["spec"]["containers"][0]["command"]
+def test_router_failover_options_reach_the_router_flags_and_nothing_else() -> None:
+    plain = {"model": {"name": "t", "path": "/m"}, "image": "x"}
+    tuned = {**plain, "router": {"failover": {"streamStallTimeoutSeconds": 0.5, "maxAttempts": 3},
+                                 "limits": {"maxSequences": 8}}}
+    before, after = _templates(plain), _templates(tuned)
+    command = after["demo-router"]["spec"]["containers"][0]["command"]
+    at = command.index("--max-sequences")
+    assert command[at:at + 6] == ["--max-sequences", "8", "--stream-stall-timeout", "0.5", "--max-attempts", "3"]
+    assert "--poll-timeout" not in command  # unset: the router's own default
+    for pool in ("demo-prefill", "demo-decode"):
+        assert before[pool] == after[pool]  # no model reload for a router timeout
+    config = [c for c in manifests.render_all("demo", "ns", tuned) if c["kind"] == "ConfigMap"]
+    assert config == [c for c in manifests.render_all("demo", "ns", plain) if c["kind"] == "ConfigMap"]
+
+
+def test_operator_default_options_yield_to_the_spec_field_by_field() -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x",
+            "router": {"limits": {"maxSequences": 8}, "failover": {"pollTimeoutSeconds": 1}}}
+    defaults = {"limits": {"maxSequences": 4, "bodyTimeoutSeconds": 30},
+                "failover": {"pollTimeoutSeconds": 5, "streamIdleTimeoutSeconds": 20}}
+    command = _templates(spec, router_defaults=defaults)["demo-router"]["spec"]["containers"][0]["command"]
     assert command[command.index("--max-sequences") + 1] == "8"
     assert command[command.index("--body-timeout") + 1] == "30"
+    assert command[command.index("--poll-timeout") + 1] == "1"
+    assert command[command.index("--stream-idle-timeout") + 1] == "20"
 
 
-@pytest.mark.parametrize("limits, words", [
-    ({"maxBodyBytes": 0}, "spec.router.limits.maxBodyBytes must be an integer >= 1"),
-    ({"keepAliveTimeoutSeconds": -1}, "spec.router.limits.keepAliveTimeoutSeconds must be a number"),
-    ({"maxBodies": 5}, "spec.router.limits.maxBodies: unknown router limit"),
+@pytest.mark.parametrize("router, words", [
+    ({"limits": {"maxBodyBytes": 0}}, "spec.router.limits.maxBodyBytes must be an integer >= 1"),
+    ({"limits": {"keepAliveTimeoutSeconds": -1}}, "spec.router.limits.keepAliveTimeoutSeconds must be a number"),
+    ({"limits": {"maxBodies": 5}}, "spec.router.limits.maxBodies: unknown router limits field"),
+    ({"failover": {"maxAttempts": 0}}, "spec.router.failover.maxAttempts must be an integer >= 1"),
+    ({"failover": {"streamStallTimeoutSeconds": 0}},
+     "spec.router.failover.streamStallTimeoutSeconds must be a number of seconds > 0"),
 ])
-def test_a_bad_router_limit_is_refused_naming_the_field(limits: dict, words: str) -> None:
-    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": {"limits": limits}}
+def test_a_bad_router_option_is_refused_naming_the_field(router: dict, words: str) -> None:
+    spec = {"model": {"name": "t", "path": "/m"}, "image": "x", "router": router}
     with pytest.raises(manifests.SpecError) as info:
         manifests.render_all("demo", "ns", spec)
     assert words in str(info.value)
 
 
-def test_operator_default_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The chart's routerLimits, as its template writes them: nulls for unset, and helm's --set
-    turns 2.5 into the string "2.5"; a bad one stops the operator naming it."""
+def test_operator_default_options_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's routerLimits and routerFailover, as its template writes them: nulls for unset,
+    and helm's --set turns 2.5 into the string "2.5"; a bad one stops the operator naming it."""
     from splitserve.operator import settings
 
     var = "SPLITSERVE_ROUTER_LIMITS"
     monkeypatch.setenv(var, '{"maxBodyBytes": 1000, "headerTimeoutSeconds": "2.5", "maxSequences": null}')
-    assert settings._router_limits(var) == {"maxBodyBytes": 1000, "headerTimeoutSeconds": 2.5}
+    assert settings._router_options("limits", var) == {"maxBodyBytes": 1000, "headerTimeoutSeconds": 2.5}
     monkeypatch.setenv(var, "{}")
-    assert settings._router_limits(var) == {}
+    assert settings._router_options("limits", var) == {}
     monkeypatch.delenv(var)
-    assert settings._router_limits(var) == {}
+    assert settings._router_options("limits", var) == {}
     for bad, words in (('{"maxSequences": 0}', "SPLITSERVE_ROUTER_LIMITS.maxSequences must be"),
                        ('{"maxSequences": "lots"}', "maxSequences must be an integer >= 1, got 'lots'"),
+                       ('{"maxAttempts": 2}', "maxAttempts: unknown router limits field"),
                        ("[1]", "must be a JSON object")):
         monkeypatch.setenv(var, bad)
         with pytest.raises(ValueError, match=words):
-            settings._router_limits(var)
+            settings._router_options("limits", var)
+    var = "SPLITSERVE_ROUTER_FAILOVER"
+    monkeypatch.setenv(var, '{"streamStallTimeoutSeconds": "0.5", "maxAttempts": 3, "pollTimeoutSeconds": null}')
+    assert settings._router_options("failover", var) == {"streamStallTimeoutSeconds": 0.5, "maxAttempts": 3}
+    monkeypatch.setenv(var, '{"pollIntervalSeconds": "0"}')
+    with pytest.raises(ValueError, match="SPLITSERVE_ROUTER_FAILOVER.pollIntervalSeconds must be a number"):
+        settings._router_options("failover", var)

@@ -219,5 +219,5 @@ def test_the_fault_timeouts_are_router_options() -> None:
     assert (cfg.poll_timeout_s, cfg.stream_stall_timeout_s, cfg.stream_idle_timeout_s) == (0.5, 5.0, 30.0)
     for flag in ("--poll-timeout", "--stream-stall-timeout", "--stream-idle-timeout"):
         for bad in ("0", "nan", "inf"):
-            with pytest.raises(ValueError, match="must be > 0 and finite"):
+            with pytest.raises(ValueError, match="must be a number of seconds > 0 and finite"):
                 parse(flag, bad)

@@ -1,6 +1,8 @@
-"""The router's limits are one table (``router/config.py`` ``LIMIT_OPTIONS``): the router's
-flags, ``splitserve up``'s, an InferenceService's ``spec.router.limits`` and the chart's
-``routerLimits`` are derived from it or, for the chart's values, checked against it here."""
+"""The router's limits and worker-fault options are one table each (``router/config.py``
+``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``; ``ROUTER_OPTIONS`` by section): the router's flags,
+``splitserve up``'s, an InferenceService's ``spec.router.limits`` / ``.failover`` and the chart's
+``routerLimits`` / ``routerFailover`` are derived from them or, for the chart's values, checked
+against them here."""
 
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import yaml
 from splitserve.launcher import cli as up_cli
 from splitserve.operator import crd
 from splitserve.router import cli as router_cli
-from splitserve.router.config import LIMIT_OPTIONS, Limits, limit_args, limits_from_keys
+from splitserve.router.config import (
+    FAILOVER_OPTIONS,
+    LIMIT_OPTIONS,
+    ROUTER_OPTIONS,
+    Limits,
+    option_args,
+    options_from_keys,
+)
 
 VALUES = Path(__file__).resolve().parent.parent / "charts" / "splitserve" / "values.yaml"
 
@@ -37,13 +46,36 @@ def test_every_place_names_the_same_limits() -> None:
     assert keys[0] == "maxBodyBytes" and keys[4] == "headerTimeoutSeconds"
     assert _group_flags(_command(router_cli.register), "limits") == flags
     assert _group_flags(_command(up_cli.register), "router limits") == flags
-    assert list(crd.router_limits_schema()["properties"]) == keys
+    assert list(crd.router_options_schema("limits")["properties"]) == keys
     chart = yaml.safe_load(VALUES.read_text())["routerLimits"]
     assert list(chart) == keys and set(chart.values()) == {None}  # null: the router's default
 
 
+def test_every_place_names_the_same_failover_options() -> None:
+    flags, keys = [o.flag for o in FAILOVER_OPTIONS], [o.key for o in FAILOVER_OPTIONS]
+    assert flags == ["--poll-interval", "--poll-timeout", "--stream-stall-timeout", "--stream-idle-timeout",
+                     "--max-attempts"]  # the router's flags as they were before the table
+    assert keys[2] == "streamStallTimeoutSeconds" and keys[4] == "maxAttempts"
+    assert _group_flags(_command(router_cli.register), "worker faults") == flags
+    assert _group_flags(_command(up_cli.register), "router worker faults") == flags
+    assert list(crd.router_options_schema("failover")["properties"]) == keys
+    assert set(ROUTER_OPTIONS) <= set(crd.spec_schema()["properties"]["router"]["properties"])
+    chart = yaml.safe_load(VALUES.read_text())["routerFailover"]
+    assert list(chart) == keys and set(chart.values()) == {None}
+
+
+def test_failover_flags_written_for_the_router_are_what_it_reads() -> None:
+    values = {"stream_stall_timeout_s": 0.5, "max_attempts": 3, "poll_timeout_s": 1}
+    args = option_args(values)
+    assert args == ["--poll-timeout", "1", "--stream-stall-timeout", "0.5", "--max-attempts", "3"]
+    parsed = _command(router_cli.register).parse_args(["--model", "m", "--decode", "http://d", *args])
+    config = router_cli.config_from_args(parsed)
+    assert (config.poll_timeout_s, config.stream_stall_timeout_s, config.max_attempts) == (1.0, 0.5, 3)
+    assert (config.poll_interval_s, config.stream_idle_timeout_s) == (0.5, 60.0)  # the defaults
+
+
 def test_crd_schema_types_and_bounds_follow_the_limits() -> None:
-    props = crd.router_limits_schema()["properties"]
+    props = crd.router_options_schema("limits")["properties"]
     assert props["maxSequences"] | {"description": ""} == {
         "type": "integer", "format": "int64", "minimum": 1, "description": ""}
     assert props["keepAliveTimeoutSeconds"]["type"] == "number"
@@ -53,7 +85,7 @@ def test_crd_schema_types_and_bounds_follow_the_limits() -> None:
 
 def test_flags_written_for_the_router_are_what_it_reads() -> None:
     values = {"max_body_bytes": 1024, "header_timeout_s": 2.5, "max_connections": 7}
-    args = limit_args(values)
+    args = option_args(values)
     assert args == ["--max-body-bytes", "1024", "--max-connections", "7", "--header-timeout", "2.5"]
     parsed = _command(router_cli.register).parse_args(["--model", "m", "--decode", "http://d", *args])
     assert router_cli.config_from_args(parsed).limits == Limits(**values)
@@ -64,9 +96,11 @@ def test_flags_written_for_the_router_are_what_it_reads() -> None:
 @pytest.mark.parametrize("value", [0, -1, True, "5", 1.5])
 def test_a_bad_count_is_refused_naming_it(value: object) -> None:
     with pytest.raises(ValueError, match="max_sequences must be an integer >= 1"):
-        limit_args({"max_sequences": value})
+        option_args({"max_sequences": value})
     with pytest.raises(ValueError, match=r"^spec\.router\.limits\.maxSequences must be"):
-        limits_from_keys({"maxSequences": value}, "spec.router.limits")
+        options_from_keys("limits", {"maxSequences": value}, "spec.router.limits")
+    with pytest.raises(ValueError, match=r"^spec\.router\.failover\.maxAttempts must be an integer >= 1"):
+        options_from_keys("failover", {"maxAttempts": value}, "spec.router.failover")
 
 
 @pytest.mark.parametrize("value", [0, -0.5, math.nan, math.inf, "1"])
@@ -74,12 +108,18 @@ def test_a_bad_timeout_is_refused_naming_it(value: object) -> None:
     with pytest.raises(ValueError, match="body_timeout_s must be a number of seconds > 0"):
         Limits(body_timeout_s=value)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^X\.bodyTimeoutSeconds must be"):
-        limits_from_keys({"bodyTimeoutSeconds": value}, "X")
+        options_from_keys("limits", {"bodyTimeoutSeconds": value}, "X")
+    with pytest.raises(ValueError, match="stream_stall_timeout_s must be a number of seconds > 0"):
+        option_args({"stream_stall_timeout_s": value})
+    with pytest.raises(ValueError, match=r"^X\.pollTimeoutSeconds must be"):
+        options_from_keys("failover", {"pollTimeoutSeconds": value}, "X")
 
 
 def test_an_unknown_limit_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown router limit max_bodies"):
-        limit_args({"max_bodies": 1})
-    with pytest.raises(ValueError, match=r"spec\.router\.limits\.maxBody: unknown router limit"):
-        limits_from_keys({"maxBody": 1}, "spec.router.limits")
-    assert limits_from_keys({"headerTimeoutSeconds": 3}, "X") == {"header_timeout_s": 3}
+    with pytest.raises(ValueError, match="unknown router option max_bodies"):
+        option_args({"max_bodies": 1})
+    with pytest.raises(ValueError, match=r"spec\.router\.limits\.maxBody: unknown router limits field"):
+        options_from_keys("limits", {"maxBody": 1}, "spec.router.limits")
+    with pytest.raises(ValueError, match=r"spec\.router\.failover\.maxSequences: unknown router failover field"):
+        options_from_keys("failover", {"maxSequences": 1}, "spec.router.failover")  # a limit, not here
+    assert options_from_keys("limits", {"headerTimeoutSeconds": 3}, "X") == {"header_timeout_s": 3}
