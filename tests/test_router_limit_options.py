@@ -64,6 +64,16 @@ def test_every_place_names_the_same_failover_options() -> None:
     assert list(chart) == keys and set(chart.values()) == {None}
 
 
+def test_the_chart_hands_every_section_to_the_operator() -> None:
+    from splitserve.operator import settings
+
+    template = (VALUES.parent / "templates" / "deployment.yaml").read_text()
+    for section in ROUTER_OPTIONS:  # the variable settings.ROUTER_DEFAULTS reads, from the values
+        assert f"name: SPLITSERVE_ROUTER_{section.upper()}\n" in template
+        assert f".Values.router{section.capitalize()} | default dict | toJson" in template
+    assert list(settings.ROUTER_DEFAULTS) == list(ROUTER_OPTIONS)
+
+
 def test_failover_flags_written_for_the_router_are_what_it_reads() -> None:
     values = {"stream_stall_timeout_s": 0.5, "max_attempts": 3, "poll_timeout_s": 1}
     args = option_args(values)
