@@ -241,7 +241,7 @@ def profile(config: EngineConfig, progress: Callable[[str], None] = lambda _: No
         progress(f"decode batch {point[0]:>3}, context {point[1]:>7}: {point[2]:8.2f} ms")
     mixed_batches = [b for b in (4, 16, 64) if b < config.scheduler.max_num_seqs]
     mixed_contexts = [c for c in (64, 256, 1024) if c < engine.max_model_len // 2]
-    mixed_chunks = [n for n in (64, 256, 1024, 4096) if n <= top // 2]
+    mixed_chunks = [n for n in (64, 256, 1024, 4096) if n < top]
     points = list(prof.mixed_points(mixed_chunks, mixed_batches, mixed_contexts))
     if len(points) >= 5:  # enough for the mixed fit's five coefficients
         doc["mixed"] = {"points": points}

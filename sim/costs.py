@@ -13,10 +13,10 @@ tokens). A step is costed from the sequences the scheduler put in it, before it 
   or earlier chunks), and a decode row's attention as in a decode step
   (``per_context_token x its context``);
 - a mixed step (prompt chunks and decode rows, the colocated engine's) where the model has a
-  profiled ``mixed`` section: ``mixed_ms`` over the chunks' tokens and the decode rows and their
-  context (the ``n^2`` term per chunk, the cached pairs from the prefill curve); without one, the
-  composition above, which the H200 validation found too cheap for the slowest mixed steps (the
-  colocated TPOT p90 at 12 req/s, 6.5 ms simulated against 8.4 measured).
+  profiled ``mixed`` section: the chunks as a prefill step, plus the decode rows' measured extra
+  (``_mixed_ms``); without one, the composition above, which the H200 validation found too
+  cheap for the slowest mixed steps (the colocated TPOT p90 at 12 req/s, 6.5 ms simulated
+  against 8.4 measured).
 """
 
 from __future__ import annotations
@@ -54,17 +54,23 @@ def _decode_row(seq: Sequence) -> bool:
 
 
 def _mixed_ms(model: LatencyModel, seqs: list[Sequence], rows: list[Sequence]) -> float:
-    """A profiled mixed step: decode ``rows`` and the prompt chunks of the other ``seqs``."""
-    tokens = squares = cached_pairs = 0
+    """A mixed step over a profiled ``mixed`` section: its prompt chunks as a prefill step of
+    them (the prefill curve, profiled to the largest prompts), plus what the decode ``rows``
+    add to a step of that many chunk tokens, measured: ``mixed_ms - prefill_ms`` there, at
+    least 0, taken at the largest chunk profiled when the step's is larger (the mixed fit of
+    64-1,024-token chunks, flat in this range on a launch-bound GPU, priced an 8k-token chunk
+    at a fifth of its prefill)."""
+    ms = model.prefill_base_ms
+    tokens = 0
     for seq in seqs:
         if not _decode_row(seq):
             n = seq.num_scheduled_tokens
             tokens += n
-            squares += n * n
-            cached_pairs += n * seq.num_computed_tokens
-    return (model.mixed_ms(tokens, len(rows), sum([len(s) for s in rows]))
-            + model.mixed_per_token2_ms * (squares - tokens * tokens)
-            + model.prefill_per_cached_pair_ms * cached_pairs)
+            ms += (model.prefill_per_token_ms * n + model.prefill_per_token2_ms * n * n
+                   + model.prefill_per_cached_pair_ms * n * seq.num_computed_tokens)
+    at = min(tokens, model.mixed_max_tokens) if model.mixed_max_tokens else tokens
+    extra = model.mixed_ms(at, len(rows), sum([len(s) for s in rows])) - model.prefill_ms(at)
+    return ms + max(0.0, extra)
 
 
 def transfer_done_ms(model: LatencyModel, tokens: int, started_ms: float, computed_ms: float) -> float:

@@ -69,6 +69,8 @@ def test_mixed_points_fit_the_mixed_step_model():
     fitted = LatencyModel.from_dict({"mixed": {"points": [[*x, exact.mixed_ms(*x)] for x in rows]}})
     for x in rows:
         assert abs(fitted.mixed_ms(*x) - exact.mixed_ms(*x)) < 1e-6
+    assert fitted.mixed_max_tokens == 1024  # the largest chunk measured: the fit holds up to it
+    assert LatencyModel.from_dict({"mixed": {**truth, "max_tokens": 512}}).mixed_max_tokens == 512
     assert LatencyModel().mixed_base_ms is None  # absent: the simulator composes mixed steps
 
 

@@ -448,7 +448,7 @@ def test_a_split_sharing_one_gpu_is_the_split_when_alone_and_slower_under_load()
 def test_a_profiled_mixed_step_prices_decode_rows_beside_a_chunk():
     from dataclasses import replace
 
-    lat = replace(LAT, mixed_base_ms=4.0, mixed_per_token_ms=0.03, mixed_per_token2_ms=0.0,
+    lat = replace(LAT, mixed_base_ms=25.0, mixed_per_token_ms=0.03, mixed_per_token2_ms=0.0,
                   mixed_per_row_ms=0.5, mixed_per_context_token_ms=0.002)
     rows = [Sequence(f"d{i}", list(range(100)), SamplingParams(max_tokens=8)) for i in range(3)]
     for s in rows:
@@ -459,3 +459,12 @@ def test_a_profiled_mixed_step_prices_decode_rows_beside_a_chunk():
     assert step_ms(lat, [*rows, chunk], True) == pytest.approx(lat.mixed_ms(200, 3, 303))
     # a prefill step with no decode row is priced by the prefill curve, as without the section
     assert step_ms(lat, [chunk], True) == pytest.approx(step_ms(LAT, [chunk], True))
+    # a chunk larger than any profiled: the prefill curve, plus the rows' extra where measured
+    big = Sequence("b", list(range(5000)), SamplingParams(max_tokens=8))
+    big.num_computed_tokens, big.num_scheduled_tokens = 0, 4000
+    capped = replace(lat, mixed_base_ms=40.0, mixed_max_tokens=1024.0)
+    extra = capped.mixed_ms(1024, 3, 303) - capped.prefill_ms(1024)
+    assert extra > 0 and step_ms(capped, [*rows, big], True) == pytest.approx(capped.prefill_ms(4000) + extra)
+    # never cheaper than the chunk's own prefill
+    cheap = replace(capped, mixed_base_ms=0.0, mixed_per_row_ms=0.0, mixed_per_context_token_ms=0.0)
+    assert step_ms(cheap, [*rows, big], True) == pytest.approx(capped.prefill_ms(4000))

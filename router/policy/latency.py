@@ -31,7 +31,7 @@ transfer_ms(t) = base + per_token*t;
 mixed_ms(t, r, c) = base + per_token*t + per_token2*t^2 + per_row*r + per_context_token*c: a
 chunked-prefill step computing t prompt tokens (one chunk) alongside r decode rows holding c
 context tokens in all (optional: without it the simulator composes a mixed step from the
-prefill and decode curves).
+prefill and decode curves); ``max_tokens``, the largest chunk it was measured at (from the points).
 
 The optional ``overhead`` and ``spread`` sections (absent: none) are what the simulator adds to
 the step costs, each a list of equally likely values (a number is a list of one) from which it
@@ -136,6 +136,7 @@ class LatencyModel:
     mixed_per_token2_ms: float = 0.0
     mixed_per_row_ms: float = 0.0
     mixed_per_context_token_ms: float = 0.0
+    mixed_max_tokens: float | None = None  # the largest chunk profiled: the fit holds up to it
     overhead_request_ms: tuple[float, ...] = ()
     overhead_handoff_ms: tuple[float, ...] = ()
     overhead_split_request_ms: tuple[float, ...] = ()
@@ -202,7 +203,9 @@ class LatencyModel:
             if sec is None:
                 continue
             coef = _fit(section, sec["points"]) if "points" in sec else dict(sec)
-            bad = set(coef) - set(keys)
+            if section == "mixed" and "points" in sec:
+                coef["max_tokens"] = max(float(row[0]) for row in sec["points"])
+            bad = set(coef) - set(keys) - ({"max_tokens"} if section == "mixed" else set())
             if bad:
                 raise ValueError(f"unknown latency model field(s) in {section}: {', '.join(sorted(bad))}")
             values.update({f"{section}_{k}": float(v) for k, v in coef.items()})
