@@ -89,7 +89,11 @@ def _run(args: argparse.Namespace) -> int:
     deployment = Deployment(cfg)
     supervisor = Supervisor(deployment.group, RestartPolicy(max_restarts=args.max_restarts,
                                                             window_s=args.restart_window))
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the same way on SIGTERM as on Ctrl-C
+    # stop the same way on SIGTERM as on Ctrl-C; and on SIGINT even where it came in ignored (a
+    # non-interactive shell's background job, `splitserve up &`, starts with SIGINT ignored:
+    # a SIGINT to the process group then stopped the workers but not up, which restarted them)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         deployment.start()
         print(f"splitserve is up: {deployment.base_url} (model {cfg.served_model_name!r}, "

@@ -27,16 +27,20 @@ SECRET = "restart-test-internal-secret-0123456789abcdef"
 class Up:
     """A `splitserve up` process, its log, and the requests made through it."""
 
-    def __init__(self, model: Path, tmp: Path) -> None:
+    def __init__(self, model: Path, tmp: Path, sigint_ignored: bool = False) -> None:
         self.port, self.log = free_port(), tmp / "up.log"
         self.base = f"http://127.0.0.1:{self.port}"
+
+        def ignore_sigint() -> None:  # as a non-interactive shell starts a background job
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 python_command("-m", "splitserve.cli", "up", "--model", str(model), "--served-model-name", "demo",
                                "--prefill", "1", "--decode", "2", "--port", str(self.port),
                                "--log-dir", str(tmp / "logs"), "--worker-args", "--block-size 8 --num-kv-blocks 256"),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, ENV_VALUE: SECRET},
+                env={**os.environ, ENV_VALUE: SECRET}, preexec_fn=ignore_sigint if sigint_ignored else None,
             )
 
     def text(self) -> str:
@@ -114,3 +118,17 @@ def test_a_killed_router_is_restarted(up):
     up.wait_for(r"router exited with code -9; restarting \(attempt 1\)", 10)
     up.wait_for("router is back", BACK_S)
     assert up.complete() == expected
+
+
+def test_sigint_to_the_group_stops_up_even_when_it_started_with_sigint_ignored(demo_model, tmp_path):
+    """`splitserve up &` from a script starts with SIGINT ignored; a SIGINT to its process group
+    (what `splitserve bench sweep` sends to stop a system) used to stop the workers, which up then
+    restarted, and not up itself (the bench waited 60 s for it on the H200)."""
+    deployment = Up(demo_model, tmp_path, sigint_ignored=True)
+    try:
+        deployment.wait_for("splitserve is up", 240)
+        os.killpg(deployment.proc.pid, signal.SIGINT)
+        assert deployment.proc.wait(30) == 0
+        assert "stopping..." in deployment.text() and "restarting" not in deployment.text()
+    finally:
+        deployment.stop()
