@@ -6,7 +6,7 @@ import argparse
 import shlex
 
 from splitserve.router.cli import add_option_arguments
-from splitserve.router.config import FAILOVER_OPTIONS, LIMIT_OPTIONS, option_args
+from splitserve.router.config import ADMISSION_OPTIONS, FAILOVER_OPTIONS, LIMIT_OPTIONS, option_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "router worker faults", "how soon the router gives up a worker that stops answering "
         "(`splitserve router`'s worker-fault options, passed on when given)"), FAILOVER_OPTIONS,
         router_defaults=False)
+    add_option_arguments(p.add_argument_group(
+        "router admission", "how long and how many requests wait for a pair (`splitserve router`'s "
+        "admission options, passed on when given)"), ADMISSION_OPTIONS, router_defaults=False)
     p.add_argument("--redis-url", default=None, help="use a Redis registry: workers announce themselves, the router discovers them")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of one process within --restart-window before up gives up (default 5; "
@@ -118,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 def router_options(args: argparse.Namespace) -> dict[str, int | float]:
     """The router options (limits, worker faults) given on the command line (field -> value),
     checked."""
-    given = {o.field: getattr(args, o.field) for o in (*LIMIT_OPTIONS, *FAILOVER_OPTIONS)}
+    given = {o.field: getattr(args, o.field) for o in (*LIMIT_OPTIONS, *FAILOVER_OPTIONS, *ADMISSION_OPTIONS)}
     given = {name: value for name, value in given.items() if value is not None}
     try:
         option_args(given)

@@ -78,7 +78,9 @@ def _resources_schema(desc: str) -> Schema:
 def _option_schema(option: RouterOption) -> Schema:
     desc = f"{option.help[0].upper()}{option.help[1:]}. Unset: the router's default, {option.default_text}."
     if option.type is int:
-        return {"type": "integer", "format": "int64", "minimum": 1, "description": desc}
+        return {"type": "integer", "format": "int64", "minimum": option.minimum, "description": desc}
+    if option.allow_zero:
+        return {"type": "number", "minimum": 0, "description": desc}
     return {"type": "number", "minimum": 0, "exclusiveMinimum": True, "description": desc}
 
 
@@ -86,11 +88,14 @@ _SECTION_DOCS = {
     "limits": "What one client can make a router pod hold (`splitserve router`'s limits).",
     "failover": "How soon a router gives up a worker that stops answering, and how often a sequence"
     " is tried on another pair (`splitserve router`'s worker-fault options).",
+    "admission": "How long, and how many, requests wait in a router for a pair that can take them"
+    " (targets in reach, KV room on a decode worker) before 429 (`splitserve router`'s admission"
+    " options).",
 }
 
 
 def router_options_schema(section: str) -> Schema:
-    """``spec.router.<section>`` (``limits``, ``failover``): one field per router option of
+    """``spec.router.<section>`` (``limits``, ``failover``, ``admission``): one field per router option of
     that section (router/config.py ``ROUTER_OPTIONS``, which the router's flags and the chart's
     ``router<Section>`` follow too), each typed and bounded so that the API server refuses a
     bad value naming its field."""

@@ -21,9 +21,10 @@ SLO loop (``slo_loop.py``):
 - ``SPLITSERVE_LATENCY_MODEL``: path of a profiled latency model JSON (``splitserve profile``)
   mounted into the operator; the planner's capacity comes from it when the spec gives none.
 
-Routers: ``SPLITSERVE_ROUTER_LIMITS`` and ``SPLITSERVE_ROUTER_FAILOVER``, JSON objects of router
-options spelled as in ``spec.router.limits`` and ``spec.router.failover`` (the chart's
-``routerLimits`` and ``routerFailover``), the default of every InferenceService's router for each
+Routers: ``SPLITSERVE_ROUTER_LIMITS``, ``SPLITSERVE_ROUTER_FAILOVER`` and
+``SPLITSERVE_ROUTER_ADMISSION``, JSON objects of router options spelled as in
+``spec.router.limits``, ``.failover`` and ``.admission`` (the chart's ``routerLimits``,
+``routerFailover`` and ``routerAdmission``), the default of every InferenceService's router for each
 option its spec leaves out; null or absent: the router's own default. A bad value stops the
 operator at start-up, naming it.
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from splitserve.router.config import (
+    ADMISSION_OPTIONS,
     FAILOVER_OPTIONS,
     LIMIT_OPTIONS,
     POLICIES,
@@ -137,13 +138,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time-per-output-token target in ms (default 100; per request: header x-slo-tpot-ms)",
     )
     p.add_argument(
-        "--max-queue-ms",
-        type=float,
-        default=500.0,
-        help=("longest wait in admission, for a pair that meets the SLO (goodput) or for a decode "
-              "worker with KV room for the prompt, before 429 (default 500)"),
-    )
-    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -152,6 +146,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the router may use. Each has its own worker polling, policy state and /metrics"
         ),
     )
+    add_option_arguments(p.add_argument_group(
+        "admission", "requests no pair can take now (targets out of reach, or every decode worker out of "
+        "KV blocks for the prompt) wait, asking again at each poll round; counted in "
+        "splitserve_router_queued_total{reason} and splitserve_router_shed_total{reason}",
+    ), ADMISSION_OPTIONS)
     add_option_arguments(p.add_argument_group(
         "worker faults", "how soon a worker that stops answering is given up; sequences it was serving go "
         "on on another pair (resumed: splitserve_router_resumed_total{reason})",
@@ -165,7 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_option_arguments(group: argparse._ActionsContainer, options: tuple[RouterOption, ...],
                          router_defaults: bool = True) -> None:
-    """One flag per router option (``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``), its value in
+    """One flag per router option (``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``, ``ADMISSION_OPTIONS``), its value in
     ``args.<field>``. ``router_defaults=False`` (``splitserve up``): unset flags stay None, so
     only what the user gave is passed on to the router."""
     for option in options:
@@ -196,8 +195,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         redis_namespace=args.redis_namespace,
         latency_model_path=args.latency_model,
         slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
-        max_queue_ms=args.max_queue_ms,
-        **{o.field: getattr(args, o.field) for o in FAILOVER_OPTIONS},
+        **{o.field: getattr(args, o.field) for o in (*FAILOVER_OPTIONS, *ADMISSION_OPTIONS)},
         limits=Limits(**{o.field: getattr(args, o.field) for o in LIMIT_OPTIONS}),
     )
 

@@ -63,11 +63,13 @@ class RouterOption:
     """One router setting that users outside the router process may set, and how each place
     spells it: the router's flag (``--max-body-bytes``), the key under an InferenceService's
     ``spec.router.<section>`` and the chart's ``router<Section>`` (``maxBodyBytes``; seconds
-    end in ``Seconds``). Type and default are the field's own (of :class:`Limits` or
-    :class:`RouterConfig`); an integer must be >= 1, a number of seconds > 0 and finite."""
+    end in ``Seconds``, milliseconds in ``Milliseconds``). Type and default are the field's own
+    (of :class:`Limits` or :class:`RouterConfig`); an integer must be >= 1, a number of seconds
+    or milliseconds > 0 and finite (>= 0 for an option where 0 means "none": ``allow_zero``)."""
 
-    field: str  # the Limits or RouterConfig attribute; ``_s`` marks seconds
+    field: str  # the Limits or RouterConfig attribute; ``_s`` marks seconds, ``_ms`` milliseconds
     help: str
+    allow_zero: bool = False
 
     @property
     def flag(self) -> str:
@@ -76,8 +78,7 @@ class RouterOption:
     @property
     def key(self) -> str:
         words = self.field.split("_")
-        if words[-1] == "s":
-            words[-1] = "seconds"
+        words[-1] = {"s": "seconds", "ms": "milliseconds"}.get(words[-1], words[-1])
         return words[0] + "".join(w.capitalize() for w in words[1:])
 
     @property
@@ -90,15 +91,23 @@ class RouterOption:
 
     @property
     def type(self) -> type[int] | type[float]:
-        return float if self.field.endswith("_s") else int
+        return float if self.field.endswith(("_s", "_ms")) else int
+
+    @property
+    def minimum(self) -> int:
+        """The least value: 0 where 0 means none, else 1 for an integer (a number: above 0)."""
+        return 0 if self.allow_zero else 1
 
     def problem(self, value: object) -> str | None:
         """Why ``value`` cannot be this option (a phrase to follow its name), or None."""
         if self.type is int:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                return f"must be an integer >= 1, got {value!r}"
-        elif not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-            return f"must be a number of seconds > 0 and finite, got {value!r}"  # False for NaN too
+            if not isinstance(value, int) or isinstance(value, bool) or value < self.minimum:
+                return f"must be an integer >= {self.minimum}, got {value!r}"
+            return None
+        unit = "milliseconds" if self.field.endswith("_ms") else "seconds"
+        low_ok = (lambda v: v >= 0) if self.allow_zero else (lambda v: v > 0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not (low_ok(value) and value < math.inf):
+            return f"must be a number of {unit} {'>=' if self.allow_zero else '>'} 0 and finite, got {value!r}"
         return None
 
 
@@ -125,8 +134,15 @@ FAILOVER_OPTIONS = (  # RouterConfig fields: how soon a failing worker is given 
                  "is the client's error; only tries in a row that sent no token count: a sequence whose "
                  "decode worker fails after sending tokens is resumed on another pair from them"),
 )
+ADMISSION_OPTIONS = (  # RouterConfig fields: how long and how many requests wait for a pair
+    RouterOption("max_queue_ms", "milliseconds a request may wait in admission for a pair that can meet "
+                 "its targets (goodput) or a decode worker with KV room for its prompt, before 429; "
+                 "0: never wait", allow_zero=True),
+    RouterOption("max_queued_requests", "requests waiting in admission at once (per router process); "
+                 "more are answered 429 at once; 0: none wait", allow_zero=True),
+)
 # section -> its options: ``spec.router.<section>``, the chart's ``router<Section>``
-ROUTER_OPTIONS = {"limits": LIMIT_OPTIONS, "failover": FAILOVER_OPTIONS}
+ROUTER_OPTIONS = {"limits": LIMIT_OPTIONS, "failover": FAILOVER_OPTIONS, "admission": ADMISSION_OPTIONS}
 _BY_FIELD = {option.field: option for options in ROUTER_OPTIONS.values() for option in options}
 
 
@@ -217,9 +233,7 @@ class RouterConfig:
         for name in ("connect_timeout_s", "prefill_timeout_s"):
             if not 0 < getattr(self, name) < math.inf:  # False for NaN too
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
-        _check({option.field: getattr(self, option.field) for option in FAILOVER_OPTIONS})
-        if self.max_queue_ms < 0 or self.max_queued_requests < 0:
-            raise ValueError("max_queue_ms and max_queued_requests must be >= 0")
+        _check({option.field: getattr(self, option.field) for option in (*FAILOVER_OPTIONS, *ADMISSION_OPTIONS)})
         if not self.decode_urls and not self.redis_url:
             raise ValueError("need at least one decode worker URL or a redis_url to discover them")
         object.__setattr__(self, "prefill_urls", tuple(u.rstrip("/") for u in self.prefill_urls))

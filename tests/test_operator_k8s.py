@@ -247,6 +247,8 @@ def operator(k8s: K8sEnv, ns: str) -> Iterator[OperatorProcess]:
         ({"router": {"failover": {"streamStallTimeoutSeconds": 0}}},
          "spec.router.failover.streamStallTimeoutSeconds"),
         ({"router": {"failover": {"maxAttempts": 0}}}, "spec.router.failover.maxAttempts"),
+        ({"router": {"admission": {"maxQueueMilliseconds": -1}}},
+         "spec.router.admission.maxQueueMilliseconds"),
     ],
 )  # fmt: skip
 def test_invalid_resources_refused_naming_the_field(
@@ -371,11 +373,13 @@ def test_router_options_reach_the_router_args_only(
 
     k8s.kubectl("patch", "infsvc", "tiny", "-n", ns, "--type=merge",
                 "-p", '{"spec": {"router": {"limits": {"maxSequences": 8},'
-                ' "failover": {"streamStallTimeoutSeconds": 0.5}}}}')  # fmt: skip
+                ' "failover": {"streamStallTimeoutSeconds": 0.5},'
+                ' "admission": {"maxQueueMilliseconds": 0}}}}')  # fmt: skip
     wait_until("--max-sequences 8 on the router", lambda: "--max-sequences" in router_command(), 30)
     command = router_command()
     assert command[command.index("--max-sequences") + 1] == "8"
     assert command[command.index("--stream-stall-timeout") + 1] == "0.5"
+    assert command[command.index("--max-queue-ms") + 1] == "0"  # 0 is a value here: never wait
     wait_ready(k8s, operator, ns, "tiny")
     after = snapshot(k8s, ns, "tiny")
     assert sorted(k for k in before if before[k] != after[k]) == [("Deployment", "tiny-router")]

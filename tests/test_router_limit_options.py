@@ -1,5 +1,5 @@
 """The router's limits and worker-fault options are one table each (``router/config.py``
-``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``; ``ROUTER_OPTIONS`` by section): the router's flags,
+``LIMIT_OPTIONS``, ``FAILOVER_OPTIONS``, ``ADMISSION_OPTIONS``; ``ROUTER_OPTIONS`` by section): the router's flags,
 ``splitserve up``'s, an InferenceService's ``spec.router.limits`` / ``.failover`` and the chart's
 ``routerLimits`` / ``routerFailover`` are derived from them or, for the chart's values, checked
 against them here."""
@@ -17,6 +17,7 @@ from splitserve.launcher import cli as up_cli
 from splitserve.operator import crd
 from splitserve.router import cli as router_cli
 from splitserve.router.config import (
+    ADMISSION_OPTIONS,
     FAILOVER_OPTIONS,
     LIMIT_OPTIONS,
     ROUTER_OPTIONS,
@@ -62,6 +63,35 @@ def test_every_place_names_the_same_failover_options() -> None:
     assert set(ROUTER_OPTIONS) <= set(crd.spec_schema()["properties"]["router"]["properties"])
     chart = yaml.safe_load(VALUES.read_text())["routerFailover"]
     assert list(chart) == keys and set(chart.values()) == {None}
+
+
+def test_every_place_names_the_same_admission_options() -> None:
+    flags, keys = [o.flag for o in ADMISSION_OPTIONS], [o.key for o in ADMISSION_OPTIONS]
+    assert flags == ["--max-queue-ms", "--max-queued-requests"]  # --max-queue-ms as it was before
+    assert keys == ["maxQueueMilliseconds", "maxQueuedRequests"]
+    assert _group_flags(_command(router_cli.register), "admission") == flags
+    assert _group_flags(_command(up_cli.register), "router admission") == flags
+    schema = crd.router_options_schema("admission")["properties"]
+    assert list(schema) == keys
+    # 0 means "never wait" / "none wait": allowed, unlike the other sections' zero
+    assert schema["maxQueueMilliseconds"]["minimum"] == 0 and "exclusiveMinimum" not in schema["maxQueueMilliseconds"]
+    assert schema["maxQueuedRequests"]["minimum"] == 0
+    chart = yaml.safe_load(VALUES.read_text())["routerAdmission"]
+    assert list(chart) == keys and set(chart.values()) == {None}
+
+
+def test_admission_options_take_zero_and_refuse_below_it() -> None:
+    got = options_from_keys("admission", {"maxQueueMilliseconds": 0, "maxQueuedRequests": 0}, "X")
+    assert got == {"max_queue_ms": 0, "max_queued_requests": 0}
+    assert option_args({"max_queue_ms": 2500.0}) == ["--max-queue-ms", "2500.0"]
+    with pytest.raises(ValueError, match=r"^X\.maxQueueMilliseconds must be a number of milliseconds >= 0"):
+        options_from_keys("admission", {"maxQueueMilliseconds": -1}, "X")
+    with pytest.raises(ValueError, match=r"^X\.maxQueuedRequests must be an integer >= 0"):
+        options_from_keys("admission", {"maxQueuedRequests": -1}, "X")
+    args = _command(router_cli.register).parse_args(["--model", "m", "--decode", "http://d:1", "--max-queue-ms", "0",
+                                                     "--max-queued-requests", "7"])
+    config = router_cli.config_from_args(args)
+    assert config.max_queue_ms == 0 and config.max_queued_requests == 7
 
 
 def test_the_chart_hands_every_section_to_the_operator() -> None:
