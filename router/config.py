@@ -105,8 +105,8 @@ class RouterOption:
                 return f"must be an integer >= {self.minimum}, got {value!r}"
             return None
         unit = "milliseconds" if self.field.endswith("_ms") else "seconds"
-        low_ok = (lambda v: v >= 0) if self.allow_zero else (lambda v: v > 0)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not (low_ok(value) and value < math.inf):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and 0 <= value < math.inf and (value > 0 or self.allow_zero)):  # NaN fails 0 <= value
             return f"must be a number of {unit} {'>=' if self.allow_zero else '>'} 0 and finite, got {value!r}"
         return None
 
