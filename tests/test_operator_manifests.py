@@ -489,31 +489,22 @@ def _templates(spec: dict, **render: object) -> dict[str, dict]:
             for c in manifests.render_all("demo", "ns", spec, **render) if c["kind"] == "Deployment"}
 
 
-def test_router_limits_reach_the_router_flags_and_nothing_else() -> None:
+@pytest.mark.parametrize(("router", "flags", "unset"), [
+    ({"limits": {"maxSequences": 8, "headerTimeoutSeconds": 2.5}},
+     ["--max-sequences", "8", "--header-timeout", "2.5"], "--max-body-bytes"),
+    ({"failover": {"streamStallTimeoutSeconds": 0.5, "maxAttempts": 3}, "limits": {"maxSequences": 8}},
+     ["--max-sequences", "8", "--stream-stall-timeout", "0.5", "--max-attempts", "3"], "--poll-timeout"),
+])
+def test_router_options_reach_the_router_flags_and_nothing_else(router: dict, flags: list[str], unset: str) -> None:
     plain = {"model": {"name": "t", "path": "/m"}, "image": "x"}
-    limited = {**plain, "router": {"limits": {"maxSequences": 8, "headerTimeoutSeconds": 2.5}}}
-    before, after = _templates(plain), _templates(limited)
-    command = after["demo-router"]["spec"]["containers"][0]["command"]
-    at = command.index("--max-sequences")
-    assert command[at:at + 4] == ["--max-sequences", "8", "--header-timeout", "2.5"]
-    assert "--max-body-bytes" not in command  # unset: the router's own default
-    for pool in ("demo-prefill", "demo-decode"):
-        assert before[pool] == after[pool]  # no model reload for a router limit
-    config = [c for c in manifests.render_all("demo", "ns", limited) if c["kind"] == "ConfigMap"]
-    assert config == [c for c in manifests.render_all("demo", "ns", plain) if c["kind"] == "ConfigMap"]
-
-
-def test_router_failover_options_reach_the_router_flags_and_nothing_else() -> None:
-    plain = {"model": {"name": "t", "path": "/m"}, "image": "x"}
-    tuned = {**plain, "router": {"failover": {"streamStallTimeoutSeconds": 0.5, "maxAttempts": 3},
-                                 "limits": {"maxSequences": 8}}}
+    tuned = {**plain, "router": router}
     before, after = _templates(plain), _templates(tuned)
     command = after["demo-router"]["spec"]["containers"][0]["command"]
     at = command.index("--max-sequences")
-    assert command[at:at + 6] == ["--max-sequences", "8", "--stream-stall-timeout", "0.5", "--max-attempts", "3"]
-    assert "--poll-timeout" not in command  # unset: the router's own default
+    assert command[at:at + len(flags)] == flags
+    assert unset not in command  # unset: the router's own default
     for pool in ("demo-prefill", "demo-decode"):
-        assert before[pool] == after[pool]  # no model reload for a router timeout
+        assert before[pool] == after[pool]  # no model reload for a router option
     config = [c for c in manifests.render_all("demo", "ns", tuned) if c["kind"] == "ConfigMap"]
     assert config == [c for c in manifests.render_all("demo", "ns", plain) if c["kind"] == "ConfigMap"]
 
