@@ -415,15 +415,22 @@ def test_goodput_queues_within_bound_until_a_worker_frees_up(demo_model, workers
     model.write_text(json.dumps({"decode": {"base_ms": 10, "per_seq_ms": 1, "per_context_token_ms": 0}}))
     workers["d0"][1].load, workers["d1"][1].load = {"running": 200}, {"running": 200}
     with router(demo_model, workers, policy="goodput", latency_model_path=str(model), max_queue_ms=3000) as r:
-        import threading
+        metrics = _served_by_d1_once_it_frees_up(r, workers, running=0)
+        assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="goodput"} 1.0' in metrics
 
-        threading.Timer(0.5, lambda: workers["d1"][1].load.update(running=0)).start()
-        t0 = time.monotonic()
-        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}, timeout=10)
-        assert resp.status_code == 200, resp.text
-        assert 0.4 < time.monotonic() - t0 < 3
-        assert workers["d1"][1].requests and not workers["d0"][1].requests
-        assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="goodput"} 1.0' in httpx.get(r.url + "/metrics").text
+
+def _served_by_d1_once_it_frees_up(r, workers, **freed: int) -> str:  # noqa: ANN001
+    """d1's load becomes ``freed`` 0.5 s after a request is sent that no decode worker can take
+    yet: the request waits in admission, then d1 serves it; the router's /metrics after."""
+    import threading
+
+    threading.Timer(0.5, lambda: workers["d1"][1].load.update(**freed)).start()
+    t0 = time.monotonic()
+    resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}, timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert 0.4 < time.monotonic() - t0 < 3
+    assert workers["d1"][1].requests and not workers["d0"][1].requests
+    return httpx.get(r.url + "/metrics").text
 
 
 
@@ -452,17 +459,9 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back_at_once(demo_mod
 def test_a_kv_shortage_waits_in_admission_until_a_decode_worker_frees_blocks(demo_model, workers) -> None:
     """Both decode workers are out of KV blocks (a burst filled them); one frees its blocks
     0.5 s later: the request waits for the poll that shows it (not a 503 at once) and is served."""
-    import threading
-
     workers["d0"][1].load, workers["d1"][1].load = {"free_blocks": 0}, {"free_blocks": 0}
     with router(demo_model, workers, max_queue_ms=3000) as r:
-        threading.Timer(0.5, lambda: workers["d1"][1].load.update(free_blocks=1000)).start()
-        t0 = time.monotonic()
-        resp = httpx.post(r.url + "/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2}, timeout=10)
-        assert resp.status_code == 200, resp.text
-        assert 0.4 < time.monotonic() - t0 < 3
-        assert workers["d1"][1].requests and not workers["d0"][1].requests
-        metrics = httpx.get(r.url + "/metrics").text
+        metrics = _served_by_d1_once_it_frees_up(r, workers, free_blocks=1000)
         assert 'splitserve_router_queued_total{reason="no_kv_room"} 1.0' in metrics
         assert 'splitserve_router_routing_decisions_total{outcome="queued",policy="round_robin"} 1.0' in metrics
 
